@@ -1,0 +1,73 @@
+# The front door. Every target depends on `setup`, so on a fresh machine `make demo` and
+# `make test` are the only two commands a newcomer needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch 2.13.0 lies on this project's build machines; elsewhere pip takes the
+# default (CUDA on Linux) build of the same release. Override with TORCH_SPEC=... if needed.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+INPUT ?= laion.parquet
+OUTPUT ?= shards
+ENGINE_ARGS ?=
+SHARDS ?= $(OUTPUT)/{00000..00000}.tar
+MODEL ?= runwayml/stable-diffusion-v1-5
+TRAIN_OUTPUT ?= controlnet-out
+TRAIN_ARGS ?=
+DEMO_OUT ?= demo-out
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps lint test test-quick demo shards train bench bench-engine bench-remap bench-dedup bench-train clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: $(STAMP)  ## create .venv and install everything (system libraries too, where root)
+
+system-deps:  ## libturbojpeg (engine) and ImageMagick (tests, bench) from the system's packages
+	@bash scripts/system-deps.sh
+
+$(STAMP): pyproject.toml scripts/system-deps.sh
+	@$(MAKE) --no-print-directory system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check engine trainer bench tests
+
+test: setup  ## everything CI runs
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-quick: setup  ## the fast unit tests only
+	$(PY) -m pytest tests -m quick $(PYTEST_ARGS)
+
+demo: setup  ## the whole path offline: loopback image server -> shards -> short CPU training of a tiny model
+	$(PY) -m bench.demo --output $(DEMO_OUT)
+
+shards: setup  ## make shards INPUT=laion.parquet OUTPUT=shards/ [ENGINE_ARGS='--workers 16']
+	$(PY) -m engine shards $(INPUT) --output $(OUTPUT) $(ENGINE_ARGS)
+
+train: setup  ## make train SHARDS=PATTERN MODEL=... OUTPUT=... [TRAIN_ARGS=...]
+	$(PY) -m trainer --shards '$(SHARDS)' --model $(MODEL) --output $(TRAIN_OUTPUT) $(TRAIN_ARGS)
+
+bench: bench-remap bench-engine bench-dedup  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
+
+bench-engine: setup  ## engine vs img2dataset on the loopback corpus
+	$(PY) -m bench.engine_bench
+
+bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick
+	$(PY) -m bench.remap_bench
+
+bench-dedup: setup  ## near-duplicate detection quality and index throughput
+	$(PY) -m bench.dedup_bench
+
+bench-train: setup  ## GPU: full SD 1.5 architecture, fp16 + 8-bit AdamW (needs CUDA)
+	$(PY) -m bench.train_bench
+
+clean:  ## remove outputs (keeps .venv)
+	rm -rf $(DEMO_OUT) .pytest_cache bench/.work

@@ -1,0 +1,30 @@
+"""Every input row ends with exactly one outcome; these are their names and meanings.
+
+The per-row parquet, the per-shard stats and the run's stats.json all use these names, so a user
+can group by them. "ok" is the only outcome that writes a sample.
+"""
+
+OK = "ok"
+# before any download (plan stage, metadata only)
+INVALID_URL = "invalid_url"              # null, empty, not http(s), unparsable
+FILTERED_SIZE = "filtered_size"          # parquet WIDTH/HEIGHT below --min-image-size
+FILTERED_ASPECT = "filtered_aspect"      # parquet WIDTH/HEIGHT beyond --max-aspect-ratio
+# fetch stage
+HTTP_ERROR = "http_error"                # 4xx/5xx after retries (reason holds the status)
+TIMEOUT = "timeout"                      # connect or total timeout, slow drip included
+CONNECTION_ERROR = "connection_error"    # refused, reset, DNS, TLS
+INCOMPLETE_BODY = "incomplete_body"      # connection closed before Content-Length bytes arrived
+TOO_LARGE = "too_large"                  # body beyond --max-bytes
+REDIRECT_ERROR = "redirect_error"        # loop, too many hops, or a non-http(s) target
+OPTED_OUT = "opted_out"                  # X-Robots-Tag noai / noimageai
+# decode stage
+NOT_AN_IMAGE = "not_an_image"            # HTML, SVG, text, empty body
+DECODE_ERROR = "decode_error"            # truncated or corrupt image data
+DECOMPRESSION_BOMB = "decompression_bomb"  # more pixels than --max-pixels
+TOO_SMALL = "too_small"                  # decoded shorter side below --min-image-size
+BAD_ASPECT = "bad_aspect"                # decoded aspect ratio beyond --max-aspect-ratio
+# anything a stage did not foresee; the reason column holds the exception
+ERROR = "error"
+
+FETCH_OUTCOMES = (HTTP_ERROR, TIMEOUT, CONNECTION_ERROR, INCOMPLETE_BODY, TOO_LARGE, REDIRECT_ERROR, OPTED_OUT)
+DECODE_OUTCOMES = (NOT_AN_IMAGE, DECODE_ERROR, DECOMPRESSION_BOMB, TOO_SMALL, BAD_ASPECT)
