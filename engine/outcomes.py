@@ -28,3 +28,14 @@ ERROR = "error"
 
 FETCH_OUTCOMES = (HTTP_ERROR, TIMEOUT, CONNECTION_ERROR, INCOMPLETE_BODY, TOO_LARGE, REDIRECT_ERROR, OPTED_OUT)
 DECODE_OUTCOMES = (NOT_AN_IMAGE, DECODE_ERROR, DECOMPRESSION_BOMB, TOO_SMALL, BAD_ASPECT)
+
+# optional filters (engine/config.py FilterConfig), each off by default
+FILTERED_PUNSAFE = "filtered_punsafe"        # parquet punsafe above --max-punsafe
+FILTERED_WATERMARK = "filtered_watermark"    # parquet pwatermark above --max-pwatermark
+FILTERED_AESTHETIC = "filtered_aesthetic"    # parquet aesthetic score below --min-aesthetic
+FILTERED_SIMILARITY = "filtered_similarity"  # parquet CLIP similarity below --min-similarity
+LOW_COLOR = "low_color"                      # decoded colourfulness below --min-colorfulness
+EMPTY_CAPTION = "empty_caption"              # caption empty after cleaning, with --drop-empty-captions
+# dedup (engine/dedup.py), across every shard of the run
+DUPLICATE_EXACT = "duplicate_exact"          # same bytes or same decoded pixels as a kept image
+DUPLICATE_NEAR = "duplicate_near"            # perceptual hash within --near-distance of a kept image

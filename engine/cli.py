@@ -1,0 +1,180 @@
+"""Command line: `python -m engine shards INPUT... --output DIR` and `python -m engine condition`.
+
+Option names follow img2dataset's where one exists (its snake_case spelling is accepted too), so
+its users feel at home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .config import DedupConfig, EngineConfig, FetchConfig, FilterConfig, ImageConfig
+
+
+def _opt(parser, *names: str, **kw) -> None:
+    """Add an option under its kebab-case names plus their snake_case spellings."""
+    spelled = list(names) + [n.replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+    parser.add_argument(*dict.fromkeys(spelled), **kw)
+
+
+def shards_parser(sub) -> None:
+    """Options of `shards`; every default comes from engine/config.py."""
+    f, i, d, r = FetchConfig(), ImageConfig(), DedupConfig(), EngineConfig(inputs=("x",), output="x")
+    p = sub.add_parser("shards", help="parquet of URLs + captions -> WebDataset shards",
+                       description="Download, validate, dedup, crop and condition the images of LAION-style "
+                                   "parquet files into WebDataset tar shards. Rerun the same command to resume.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="parquet files or folders of them")
+    _opt(p, "--output", "--output-folder", required=True, help="folder for the shards and stats")
+    g = p.add_argument_group("work")
+    _opt(g, "--workers", "--processes-count", type=int, default=r.workers, help="shard tasks at once (cores)")
+    _opt(g, "--shard-size", "--number-sample-per-shard", type=int, default=r.shard_size, help="input rows per shard")
+    _opt(g, "--ray-address", default=None, help="join this Ray cluster ('auto' or host:port); default: local Ray")
+    _opt(g, "--runner", choices=["ray", "local"], default=r.runner, help="'local' runs in-process, one shard at a time")
+    _opt(g, "--shard-retries", type=int, default=r.max_retries, help="resubmissions of a shard whose task died")
+    _opt(g, "--url-col", default=None, help="URL column (default: URL/url, any case)")
+    _opt(g, "--caption-col", default=None, help="caption column (default: TEXT/caption, any case)")
+    _opt(g, "--no-progress", action="store_true", help="no live progress bar")
+    g = p.add_argument_group("download")
+    _opt(g, "--concurrency", "--thread-count", type=int, default=f.concurrency, help="downloads in flight per worker")
+    _opt(g, "--timeout", type=float, default=f.timeout, help="seconds per request, body included")
+    _opt(g, "--connect-timeout", type=float, default=f.connect_timeout, help="seconds to connect")
+    _opt(g, "--retries", type=int, default=f.retries, help="retries after timeouts, connection errors, 429, 5xx")
+    _opt(g, "--max-bytes", type=int, default=f.max_bytes, help="largest body accepted")
+    _opt(g, "--max-redirects", type=int, default=f.max_redirects, help="redirect hops followed")
+    _opt(g, "--user-agent", default=f.user_agent, help="User-Agent header")
+    _opt(g, "--ignore-optout", action="store_true", help="download images whose X-Robots-Tag says noai/noimageai")
+    g = p.add_argument_group("images")
+    _opt(g, "--image-size", type=int, default=i.image_size, help="side of the square crop (multiple of 64)")
+    _opt(g, "--min-image-size", type=int, default=i.min_image_size, help="smallest shorter side accepted")
+    _opt(g, "--max-aspect-ratio", type=float, default=i.max_aspect_ratio, help="largest long/short side ratio")
+    _opt(g, "--max-pixels", type=int, default=i.max_pixels, help="decompression-bomb guard")
+    _opt(g, "--jpeg-quality", "--encode-quality", type=int, default=i.jpeg_quality, help="quality of KEY.jpg")
+    _opt(g, "--conditioner", default=i.conditioner, help="conditioning map: palette or grayscale")
+    _opt(g, "--palette", default=i.palette, help="palette colours (ImageMagick names or #RRGGBB)")
+    g = p.add_argument_group("filters (all off by default)")
+    _opt(g, "--max-punsafe", type=float, help="drop rows with punsafe above this")
+    _opt(g, "--max-pwatermark", type=float, help="drop rows with pwatermark above this")
+    _opt(g, "--min-aesthetic", type=float, help="drop rows with AESTHETIC_SCORE below this")
+    _opt(g, "--min-similarity", type=float, help="drop rows with CLIP similarity below this")
+    _opt(g, "--min-colorfulness", type=float, help="drop near-grayscale images (try 5)")
+    _opt(g, "--drop-empty-captions", action="store_true", help="drop images whose cleaned caption is empty")
+    g = p.add_argument_group("dedup")
+    _opt(g, "--no-dedup", action="store_true", help="keep duplicates")
+    _opt(g, "--near-distance", type=int, default=d.near_distance, help="perceptual-hash distance of near duplicates")
+    _opt(g, "--index-shards", type=int, default=d.index_shards, help="dedup index actors")
+
+
+def config_from_args(a: argparse.Namespace) -> EngineConfig:
+    """Namespace -> EngineConfig (the dataclasses check the values and name the flag to change)."""
+    return EngineConfig(
+        inputs=tuple(a.inputs), output=a.output, shard_size=a.shard_size, workers=a.workers,
+        ray_address=a.ray_address, runner=a.runner, max_retries=a.shard_retries, url_col=a.url_col,
+        caption_col=a.caption_col, progress=not a.no_progress,
+        fetch=FetchConfig(concurrency=a.concurrency, timeout=a.timeout, connect_timeout=a.connect_timeout,
+                          retries=a.retries, max_bytes=a.max_bytes, max_redirects=a.max_redirects,
+                          user_agent=a.user_agent, respect_optout=not a.ignore_optout),
+        image=ImageConfig(image_size=a.image_size, min_image_size=a.min_image_size,
+                          max_aspect_ratio=a.max_aspect_ratio, max_pixels=a.max_pixels,
+                          jpeg_quality=a.jpeg_quality, conditioner=a.conditioner, palette=a.palette),
+        filters=FilterConfig(max_punsafe=a.max_punsafe, max_pwatermark=a.max_pwatermark,
+                             min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
+                             min_colorfulness=a.min_colorfulness, drop_empty_captions=a.drop_empty_captions),
+        dedup=DedupConfig(enabled=not a.no_dedup, near_distance=a.near_distance, index_shards=a.index_shards),
+    )
+
+
+def summary(stats: dict) -> str:
+    """The end-of-run table: every outcome with its count and share."""
+    rows = max(stats["rows"], 1)
+    lines = [f"{'outcome':<22}{'rows':>10}{'share':>9}"]
+    for name, n in sorted(stats["outcomes"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"{name:<22}{n:>10}{100 * n / rows:>8.1f}%")
+    lines.append(f"{'total':<22}{stats['rows']:>10}")
+    lines.append(f"{stats['shards_complete']} shards complete, {stats['written']} samples, "
+                 f"{stats['images_per_s']} images/s this run ({stats['seconds']} s)")
+    for c in stats.get("duplicate_clusters", [])[:5]:
+        lines.append(f"  duplicate cluster of {c['owner']}: {c['count']} dropped, e.g. {c['example_url']}")
+    for f in stats["shards_failed"]:
+        lines.append(f"  shard {f['shard']} failed: {f['error']}")
+    return "\n".join(lines)
+
+
+def run_shards(a: argparse.Namespace) -> int:
+    """`shards`: run the pipeline, print the summary; exit 1 while rows are pending."""
+    from .pipeline import PENDING, run
+
+    cfg = config_from_args(a)
+    print(f"engine: {len(cfg.inputs)} input(s) -> {cfg.output} ({cfg.workers} workers, runner {cfg.runner})",
+          file=sys.stderr)
+    try:
+        stats = run(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted: complete shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(summary(stats))
+    print(f"shards in {Path(cfg.output).resolve()}")
+    if stats["outcomes"].get(PENDING):
+        print(f"{stats['outcomes'][PENDING]} rows pending: rerun the same command to finish", file=sys.stderr)
+        return 1
+    return 0
+
+
+def condition_parser(sub) -> None:
+    """Options of `condition`."""
+    i = ImageConfig()
+    p = sub.add_parser("condition", help="write the conditioning map of each image (for inference)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Writes DIR/<name>.png for each IMAGE at the image's own size, no crop, "
+                                   "through the same function the shards use.")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    _opt(p, "--output", required=True, help="folder for the maps")
+    _opt(p, "--conditioner", default=i.conditioner, help="palette or grayscale")
+    _opt(p, "--palette", default=i.palette, help="palette colours")
+    _opt(p, "--max-pixels", type=int, default=i.max_pixels, help="decompression-bomb guard")
+
+
+def run_condition(a: argparse.Namespace) -> int:
+    """`condition`: one PNG per input image; unreadable inputs are reported, not fatal."""
+    from PIL import Image, ImageOps
+
+    from .condition import make_conditioner
+    from .decode import to_rgb
+    from .write import encode_png
+
+    conditioner = make_conditioner(a.conditioner, a.palette)
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in map(Path, a.images):
+        try:
+            with Image.open(path) as im:
+                if im.size[0] * im.size[1] > a.max_pixels:
+                    raise ValueError(f"{im.size[0]}x{im.size[1]} exceeds --max-pixels")
+                rgb = to_rgb(ImageOps.exif_transpose(im) or im)
+            (out / f"{path.stem}.png").write_bytes(encode_png(conditioner(rgb)))
+            print(out / f"{path.stem}.png")
+        except (OSError, ValueError, SyntaxError) as exc:
+            failed += 1
+            print(f"{path}: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m engine` and `ctrlnet-shards`."""
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    shards_parser(sub)
+    condition_parser(sub)
+    a = parser.parse_args(argv)
+    # SIGTERM (a scheduler's stop) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return run_shards(a) if a.command == "shards" else run_condition(a)
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # bad flags or inputs: say which
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,151 @@
+"""The engine's one typed configuration: every CLI option is a field documented here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+USER_AGENT = "ctrlnet-forge/0.1 (+https://github.com/ctrlnet-forge; image dataset builder; honours X-Robots-Tag noai)"
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How rows are downloaded (engine/fetch.py)."""
+
+    concurrency: int = 64
+    """Downloads in flight per worker (img2dataset's --thread_count, per process)."""
+    timeout: float = 10.0
+    """Seconds for one whole request, body included; a server that drips bytes hits this."""
+    connect_timeout: float = 5.0
+    """Seconds to open the connection."""
+    retries: int = 2
+    """Extra attempts after a timeout, connection error, 429 or 5xx (img2dataset's --retries)."""
+    backoff: float = 0.5
+    """Seconds before the first retry; doubles with every further retry."""
+    max_bytes: int = 32 * 1024 * 1024
+    """Largest body accepted; bigger ones are cut off early and counted as too_large."""
+    max_redirects: int = 5
+    """Redirect hops followed (http and https targets only)."""
+    user_agent: str = USER_AGENT
+    """User-Agent header sent with every request."""
+    respect_optout: bool = True
+    """Skip images whose X-Robots-Tag says noai or noimageai."""
+
+    def __post_init__(self):
+        if self.concurrency < 1:
+            raise ValueError("--concurrency must be at least 1")
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("--timeout and --connect-timeout must be positive")
+        if self.retries < 0:
+            raise ValueError("--retries must be 0 or more")
+        if self.max_bytes < 1024:
+            raise ValueError("--max-bytes must be at least 1024")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What counts as a usable image and how it is cut (decode.py, crop.py, condition.py)."""
+
+    image_size: int = 512
+    """Side of the square crop written to the shards; a multiple of 64."""
+    min_image_size: int = 512
+    """Shorter side below this is rejected (before download when the parquet has sizes, else after)."""
+    max_aspect_ratio: float = 2.0
+    """Longer side / shorter side above this is rejected."""
+    max_pixels: int = 80_000_000
+    """Decompression-bomb guard: images declaring more pixels are rejected before decoding."""
+    jpeg_quality: int = 95
+    """Quality of the written KEY.jpg."""
+    conditioner: str = "palette"
+    """Which conditioning map to compute (engine/condition.py's CONDITIONERS)."""
+    palette: str = "black,gray50,white"
+    """Palette for the palette conditioner: ImageMagick colour names or #RRGGBB, comma separated."""
+
+    def __post_init__(self):
+        if self.image_size < 64 or self.image_size % 64:
+            raise ValueError(f"--image-size must be a positive multiple of 64, got {self.image_size}")
+        if self.min_image_size < 1:
+            raise ValueError("--min-image-size must be positive")
+        if self.image_size > self.min_image_size:
+            raise ValueError(
+                f"--image-size {self.image_size} is larger than --min-image-size {self.min_image_size}: "
+                "images are never upscaled, so raise --min-image-size to at least --image-size"
+            )
+        if self.max_aspect_ratio < 1:
+            raise ValueError("--max-aspect-ratio must be at least 1")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("--jpeg-quality must be within 1..100")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Optional filters, all off by default: metadata thresholds before download, colour after decode."""
+
+    max_punsafe: float | None = None
+    """Drop rows whose punsafe column is above this (NSFW probability)."""
+    max_pwatermark: float | None = None
+    """Drop rows whose pwatermark column is above this."""
+    min_aesthetic: float | None = None
+    """Drop rows whose AESTHETIC_SCORE column is below this."""
+    min_similarity: float | None = None
+    """Drop rows whose CLIP similarity column is below this."""
+    min_colorfulness: float | None = None
+    """Drop decoded images whose colourfulness (Hasler-Suesstrunk) is below this; ~5 catches grayscale."""
+    drop_empty_captions: bool = False
+    """Drop images whose caption is empty after cleaning (counted as empty_caption)."""
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Duplicate removal across all shards of a run (engine/dedup.py)."""
+
+    enabled: bool = True
+    """Keep each image once: exact (bytes, pixels) and near (perceptual hash) duplicates are dropped."""
+    near_distance: int = 4
+    """Largest Hamming distance between perceptual hashes that still counts as the same image."""
+    index_shards: int = 4
+    """Index actors that hold the hashes; more serve more workers at once."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """A whole run: inputs, output, the stages' configs and how the work is spread."""
+
+    inputs: tuple[str, ...]
+    """Parquet files or folders of them, read in sorted order."""
+    output: str
+    """Folder for NNNNN.tar / .parquet / .stats.json and the run's stats.json."""
+    shard_size: int = 10_000
+    """Input rows per shard (img2dataset's --number_sample_per_shard)."""
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Shard tasks running at once (img2dataset's --processes_count)."""
+    ray_address: str | None = None
+    """Join this Ray cluster ('auto' or host:port); default starts a local Ray."""
+    runner: str = "ray"
+    """'ray' (default) or 'local' (in-process, one shard after another; for debugging)."""
+    max_retries: int = 2
+    """Times the driver resubmits a shard whose task died (the task itself never raises)."""
+    url_col: str | None = None
+    """Column holding the URL; default finds URL/url case-insensitively."""
+    caption_col: str | None = None
+    """Column holding the caption; default finds TEXT/caption case-insensitively."""
+    progress: bool = True
+    """Show a live progress bar on stderr."""
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+
+    def __post_init__(self):
+        if not self.inputs:
+            raise ValueError("give at least one INPUT parquet file or folder")
+        if self.shard_size < 1 or self.shard_size > 10_000_000:
+            raise ValueError("--shard-size must be within 1..10,000,000")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.runner not in ("ray", "local"):
+            raise ValueError("--runner must be 'ray' or 'local'")
+
+    def to_dict(self) -> dict:
+        """Plain dict for stats.json and logs."""
+        return asdict(self)

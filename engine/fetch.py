@@ -1,0 +1,151 @@
+"""Fetch: URLs -> response bodies with aiohttp, every failure named by an outcome.
+
+Only this module knows about aiohttp. One session per shard task; the caller bounds concurrency
+(and therefore the number of bodies in memory) with a semaphore around `fetch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from . import outcomes as O
+from .config import FetchConfig
+
+OPTOUT_DIRECTIVES = {"noai", "noimageai"}
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
+CHUNK = 256 * 1024
+
+
+@dataclass
+class FetchResult:
+    """A body, or the outcome and reason that explain why there is none."""
+
+    url: str
+    body: bytes | None = None
+    outcome: str | None = None
+    reason: str = ""
+    status: int | None = None
+    final_url: str | None = None
+    attempts: int = 0
+    seconds: float = 0.0
+
+
+class _Failure(Exception):
+    """A failed attempt: `outcome` names it, `retry` says whether another attempt may help."""
+
+    def __init__(self, outcome: str, reason: str, retry: bool = False, status: int | None = None):
+        super().__init__(reason)
+        self.outcome, self.reason, self.retry, self.status = outcome, reason, retry, status
+
+
+def make_session(cfg: FetchConfig) -> aiohttp.ClientSession:
+    """One session per shard task: pooled connections, our User-Agent, transparent gzip."""
+    connector = aiohttp.TCPConnector(limit=cfg.concurrency, ttl_dns_cache=300, enable_cleanup_closed=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.timeout)
+    headers = {"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"}
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+
+
+def opted_out(headers) -> str | None:
+    """The X-Robots-Tag directive that forbids AI use of this image, if any."""
+    for value in headers.getall("X-Robots-Tag", []):
+        for token in value.split(","):
+            # "otherbot: noai" limits a directive to a named agent; we honour it for every agent.
+            directive = token.strip().lower().rsplit(":", 1)[-1].strip()
+            if directive in OPTOUT_DIRECTIVES:
+                return directive
+    return None
+
+
+def _redirect_target(url: str, resp: aiohttp.ClientResponse, seen: set[str]) -> str:
+    """The next hop of a redirect, checked for scheme and loops."""
+    location = resp.headers.get("Location")
+    if not location:
+        raise _Failure(O.REDIRECT_ERROR, f"{resp.status} without Location")
+    target = urljoin(url, location)
+    scheme = urlsplit(target).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise _Failure(O.REDIRECT_ERROR, f"redirect to {scheme or 'relative'}: scheme")
+    if target in seen:
+        raise _Failure(O.REDIRECT_ERROR, "redirect loop")
+    return target
+
+
+async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The whole body, refused early once it is known or seen to exceed `max_bytes`."""
+    declared = resp.content_length
+    if declared is not None and declared > max_bytes and "Content-Encoding" not in resp.headers:
+        raise _Failure(O.TOO_LARGE, f"Content-Length {declared} > {max_bytes}")
+    parts, size = [], 0
+    async for chunk in resp.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
+            raise _Failure(O.TOO_LARGE, f"body over {max_bytes} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _attempt(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> tuple[bytes, int, str]:
+    """One attempt, following redirects by hand so every hop's scheme is checked."""
+    seen = {url}
+    for _ in range(cfg.max_redirects + 1):
+        async with session.get(url, allow_redirects=False) as resp:
+            if resp.status in (301, 302, 303, 307, 308):
+                url = _redirect_target(url, resp, seen)
+                seen.add(url)
+                continue
+            if resp.status >= 400:
+                raise _Failure(O.HTTP_ERROR, f"HTTP {resp.status}", resp.status in RETRY_STATUSES, resp.status)
+            if resp.status != 200:
+                raise _Failure(O.HTTP_ERROR, f"HTTP {resp.status}", False, resp.status)
+            directive = opted_out(resp.headers) if cfg.respect_optout else None
+            if directive:
+                raise _Failure(O.OPTED_OUT, f"X-Robots-Tag {directive}", False, resp.status)
+            return await _read_body(resp, cfg.max_bytes), resp.status, url
+    raise _Failure(O.REDIRECT_ERROR, f"more than {cfg.max_redirects} redirects")
+
+
+def _classify(exc: BaseException) -> _Failure:
+    """Map a library exception to an outcome; the retry flag marks transient ones."""
+    if isinstance(exc, _Failure):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return _Failure(O.TIMEOUT, "timed out", True)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return _Failure(O.INCOMPLETE_BODY, f"body cut short: {exc}"[:200], True)
+    if isinstance(exc, (aiohttp.InvalidURL, UnicodeError, ValueError)):
+        return _Failure(O.INVALID_URL, f"{type(exc).__name__}: {exc}"[:200])
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return _Failure(O.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}"[:200], True)
+    return _Failure(O.ERROR, f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _backoff(cfg: FetchConfig, attempt: int) -> float:
+    """Seconds to wait before retry number `attempt` (1-based): exponential, capped."""
+    return min(cfg.backoff * (2 ** (attempt - 1)), 30.0)
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> FetchResult:
+    """Download one URL with retries; never raises (cancellation aside)."""
+    start = time.monotonic()
+    result = FetchResult(url=url)
+    for attempt in range(1, cfg.retries + 2):
+        result.attempts = attempt
+        try:
+            body, status, final = await asyncio.wait_for(_attempt(session, url, cfg), cfg.timeout)
+            result.body, result.status, result.final_url = body, status, final
+            result.outcome, result.reason = None, ""
+            break
+        except Exception as exc:  # noqa: BLE001 -- every failure becomes an outcome, by design
+            failure = _classify(exc)
+            result.outcome, result.reason, result.status = failure.outcome, failure.reason, failure.status
+            if not failure.retry or attempt > cfg.retries:
+                break
+            await asyncio.sleep(_backoff(cfg, attempt))
+    result.seconds = time.monotonic() - start
+    return result

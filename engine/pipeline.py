@@ -1,0 +1,263 @@
+"""Pipeline: the driver. Plans shards, runs them on Ray (or in-process), resumes, totals.
+
+Only this module knows about Ray. `LocalRunner` has the same shape as `RayRunner`, so the stages
+and end-to-end tests run without a cluster too. A shard is done when its stats file exists; a
+rerun of the same command skips done shards and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from . import dedup as D
+from .config import EngineConfig
+from .plan import Shard, iter_shards, list_inputs
+from .shard import process_shard
+from .write import remove_stale_tmp, shard_name, write_json
+
+PENDING = "pending"  # rows of shards that are not complete (failed or interrupted): rerun to finish
+
+
+class Progress:
+    """Rows finished and samples written, as the live bar and the final summary see them."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.start, self.rows, self.written = time.monotonic(), 0, 0
+        self.bar = tqdm(total=total, initial=initial, unit="row", dynamic_ncols=True, disable=not enabled,
+                        smoothing=0.1, file=sys.stderr)
+
+    def add(self, rows: int, written: int) -> None:
+        """Count finished rows and written samples."""
+        self.rows += rows
+        self.written += written
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        self.bar.update(rows)
+        self.bar.set_postfix_str(
+            f"{self.written / elapsed:.1f} img/s, ok {100 * self.written / max(self.rows, 1):.0f}%", refresh=False)
+
+    def close(self) -> None:
+        """Stop drawing."""
+        self.bar.close()
+
+
+class LocalRunner:
+    """Runs shards one after another in this process; same interface as RayRunner."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.index = [D.DedupShard() for _ in range(cfg.dedup.index_shards)] if cfg.dedup.enabled else []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def client(self) -> D.DedupClient | None:
+        """The dedup index as plain objects."""
+        return D.DedupClient(self.index, lambda s, m, *a: getattr(s, m)(*a)) if self.index else None
+
+    def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
+        """Process every shard in turn."""
+        client = self.client()
+        for shard in shards:
+            on_done(process_shard(shard, self.cfg, client.claim if client else None, progress.add))
+
+
+class RayRunner:
+    """One Ray task per shard, a bounded number in flight, failed tasks retried by the driver."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        import ray
+
+        if not ray.is_initialized():
+            kwargs = {"address": self.cfg.ray_address} if self.cfg.ray_address else {"num_cpus": self.cfg.workers}
+            ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR", **kwargs)
+            self.owns_ray = True
+        else:
+            self.owns_ray = False
+        self.progress_actor = ray.remote(_Counter).options(num_cpus=0).remote()
+        self.index = [ray.remote(D.DedupShard).options(num_cpus=0).remote()
+                      for _ in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        if self.owns_ray:
+            ray.shutdown()
+        return False
+
+    def client(self) -> D.DedupClient | None:
+        """The dedup index as Ray actors (the client travels into every task)."""
+        return D.DedupClient(self.index, _ray_call) if self.index else None
+
+    def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
+        """Keep `workers` tasks (plus a small queue) in flight until every shard has a status."""
+        import ray
+
+        task = ray.remote(_shard_task).options(num_cpus=1, max_retries=0)
+        in_flight: dict = {}
+        limit = self.cfg.workers + max(1, self.cfg.workers // 4)
+        shards = iter(shards)
+        exhausted = False
+        client = self.client()
+        try:
+            while in_flight or not exhausted:
+                while not exhausted and len(in_flight) < limit:
+                    shard = next(shards, None)
+                    if shard is None:
+                        exhausted = True
+                        break
+                    in_flight[task.remote(shard, self.cfg, client, self.progress_actor)] = (shard, 1)
+                if not in_flight:
+                    break
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                progress.add(*ray.get(self.progress_actor.take.remote()))
+                for ref in ready:
+                    shard, attempt = in_flight.pop(ref)
+                    status = _result(ref, shard)
+                    if not status["ok"] and attempt <= self.cfg.max_retries:
+                        in_flight[task.remote(shard, self.cfg, client, self.progress_actor)] = (shard, attempt + 1)
+                    else:
+                        on_done(status)
+            progress.add(*ray.get(self.progress_actor.take.remote()))
+        except BaseException:
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
+            raise
+
+
+class _Counter:
+    """A tiny Ray actor that tasks report progress to and the driver drains."""
+
+    def __init__(self):
+        self.rows = self.written = 0
+
+    def add(self, rows: int, written: int) -> None:
+        self.rows += rows
+        self.written += written
+
+    def take(self) -> tuple[int, int]:
+        rows, written, self.rows, self.written = self.rows, self.written, 0, 0
+        return rows, written
+
+
+def _ray_call(actor, method: str, *args):
+    """How the dedup client calls an index actor from inside a task."""
+    import ray
+
+    return ray.get(getattr(actor, method).remote(*args))
+
+
+def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor) -> dict:
+    """The Ray task body: one shard, progress sent to the driver's counter actor."""
+    return process_shard(shard, cfg, client.claim if client else None,
+                         lambda rows, written: progress_actor.add.remote(rows, written))
+
+
+def _result(ref, shard: Shard) -> dict:
+    """A task's status record, or a failed one when its worker died."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except Exception as exc:  # noqa: BLE001 -- a dead worker is a failed attempt, not a crash
+        return {"shard": shard.shard_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def completed(output: Path) -> dict[int, dict]:
+    """Stats of every complete shard in `output`, by shard id."""
+    done = {}
+    for path in output.glob("[0-9][0-9][0-9][0-9][0-9]*.stats.json"):
+        try:
+            stats = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # unreadable means not done; the shard is redone
+        if (output / f"{shard_name(stats['shard'])}.tar").exists():
+            done[stats["shard"]] = stats
+    return done
+
+
+def count_rows(inputs) -> int:
+    """Input rows, from the parquet footers (no data read)."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in list_inputs(inputs))
+
+
+def rebuild_index(client: D.DedupClient | None, output: Path, done: dict[int, dict]) -> int:
+    """Reload the hashes of images already written, so a resumed run stays duplicate-free."""
+    if client is None or not done:
+        return 0
+    items = D.rebuild_items_from_parquet([output / f"{shard_name(i)}.parquet" for i in sorted(done)])
+    client.load(items)
+    return len(items)
+
+
+def totals(cfg: EngineConfig, rows: int, done: dict[int, dict], failures: list[dict], seconds: float,
+           written_now: int) -> dict:
+    """The run's stats.json: outcome counts over every row, which always add up to `rows`."""
+    outcomes: Counter = Counter()
+    clusters: Counter = Counter()
+    examples: dict[str, str] = {}
+    for stats in done.values():
+        outcomes.update(stats["outcomes"])
+        for c in stats.get("duplicate_clusters", []):
+            clusters[c["owner"]] += c["count"]
+            examples.setdefault(c["owner"], c["example_url"])
+    finished = sum(outcomes.values())
+    if rows > finished:
+        outcomes[PENDING] = rows - finished
+    return {
+        "rows": rows, "outcomes": dict(sorted(outcomes.items())), "shards_complete": len(done),
+        "shards_failed": [{"shard": f["shard"], "error": f.get("error", "")} for f in failures],
+        "written": outcomes.get("ok", 0), "seconds": round(seconds, 2),
+        "images_per_s": round(written_now / seconds, 2) if seconds else 0.0,
+        "duplicate_clusters": [{"owner": k, "count": n, "example_url": examples[k]}
+                               for k, n in clusters.most_common(20)],
+        "config": cfg.to_dict(),
+    }
+
+
+def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> dict:
+    """Make (or finish) the shards of `cfg`; returns and writes the run's stats.json."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)
+    rows = count_rows(cfg.inputs)
+    done = completed(out)
+    todo = (s for s in iter_shards(cfg.inputs, cfg.shard_size, cfg.url_col, cfg.caption_col)
+            if s.shard_id not in done)
+    progress = Progress(rows, sum(s["rows"] for s in done.values()), cfg.progress)
+    failures: list[dict] = []
+
+    def finished(status: dict) -> None:
+        if status["ok"]:
+            done[status["shard"]] = status["stats"]
+        else:
+            failures.append(status)
+        if on_shard:
+            on_shard(status)
+
+    start = time.monotonic()
+    try:
+        with (RayRunner(cfg) if cfg.runner == "ray" else LocalRunner(cfg)) as runner:
+            rebuild_index(runner.client(), out, dict(done))
+            runner.run(todo, progress, finished)
+    finally:
+        progress.close()
+        remove_stale_tmp(out)
+        result = totals(cfg, rows, done, failures, time.monotonic() - start, progress.written)
+        write_json(result, out / "stats.json")
+    return result

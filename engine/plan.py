@@ -1,0 +1,172 @@
+"""Plan: parquet files -> deterministic shards of rows, and the metadata prefilter.
+
+Rows are streamed batch by batch (never the whole input in memory) and cut into shards of
+`shard_size` rows in input order, so the same inputs always give the same shard ids and keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import outcomes as O
+from .config import FilterConfig, ImageConfig
+
+URL_NAMES = ("url", "image_url", "link")
+CAPTION_NAMES = ("text", "caption", "alt", "title")
+# Metadata columns that LAION variants spell differently; the first present one is used.
+METRIC_NAMES = {
+    "punsafe": ("punsafe",),
+    "pwatermark": ("pwatermark",),
+    "aesthetic": ("aesthetic_score", "aesthetic"),
+    "similarity": ("similarity", "clip_similarity"),
+}
+
+
+@dataclass
+class Shard:
+    """One unit of work: `table` holds its rows, `first_row` the input index of row 0."""
+
+    shard_id: int
+    first_row: int
+    table: pa.Table
+
+
+def list_inputs(inputs: tuple[str, ...] | list[str]) -> list[Path]:
+    """Expand folders into their parquet files; order is sorted and therefore reproducible."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(p.rglob("*.parquet")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {item!r} is neither a parquet file nor a folder")
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {list(inputs)}")
+    return files
+
+
+def find_column(names: list[str], wanted: str | None, candidates: tuple[str, ...]) -> str | None:
+    """The column named `wanted`, else the first candidate present, matched case-insensitively."""
+    lower = {n.lower(): n for n in names}
+    if wanted:
+        if wanted in names:
+            return wanted
+        if wanted.lower() in lower:
+            return lower[wanted.lower()]
+        raise KeyError(f"column {wanted!r} not found; columns are {names}")
+    return next((lower[c] for c in candidates if c in lower), None)
+
+
+def _normalize(batch: pa.RecordBatch, url_col: str | None, caption_col: str | None) -> pa.Table:
+    """Rename the URL and caption columns to `url` and `caption`; keep every other column."""
+    names = batch.schema.names
+    url = find_column(names, url_col, URL_NAMES)
+    if url is None:
+        raise KeyError(f"no URL column (looked for {URL_NAMES}, any case) among {names}; use --url-col")
+    cap = find_column(names, caption_col, CAPTION_NAMES)
+    table = pa.Table.from_batches([batch])
+    cols, out_names = [], []
+    for name in names:
+        col = table.column(name)
+        if name == url:
+            cols.append(_as_string(col))
+            out_names.append("url")
+        elif name == cap:
+            cols.append(col)
+            out_names.append("caption")
+        elif name.lower() in ("url", "caption"):
+            continue  # a second column of the same name would shadow the chosen one
+        else:
+            cols.append(col)
+            out_names.append(name)
+    if cap is None:
+        cols.append(pa.nulls(len(table), pa.string()))
+        out_names.append("caption")
+    return pa.Table.from_arrays(cols, names=out_names)
+
+
+def _as_string(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """URLs stored as binary or other types become strings (invalid UTF-8 replaced)."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col
+    values = [None if v is None else (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+              for v in col.to_pylist()]
+    return pa.chunked_array([pa.array(values, pa.string())])
+
+
+def iter_shards(inputs, shard_size: int, url_col: str | None = None, caption_col: str | None = None,
+                batch_rows: int = 65_536) -> Iterator[Shard]:
+    """Stream all input rows in order and yield them cut into shards of `shard_size` rows."""
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    shard_id = 0
+    for path in list_inputs(inputs):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(batch_rows, max(shard_size, 1024))):
+            pending.append(_normalize(batch, url_col, caption_col))
+            pending_rows += batch.num_rows
+            while pending_rows >= shard_size:
+                table = pa.concat_tables(pending, promote_options="permissive")
+                yield Shard(shard_id, shard_id * shard_size, table.slice(0, shard_size))
+                rest = table.slice(shard_size)
+                pending, pending_rows, shard_id = [rest], rest.num_rows, shard_id + 1
+    if pending_rows:
+        yield Shard(shard_id, shard_id * shard_size, pa.concat_tables(pending, promote_options="permissive"))
+
+
+def check_url(url: object) -> str | None:
+    """Why a URL cannot be fetched, or None when it looks like an http(s) address."""
+    if url is None or not isinstance(url, str) or not url.strip():
+        return "missing url"
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"unsupported scheme {parts.scheme!r}" if parts.scheme else "not an absolute url"
+    if not parts.hostname:
+        return "no host in url"
+    return None
+
+
+def _number(row: dict, names: tuple[str, ...]) -> float | None:
+    """First present, finite numeric value among `names` (case-insensitive keys), else None."""
+    lower = {k.lower(): v for k, v in row.items()}
+    for name in names:
+        value = lower.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def prefilter(row: dict, image: ImageConfig, filters: FilterConfig) -> tuple[str, str] | None:
+    """Outcome and reason for a row dropped on its metadata alone, or None to download it."""
+    bad = check_url(row.get("url"))
+    if bad:
+        return O.INVALID_URL, bad
+    w, h = _number(row, ("width",)), _number(row, ("height",))
+    if w and h and w > 0 and h > 0:
+        if min(w, h) < image.min_image_size:
+            return O.FILTERED_SIZE, f"{int(w)}x{int(h)} below {image.min_image_size}"
+        if max(w, h) / min(w, h) > image.max_aspect_ratio:
+            return O.FILTERED_ASPECT, f"{int(w)}x{int(h)} beyond ratio {image.max_aspect_ratio}"
+    checks = (
+        ("punsafe", filters.max_punsafe, O.FILTERED_PUNSAFE, lambda v, t: v > t),
+        ("pwatermark", filters.max_pwatermark, O.FILTERED_WATERMARK, lambda v, t: v > t),
+        ("aesthetic", filters.min_aesthetic, O.FILTERED_AESTHETIC, lambda v, t: v < t),
+        ("similarity", filters.min_similarity, O.FILTERED_SIMILARITY, lambda v, t: v < t),
+    )
+    for metric, threshold, outcome, fails in checks:
+        if threshold is None:
+            continue
+        value = _number(row, METRIC_NAMES[metric])
+        if value is None:
+            continue  # a row without the metric is not judged on it
+        if fails(value, threshold):
+            return outcome, f"{metric} {value:.3g} vs {threshold}"
+    return None

@@ -1,0 +1,289 @@
+"""One shard, start to finish: prefilter -> fetch -> decode -> dedup -> crop -> condition -> write.
+
+The event loop keeps downloads flowing while the CPU stages run on worker threads (turbojpeg,
+Pillow and the Numba kernels release the GIL). A semaphore held from download until the CPU
+stage is done bounds both the connections and the bodies held in memory. `process_shard` never
+raises: whatever happens, the driver gets a status record and decides on retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import dedup as D
+from . import outcomes as O
+from .caption import clean_caption, storable
+from .condition import make_conditioner
+from .config import EngineConfig
+from .crop import center_crop
+from .decode import Rejected, decode
+from .fetch import fetch, make_session
+from .plan import Shard, prefilter
+from .quality import colorfulness
+from .write import TarShard, shard_name, write_json, write_rows
+
+Report = Callable[[int, int], None]  # (rows finished, samples written) since the last call
+Claim = Callable[[list], list]       # dedup claims -> verdicts, blocking (engine/dedup.py)
+
+
+@dataclass
+class Prepared:
+    """A decoded, checked, cropped and conditioned image, encoded and ready for the tar."""
+
+    jpg: bytes
+    cond_png: bytes
+    width: int
+    height: int
+    format: str
+    hashes: tuple[int, int, int] | None
+
+
+def sample_key(shard_id: int, index: int, shard_size: int) -> str:
+    """Stable key: shard id then row index, zero padded, so a rerun writes the same keys."""
+    return f"{shard_name(shard_id)}{index:0{max(5, len(str(shard_size - 1)))}d}"
+
+
+def signed64(value: int | None) -> int | None:
+    """uint64 hash -> int64 with the same bits (parquet and Arrow sort signed ints natively)."""
+    return None if value is None else value - (1 << 64) if value >= 1 << 63 else value
+
+
+def jsonable(value):
+    """Parquet values made safe for JSON: NaN -> null, bytes -> text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, str):
+        return storable(value)
+    return value
+
+
+def prepare(body: bytes, cfg: EngineConfig, conditioner) -> Prepared:
+    """The CPU stages for one body; raises Rejected for an unusable image."""
+    from .write import encode_jpeg, encode_png
+
+    image = decode(body, cfg.image)
+    hashes = None
+    if cfg.dedup.enabled:
+        hashes = (D.content_hash(body), D.pixel_hash(image.rgb), D.phash(image.rgb))
+    crop = center_crop(image.rgb, cfg.image.image_size)
+    threshold = cfg.filters.min_colorfulness
+    if threshold is not None and (score := colorfulness(crop)) < threshold:
+        raise Rejected(O.LOW_COLOR, f"colourfulness {score:.1f} below {threshold}")
+    cond = conditioner(crop)
+    return Prepared(encode_jpeg(crop, cfg.image.jpeg_quality), encode_png(cond),
+                    image.width, image.height, image.format, hashes)
+
+
+class ClaimBatcher:
+    """Collects dedup claims for a moment and sends them in one call (one round trip per batch)."""
+
+    def __init__(self, claim: Claim, executor: ThreadPoolExecutor, max_batch: int = 64, max_wait: float = 0.05):
+        self.claim, self.executor = claim, executor
+        self.max_batch, self.max_wait = max_batch, max_wait
+        self.pending: list[tuple[D.Claim, asyncio.Future]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def submit(self, item: D.Claim):
+        """The verdict for one claim, once its batch has been answered."""
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((item, future))
+        if len(self.pending) >= self.max_batch:
+            self.flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.max_wait, self.flush)
+        return await future
+
+    def flush(self) -> None:
+        """Send the pending claims now."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.pending = self.pending, []
+        if batch:
+            asyncio.ensure_future(self._send(batch))
+
+    async def _send(self, batch) -> None:
+        """One blocking call on a thread; its verdicts (or its error) go to each waiting claim."""
+        try:
+            verdicts = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.claim, [item for item, _ in batch])
+            for (_, future), verdict in zip(batch, verdicts, strict=True):
+                future.set_result(verdict)
+        except Exception as exc:  # noqa: BLE001 -- the index failing fails these rows, not the loop
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+
+
+class ShardRun:
+    """State of one shard being processed: its rows, records, tar and counters."""
+
+    def __init__(self, shard: Shard, cfg: EngineConfig, claim: Claim | None, report: Report | None):
+        self.shard, self.cfg, self.report = shard, cfg, report
+        self.rows = shard.table.to_pylist()
+        self.records: list[dict | None] = [None] * len(self.rows)
+        self.out = Path(cfg.output)
+        self.conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
+        self.cpu = ThreadPoolExecutor(2, thread_name_prefix="cpu")
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="io")  # one thread: tar writes stay ordered
+        self.claims = ClaimBatcher(claim, self.io) if claim and cfg.dedup.enabled else None
+        self.clusters: Counter = Counter()
+        self.examples: dict[str, str] = {}
+        self.done = self.written = self.reported_done = self.reported_written = 0
+        self.bytes = 0
+
+    def key(self, index: int) -> str:
+        """This shard's key for row `index`."""
+        return sample_key(self.shard.shard_id, index, self.cfg.shard_size)
+
+    def finish(self, index: int, outcome: str, reason: str = "", **extra) -> None:
+        """Record the one outcome of row `index`."""
+        row = self.rows[index]
+        self.records[index] = {
+            "key": self.key(index), "row": self.shard.first_row + index, "url": jsonable(row.get("url")),
+            "caption": storable(row.get("caption")), "outcome": outcome, "reason": reason[:300], **extra,
+        }
+        self.done += 1
+
+    def meta(self, index: int, prep: Prepared, caption: str) -> dict:
+        """The sample's KEY.json: url, sizes, source row, hashes and every kept parquet column."""
+        row = self.rows[index]
+        extra = {k: jsonable(v) for k, v in row.items() if k not in ("url", "caption")}
+        meta = {"key": self.key(index), "url": row.get("url"), "caption": storable(row.get("caption")),
+                "caption_clean": caption, "width": prep.width, "height": prep.height,
+                "format": prep.format, "shard": self.shard.shard_id, "row": self.shard.first_row + index}
+        if prep.hashes:
+            meta.update(content_hash=f"{prep.hashes[0]:016x}", pixel_hash=f"{prep.hashes[1]:016x}",
+                        phash=f"{prep.hashes[2]:016x}")
+        return {**extra, **meta}
+
+    async def dedup(self, index: int, prep: Prepared) -> tuple[str, str] | None:
+        """(outcome, owner key) when the index already holds this image, else None."""
+        if not self.claims or prep.hashes is None:
+            return None
+        verdict = await self.claims.submit(D.Claim(self.key(index), *prep.hashes))
+        if verdict.status == "new":
+            return None
+        outcome = O.DUPLICATE_EXACT if verdict.status == "duplicate_exact" else O.DUPLICATE_NEAR
+        owner = verdict.owner_key or ""
+        self.clusters[owner] += 1
+        self.examples.setdefault(owner, self.rows[index].get("url") or "")
+        return outcome, owner
+
+    async def row(self, index: int, session, gate: asyncio.Semaphore) -> None:
+        """Carry row `index` to its outcome; exceptions become the `error` outcome."""
+        row, loop = self.rows[index], asyncio.get_running_loop()
+        try:
+            dropped = prefilter(row, self.cfg.image, self.cfg.filters)
+            if dropped:
+                return self.finish(index, *dropped)
+            caption = clean_caption(row.get("caption"))
+            if not caption and self.cfg.filters.drop_empty_captions:
+                return self.finish(index, O.EMPTY_CAPTION, "caption empty after cleaning")
+            async with gate:
+                got = await fetch(session, row["url"].strip(), self.cfg.fetch)
+                fetched = {"http_status": got.status, "seconds": got.seconds}
+                if got.outcome:
+                    return self.finish(index, got.outcome, got.reason, **fetched)
+                self.bytes += len(got.body)
+                fetched["bytes"] = len(got.body)
+                try:
+                    prep = await loop.run_in_executor(self.cpu, prepare, got.body, self.cfg, self.conditioner)
+                except Rejected as rej:
+                    return self.finish(index, rej.outcome, rej.reason, **fetched)
+                finally:
+                    got.body = None
+            found = {"width": prep.width, "height": prep.height, "format": prep.format, **fetched}
+            if prep.hashes:
+                found.update(content_hash=signed64(prep.hashes[0]), pixel_hash=signed64(prep.hashes[1]),
+                             phash=signed64(prep.hashes[2]))
+            duplicate = await self.dedup(index, prep)
+            if duplicate:
+                return self.finish(index, duplicate[0], f"duplicate of {duplicate[1]}",
+                                   duplicate_of=duplicate[1], **found)
+            meta = self.meta(index, prep, caption)
+            await loop.run_in_executor(self.io, self.tar.write, self.key(index), prep.jpg, prep.cond_png,
+                                       caption, meta)
+            self.written += 1
+            self.finish(index, O.OK, **found)
+        except Exception as exc:  # noqa: BLE001 -- one policy: an unforeseen failure is this row's outcome
+            if self.records[index] is None:
+                self.finish(index, O.ERROR, f"{type(exc).__name__}: {exc}")
+
+    def tick(self) -> None:
+        """Tell the progress display what finished since the last tick."""
+        if self.report:
+            self.report(self.done - self.reported_done, self.written - self.reported_written)
+        self.reported_done, self.reported_written = self.done, self.written
+
+    async def ticker(self) -> None:
+        """Report progress once a second while the shard runs."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.tick()
+
+    async def run(self) -> None:
+        """All rows at once; the semaphore decides how many are really in flight."""
+        gate = asyncio.Semaphore(self.cfg.fetch.concurrency)
+        ticker = asyncio.ensure_future(self.ticker())
+        try:
+            async with make_session(self.cfg.fetch) as session:
+                await asyncio.gather(*(self.row(i, session, gate) for i in range(len(self.rows))))
+        finally:
+            ticker.cancel()
+            self.tick()
+
+    def stats(self, seconds: float) -> dict:
+        """The shard's NNNNN.stats.json."""
+        counts = Counter(r["outcome"] for r in self.records)
+        return {
+            "shard": self.shard.shard_id, "first_row": self.shard.first_row, "rows": len(self.rows),
+            "outcomes": dict(sorted(counts.items())), "written": self.written, "bytes_downloaded": self.bytes,
+            "seconds": round(seconds, 3), "images_per_s": round(self.written / seconds, 2) if seconds else 0.0,
+            "duplicate_clusters": [{"owner": k, "count": n, "example_url": self.examples[k]}
+                                   for k, n in self.clusters.most_common(20)],
+        }
+
+    def execute(self) -> dict:
+        """Process every row, then publish tar, parquet and (last) stats."""
+        start = time.monotonic()
+        name = shard_name(self.shard.shard_id)
+        self.tar = TarShard(self.out / f"{name}.tar")
+        try:
+            asyncio.run(self.run())
+            self.tar.commit()
+        except BaseException:
+            self.tar.abort()
+            raise
+        finally:
+            self.cpu.shutdown(wait=True)
+            self.io.shutdown(wait=True)
+        missing = [i for i, r in enumerate(self.records) if r is None]
+        for i in missing:  # cannot happen by construction; guards the "counts add up" promise
+            self.finish(i, O.ERROR, "row lost")
+        write_rows(self.records, self.out / f"{name}.parquet")
+        stats = self.stats(time.monotonic() - start)
+        write_json(stats, self.out / f"{name}.stats.json")
+        return stats
+
+
+def process_shard(shard: Shard, cfg: EngineConfig, claim: Claim | None = None,
+                  report: Report | None = None) -> dict:
+    """Process one shard; returns {"shard", "ok", "stats" | "error"} and never raises."""
+    try:
+        stats = ShardRun(shard, cfg, claim, report).execute()
+        return {"shard": shard.shard_id, "ok": True, "stats": stats}
+    except Exception as exc:  # noqa: BLE001 -- the driver decides what a failed shard means
+        return {"shard": shard.shard_id, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8)}
+
