@@ -1,0 +1,39 @@
+"""Shared fixtures: real photos from scikit-image's data folder, encoded in the tests."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def photo(name: str = "astronaut") -> np.ndarray:
+    """A real RGB photo shipped with scikit-image."""
+    import skimage.data
+
+    return np.ascontiguousarray(getattr(skimage.data, name)()[..., :3])
+
+
+def scaled(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The photo resized to width x height (a stand-in for the many sizes found on the web)."""
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def encode(rgb_or_image, fmt: str = "JPEG", **kw) -> bytes:
+    """Encode an array or PIL image with Pillow."""
+    im = rgb_or_image if isinstance(rgb_or_image, Image.Image) else Image.fromarray(rgb_or_image)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    return photo("astronaut")
+
+
+@pytest.fixture(scope="session")
+def coffee() -> np.ndarray:
+    return photo("coffee")

@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import outcomes as O
+from engine.config import ImageConfig
+from engine.decode import Rejected, decode, jpeg_scale, sniff
+
+from .conftest import encode, scaled
+
+pytestmark = pytest.mark.quick
+CFG = ImageConfig()
+
+
+def mean_abs(a, b):
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def test_jpeg_is_downscaled_in_dct_domain_but_covers_target(astronaut):
+    big = scaled(astronaut, 2400, 1600)
+    out = decode(encode(big, quality=92), CFG)
+    assert (out.width, out.height, out.format) == (2400, 1600, "jpeg")
+    assert out.rgb.shape[0] >= 512 and out.rgb.shape[0] < 1600  # scaled, but never below the crop
+    assert jpeg_scale(2400, 1600, 512) == (3, 8)
+    assert jpeg_scale(600, 600, 512) == (7, 8)
+    assert jpeg_scale(512, 700, 512) == (1, 1)
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("WEBP", {"quality": 90}), ("BMP", {}), ("TIFF", {})])
+def test_other_formats_through_pillow(astronaut, fmt, kw):
+    out = decode(encode(scaled(astronaut, 700, 600), fmt, **kw), CFG)
+    assert out.rgb.shape == (600, 700, 3) and out.rgb.dtype == np.uint8
+
+
+def test_exif_rotated_jpeg_comes_out_upright(astronaut):
+    upright = scaled(astronaut, 600, 800)  # portrait
+    stored = np.ascontiguousarray(np.rot90(upright, -1))  # camera stored it turned: 800 wide, 600 high
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 CW to view" ... as cameras write for this storage
+    data = encode(stored, quality=95, exif=exif.tobytes())
+    out = decode(data, CFG)
+    assert (out.width, out.height) == (600, 800)
+    h, w = out.rgb.shape[:2]
+    assert (h, w) == (700, 525)  # DCT-scaled by 7/8: still covers the 512 crop
+    assert mean_abs(out.rgb, scaled(upright, w, h)) < 4
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(astronaut, orientation):
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(scaled(astronaut, 640, 560), quality=95, exif=exif.tobytes())
+    with Image.open(__import__("io").BytesIO(data)) as im:
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    assert mean_abs(decode(data, CFG).rgb, expected) < 1.0
+
+
+def test_cmyk_jpeg_becomes_rgb(astronaut):
+    cmyk = Image.fromarray(scaled(astronaut, 640, 640)).convert("CMYK")
+    out = decode(encode(cmyk, quality=95), CFG)
+    assert out.rgb.shape[2] == 3 and min(out.rgb.shape[:2]) >= 512
+    ref = scaled(astronaut, out.rgb.shape[1], out.rgb.shape[0])
+    assert mean_abs(out.rgb, ref) < 12
+
+
+def test_16bit_png_grayscale_and_rgb(astronaut):
+    gray16 = (np.asarray(Image.fromarray(scaled(astronaut, 600, 600)).convert("L"), np.uint16) * 257)
+    out = decode(encode(Image.fromarray(gray16), "PNG"), CFG)
+    assert out.rgb.shape == (600, 600, 3)
+    assert abs(int(out.rgb[..., 0].mean()) - int((gray16 >> 8).mean())) <= 1
+
+
+def test_alpha_is_composited_over_white(astronaut):
+    rgba = np.dstack([scaled(astronaut, 600, 600), np.zeros((600, 600), np.uint8)])
+    out = decode(encode(Image.fromarray(rgba, "RGBA"), "PNG"), CFG)
+    assert (out.rgb == 255).all()
+
+
+def test_animated_gif_gives_first_frame(astronaut, coffee):
+    frames = [Image.fromarray(scaled(p, 600, 600)).convert("P") for p in (astronaut, coffee)]
+    buf = __import__("io").BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out = decode(buf.getvalue(), CFG)
+    first = np.asarray(frames[0].convert("RGB"))
+    assert mean_abs(out.rgb, first) < 1
+
+
+@pytest.mark.parametrize("body,reason", [
+    (b"", "empty"),
+    (b"<!DOCTYPE html><html><body>Not found</body></html>", "html"),
+    (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "svg"),
+    (b"  <svg width='10'></svg>", "svg"),
+    (b"Access denied", "text"),
+    (b'{"error": "gone"}', "text"),
+])
+def test_non_images_are_named(body, reason):
+    with pytest.raises(Rejected) as e:
+        sniff(body)
+    assert e.value.outcome == O.NOT_AN_IMAGE and reason in e.value.reason
+
+
+def test_truncated_jpeg_and_png_are_decode_errors(astronaut):
+    jpg = encode(scaled(astronaut, 700, 700), quality=90)
+    png = encode(scaled(astronaut, 700, 700), "PNG")
+    for data in (jpg[: len(jpg) // 2], png[: len(png) // 2], jpg[:200]):
+        with pytest.raises(Rejected) as e:
+            decode(data, CFG)
+        assert e.value.outcome == O.DECODE_ERROR
+
+
+def test_garbage_after_magic_is_a_decode_error():
+    with pytest.raises(Rejected) as e:
+        decode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, CFG)
+    assert e.value.outcome == O.DECODE_ERROR
+
+
+def test_decompression_bomb_rejected_before_decoding():
+    bomb = encode(Image.new("L", (12000, 12000)), "PNG", optimize=True)
+    assert len(bomb) < 200_000
+    with pytest.raises(Rejected) as e:
+        decode(bomb, ImageConfig(max_pixels=100_000_000 // 2))
+    assert e.value.outcome == O.DECOMPRESSION_BOMB
+
+
+@pytest.mark.parametrize("size,outcome", [((500, 800), O.TOO_SMALL), ((1100, 520), O.BAD_ASPECT)])
+def test_size_and_aspect_checked_after_decode(astronaut, size, outcome):
+    for fmt in ("JPEG", "PNG"):
+        with pytest.raises(Rejected) as e:
+            decode(encode(scaled(astronaut, *size), fmt), CFG)
+        assert e.value.outcome == outcome
