@@ -1,0 +1,68 @@
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from engine.write import TarShard, encode_jpeg, encode_png, remove_stale_tmp, write_json, write_rows
+
+from .conftest import scaled
+
+pytestmark = pytest.mark.quick
+
+
+def test_tar_is_whole_or_absent_and_reads_back(tmp_path, astronaut):
+    crop = scaled(astronaut, 512, 512)
+    cond = np.where(crop > 127, 255, 0).astype(np.uint8)
+    tar = TarShard(tmp_path / "00000.tar")
+    assert not (tmp_path / "00000.tar").exists()  # only a temporary name while writing
+    tar.write("0000000000", encode_jpeg(crop, 95), encode_png(cond), "café ☕", {"url": "http://h/ü"})
+    tar.write("0000000001", encode_jpeg(crop, 80), encode_png(cond[..., :1].repeat(3, 2)), "", {"url": "u"})
+    tar.commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["00000.tar"]
+    names = subprocess.run(["tar", "-tf", str(tmp_path / "00000.tar")], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert sorted(names) == sorted(f"000000000{i}.{ext}" for i in (0, 1) for ext in ("jpg", "cond.png", "txt", "json"))
+    samples = list(wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False).decode("rgb8"))
+    assert [s["__key__"] for s in samples] == ["0000000000", "0000000001"]
+    assert samples[0]["jpg"].shape == (512, 512, 3)
+    assert np.abs(samples[0]["jpg"].astype(int) - crop.astype(int)).mean() < 3
+    assert (samples[0]["cond.png"] == cond).all()  # lossless, RGB stored as RGB
+    assert samples[1]["cond.png"].shape == (512, 512, 3)  # gray stored as L, decoded back to 3 channels
+    assert samples[0]["txt"] == "café ☕" and samples[0]["json"]["url"] == "http://h/ü"
+
+
+def test_gray_maps_are_stored_with_one_channel():
+    gray = np.dstack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3)
+    from PIL import Image
+    import io
+
+    assert Image.open(io.BytesIO(encode_png(gray))).mode == "L"
+    gray[0, 0, 2] = 1
+    assert Image.open(io.BytesIO(encode_png(gray))).mode == "RGB"
+
+
+def test_abort_leaves_nothing(tmp_path):
+    tar = TarShard(tmp_path / "00001.tar")
+    tar.write("k", b"j", b"p", "t", {})
+    tar.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    (tmp_path / "00003.tar.abcd1234.tmp").write_bytes(b"partial")
+    (tmp_path / "00003.parquet.ffff0000.tmp").write_bytes(b"partial")
+    write_json({"a": 1}, tmp_path / "stats.json")
+    assert remove_stale_tmp(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]
+    assert json.loads((tmp_path / "stats.json").read_text()) == {"a": 1}
+
+
+def test_rows_parquet_keeps_lone_surrogate_free_text(tmp_path):
+    import pyarrow.parquet as pq
+
+    write_rows([{"key": "k", "row": 0, "url": "u", "caption": "x\\ud800", "outcome": "ok", "reason": ""}],
+               tmp_path / "00000.parquet")
+    t = pq.read_table(tmp_path / "00000.parquet")
+    assert t.column("outcome").to_pylist() == ["ok"] and t.num_rows == 1
