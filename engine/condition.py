@@ -1,0 +1,269 @@
+"""Condition stage: turn an RGB crop into its conditioning map (palette remap by default).
+
+The palette remap reproduces ImageMagick 6's `-dither None -remap palette.png` bit for bit.
+IM6 does not search the whole palette: it builds an octree of the palette colours (8 levels, one
+bit of R, G and B per level, most significant first), walks a pixel down that tree through bits
+7..1 as far as the palette has nodes, and only compares the colours below the *parent* of the
+deepest node reached (the root's parent is the root). Among those it takes the smallest squared
+RGB distance; ties go to the colour visited last in child order 0..7 (child id = r | g<<1 | b<<2),
+i.e. the largest Morton key. Pixels are 8-bit values scaled by 257 (Q16), which scales every
+distance by the same factor, so integer 8-bit distances give the same choice. For palettes whose
+colours sit far apart in the tree (black/gray50/white) this equals the plain nearest colour; for
+others it does not, which is why the kernel follows the tree and not a plain argmin.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from numba import njit, prange
+
+Conditioner = Callable[[np.ndarray], np.ndarray]
+
+DEFAULT_PALETTE = "black,gray50,white"
+MAX_PALETTE_COLORS = 256  # IM6's default quantize colour budget; beyond it IM's tree is pruned
+PARALLEL_MIN_PIXELS = 1 << 20  # below ~1 Mpixel thread start-up eats the gain (bench/remap_bench.py)
+
+# ImageMagick 6.9.11's colour table entries for the CSS/SVG colour names, first match wins as in
+# IM (so "gray" is IM's 7e7e7e and "grey" X11's bebebe, unlike CSS). grayNN/greyNN are computed.
+_IM_NAMES = """
+aliceblue:f0f8ff antiquewhite:faebd7 aqua:00ffff aquamarine:7fffd4 azure:f0ffff beige:f5f5dc
+bisque:ffe4c4 black:000000 blanchedalmond:ffebcd blue:0000ff blueviolet:8a2be2 brown:a52a2a
+burlywood:deb887 cadetblue:5f9ea0 chartreuse:7fff00 chocolate:d2691e coral:ff7f50
+cornflowerblue:6495ed cornsilk:fff8dc crimson:dc143c cyan:00ffff darkblue:00008b darkcyan:008b8b
+darkgoldenrod:b8860b darkgray:a9a9a9 darkgreen:006400 darkgrey:a9a9a9 darkkhaki:bdb76b
+darkmagenta:8b008b darkolivegreen:556b2f darkorange:ff8c00 darkorchid:9932cc darkred:8b0000
+darksalmon:e9967a darkseagreen:8fbc8f darkslateblue:483d8b darkslategray:2f4f4f darkslategrey:2f4f4f
+darkturquoise:00ced1 darkviolet:9400d3 deeppink:ff1493 deepskyblue:00bfff dimgray:696969
+dimgrey:696969 dodgerblue:1e90ff firebrick:b22222 floralwhite:fffaf0 forestgreen:228b22
+fuchsia:ff00ff gainsboro:dcdcdc ghostwhite:f8f8ff gold:ffd700 goldenrod:daa520 gray:7e7e7e
+green:008000 greenyellow:adff2f grey:bebebe honeydew:f0fff0 hotpink:ff69b4 indianred:cd5c5c
+indigo:4b0082 ivory:fffff0 khaki:f0e68c lavender:e6e6fa lavenderblush:fff0f5 lawngreen:7cfc00
+lemonchiffon:fffacd lightblue:add8e6 lightcoral:f08080 lightcyan:e0ffff lightgoldenrodyellow:fafad2
+lightgray:d3d3d3 lightgreen:90ee90 lightgrey:d3d3d3 lightpink:ffb6c1 lightsalmon:ffa07a
+lightseagreen:20b2aa lightskyblue:87cefa lightslategray:778899 lightslategrey:778899
+lightsteelblue:b0c4de lightyellow:ffffe0 lime:00ff00 limegreen:32cd32 linen:faf0e6 magenta:ff00ff
+maroon:800000 mediumaquamarine:66cdaa mediumblue:0000cd mediumorchid:ba55d3 mediumpurple:9370db
+mediumseagreen:3cb371 mediumslateblue:7b68ee mediumspringgreen:00fa9a mediumturquoise:48d1cc
+mediumvioletred:c71585 midnightblue:191970 mintcream:f5fffa mistyrose:ffe4e1 moccasin:ffe4b5
+navajowhite:ffdead navy:000080 oldlace:fdf5e6 olive:808000 olivedrab:6b8e23 orange:ffa500
+orangered:ff4500 orchid:da70d6 palegoldenrod:eee8aa palegreen:98fb98 paleturquoise:afeeee
+palevioletred:db7093 papayawhip:ffefd5 peachpuff:ffdab9 peru:cd853f pink:ffc0cb plum:dda0dd
+powderblue:b0e0e6 purple:800080 red:ff0000 rosybrown:bc8f8f royalblue:4169e1 saddlebrown:8b4513
+salmon:fa8072 sandybrown:f4a460 seagreen:2e8b57 seashell:fff5ee sienna:a0522d silver:c0c0c0
+skyblue:87ceeb slateblue:6a5acd slategray:708090 slategrey:708090 snow:fffafa springgreen:00ff7f
+steelblue:4682b4 tan:d2b48c teal:008080 thistle:d8bfd8 tomato:ff6347 turquoise:40e0d0 violet:ee82ee
+wheat:f5deb3 white:ffffff whitesmoke:f5f5f5 yellow:ffff00 yellowgreen:9acd32
+"""
+NAMED_COLORS: dict[str, tuple[int, int, int]] = {
+    name: (int(hx[0:2], 16), int(hx[2:4], 16), int(hx[4:6], 16))
+    for name, hx in (item.split(":") for item in _IM_NAMES.split())
+}
+_GRAY_NN = re.compile(r"gr[ae]y(\d{1,3})")
+_HEX = re.compile(r"#([0-9a-f]{3}|[0-9a-f]{6})")
+
+
+# ---------------------------------------------------------------------------------------------
+# palette parsing
+
+
+def gray_level(percent: int) -> int:
+    """8-bit level of ImageMagick's grayNN: int(NN * 2.55 + 0.5) in doubles (gray50 is 127)."""
+    return int(percent * 2.55 + 0.5)
+
+
+def parse_color(token: str) -> tuple[int, int, int]:
+    """One colour as ImageMagick names it: a table name, grayNN/greyNN, #RGB or #RRGGBB."""
+    name = token.strip().lower().replace(" ", "")
+    if name in NAMED_COLORS:
+        return NAMED_COLORS[name]
+    if (m := _GRAY_NN.fullmatch(name)) and int(m.group(1)) <= 100:
+        level = gray_level(int(m.group(1)))
+        return (level, level, level)
+    if m := _HEX.fullmatch(name):
+        digits = m.group(1)
+        if len(digits) == 3:  # IM widens #RGB by repeating each nibble
+            digits = "".join(c * 2 for c in digits)
+        return (int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16))
+    raise ValueError(f"unknown colour {token!r}: use an ImageMagick/CSS name, grayNN (0-100) or #RRGGBB")
+
+
+def parse_palette(spec: str | Sequence) -> np.ndarray:
+    """A palette as a (K, 3) uint8 array from "black,gray50,white", names, hex or RGB triples."""
+    items = [t for t in spec.split(",") if t.strip()] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise ValueError("empty palette: give at least one colour, e.g. --palette black,gray50,white")
+    rows = [parse_color(c) if isinstance(c, str) else tuple(int(v) for v in c) for c in items]
+    palette = np.asarray(rows, dtype=np.int64)
+    if palette.ndim != 2 or palette.shape[1] != 3 or palette.min() < 0 or palette.max() > 255:
+        raise ValueError(f"palette entries must be RGB triples of 0..255, got {items!r}")
+    return _check_palette(palette.astype(np.uint8))
+
+
+def _check_palette(palette: np.ndarray) -> np.ndarray:
+    """Validate a parsed palette: (K, 3) uint8 with 1..MAX_PALETTE_COLORS rows."""
+    palette = np.asarray(palette)
+    if palette.dtype != np.uint8 or palette.ndim != 2 or palette.shape[1] != 3:
+        raise ValueError(f"palette must be a (K, 3) uint8 array, got {palette.dtype} {palette.shape}")
+    if not 1 <= len(palette) <= MAX_PALETTE_COLORS:
+        raise ValueError(f"palette needs 1..{MAX_PALETTE_COLORS} colours, got {len(palette)}")
+    return palette
+
+
+def is_grayscale_palette(palette: str | Sequence | np.ndarray) -> bool:
+    """True when every palette colour has R == G == B (the map can be stored as a 1-channel PNG)."""
+    pal = palette if isinstance(palette, np.ndarray) else parse_palette(palette)
+    return bool(np.all((pal[:, 0] == pal[:, 1]) & (pal[:, 1] == pal[:, 2])))
+
+
+def morton_key(color: Sequence[int]) -> int:
+    """Position of a colour in IM's octree walk: R, G, B bits interleaved from the top bit down."""
+    r, g, b = (int(c) for c in color)
+    key = 0
+    for bit in range(7, -1, -1):
+        key = (key << 3) | ((r >> bit) & 1) | (((g >> bit) & 1) << 1) | (((b >> bit) & 1) << 2)
+    return key
+
+
+def tree_order(palette: np.ndarray) -> np.ndarray:
+    """Distinct palette colours in IM's octree visiting order (ties then go to the last one)."""
+    unique = {tuple(int(v) for v in c) for c in _check_palette(palette)}
+    return np.array(sorted(unique, key=morton_key), dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+def _leading_zeros8() -> np.ndarray:
+    """Leading zero bits of each byte value: how many tree levels two colours share."""
+    table = np.zeros(256, dtype=np.int32)
+    for v in range(256):
+        table[v] = 8 - v.bit_length()
+    return table
+
+
+_CLZ8 = _leading_zeros8()
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _tree_nearest(r: int, g: int, b: int, pal: np.ndarray, clz: np.ndarray) -> int:
+    """Index into `pal` (octree order) of the colour IM6's ClosestColor picks for one pixel."""
+    k = pal.shape[0]
+    deepest = 0  # levels the pixel shares with its closest-in-tree palette colour
+    for i in range(k):
+        shared = clz[(r ^ pal[i, 0]) | (g ^ pal[i, 1]) | (b ^ pal[i, 2])]
+        deepest = max(deepest, shared)
+    # IM descends bits 7..1 only (7 levels) and searches from the parent of that node.
+    start = max(min(deepest, 7) - 1, 0)
+    best, best_d = 0, 1 << 30
+    for i in range(k):
+        if clz[(r ^ pal[i, 0]) | (g ^ pal[i, 1]) | (b ^ pal[i, 2])] >= start:
+            dr, dg, db = r - pal[i, 0], g - pal[i, 1], b - pal[i, 2]
+            d = dr * dr + dg * dg + db * db
+            if d <= best_d:  # "<=": IM keeps the last colour visited among equals
+                best, best_d = i, d
+    return best
+
+
+@njit(nogil=True, cache=True)
+def _remap_serial(pixels: np.ndarray, pal: np.ndarray, clz: np.ndarray, out: np.ndarray) -> None:
+    """Remap (N, 3) pixels into `out` on the calling thread."""
+    for p in range(pixels.shape[0]):
+        j = _tree_nearest(np.int32(pixels[p, 0]), np.int32(pixels[p, 1]), np.int32(pixels[p, 2]), pal, clz)
+        out[p, 0], out[p, 1], out[p, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _remap_parallel(pixels: np.ndarray, pal: np.ndarray, clz: np.ndarray, out: np.ndarray) -> None:
+    """Remap (N, 3) pixels into `out` on all Numba threads, in blocks of 16 Ki pixels."""
+    n = pixels.shape[0]
+    block = 16384
+    for blk in prange((n + block - 1) // block):
+        for p in range(blk * block, min(n, (blk + 1) * block)):
+            j = _tree_nearest(
+                np.int32(pixels[p, 0]), np.int32(pixels[p, 1]), np.int32(pixels[p, 2]), pal, clz
+            )
+            out[p, 0], out[p, 1], out[p, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
+
+
+# Numba's workqueue threading layer aborts on concurrent parallel launches; one at a time,
+# and a caller that finds it busy runs serially (its own thread is the parallelism then).
+_PARALLEL_LOCK = threading.Lock()
+
+
+def remap_palette(rgb: np.ndarray, palette: np.ndarray, parallel: bool | None = None) -> np.ndarray:
+    """Each pixel of an (H, W, 3) uint8 image replaced by its palette colour, as IM6 -remap does.
+
+    `parallel=None` uses all Numba threads for images of PARALLEL_MIN_PIXELS or more.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
+    pal = tree_order(palette)
+    pixels = np.ascontiguousarray(rgb).reshape(-1, 3)
+    out = np.empty_like(pixels)
+    if parallel is None:
+        parallel = pixels.shape[0] >= PARALLEL_MIN_PIXELS
+    if parallel and _PARALLEL_LOCK.acquire(blocking=False):
+        try:
+            _remap_parallel(pixels, pal, _CLZ8, out)
+        finally:
+            _PARALLEL_LOCK.release()
+    else:
+        _remap_serial(pixels, pal, _CLZ8, out)
+    return out.reshape(rgb.shape)
+
+
+@njit(nogil=True, cache=True)
+def _luma709_q16(pixels: np.ndarray, out: np.ndarray) -> None:
+    """IM6 `-colorspace Gray`: Rec.709 luma weights on Q16 values, rounded, scaled back to 8 bits."""
+    for p in range(pixels.shape[0]):
+        y = 0.212656 * (pixels[p, 0] * 257.0) + 0.715158 * (pixels[p, 1] * 257.0)
+        y = y + 0.072186 * (pixels[p, 2] * 257.0)
+        q = min(max(int(y + 0.5), 0), 65535)
+        v = ((q + 128) - ((q + 128) >> 8)) >> 8  # IM's ScaleQuantumToChar
+        out[p, 0] = out[p, 1] = out[p, 2] = v
+
+
+def grayscale(rgb: np.ndarray) -> np.ndarray:
+    """Grayscale map, equal to `convert-im6.q16 IN -colorspace Gray OUT`, as (H, W, 3) uint8."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
+    pixels = np.ascontiguousarray(rgb).reshape(-1, 3)
+    out = np.empty_like(pixels)
+    _luma709_q16(pixels, out)
+    return out.reshape(rgb.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry: a conditioner is any (H, W, 3) uint8 -> (H, W, 3) uint8 function
+
+
+def _palette_conditioner(palette: str) -> Conditioner:
+    """The default: nearest palette colour as ImageMagick's -remap picks it."""
+    # functools.partial of a module function pickles plainly, so it can travel to Ray workers.
+    return functools.partial(remap_palette, palette=parse_palette(palette))
+
+
+def _grayscale_conditioner(palette: str) -> Conditioner:
+    """Grayscale (the palette is not used)."""
+    return grayscale
+
+
+CONDITIONERS: dict[str, Callable[[str], Conditioner]] = {
+    "palette": _palette_conditioner,
+    "grayscale": _grayscale_conditioner,
+}
+
+
+def make_conditioner(name: str = "palette", palette: str = DEFAULT_PALETTE) -> Conditioner:
+    """The conditioner registered under `name`, built for `palette` where it uses one."""
+    try:
+        factory = CONDITIONERS[name]
+    except KeyError:
+        raise ValueError(f"unknown conditioner {name!r}; choose one of {sorted(CONDITIONERS)}") from None
+    return factory(palette)
