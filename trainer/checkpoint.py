@@ -1,0 +1,231 @@
+"""Checkpoints: atomic folders holding everything needed to continue a run exactly.
+
+    checkpoint-<step>/
+        controlnet/{config.json, diffusion_pytorch_model.safetensors}   (diffusers layout, fp32)
+        unet_decoder.safetensors        (only with --unlock-decoder)
+        training_state.safetensors      (optimizer tensors, RNG states)
+        state.json                      (step, data position, scaler, optimizer skeleton, config,
+                                         and the size of every file above; written last)
+
+A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a
+folder that looks finished. `state.json` lists every file's size, and a folder whose files do not
+match it is never chosen by `--resume latest`. Everything loads with safetensors and json: nothing is
+unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: optimizer steps done and the data position after the last batch used."""
+
+    step: int = 0
+    batches: int = 0
+    epoch: int = 0
+    offset: int = 0
+    failed_samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- nested state dicts <-> (json skeleton, flat tensors) -------------------------------------------
+
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """Replace every tensor in a nested structure by a reference into `tensors`; keep key types."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().contiguous().clone() if obj.numel() else obj.detach().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), flatten(v, tensors, f"{prefix}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        kind = "__tuple__" if isinstance(obj, tuple) else "__list__"
+        return {kind: [flatten(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix}")
+
+
+def _key(k: Any) -> Any:
+    """Dict keys keep their type (optimizer state is keyed by int)."""
+    return {"int": k} if isinstance(k, int) else k
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of flatten."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {(k["int"] if isinstance(k, dict) else k): unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+        if "__list__" in obj:
+            return [unflatten(v, tensors) for v in obj["__list__"]]
+    return obj
+
+
+# --- finding checkpoints --------------------------------------------------------------------------
+
+def is_complete(path: Path) -> bool:
+    """True when state.json exists and every file it lists has the recorded size."""
+    try:
+        manifest = json.loads((path / STATE_FILE).read_text())["files"]
+        return all((path / name).stat().st_size == size for name, size in manifest.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `output`, oldest first."""
+    found = []
+    for p in Path(output).glob("checkpoint-*"):
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(resume: str | None, output: Path) -> Path | None:
+    """The checkpoint folder `--resume` names: `latest` is the newest complete one (or none)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not is_complete(path):
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (state.json missing or "
+                                "files truncated); use --resume latest to pick the newest complete one")
+    return path
+
+
+def prune(output: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints and any stale temporary folders."""
+    removed = [p for p in Path(output).glob(TMP_PREFIX + "*")]
+    found = list_checkpoints(output)
+    if keep is not None and len(found) > keep:
+        removed += [p for _, p in found[: len(found) - keep]]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+# --- saving and loading ---------------------------------------------------------------------------
+
+def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The loop's generator state plus the global CPU and CUDA generator states."""
+    out = {"rng/loop": generator.get_state(), "rng/cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng/cuda{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """Inverse of rng_tensors (CUDA states only where the device count matches)."""
+    generator.set_state(tensors["rng/loop"].cpu())
+    torch.set_rng_state(tensors["rng/cpu"].cpu())
+    cuda = [tensors[k].cpu() for k in sorted(tensors) if k.startswith("rng/cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(output: Path, state: TrainState, controlnet, optimizer, scaler, generator,
+                    config: dict, decoder: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint-<step> atomically (temporary folder, then rename) and return its path."""
+    output = Path(output)
+    final = output / f"checkpoint-{state.step}"
+    tmp = output / f"{TMP_PREFIX}{state.step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
+    if decoder is not None:
+        save_file({k: v.contiguous() for k, v in decoder.items()}, str(tmp / "unet_decoder.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten(optimizer.state_dict(), tensors, "optim")
+    tensors = {k: v.cpu() for k, v in tensors.items()} | rng_tensors(generator)
+    save_file(tensors, str(tmp / "training_state.safetensors"))
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    doc = {"step": state.step, "batches": state.batches, "epoch": state.epoch, "offset": state.offset,
+           "failed_samples": state.failed_samples, "extra": state.extra, "scaler": scaler.state_dict(),
+           "optimizer": skeleton, "config": config, "files": files}
+    _write_synced(tmp / STATE_FILE, json.dumps(doc, indent=1))
+    if final.exists():  # a re-run reaching the same step replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(output)
+    return final
+
+
+def load_checkpoint(path: Path, controlnet, optimizer, scaler, generator, unet=None) -> TrainState:
+    """Restore weights, optimizer, scaler and RNG from a checkpoint folder; return the loop state."""
+    path = Path(path)
+    doc = json.loads((path / STATE_FILE).read_text())
+    weights = load_file(str(path / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    controlnet.load_state_dict(weights, strict=True)
+    if (path / "unet_decoder.safetensors").exists():
+        if unet is None:
+            raise ValueError(f"{path} holds an unlocked UNet decoder: resume with --unlock-decoder")
+        unet.load_state_dict(load_file(str(path / "unet_decoder.safetensors")), strict=False)
+    tensors = load_file(str(path / "training_state.safetensors"))
+    optim_sd = unflatten(doc["optimizer"], tensors)
+    if type(optimizer).__module__.startswith("bitsandbytes"):
+        optim_sd = _to_param_devices(optim_sd, optimizer)  # PyTorch's own optimizers place state themselves
+    optimizer.load_state_dict(optim_sd)
+    scaler.load_state_dict(doc["scaler"])
+    restore_rng(tensors, generator)
+    return TrainState(step=doc["step"], batches=doc["batches"], epoch=doc["epoch"], offset=doc["offset"],
+                      failed_samples=doc.get("failed_samples", 0), extra=doc.get("extra", {}))
+
+
+def _to_param_devices(sd: dict, optimizer) -> dict:
+    """Move optimizer state tensors onto their parameters' devices (bitsandbytes leaves most on the CPU)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, st in sd["state"].items():
+        dev = params[pid].device
+        sd["state"][pid] = _move(st, dev)
+    return sd
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    """Recursively move tensors to a device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write and fsync, so the manifest is on disk before the rename that publishes it."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

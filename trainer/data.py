@@ -1,0 +1,195 @@
+"""Stream the engine's WebDataset shards into training batches.
+
+The stream is defined independently of the number of DataLoader workers, so a run is the same with
+0 or 8 workers and a resume continues exactly where a checkpoint left off:
+
+* epoch e visits the shards in an order shuffled by (seed, e), passes the raw (undecoded) samples
+  through a shuffle buffer seeded by (seed, e), and numbers them 0, 1, 2, ... across epochs;
+* sample i belongs to batch i // batch_size; every worker reads the same raw stream (reading tar
+  bytes is cheap) but decodes only the batches it owns, round-robin in the order the DataLoader
+  asks for them;
+* caption drop for sample i uses a generator seeded by (seed, i).
+
+A resume restarts the epoch it stopped in and skips the samples already used without decoding them.
+Samples that fail to decode are replaced by another sample of the same batch and counted; a batch
+whose samples all fail is dropped and counted. A batch may instead carry precomputed `latents` and
+`encoder_hidden_states`; the loop uses those when present (see trainer.objective.encode_batch).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+from webdataset.tariterators import tarfile_samples
+
+from trainer.config import DataConfig
+
+IMAGE_KEY, COND_KEY, TEXT_KEY = "jpg", "cond.png", "txt"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the stream stands: batches consumed, and the epoch / sample offset that follows them."""
+
+    batches: int = 0
+    epoch: int = 0
+    offset: int = 0
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace-expand a shard pattern (several joined by `::`) into a list of URLs or paths."""
+    urls = [u for part in pattern.split("::") for u in braceexpand(part.strip()) if u]
+    if not urls:
+        raise ValueError(f"--shards {pattern!r} names no shard")
+    return urls
+
+
+def _mix(*xs: int) -> int:
+    """Combine integers into one seed (stable across processes, unlike hash())."""
+    return int(np.random.SeedSequence([abs(int(x)) for x in xs]).generate_state(1)[0])
+
+
+class _Counter:
+    """Error handler for the tar reader: count and keep going (never crash a run on one bad shard)."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors += 1
+        return True
+
+
+def raw_epoch(urls: list[str], seed: int, epoch: int, buffer: int, handler: _Counter) -> Iterator[dict]:
+    """Undecoded samples of one epoch in their shuffled order (identical in every worker)."""
+    rng = random.Random(_mix(seed, epoch, 1))
+    order = list(urls)
+    rng.shuffle(order)
+    pool: list[dict] = []
+    for sample in tarfile_samples(({"url": u} for u in order), handler=handler):
+        pool.append(sample)
+        if len(pool) >= buffer:
+            j = rng.randrange(len(pool))
+            pool[j], pool[-1] = pool[-1], pool[j]
+            yield pool.pop()
+    rng.shuffle(pool)
+    yield from pool
+
+
+def load_pair(sample: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image and conditioning map to RGB uint8 arrays of resolution x resolution."""
+    image = Image.open(io.BytesIO(sample[IMAGE_KEY])).convert("RGB")
+    cond = Image.open(io.BytesIO(sample[COND_KEY])).convert("RGB")
+    if cond.size != image.size:
+        cond = cond.resize(image.size, Image.NEAREST)
+    return resize_crop(image, resolution, Image.BILINEAR), resize_crop(cond, resolution, Image.NEAREST)
+
+
+def resize_crop(img: Image.Image, size: int, resample: int) -> np.ndarray:
+    """Shorter side to `size`, then a center crop; the map uses NEAREST so palette values stay exact."""
+    w, h = img.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+        w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def caption_of(sample: dict, index: int, seed: int, p_empty: float) -> str:
+    """The sample's caption, or the empty prompt with probability p_empty (seeded by the sample index)."""
+    text = sample.get(TEXT_KEY, b"")
+    text = text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else str(text)
+    return "" if random.Random(_mix(seed, index, 2)).random() < p_empty else text
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Infinite stream of collated batches (dicts of tensors) from WebDataset shards."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, seed: int, start: Position = Position()):
+        super().__init__()
+        self.cfg, self.tokenizer, self.seed, self.start = cfg, tokenizer, seed, start
+        self.urls = expand_shards(cfg.shards)
+
+    def _raw(self, handler: _Counter) -> Iterator[tuple[int, int, int, dict]]:
+        """(global index, epoch, offset-after, raw sample) from the start position onwards."""
+        index = self.start.batches * self.cfg.train_batch_size
+        epoch, skip = self.start.epoch, self.start.offset
+        while True:
+            n = 0
+            for n, sample in enumerate(raw_epoch(self.urls, self.seed, epoch, self.cfg.shuffle_buffer, handler), 1):
+                if n <= skip:
+                    continue
+                yield index, epoch, n, sample
+                index += 1
+            if n == 0:
+                raise RuntimeError(f"no readable samples in {self.cfg.shards!r} ({handler.errors} read errors)")
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        handler, bs, first = _Counter(), self.cfg.train_batch_size, self.start.batches
+        members: list[tuple[int, dict]] = []
+        for index, epoch, offset, sample in self._raw(handler):
+            b = index // bs
+            if (b - first) % nw != wid:
+                continue
+            members.append((index, sample))
+            if len(members) == bs:
+                # every worker reads the same tar stream, so only worker 0 reports read errors
+                read_errors = handler.errors if wid == 0 else 0
+                handler.errors = 0
+                batch = self._collate(members, read_errors, epoch, offset, b)
+                members = []
+                if batch is not None:
+                    yield batch
+
+    def _collate(self, members, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
+        """Decode one batch's samples and stack them; failed samples are replaced and counted."""
+        decoded, failed = [], 0
+        for index, sample in members:
+            try:
+                img, cond = load_pair(sample, self.cfg.resolution)
+            except Exception:  # noqa: BLE001 - any undecodable sample is skipped, by design
+                failed += 1
+                continue
+            decoded.append((img, cond, caption_of(sample, index, self.seed, self.cfg.proportion_empty_prompts)))
+        if not decoded:
+            return None
+        while len(decoded) < len(members):  # keep batches full so every step sees the same count
+            decoded.append(decoded[len(decoded) % max(1, len(members) - failed)])
+        imgs = torch.from_numpy(np.stack([d[0] for d in decoded])).permute(0, 3, 1, 2)
+        conds = torch.from_numpy(np.stack([d[1] for d in decoded])).permute(0, 3, 1, 2)
+        ids = self.tokenizer([d[2] for d in decoded], max_length=self.tokenizer.model_max_length,
+                             padding="max_length", truncation=True, return_tensors="pt").input_ids
+        return {
+            "pixel_values": imgs.float().div(127.5).sub(1.0),
+            "conditioning_pixel_values": conds.float().div(255.0),
+            "input_ids": ids,
+            "failed": torch.tensor(failed + read_errors),
+            "position": torch.tensor([b + 1, epoch, offset]),
+        }
+
+
+def _worker_init(_: int) -> None:
+    """Workers ignore Ctrl-C: the main process decides when to stop (after saving a checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_memory: bool):
+    """DataLoader over a ShardStream; batches arrive in stream order whatever the worker count."""
+    stream = ShardStream(cfg, tokenizer, seed, start)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
+        worker_init_fn=_worker_init if cfg.num_workers else None,
+        prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False,
+    )

@@ -1,0 +1,64 @@
+"""The trainer's half of `make demo`: a tiny model, a short CPU run, a checkpoint and a validation image.
+
+`run_demo(shards, output)` builds a tiny SD-shaped model with random weights into output/tiny-model,
+trains a ControlNet on it from the given shards for a few steps on the CPU, and returns where
+everything landed. It needs no network and finishes in a minute or two on two cores.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    ValidationConfig,
+)
+from trainer.data import expand_shards
+from trainer.synthetic import first_condition
+from trainer.tiny import build_tiny_model
+from trainer.train import train
+
+
+def demo_config(shards: str, output: Path, model: Path, cond: Path, steps: int, resolution: int) -> TrainConfig:
+    """The demo's run: fp32 on the CPU, plain AdamW, a checkpoint and validation at the end."""
+    return TrainConfig(
+        output=str(output / "train"),
+        data=DataConfig(shards=shards, resolution=resolution, train_batch_size=2, num_workers=1, shuffle_buffer=32),
+        model=ModelConfig(model=str(model), gradient_checkpointing=False),
+        optim=OptimConfig(learning_rate=1e-4, optimizer="adamw", gradient_accumulation_steps=1),
+        checkpoint=CheckpointConfig(checkpointing_steps=max(1, steps // 2), checkpoints_total_limit=2),
+        validation=ValidationConfig(validation_steps=steps, validation_prompt=["a photo"],
+                                    validation_image=[str(cond)], num_validation_images=1, num_inference_steps=4),
+        max_train_steps=steps, mixed_precision="no", device="cpu", log_every=1, seed=0,
+    )
+
+
+def run_demo(shards: str, output: str, steps: int = 20, resolution: int = 64) -> dict:
+    """Build the tiny model, train `steps` steps from `shards` (brace pattern), return paths and figures."""
+    output = Path(output)
+    started = time.perf_counter()
+    model = build_tiny_model(output / "tiny-model")
+    cond = first_condition(expand_shards(shards)[0], output / "validation-cond.png")
+    result = train(demo_config(shards, output, model, cond, steps, resolution), enable_bar=False)
+    return {
+        "model": str(model),
+        "controlnet": str(result.controlnet),
+        "checkpoint": str(result.checkpoints[-1]) if result.checkpoints else None,
+        "validation_grid": str(result.validation_grids[-1]) if result.validation_grids else None,
+        "log": str(result.log),
+        "steps": result.step,
+        "final_loss": result.last_loss,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m trainer.demo SHARDS OUTPUT`
+    import json
+    import sys
+
+    print(json.dumps(run_demo(sys.argv[1], sys.argv[2]), indent=2))

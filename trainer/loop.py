@@ -1,0 +1,141 @@
+"""The training loop: one function that reads like the algorithm, and the small state it runs on."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer.checkpoint import TrainState
+from trainer.config import TrainConfig
+from trainer.metrics import RunLog, gpu_memory_gb
+from trainer.models import Models
+from trainer.objective import Objective, step_loss
+from trainer.optim import lr_factor, set_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the steps concerned were skipped, the run stops."""
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the loop to save a checkpoint at the next step boundary and stop.
+
+    A second Ctrl-C interrupts at once. Outside the main thread (where handlers cannot be set) it is
+    a plain flag.
+    """
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class Run:
+    """What the loop touches; built by trainer.train.build_run."""
+
+    cfg: TrainConfig
+    models: Models
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    loader: torch.utils.data.DataLoader
+    state: TrainState
+    log: RunLog
+    device: torch.device
+    weight_dtype: torch.dtype
+    params: list[torch.nn.Parameter]
+    base_lrs: list[float]
+    stop: StopSignal = field(default_factory=StopSignal)
+    on_checkpoint: Callable[[Run], None] = lambda run: None
+    on_validation: Callable[[Run], None] = lambda run: None
+
+    def autocast(self):
+        """Autocast to the low-precision dtype; nothing in fp32 runs."""
+        if self.weight_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors of a batch onto the device (asynchronously from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("position", "failed")}
+
+
+def train_loop(run: Run) -> TrainState:
+    """Optimise until max_train_steps or a stop signal; checkpoint and validate on schedule."""
+    cfg, st = run.cfg, run.state
+    accum = cfg.optim.gradient_accumulation_steps
+    batches = iter(run.loader)
+    loss_sum = torch.zeros((), device=run.device)
+    nonfinite = torch.zeros((), dtype=torch.int32, device=run.device)
+    while st.step < cfg.max_train_steps and run.stop.requested is None:
+        set_lr(run.optimizer, run.base_lrs, lr_factor(st.step, cfg.optim, cfg.max_train_steps))
+        for _ in range(accum):
+            batch = next(batches)
+            st.batches, st.epoch, st.offset = batch["position"].tolist()  # CPU tensor: no device sync
+            st.failed_samples += int(batch["failed"])
+            with run.autocast():
+                loss = step_loss(run.models, run.objective, to_device(batch, run.device), run.generator,
+                                 cfg.model.only_mid_control)
+            run.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+            nonfinite += (~torch.isfinite(loss)).int()
+        run.scaler.unscale_(run.optimizer)
+        if cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
+        run.scaler.step(run.optimizer)  # skips the step when any gradient is inf/NaN
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        run.log.advance()
+        if st.step % cfg.log_every == 0 or st.step == cfg.max_train_steps:
+            log_step(run, loss_sum, nonfinite)
+        if st.step % cfg.checkpoint.checkpointing_steps == 0 or run.stop.requested is not None:
+            run.on_checkpoint(run)
+        if st.step % cfg.validation.validation_steps == 0 and run.stop.requested is None:
+            run.on_validation(run)
+    return st
+
+
+def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
+    """The one host sync: mean loss since the last log, lr, throughput, memory; stop on NaN/inf."""
+    cfg, st = run.cfg, run.state
+    steps = st.step - run.log.last_step
+    samples_per_step = cfg.data.train_batch_size * cfg.optim.gradient_accumulation_steps
+    bad = int(nonfinite.item())
+    if bad:
+        raise NonFiniteLossError(
+            f"the loss was NaN/inf in {bad} micro-batch(es) between steps {run.log.last_step + 1} and "
+            f"{st.step}; those updates were skipped, not trained on. Resume from the last checkpoint "
+            f"(--resume latest) with a lower --learning-rate, or --mixed-precision bf16 / no instead of fp16.")
+    scalars = {
+        "loss": loss_sum.item() / max(1, steps * cfg.optim.gradient_accumulation_steps),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "samples_per_s": run.log.rate(st.step, samples_per_step),
+        "gpu_mem_gb": gpu_memory_gb(run.device),
+        "loss_scale": float(run.scaler.get_scale()),
+        "failed_samples": st.failed_samples,
+    }
+    run.log.log(st.step, scalars)
+    loss_sum.zero_()

@@ -1,0 +1,70 @@
+"""Scalars of a run: a JSONL log (one record per logged step), TensorBoard events, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+class RunLog:
+    """Writes each logged step to output/train_log.jsonl and output/tensorboard/, and drives tqdm."""
+
+    def __init__(self, output: Path, start_step: int, total_steps: int, enable_bar: bool = True) -> None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(output / "train_log.jsonl", "a", buffering=1)
+        self.tb = _summary_writer(output / "tensorboard")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                        disable=not enable_bar, dynamic_ncols=True)
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def rate(self, step: int, samples_per_step: int) -> float:
+        """Samples per second since the previous call."""
+        now = time.perf_counter()
+        rate = (step - self.last_step) * samples_per_step / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        return rate
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """One record: JSONL line, TensorBoard scalars, progress-bar postfix."""
+        record = {"step": step, **scalars, "time": time.time()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
+
+    def advance(self, n: int = 1) -> None:
+        """Move the progress bar (no host sync: called every step)."""
+        self.bar.update(n)
+
+    def note(self, text: str) -> None:
+        """A message that does not break the progress bar."""
+        self.bar.write(text)
+
+    def close(self) -> None:
+        """Flush and close everything."""
+        self.bar.close()
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _summary_writer(path: Path):
+    """TensorBoard writer, or None where tensorboard is not installed (the JSONL log still works)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def gpu_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory so far, in GiB (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30

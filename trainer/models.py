@@ -1,0 +1,109 @@
+"""Load the frozen Stable Diffusion parts, create the trainable ControlNet, and set precisions.
+
+Frozen parts live in the low-precision dtype (they only run forward); everything that trains keeps
+fp32 master weights and is run under autocast. Attention goes through PyTorch's
+scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from trainer.config import ModelConfig
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_COND_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet default, for a VAE that downsamples 8x
+
+
+@dataclass
+class Models:
+    """Everything a training step or a validation pipeline needs."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    controlnet: ControlNetModel
+
+
+def load_frozen(cfg: ModelConfig) -> tuple:
+    """UNet, VAE, text encoder, tokenizer and noise scheduler from a diffusers folder or hub id."""
+    kw = dict(revision=cfg.revision)
+    wkw = dict(kw, variant=cfg.variant)
+    tokenizer = CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **wkw)
+    vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **wkw)
+    unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **wkw)
+    scheduler = DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **kw)
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def cond_channels_for(vae: AutoencoderKL) -> tuple[int, ...]:
+    """Conditioning-embedding widths whose downsampling (2^(n-1)) matches the VAE's."""
+    levels = int(math.log2(2 ** (len(vae.config.block_out_channels) - 1)))
+    return DEFAULT_COND_CHANNELS[: levels + 1] if levels < 3 else DEFAULT_COND_CHANNELS
+
+
+def build_controlnet(cfg: ModelConfig, unet: UNet2DConditionModel, vae: AutoencoderKL) -> ControlNetModel:
+    """Load an existing ControlNet, or copy the UNet's encoder into a new one (zero convolutions)."""
+    if cfg.controlnet:
+        return ControlNetModel.from_pretrained(cfg.controlnet, revision=cfg.revision)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cond_channels_for(vae))
+
+
+def decoder_modules(unet: UNet2DConditionModel) -> list[torch.nn.Module]:
+    """The UNet's decoder half: what the original ControlNet trains when sd_locked=False."""
+    return [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
+
+
+def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> None:
+    """Freeze, cast and place the models; switch on SDPA attention and gradient checkpointing."""
+    for m in (models.unet, models.vae, models.text_encoder):
+        m.requires_grad_(False)
+        m.to(device, dtype=weight_dtype)
+        m.eval()
+    models.controlnet.to(device, dtype=torch.float32)
+    models.controlnet.train()
+    models.controlnet.requires_grad_(True)
+    if cfg.unlock_decoder:
+        for m in decoder_modules(models.unet):
+            m.to(dtype=torch.float32)
+            m.requires_grad_(True)
+            m.train()
+    for m in (models.unet, models.vae, models.controlnet):
+        m.set_attn_processor(AttnProcessor2_0())
+    if cfg.gradient_checkpointing:
+        # the frozen UNet is checkpointed too: gradients flow through it to the residuals
+        models.controlnet.enable_gradient_checkpointing()
+        models.unet.enable_gradient_checkpointing()
+
+
+def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
+    """Load, build and prepare every model of a run."""
+    unet, vae, text_encoder, tokenizer, scheduler = load_frozen(cfg)
+    controlnet = build_controlnet(cfg, unet, vae)
+    models = Models(unet, vae, text_encoder, tokenizer, scheduler, controlnet)
+    prepare(models, cfg, device, weight_dtype)
+    return models
+
+
+def param_groups(models: Models, cfg: ModelConfig, lr: float, decoder_lr: float) -> list[dict]:
+    """Optimizer parameter groups: the ControlNet, and the UNet decoder when unlocked."""
+    groups = [{"params": [p for p in models.controlnet.parameters() if p.requires_grad], "lr": lr}]
+    if cfg.unlock_decoder:
+        params = [p for m in decoder_modules(models.unet) for p in m.parameters()]
+        groups.append({"params": params, "lr": decoder_lr})
+    return groups
+
+
+def decoder_state(models: Models) -> dict[str, torch.Tensor]:
+    """State dict of the unlocked UNet decoder (keys as in the full UNet)."""
+    names = ("up_blocks.", "conv_norm_out.", "conv_out.")
+    return {k: v for k, v in models.unet.state_dict().items() if k.startswith(names)}

@@ -1,0 +1,100 @@
+"""A tiny Stable-Diffusion-shaped model with random weights, built offline from small configs.
+
+Used by the tests and the demo: the same component classes and folder layout as SD 1.5
+(unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json), a few hundred thousand
+parameters, so a CPU trains it in seconds. The tokenizer is a byte-level CLIP BPE whose vocabulary
+and merges this module writes itself (no download).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Three VAE levels: latents are a quarter of the image size (SD's VAE: an eighth), so 64 px -> 16.
+TINY_VAE_CHANNELS = (16, 32, 32)
+TINY_MERGES = ["t h", "th e</w>", "a n", "an d</w>", "o n", "i n", "e r", "a r", "o f</w>"]
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's byte -> printable character table (the BPE's base alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """Write vocab.json and merges.txt of a byte-level CLIP BPE with a handful of merges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in TINY_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def build_tiny_tokenizer(folder: Path):
+    """A CLIPTokenizer over the tiny vocabulary, saved into `folder` (slow and fast files both)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = write_tiny_tokenizer_files(folder)
+    # transformers 5 names the arguments vocab/merges, 4.x vocab_file/merges_file
+    names = CLIPTokenizer.__init__.__code__.co_varnames
+    keys = ("vocab_file", "merges_file") if "vocab_file" in names else ("vocab", "merges")
+    tok = CLIPTokenizer(**{keys[0]: str(vocab), keys[1]: str(merges)}, model_max_length=77)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def tiny_unet_config() -> dict:
+    """UNet2DConditionModel config: two resolution levels, one cross-attention level, 32-d text."""
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def build_tiny_model(folder: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write a tiny SD-style diffusers folder with random weights to `folder`; return its path."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer(folder / "tokenizer")
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=TINY_VAE_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=64,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2))
+    return folder

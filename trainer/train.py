@@ -1,0 +1,131 @@
+"""`train(cfg)`: the API behind the CLI. Builds a run from small build_* steps, resumes, loops, exports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import TrainState, load_checkpoint, prune, resolve_resume, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.data import Position, build_loader
+from trainer.export import export_final
+from trainer.loop import Run, StopSignal, train_loop
+from trainer.metrics import RunLog
+from trainer.models import DTYPES, decoder_state, load_models, param_groups
+from trainer.objective import Objective
+from trainer.optim import build_optimizer, build_scaler
+from trainer.validate import run_validation
+
+
+@dataclass
+class TrainResult:
+    """What a run left on disk and where it ended."""
+
+    output: Path
+    step: int
+    stopped_by_signal: int | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+    validation_grids: list[Path] = field(default_factory=list)
+    controlnet: Path | None = None
+    log: Path | None = None
+    last_loss: float | None = None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The requested device, or CUDA when available; a clear error when CUDA is asked for but absent."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but no CUDA device is visible: pass --device cpu --mixed-precision no")
+    return torch.device(name)
+
+
+def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True) -> Run:
+    """Models, optimizer, scaler and generator; state restored from --resume; then the data stream."""
+    device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":
+        raise ValueError("fp16 training needs CUDA: pass --mixed-precision no (or bf16) on the CPU")
+    weight_dtype = DTYPES[cfg.mixed_precision]
+    output = Path(cfg.output)
+    torch.manual_seed(cfg.seed)
+    models = load_models(cfg.model, device, weight_dtype)
+    groups = param_groups(models, cfg.model, cfg.optim.learning_rate, cfg.optim.decoder_learning_rate)
+    optimizer = build_optimizer(groups, cfg.optim)
+    scaler = build_scaler(cfg.mixed_precision, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    state = TrainState()
+    prune(output, None)  # stale temporary folders of a crashed save
+    ckpt = resolve_resume(cfg.checkpoint.resume, output)
+    if ckpt is not None:
+        unet = models.unet if cfg.model.unlock_decoder else None
+        state = load_checkpoint(ckpt, models.controlnet, optimizer, scaler, generator, unet=unet)
+        print(f"resumed from {ckpt} at step {state.step}", flush=True)
+    elif cfg.checkpoint.resume:
+        print(f"--resume {cfg.checkpoint.resume}: no complete checkpoint in {output}, starting fresh", flush=True)
+    loader = build_loader(cfg.data, models.tokenizer, cfg.seed,
+                          Position(state.batches, state.epoch, state.offset), pin_memory=device.type == "cuda")
+    return Run(
+        cfg=cfg, models=models, objective=Objective(models.noise_scheduler), optimizer=optimizer, scaler=scaler,
+        generator=generator, loader=loader, state=state,
+        log=RunLog(output, state.step, cfg.max_train_steps, enable_bar), device=device, weight_dtype=weight_dtype,
+        params=[p for g in groups for p in g["params"]], base_lrs=[g["lr"] for g in groups],
+        on_checkpoint=lambda run: _checkpoint(run, result), on_validation=lambda run: _validate(run, result),
+    )
+
+
+def _checkpoint(run: Run, result: TrainResult) -> None:
+    """Save a checkpoint of the current step and prune old ones."""
+    cfg = run.cfg
+    decoder = decoder_state(run.models) if cfg.model.unlock_decoder else None
+    path = save_checkpoint(Path(cfg.output), run.state, run.models.controlnet, run.optimizer, run.scaler,
+                           run.generator, cfg.to_dict(), decoder=decoder)
+    prune(Path(cfg.output), cfg.checkpoint.checkpoints_total_limit)
+    result.checkpoints.append(path)
+    run.log.note(f"saved {path}")
+
+
+def _validate(run: Run, result: TrainResult) -> None:
+    """Write the validation images of the current step (when prompts were given)."""
+    cfg = run.cfg
+    if not cfg.validation.validation_prompt:
+        return
+    out = run_validation(run.models, cfg.validation, run.state.step, Path(cfg.output) / "validation",
+                         cfg.data.resolution, run.device, run.weight_dtype, cfg.seed, cfg.model.only_mid_control)
+    result.validation_grids.append(out["grid"])
+    if out["all_black"]:
+        run.log.note(f"warning: validation images of step {run.state.step} are all black")
+
+
+def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
+    """Train a ControlNet as configured; return what was written where."""
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    resolved = json.dumps(cfg.to_dict(), indent=2)
+    print(f"resolved config:\n{resolved}", flush=True)
+    (output / "train_config.json").write_text(resolved)
+    result = TrainResult(output=output, step=0, log=output / "train_log.jsonl")
+    run = build_run(cfg, result, enable_bar)
+    try:
+        with StopSignal() as stop:
+            run.stop = stop
+            state = train_loop(run)
+        result.step, result.stopped_by_signal = state.step, stop.requested
+        if stop.requested is None:
+            if not result.checkpoints or result.checkpoints[-1].name != f"checkpoint-{state.step}":
+                _checkpoint(run, result)
+            if state.step % cfg.validation.validation_steps != 0:
+                _validate(run, result)
+            result.controlnet = export_final(run.models, output, cfg.model.unlock_decoder)
+    finally:
+        run.log.close()
+    result.last_loss = _last_loss(output / "train_log.jsonl")
+    return result
+
+
+def _last_loss(path: Path) -> float | None:
+    """The loss of the last JSONL record, if any."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["loss"] if lines else None
