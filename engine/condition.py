@@ -139,56 +139,66 @@ def tree_order(palette: np.ndarray) -> np.ndarray:
 # kernels
 
 
-def _leading_zeros8() -> np.ndarray:
-    """Leading zero bits of each byte value: how many tree levels two colours share."""
-    table = np.zeros(256, dtype=np.int32)
-    for v in range(256):
-        table[v] = 8 - v.bit_length()
-    return table
-
-
-_CLZ8 = _leading_zeros8()
+CHUNK = 256  # pixels per inner pass: small enough for L1, long enough for SIMD loops
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _tree_nearest(r: int, g: int, b: int, pal: np.ndarray, clz: np.ndarray) -> int:
-    """Index into `pal` (octree order) of the colour IM6's ClosestColor picks for one pixel."""
-    k = pal.shape[0]
-    deepest = 0  # levels the pixel shares with its closest-in-tree palette colour
-    for i in range(k):
-        shared = clz[(r ^ pal[i, 0]) | (g ^ pal[i, 1]) | (b ^ pal[i, 2])]
-        deepest = max(deepest, shared)
-    # IM descends bits 7..1 only (7 levels) and searches from the parent of that node.
-    start = max(min(deepest, 7) - 1, 0)
-    best, best_d = 0, 1 << 30
-    for i in range(k):
-        if clz[(r ^ pal[i, 0]) | (g ^ pal[i, 1]) | (b ^ pal[i, 2])] >= start:
-            dr, dg, db = r - pal[i, 0], g - pal[i, 1], b - pal[i, 2]
+def _remap_chunk(pixels, lo, hi, pal, out, r, g, b, limit, best, best_d) -> None:
+    """Remap pixels[lo:hi] into out, column-wise so every inner loop is a branch-free SIMD loop."""
+    n = hi - lo
+    for q in range(n):
+        r[q], g[q], b[q] = pixels[lo + q, 0], pixels[lo + q, 1], pixels[lo + q, 2]
+        limit[q], best_d[q], best[q] = 255, 1 << 30, 0
+    # x = (r^cr)|(g^cg)|(b^cb) has as many leading zero bits as tree levels the pixel shares
+    # with colour c, so the smallest x over the palette gives the deepest node IM reaches.
+    for i in range(pal.shape[0]):
+        cr, cg, cb = pal[i, 0], pal[i, 1], pal[i, 2]
+        for q in range(n):
+            limit[q] = min(limit[q], (r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb))
+    # IM walks bits 7..1 (at most 7 levels) and searches below the parent of the node it
+    # reached: colour i is a candidate iff x_i < 2 * next_pow2(min x), and never below 4.
+    for q in range(n):
+        v = limit[q]
+        v |= v >> 1
+        v |= v >> 2
+        v |= v >> 4
+        limit[q] = max(4, 2 * v + 2)
+    for i in range(pal.shape[0]):
+        cr, cg, cb = pal[i, 0], pal[i, 1], pal[i, 2]
+        for q in range(n):
+            dr, dg, db = r[q] - cr, g[q] - cg, b[q] - cb
             d = dr * dr + dg * dg + db * db
-            if d <= best_d:  # "<=": IM keeps the last colour visited among equals
-                best, best_d = i, d
-    return best
+            # "<=": among equal distances IM keeps the colour it visits last (octree order).
+            take = (((r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb)) < limit[q]) & (d <= best_d[q])
+            best_d[q] = d if take else best_d[q]
+            best[q] = i if take else best[q]
+    for q in range(n):
+        j = best[q]
+        out[lo + q, 0], out[lo + q, 1], out[lo + q, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
 
 
 @njit(nogil=True, cache=True)
-def _remap_serial(pixels: np.ndarray, pal: np.ndarray, clz: np.ndarray, out: np.ndarray) -> None:
+def _remap_range(pixels, pal, out, start, stop) -> None:
+    """Remap pixels[start:stop] chunk by chunk with one set of scratch columns."""
+    r, g, b = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
+    limit, best, best_d = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
+    for lo in range(start, stop, CHUNK):
+        _remap_chunk(pixels, lo, min(stop, lo + CHUNK), pal, out, r, g, b, limit, best, best_d)
+
+
+@njit(nogil=True, cache=True)
+def _remap_serial(pixels: np.ndarray, pal: np.ndarray, out: np.ndarray) -> None:
     """Remap (N, 3) pixels into `out` on the calling thread."""
-    for p in range(pixels.shape[0]):
-        j = _tree_nearest(np.int32(pixels[p, 0]), np.int32(pixels[p, 1]), np.int32(pixels[p, 2]), pal, clz)
-        out[p, 0], out[p, 1], out[p, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
+    _remap_range(pixels, pal, out, 0, pixels.shape[0])
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _remap_parallel(pixels: np.ndarray, pal: np.ndarray, clz: np.ndarray, out: np.ndarray) -> None:
-    """Remap (N, 3) pixels into `out` on all Numba threads, in blocks of 16 Ki pixels."""
+def _remap_parallel(pixels: np.ndarray, pal: np.ndarray, out: np.ndarray) -> None:
+    """Remap (N, 3) pixels into `out` on all Numba threads, in blocks of 64 Ki pixels."""
     n = pixels.shape[0]
-    block = 16384
+    block = 65536
     for blk in prange((n + block - 1) // block):
-        for p in range(blk * block, min(n, (blk + 1) * block)):
-            j = _tree_nearest(
-                np.int32(pixels[p, 0]), np.int32(pixels[p, 1]), np.int32(pixels[p, 2]), pal, clz
-            )
-            out[p, 0], out[p, 1], out[p, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
+        _remap_range(pixels, pal, out, blk * block, min(n, (blk + 1) * block))
 
 
 # Numba's workqueue threading layer aborts on concurrent parallel launches; one at a time,
@@ -210,11 +220,11 @@ def remap_palette(rgb: np.ndarray, palette: np.ndarray, parallel: bool | None = 
         parallel = pixels.shape[0] >= PARALLEL_MIN_PIXELS
     if parallel and _PARALLEL_LOCK.acquire(blocking=False):
         try:
-            _remap_parallel(pixels, pal, _CLZ8, out)
+            _remap_parallel(pixels, pal, out)
         finally:
             _PARALLEL_LOCK.release()
     else:
-        _remap_serial(pixels, pal, _CLZ8, out)
+        _remap_serial(pixels, pal, out)
     return out.reshape(rgb.shape)
 
 
