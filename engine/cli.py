@@ -16,7 +16,7 @@ from .config import DedupConfig, EngineConfig, FetchConfig, FilterConfig, ImageC
 
 def _opt(parser, *names: str, **kw) -> None:
     """Add an option under its kebab-case names plus their snake_case spellings."""
-    spelled = list(names) + [n.replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+    spelled = list(names) + ["--" + n[2:].replace("-", "_") for n in names if "-" in n[2:]]
     parser.add_argument(*dict.fromkeys(spelled), **kw)
 
 

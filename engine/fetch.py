@@ -110,6 +110,16 @@ async def _attempt(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -
     raise _Failure(O.REDIRECT_ERROR, f"more than {cfg.max_redirects} redirects")
 
 
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    """Whether `kind` is anywhere in the exception's cause chain."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, kind):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _classify(exc: BaseException) -> _Failure:
     """Map a library exception to an outcome; the retry flag marks transient ones."""
     if isinstance(exc, _Failure):
@@ -117,6 +127,10 @@ def _classify(exc: BaseException) -> _Failure:
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return _Failure(O.TIMEOUT, "timed out", True)
     if isinstance(exc, aiohttp.ClientPayloadError):
+        # A reset (RST) mid-body is a connection failure; a clean close short of the
+        # Content-Length is a body that lied about its size.
+        if _caused_by(exc, ConnectionResetError) or "ConnectionResetError" in str(exc):
+            return _Failure(O.CONNECTION_ERROR, f"connection reset mid-body: {exc}"[:200], True)
         return _Failure(O.INCOMPLETE_BODY, f"body cut short: {exc}"[:200], True)
     if isinstance(exc, (aiohttp.InvalidURL, UnicodeError, ValueError)):
         return _Failure(O.INVALID_URL, f"{type(exc).__name__}: {exc}"[:200])

@@ -76,7 +76,7 @@ def _normalize(batch: pa.RecordBatch, url_col: str | None, caption_col: str | No
     table = pa.Table.from_batches([batch])
     cols, out_names = [], []
     for name in names:
-        col = table.column(name)
+        col = _valid_text(table.column(name))
         if name == url:
             cols.append(_as_string(col))
             out_names.append("url")
@@ -92,6 +92,19 @@ def _normalize(batch: pa.RecordBatch, url_col: str | None, caption_col: str | No
         cols.append(pa.nulls(len(table), pa.string()))
         out_names.append("caption")
     return pa.Table.from_arrays(cols, names=out_names)
+
+
+def _valid_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A string column with invalid UTF-8 (seen in scraped dumps) rebuilt with U+FFFD in its place."""
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return col
+    try:
+        col.validate(full=True)
+        return col
+    except pa.ArrowInvalid:
+        raw = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary())
+        return pa.chunked_array([pa.array([None if v is None else v.decode("utf-8", "replace")
+                                           for v in raw.to_pylist()], pa.string())])
 
 
 def _as_string(col: pa.ChunkedArray) -> pa.ChunkedArray:
