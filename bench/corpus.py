@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from aiohttp import web
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, ImageOps
 
 # ----------------------------------------------------------------------------------------------
 # Source photos
@@ -65,20 +65,46 @@ def load_photo(name: str) -> Image.Image:
     return _PHOTO_CACHE[name]
 
 
-def render(photo: str, width: int, height: int, rng: random.Random, grain: float = 0.0) -> Image.Image:
-    """A width x height view of a photo: random crop window, flip, tone jitter, resize, grain."""
+def render(photo: str, width: int, height: int, rng: random.Random, grain: float = 0.0,
+           tint: bool = False) -> Image.Image:
+    """A width x height view of a photo: one of 8 rotations/flips, a random crop window (40-100% of
+    the largest one), tone jitter, resize, grain. `tint` turns a gray photo into a duotone RGB one."""
     src = load_photo(photo)
+    if tint and src.mode == "L":
+        dark = tuple(rng.randint(0, 70) for _ in range(3))
+        light = tuple(rng.randint(190, 255) for _ in range(3))
+        src = ImageOps.colorize(src, black=dark, white=light)
+    turn = rng.randrange(8)  # the dihedral group: views far apart to a perceptual hash
+    if turn:
+        src = src.transpose(list(Image.Transpose)[turn - 1])
     sw, sh = src.size
-    # Largest window of the target aspect, then a random 60-100% of it, so views differ.
-    scale = min(sw / width, sh / height) * rng.uniform(0.6, 1.0)
+    scale = min(sw / width, sh / height) * rng.uniform(0.4, 1.0)
     cw, ch = max(8, int(width * scale)), max(8, int(height * scale))
     x0, y0 = rng.randint(0, sw - cw), rng.randint(0, sh - ch)
     im = src.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.BICUBIC)
-    if rng.random() < 0.5:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     gain, bias = rng.uniform(0.9, 1.1), rng.uniform(-8, 8)
     im = im.point([min(255, max(0, round(v * gain + bias))) for v in range(256)] * len(im.getbands()))
     return add_grain(im, grain, rng) if grain > 0 else im
+
+
+_DCT32 = np.cos(np.pi * np.outer(np.arange(8), 2 * np.arange(32) + 1) / 64)
+
+
+def perceptual_hash(im: Image.Image) -> int:
+    """A 63-bit DCT perceptual hash (8x8 low frequencies of a 32x32 luma thumbnail, DC left out)."""
+    g = np.asarray(im.convert("L").resize((32, 32), Image.BOX), np.float64)
+    coef = (_DCT32 @ g @ _DCT32.T).ravel()[1:]
+    return int.from_bytes(np.packbits(coef > np.median(coef)).tobytes(), "big")
+
+
+# Views closer than this (bits of 63) are re-drawn, so the engine's near-duplicate filter (distance
+# 4 of 64 by default) keeps every good image of the corpus.
+MIN_HASH_DISTANCE = 12
+
+
+def is_near(h: int, kept: list[int] | np.ndarray, k: int = MIN_HASH_DISTANCE) -> bool:
+    """Whether hash h lies within k bits of any kept hash."""
+    return any((h ^ x).bit_count() <= k for x in kept)
 
 
 GRAIN_TILE = 1024
@@ -312,11 +338,19 @@ class _Builder:
         self.out, self.files, self.base, self.rng = out, out / "files", base_url.rstrip("/"), rng
         self.files.mkdir(parents=True, exist_ok=True)
         self.rows: list[Row] = []
+        self.hashes: list[int] = []
         self.n = 0
 
     def photo(self, w: int, h: int, gray: bool = False) -> Image.Image:
-        """A fresh, distinct view of a random photo."""
-        return render(self.rng.choice(GRAY_PHOTOS if gray else COLOR_PHOTOS), w, h, self.rng, grain=2.0)
+        """A fresh view of a random photo, re-drawn until no earlier view is a near duplicate of it."""
+        for _ in range(50):
+            name = self.rng.choice(GRAY_PHOTOS if gray else COLOR_PHOTOS + GRAY_PHOTOS)
+            im = render(name, w, h, self.rng, grain=2.0, tint=not gray)
+            h_ = perceptual_hash(im)
+            if not is_near(h_, self.hashes):
+                break
+        self.hashes.append(h_)
+        return im
 
     def save(self, case: str, data: bytes, ext: str) -> str:
         """Write one file under files/ and return its name."""
@@ -435,7 +469,7 @@ def _add_body_cases(b: _Builder, bomb_pixels: int) -> None:
         src = b.save(f"exif{orientation}_upright", encode(upright, "PNG", compress_level=1), ".png")
         name = b.save(f"exif{orientation}", exif_rotated_jpeg(upright, orientation), ".jpg")
         b.add(f"files/{name}", "ok", f"exif_rotated_{orientation}", (900, 600), source=f"files/{src}")
-    name, wh = b.jpeg_file("png_as_jpeg")
+    wh = (800, 600)
     png_name = b.save("png_as_jpeg", encode(b.photo(*wh), "PNG", compress_level=1), ".png")
     b.add(f"files/{png_name}?type=image/jpeg", "ok", "png_served_as_jpeg", wh)
     name, wh = b.jpeg_file("octet")
@@ -476,7 +510,7 @@ def _add_caption_cases(b: _Builder, invalid_utf8: bool) -> None:
 # Shorter-side bins of LAION-aesthetics-6.5 among images with shorter side >= 512 (seed tutorial).
 LAION_BINS = ((0.61, 512, 767), (0.21, 768, 1023), (0.18, 1024, 2048))
 # Bits per pixel that give ~200 KB files below 1024 and ~1 MB above at these areas.
-LAION_BPP_SMALL, LAION_BPP_LARGE = 2.6, 3.4
+LAION_BPP_SMALL, LAION_BPP_LARGE = 2.05, 2.4
 
 
 def laion_size(rng: random.Random) -> tuple[int, int]:
@@ -493,18 +527,22 @@ def laion_size(rng: random.Random) -> tuple[int, int]:
     return (long, short) if rng.random() < 0.6 else (short, long)
 
 
-def _laion_image(args: tuple[int, int, str]) -> tuple[str, int, int, int]:
-    """Render and encode one benchmark JPEG near its byte target; runs in a worker process."""
-    index, seed, out = args
-    rng = random.Random(seed * 1_000_003 + index)
+def _laion_image(args: tuple[int, int, str, int]) -> tuple[str, int, int, int, int]:
+    """Render and encode one benchmark JPEG near its byte target; runs in a worker process.
+
+    Returns (name, width, height, bytes, perceptual hash); `attempt` > 0 draws another view."""
+    index, seed, out, attempt = args
+    rng = random.Random((seed * 1_000_003 + index) * 101 + attempt)
     w, h = laion_size(rng)
     bpp = LAION_BPP_LARGE if min(w, h) >= 1024 else LAION_BPP_SMALL
     target = bpp * w * h / 8 * rng.uniform(0.7, 1.3)
     quality, grain = rng.randint(88, 95), 3.0
-    photo, view_seed = rng.choice(COLOR_PHOTOS), rng.getrandbits(32)
+    # Mostly colour photos; gray ones come tinted (a duotone RGB JPEG, as gray JPEGs are rare).
+    photo = rng.choice(COLOR_PHOTOS) if rng.random() < 0.7 else rng.choice(GRAY_PHOTOS)
+    view_seed = rng.getrandbits(32)
     progressive = rng.random() < 0.2
     for _ in range(3):  # grain steers the size; the view stays the same between tries
-        im = render(photo, w, h, random.Random(view_seed), grain=grain)
+        im = render(photo, w, h, random.Random(view_seed), grain=grain, tint=True)
         data = encode(im, "JPEG", quality=quality, progressive=progressive)
         ratio = target / len(data)
         if 0.8 < ratio < 1.25:
@@ -512,12 +550,23 @@ def _laion_image(args: tuple[int, int, str]) -> tuple[str, int, int, int]:
         grain = min(24.0, max(0.0, grain * ratio ** 2 + (1.0 if ratio > 1 else 0.0)))
     name = f"{index:06d}.jpg"
     (Path(out) / name).write_bytes(data)
-    return name, w, h, len(data)
+    return name, w, h, len(data), perceptual_hash(im)
+
+
+def _near_pairs_later(hashes: list[int], k: int = MIN_HASH_DISTANCE) -> list[int]:
+    """Indexes whose hash lies within k bits of an earlier one (vectorised popcount)."""
+    h = np.array(hashes, np.uint64)
+    x = h[:, None] ^ h[None, :]
+    bits = np.zeros(x.shape, np.uint8)
+    for shift in range(0, 64, 8):
+        bits += np.unpackbits(((x >> np.uint64(shift)) & np.uint64(255)).astype(np.uint8)[..., None], axis=-1).sum(-1, dtype=np.uint8)
+    close = np.tril(bits <= k, -1)  # row i, column j < i
+    return [int(i) for i in np.flatnonzero(close.any(axis=1))]
 
 
 def _build_laion_rows(b: _Builder, n_images: int, seed: int, workers: int | None) -> list[tuple]:
     """Render n benchmark images (in parallel when many) and add their rows."""
-    jobs = [(i, seed, str(b.files)) for i in range(n_images)]
+    jobs = [(i, seed, str(b.files), 0) for i in range(n_images)]
     workers = workers or min(os.cpu_count() or 1, 16)
     if n_images >= 64 and workers > 1:
         # spawn: callers may hold threads (the server), and fork with threads is unsafe.
@@ -525,7 +574,14 @@ def _build_laion_rows(b: _Builder, n_images: int, seed: int, workers: int | None
             made = list(pool.map(_laion_image, jobs, chunksize=16))
     else:
         made = [_laion_image(j) for j in jobs]
-    for name, w, h, _ in made:
+    # Re-draw the later image of every near-duplicate pair (rare), so dedup keeps them all.
+    for attempt in range(1, 20):
+        redo = _near_pairs_later([m[4] for m in made])
+        if not redo:
+            break
+        for i in redo:
+            made[i] = _laion_image((i, seed, str(b.files), attempt))
+    for name, w, h, _, _ in made:
         b.rows.append(Row(f"{b.base}/files/{name}", caption(b.rng), w, h, "ok", "laion_jpeg", None,
                           scores(b.rng, (6.5, 8.0))))
     return made

@@ -279,3 +279,17 @@ def test_laion_profile_sizes(tmp_path):
         w, h = Image.open(io.BytesIO(data)).size
         assert (w, h) == (r["WIDTH"], r["HEIGHT"]) and min(w, h) >= 512 and max(w, h) / min(w, h) <= 1.8
     assert len(seen) == 6
+
+
+def test_good_images_are_not_near_duplicates_to_the_engine(served, rows):
+    """No two ok images of the corpus lie within the engine's near-duplicate reach (with margin)."""
+    from engine.dedup import hamming, phash
+
+    hashes = []
+    for r in (r for rs in rows.values() for r in rs):
+        if r["expected_outcome"] == "ok" and "/files/" in (r["URL"] or "") and r["case"] != "unicode_url":
+            path = served.parquet.parent / "files" / r["URL"].split("/files/")[1].split("?")[0]
+            with Image.open(path) as im:
+                hashes.append(phash(np.asarray(ImageOps.exif_transpose(im).convert("RGB"))))
+    assert len(hashes) >= 25
+    assert min(hamming(a, b) for i, a in enumerate(hashes) for b in hashes[:i]) > 8
