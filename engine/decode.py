@@ -130,11 +130,11 @@ def decode_jpeg(data: bytes, cfg: ImageConfig) -> Decoded:
         width, height, _, _ = tj.decode_header(data)
     except OSError as exc:
         raise Rejected(O.DECODE_ERROR, f"jpeg header: {exc}") from None
+    if width < 1 or height < 1 or not jpeg_complete(data):
+        raise Rejected(O.DECODE_ERROR, "truncated jpeg (no end-of-image marker)")
     orientation = exif_orientation(data)
     upright = (height, width) if orientation >= 5 else (width, height)
     check_size(*upright, cfg)
-    if not jpeg_complete(data):
-        raise Rejected(O.DECODE_ERROR, "truncated jpeg (no end-of-image marker)")
     try:
         rgb = tj.decode(data, pixel_format=TJPF_RGB, scaling_factor=jpeg_scale(width, height, cfg.image_size))
     except OSError:
