@@ -515,7 +515,11 @@ class DedupShard:
             inside = self._within_batch(items)
             for i, (c, (best, own)) in enumerate(zip(items, found, strict=True)):
                 for j, d in inside.get(i, ()):
-                    if j in kept_set and items[j].key != c.key:
+                    if j not in kept_set:
+                        continue
+                    if items[j].key == c.key:
+                        own = own or d == 0  # the same claim twice in one batch: kept once
+                    else:
                         best = _better(best, (_kind(c.content, c.pixels, items[j].content, items[j].pixels),
                                               items[j].key, d))
                 if own or best is None:
