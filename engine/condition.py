@@ -230,17 +230,17 @@ def remap_palette(rgb: np.ndarray, palette: np.ndarray, parallel: bool | None = 
 
 @njit(nogil=True, cache=True)
 def _luma709_q16(pixels: np.ndarray, out: np.ndarray) -> None:
-    """IM6 `-colorspace Gray`: Rec.709 luma weights on Q16 values, rounded, scaled back to 8 bits."""
+    """IM6 `-colorspace Gray` then PNG: Rec.709 luma weights on Q16 values, rounded, then truncated to 8 bits."""
     for p in range(pixels.shape[0]):
         y = 0.212656 * (pixels[p, 0] * 257.0) + 0.715158 * (pixels[p, 1] * 257.0)
         y = y + 0.072186 * (pixels[p, 2] * 257.0)
         q = min(max(int(y + 0.5), 0), 65535)
-        v = ((q + 128) - ((q + 128) >> 8)) >> 8  # IM's ScaleQuantumToChar
+        v = q // 257  # IM6's 8-bit gray PNG writer truncates (its PNM writer would round)
         out[p, 0] = out[p, 1] = out[p, 2] = v
 
 
 def grayscale(rgb: np.ndarray) -> np.ndarray:
-    """Grayscale map, equal to `convert-im6.q16 IN -colorspace Gray OUT`, as (H, W, 3) uint8."""
+    """Grayscale map, equal to `convert-im6.q16 IN -colorspace Gray OUT.png`, as (H, W, 3) uint8."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
     pixels = np.ascontiguousarray(rgb).reshape(-1, 3)
