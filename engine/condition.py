@@ -25,7 +25,7 @@ from numba import njit, prange
 Conditioner = Callable[[np.ndarray], np.ndarray]
 
 DEFAULT_PALETTE = "black,gray50,white"
-MAX_PALETTE_COLORS = 256  # IM6's default quantize colour budget; beyond it IM's tree is pruned
+MAX_PALETTE_COLORS = 256  # IM6's default -colors budget, and all a PNG palette can hold
 PARALLEL_MIN_PIXELS = 1 << 20  # below ~1 Mpixel thread start-up eats the gain (bench/remap_bench.py)
 
 # ImageMagick 6.9.11's colour table entries for the CSS/SVG colour names, first match wins as in
