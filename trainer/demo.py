@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from trainer.config import (
     CheckpointConfig,
     DataConfig,
@@ -44,7 +46,12 @@ def run_demo(shards: str, output: str, steps: int = 20, resolution: int = 64) ->
     started = time.perf_counter()
     model = build_tiny_model(output / "tiny-model")
     cond = first_condition(expand_shards(shards)[0], output / "validation-cond.png")
-    result = train(demo_config(shards, output, model, cond, steps, resolution), enable_bar=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model's ops are too small for threads to pay off
+    try:
+        result = train(demo_config(shards, output, model, cond, steps, resolution), enable_bar=False)
+    finally:
+        torch.set_num_threads(threads)
     return {
         "model": str(model),
         "controlnet": str(result.controlnet),

@@ -1,0 +1,153 @@
+"""The trainer end to end: the CLI in a real subprocess stopped by SIGINT and resumed, the output loaded by
+diffusers' pipeline, and a learning check on a task only the conditioning map can solve."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.checkpoint import list_checkpoints
+from trainer.synthetic import first_condition, write_shards
+from trainer.tiny import build_tiny_model
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(*args: str) -> list[str]:
+    """The trainer's command line, as a user types it."""
+    return [sys.executable, "-m", "trainer", *args]
+
+
+def read_log(path: Path) -> list[dict]:
+    """Records of a train_log.jsonl (none if it does not exist yet)."""
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sigint_checkpoint_resume_and_pipeline(tmp_path):
+    """Ctrl-C saves a loadable checkpoint at a step boundary; --resume latest finishes; diffusers loads it."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    write_shards(tmp_path / "shards", n_shards=2, per_shard=6, size=48, cond_mode="RGB")
+    model = build_tiny_model(tmp_path / "model")
+    cond = first_condition(tmp_path / "shards" / "00000.tar", tmp_path / "cond.png")
+    out = tmp_path / "out"
+    common = ["--shards", str(tmp_path / "shards" / "{00000..00001}.tar"), "--model", str(model),
+              "--output", str(out), "--device", "cpu", "--mixed-precision", "no", "--resolution", "32",
+              "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--optimizer", "adamw8bit",
+              "--learning-rate", "1e-4", "--checkpointing-steps", "1000", "--log-every", "1",
+              "--dataloader-num-workers", "1", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cli(*common, "--max-train-steps", "100000"), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while len(read_log(out / "train_log.jsonl")) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "--resume latest" in output
+    found = list_checkpoints(out)
+    assert len(found) == 1, output
+    step, ckpt = found[0]
+    assert step >= 2 and step == read_log(out / "train_log.jsonl")[-1]["step"]
+    assert not (out / "controlnet").exists()  # interrupted: no final export
+    ControlNetModel.from_pretrained(ckpt / "controlnet")
+    # continue two more steps from it, with validation images on disk
+    done = subprocess.run(cli(*common, "--max-train-steps", str(step + 2), "--resume", "latest",
+                              "--validation-steps", "1000", "--validation-prompt", "a photo",
+                              "--validation-image", str(cond), "--validation-inference-steps", "2",
+                              "--num-validation-images", "1"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {ckpt}" in done.stdout
+    assert [r["step"] for r in read_log(out / "train_log.jsonl")][-2:] == [step + 1, step + 2]
+    grids = sorted((out / "validation").glob("step-*_grid.png"))
+    assert [g.name for g in grids] == [f"step-{step + 2:06d}_grid.png"]
+    assert (out / "validation" / f"step-{step + 2:06d}_p0_guess.png").exists()
+    assert json.loads((out / f"checkpoint-{step + 2}" / "state.json").read_text())["config"]["max_train_steps"] \
+        == step + 2
+    # the exported ControlNet runs in diffusers' pipeline
+    controlnet = ControlNetModel.from_pretrained(out / "controlnet")
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(model, controlnet=controlnet, safety_checker=None,
+                                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo", image=torch.rand(1, 3, 32, 32), height=32, width=32, num_inference_steps=2,
+                 output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    from safetensors.torch import load_file
+
+    single = load_file(str(out / "controlnet-fp16.safetensors"))
+    assert single.keys() == controlnet.state_dict().keys()
+    assert all(v.dtype == torch.float16 for v in single.values())
+
+
+def test_learns_from_the_conditioning_map(tmp_path):
+    """Images that are a pure function of their maps: after training, the true map beats a shuffled one.
+
+    v-prediction, because at high noise its target is mostly -x_0, which only the map can tell.
+    """
+    from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from trainer.objective import controlnet_loss, encode_batch
+    from trainer.train import build_run, TrainResult
+
+    write_shards(tmp_path / "shards", n_shards=2, per_shard=16, size=32, kind="blocks", captions=False)
+    model = build_tiny_model(tmp_path / "model", prediction_type="v_prediction")
+    cfg = TrainConfig(
+        output=str(tmp_path / "out"),
+        data=DataConfig(shards=str(tmp_path / "shards" / "{00000..00001}.tar"), resolution=32, train_batch_size=8,
+                        num_workers=0, shuffle_buffer=32),
+        # the cond map reaches the UNet only through the ControlNet; the unlocked decoder (the original's
+        # sd_locked=False) lets a random, untrained UNet make use of the residuals within ~100 steps
+        model=ModelConfig(model=str(model), gradient_checkpointing=False, unlock_decoder=True),
+        optim=OptimConfig(learning_rate=3e-3, decoder_learning_rate=3e-3, optimizer="adamw",
+                          gradient_accumulation_steps=1, lr_warmup_steps=10),
+        checkpoint=CheckpointConfig(checkpointing_steps=10_000), max_train_steps=1, mixed_precision="no",
+        device="cpu", log_every=50,
+    )
+
+    def losses(run, batch) -> tuple[float, float]:
+        """Mean loss with the true maps and with maps rolled by one, over fixed noise and timesteps."""
+        g = torch.Generator().manual_seed(123)
+        true, shuffled = [], []
+        with torch.no_grad():
+            latents, text = encode_batch(run.models, batch, g)
+            for _ in range(8):
+                noise = torch.randn(latents.shape, generator=g)
+                t = torch.randint(0, 1000, (latents.shape[0],), generator=g)
+                cond = batch["conditioning_pixel_values"]
+                true.append(controlnet_loss(run.models, run.objective, latents, text, cond, noise, t).item())
+                shuffled.append(controlnet_loss(run.models, run.objective, latents, text, cond.roll(1, 0),
+                                                noise, t).item())
+        return float(np.mean(true)), float(np.mean(shuffled))
+
+    from trainer.loop import train_loop
+
+    run = build_run(cfg, TrainResult(output=tmp_path / "out", step=0), enable_bar=False)
+    batch = next(iter(run.loader))
+    before_true, before_shuffled = losses(run, batch)
+    assert before_true == pytest.approx(before_shuffled)  # zero convolutions: the map has no effect yet
+    run.cfg.max_train_steps = 120
+    train_loop(run)
+    after_true, after_shuffled = losses(run, batch)
+    assert after_true < before_true
+    assert after_true < 0.75 * after_shuffled, (before_true, after_true, after_shuffled)

@@ -1,0 +1,124 @@
+"""End-to-end runs of trainer.train on the CPU: resume is bitwise exact, retention, NaN reporting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.checkpoint import list_checkpoints
+from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, ValidationConfig
+from trainer.loop import NonFiniteLossError
+from trainer.synthetic import write_shards
+from trainer.tiny import build_tiny_model
+from trainer.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and threads crawl on a shared 2-core CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Shards with grayscale maps, and a tiny model."""
+    root = tmp_path_factory.mktemp("train")
+    write_shards(root / "shards", n_shards=3, per_shard=5, size=48, cond_mode="L")
+    return {"shards": str(root / "shards" / "{00000..00002}.tar"), "model": build_tiny_model(root / "model")}
+
+
+def config(assets, output, steps, workers=0, resume=None, optimizer="adamw", **kw) -> TrainConfig:
+    """A small fp32 CPU run; every optimizer step is 2 micro-batches of 2 samples."""
+    return TrainConfig(
+        output=str(output),
+        data=DataConfig(shards=assets["shards"], resolution=32, train_batch_size=2, num_workers=workers,
+                        shuffle_buffer=4),
+        model=ModelConfig(model=str(assets["model"]), gradient_checkpointing=kw.pop("ckpt", False),
+                          unlock_decoder=kw.pop("unlock_decoder", False)),
+        optim=OptimConfig(learning_rate=kw.pop("lr", 1e-3), optimizer=optimizer, gradient_accumulation_steps=2,
+                          lr_scheduler="cosine", lr_warmup_steps=2),
+        checkpoint=CheckpointConfig(checkpointing_steps=kw.pop("every", 3), checkpoints_total_limit=2, resume=resume),
+        validation=ValidationConfig(validation_steps=1000),
+        max_train_steps=steps, mixed_precision="no", device="cpu", log_every=1, seed=kw.pop("seed", 3),
+        **kw,
+    )
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    """The ControlNet weights saved in a diffusers folder."""
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    """Same keys, and every tensor identical bit for bit."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_is_bitwise_identical(assets, tmp_path, optimizer):
+    """2N steps in one go == N steps, stop, resume, N more (other worker count, 8-bit Adam too)."""
+    straight = train(config(assets, tmp_path / "a", 6, workers=2, optimizer=optimizer), enable_bar=False)
+    # the cosine schedule spans 6 steps in both runs, so the first leg is cut by a stop at step 3
+    first = config(assets, tmp_path / "b", 6, optimizer=optimizer)
+    first.max_train_steps = 3
+    train(first, enable_bar=False)
+    resumed = train(config(assets, tmp_path / "b", 6, resume="latest", optimizer=optimizer), enable_bar=False)
+    assert straight.step == resumed.step == 6
+    a, b = weights(tmp_path / "a" / "controlnet"), weights(tmp_path / "b" / "controlnet")
+    assert_bitwise_equal(a, b)
+    # training moved the weights: the comparison is not between two untouched initialisations
+    ckpt3 = weights(tmp_path / "b" / "checkpoint-3" / "controlnet")
+    assert any(not torch.equal(a[k], ckpt3[k]) for k in a)
+    # both runs logged the same losses for the same steps
+    la = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r["step"] for r in la] == list(range(1, 7))
+    for rec in la:
+        assert {"step", "loss", "lr", "samples_per_s"} <= rec.keys()
+    # retention: only the last two complete checkpoints remain
+    assert [s for s, _ in list_checkpoints(tmp_path / "a")] == [3, 6]
+
+
+def test_resume_with_unlocked_decoder(assets, tmp_path):
+    """With --unlock-decoder the decoder trains, is checkpointed, restored and exported as a full UNet."""
+    straight = train(config(assets, tmp_path / "a", 4, unlock_decoder=True, every=2), enable_bar=False)
+    first = config(assets, tmp_path / "b", 4, unlock_decoder=True, every=2)
+    first.max_train_steps = 2
+    train(first, enable_bar=False)
+    train(config(assets, tmp_path / "b", 4, unlock_decoder=True, every=2, resume="latest"), enable_bar=False)
+    assert straight.step == 4
+    assert (tmp_path / "a" / "checkpoint-4" / "unet_decoder.safetensors").exists()
+    ua = load_file(str(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors"))
+    ub = load_file(str(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert_bitwise_equal(ua, ub)
+    original = load_file(str(assets["model"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(ua["conv_out.weight"], original["conv_out.weight"])  # decoder trained
+    assert torch.equal(ua["conv_in.weight"], original["conv_in.weight"])  # encoder stayed locked
+
+
+def test_nonfinite_loss_is_reported_not_trained_on(assets, tmp_path):
+    """An absurd learning rate blows the loss up: the run stops with the step and advice."""
+    cfg = config(assets, tmp_path / "nan", 30, lr=1e12, every=1000)
+    cfg.optim.max_grad_norm = 0.0
+    with pytest.raises(NonFiniteLossError, match=r"--learning-rate"):
+        train(cfg, enable_bar=False)
+
+
+def test_resume_path_must_be_complete(assets, tmp_path):
+    """--resume PATH to a folder without a finished manifest is refused."""
+    (tmp_path / "x" / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train(config(assets, tmp_path / "x", 2, resume=str(tmp_path / "x" / "checkpoint-5")), enable_bar=False)
+    shutil.rmtree(tmp_path / "x")
