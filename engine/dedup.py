@@ -348,7 +348,7 @@ class HammingIndex:
 
     def __init__(self, k: int = DEFAULT_THRESHOLD, capacity: int = 1024):
         if not 0 <= k <= 14:
-            raise ValueError(f"near-duplicate distance must be within 0..14, got {k}")
+            raise ValueError(f"--near-distance must be within 0..14 (the index probes 16-bit bands), got {k}")
         self.k = k
         self.radii = band_radii(k)
         self.phash = np.zeros(capacity, np.uint64)
@@ -573,15 +573,17 @@ class DedupShard:
             return [None if best is None and not own else (*(best or (None, None, None)), own)
                     for best, own in found]
 
-    def finalize(self, decisions: list[tuple], duplicates_of: list[str]) -> list[Verdict | None]:
+    def finalize(self, decisions: list[tuple], duplicates: list[tuple[str, str]]) -> list[Verdict | None]:
         """Phase 3: per (token, keep, already_stored), store or drop the reservation.
 
         A claim the client wants to keep is stored unless a winning query beat it meanwhile; the
         verdict says which (None for claims the client already knows are duplicates).
-        `duplicates_of` are owner keys to count in the cluster stats.
+        `duplicates` are the (owner key, status) of those, for the cluster stats.
         """
         with self.lock:
-            self.clusters.update(duplicates_of)
+            for owner, status in duplicates:
+                self.clusters[owner] += 1
+                self.verdicts[status] += 1
             out: list[Verdict | None] = []
             for token, keep, stored in decisions:
                 row = self.pending.remove(token)
@@ -669,6 +671,7 @@ class DedupShard:
 
 # ------------------------------------------------------------------------------ the client
 
+_POOL_LOCK = threading.Lock()
 Call = Callable[..., list]
 """call(shard, method_name, *args) -> the method's result list (Ray: ray.get(...remote(...)))."""
 
@@ -698,8 +701,9 @@ class DedupClient:
         run = lambda c: self.call(self.shards[c[0]], c[1], *c[2])  # noqa: E731
         if not self.parallel or len(calls) <= 1:
             return {c[0]: run(c) for c in calls}
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(min(32, len(self.shards)), thread_name_prefix="dedup")
+        with _POOL_LOCK:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(min(32, len(self.shards)), thread_name_prefix="dedup")
         return dict(zip((c[0] for c in calls), self._pool.map(run, calls), strict=True))
 
     def claim(self, items: list[Claim]) -> list[Verdict]:
@@ -727,7 +731,7 @@ class DedupClient:
         calls = []
         for h, idx in by_home.items():
             decisions = [(tickets[i][0], best[i] is None or own[i], own[i]) for i in idx]
-            dups = [best[i][1] for i in idx if best[i] is not None and not own[i]]
+            dups = [(best[i][1], best[i][0]) for i in idx if best[i] is not None and not own[i]]
             calls.append((h, "finalize", (decisions, dups)))
         results = self._fan_out(calls)
         verdicts: list[Verdict | None] = [None] * len(items)

@@ -202,6 +202,8 @@ def test_three_phase_loser_learns_it_at_finalize():
     shard.reserve([(7, "z", 1, 1, h)])
     assert shard.query([(9, "a", 2, 2, h ^ 1)]) == [None]  # "a" wins against pending "z"
     assert shard.finalize([(7, True, False)], []) == [D.Verdict(D.DUPLICATE_NEAR, "a", 1)]
+    assert shard.finalize([(8, False, False)], [("a", D.DUPLICATE_EXACT)]) == [None]
+    assert shard.stats()["top_clusters"] == [("a", 2)]
     assert shard.stats()["entries"] == 0
 
 
