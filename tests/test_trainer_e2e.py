@@ -108,7 +108,7 @@ def test_learns_from_the_conditioning_map(tmp_path):
     """
     from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
     from trainer.objective import controlnet_loss, encode_batch
-    from trainer.train import build_run, TrainResult
+    from trainer.train import TrainResult, build_run
 
     write_shards(tmp_path / "shards", n_shards=2, per_shard=16, size=32, kind="blocks", captions=False)
     model = build_tiny_model(tmp_path / "model", prediction_type="v_prediction")
