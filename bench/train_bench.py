@@ -252,6 +252,13 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def save(res: dict) -> None:
+    """results.json under bench/.work/train, and a copy in $OUT where the device tool collects files."""
+    (WORK / "results.json").write_text(json.dumps(res, indent=2))
+    if os.environ.get("OUT"):
+        shutil.copy(WORK / "results.json", Path(os.environ["OUT"]) / "train_results.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or record a saved result) and update bench/RESULTS.md."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
            "bnb": bitsandbytes.__version__, "workers": args.workers}
     res["ours"] = run_ours(model, shards, args.steps, args.batch_size, args.workers)
     print(json.dumps(res["ours"]), flush=True)
+    save(res)  # the main result is safe before the peer starts
     if not args.no_peer and PEER_SCRIPT.exists():
         torch.cuda.empty_cache()
         try:
@@ -295,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - the peer must never endanger the main result
             res["peer"] = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps(res["peer"])[:3000], flush=True)
-    (WORK / "results.json").write_text(json.dumps(res, indent=2))
-    out = os.environ.get("OUT")
-    if out:
-        shutil.copy(WORK / "results.json", Path(out) / "train_results.json")
+    save(res)
     update_section("train", markdown(res))
     print(markdown(res))
     return 0
