@@ -10,6 +10,7 @@ leaves out process start-up, decoding and encoding. The Numba output is checked 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import tempfile
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=4, help="runs per figure; the fastest counts")
     parser.add_argument("--no-write", action="store_true", help="print only, leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     results = {}
     with tempfile.TemporaryDirectory(prefix="remap-bench-") as tmp:
         for spec in args.palettes:
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         [
             "## Palette remap (Mpixel/s, higher is better)",
             "",
-            f"Machine: {machine_line()}. {version}.",
+            f"Machine: {machine_line()}. {version}. Load average before/after: "
+            f"{load_before:.1f}/{os.getloadavg()[0]:.1f} (other work on the box slows every column).",
             f"Photos: {', '.join(PHOTOS)} from scikit-image, center-cropped and resized; best of "
             f"{args.repeats} runs (IM and numpy: {max(1, args.repeats // 2)}).",
             "IM6 per image = `convert IN.png -dither None -remap palette.png OUT.png`, one process per image "

@@ -8,8 +8,8 @@ deepest node reached (the root's parent is the root). Among those it takes the s
 RGB distance; ties go to the colour visited last in child order 0..7 (child id = r | g<<1 | b<<2),
 i.e. the largest Morton key. Pixels are 8-bit values scaled by 257 (Q16), which scales every
 distance by the same factor, so integer 8-bit distances give the same choice. For palettes whose
-colours sit far apart in the tree (black/gray50/white) this equals the plain nearest colour; for
-others it does not, which is why the kernel follows the tree and not a plain argmin.
+colours sit far apart in the tree (black/gray50/white) this equals the plain nearest colour (last
+on ties); for others it does not, which is why the kernel follows the tree and not a plain argmin.
 """
 
 from __future__ import annotations
@@ -97,8 +97,11 @@ def parse_palette(spec: str | Sequence) -> np.ndarray:
     items = [t for t in spec.split(",") if t.strip()] if isinstance(spec, str) else list(spec)
     if not items:
         raise ValueError("empty palette: give at least one colour, e.g. --palette black,gray50,white")
-    rows = [parse_color(c) if isinstance(c, str) else tuple(int(v) for v in c) for c in items]
-    palette = np.asarray(rows, dtype=np.int64)
+    try:
+        rows = [parse_color(c) if isinstance(c, str) else tuple(int(v) for v in c) for c in items]
+        palette = np.asarray(rows, dtype=np.int64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"palette entries must be colour names, #RRGGBB or RGB triples: {err}") from None
     if palette.ndim != 2 or palette.shape[1] != 3 or palette.min() < 0 or palette.max() > 255:
         raise ValueError(f"palette entries must be RGB triples of 0..255, got {items!r}")
     return _check_palette(palette.astype(np.uint8))
@@ -121,7 +124,7 @@ def is_grayscale_palette(palette: str | Sequence | np.ndarray) -> bool:
 
 
 def morton_key(color: Sequence[int]) -> int:
-    """Position of a colour in IM's octree walk: R, G, B bits interleaved from the top bit down."""
+    """Position of a colour in IM's octree walk: per level from the top bit, child id b<<2 | g<<1 | r."""
     r, g, b = (int(c) for c in color)
     key = 0
     for bit in range(7, -1, -1):
@@ -209,11 +212,12 @@ _PARALLEL_LOCK = threading.Lock()
 def remap_palette(rgb: np.ndarray, palette: np.ndarray, parallel: bool | None = None) -> np.ndarray:
     """Each pixel of an (H, W, 3) uint8 image replaced by its palette colour, as IM6 -remap does.
 
-    `parallel=None` uses all Numba threads for images of PARALLEL_MIN_PIXELS or more.
+    `palette` is a parse_palette() array (a spec string is parsed too). `parallel=None` uses all
+    Numba threads for images of PARALLEL_MIN_PIXELS or more.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
-    pal = tree_order(palette)
+    pal = tree_order(palette if isinstance(palette, np.ndarray) else parse_palette(palette))
     pixels = np.ascontiguousarray(rgb).reshape(-1, 3)
     out = np.empty_like(pixels)
     if parallel is None:
