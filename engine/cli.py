@@ -60,7 +60,7 @@ def shards_parser(sub) -> None:
     _opt(g, "--max-pwatermark", type=float, help="drop rows with pwatermark above this")
     _opt(g, "--min-aesthetic", type=float, help="drop rows with AESTHETIC_SCORE below this")
     _opt(g, "--min-similarity", type=float, help="drop rows with CLIP similarity below this")
-    _opt(g, "--min-colorfulness", type=float, help="drop near-grayscale images (try 5)")
+    _opt(g, "--min-colorfulness", type=float, help="drop near-grayscale images (try 3; gray is 0, dull colour photos ~5-15)")
     _opt(g, "--drop-empty-captions", action="store_true", help="drop images whose cleaned caption is empty")
     g = p.add_argument_group("dedup")
     _opt(g, "--no-dedup", action="store_true", help="keep duplicates")

@@ -101,8 +101,9 @@ class DedupConfig:
 
     enabled: bool = True
     """Keep each image once: exact (bytes, pixels) and near (perceptual hash) duplicates are dropped."""
-    near_distance: int = 4
-    """Largest Hamming distance between perceptual hashes that still counts as the same image."""
+    near_distance: int = 8
+    """Largest Hamming distance between 64-bit perceptual hashes that still counts as the same image
+    (chosen from bench/dedup_bench.py's labelled set: see bench/RESULTS.md)."""
     index_shards: int = 4
     """Index actors that hold the hashes; more serve more workers at once."""
 
@@ -143,6 +144,10 @@ class EngineConfig:
             raise ValueError("--shard-size must be within 1..10,000,000")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if not 0 <= self.dedup.near_distance <= 16:
+            raise ValueError("--near-distance must be within 0..16 (0 keeps exact duplicates out only)")
+        if self.dedup.index_shards < 1:
+            raise ValueError("--index-shards must be at least 1")
         if self.runner not in ("ray", "local"):
             raise ValueError("--runner must be 'ray' or 'local'")
 

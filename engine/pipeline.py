@@ -54,7 +54,8 @@ class LocalRunner:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.index = [D.DedupShard() for _ in range(cfg.dedup.index_shards)] if cfg.dedup.enabled else []
+        self.index = [D.DedupShard(cfg.dedup.near_distance) for _ in range(cfg.dedup.index_shards)] \
+            if cfg.dedup.enabled else []
 
     def __enter__(self):
         return self
@@ -89,7 +90,7 @@ class RayRunner:
         else:
             self.owns_ray = False
         self.progress_actor = ray.remote(_Counter).options(num_cpus=0).remote()
-        self.index = [ray.remote(D.DedupShard).options(num_cpus=0).remote()
+        self.index = [ray.remote(D.DedupShard).options(num_cpus=0).remote(self.cfg.dedup.near_distance)
                       for _ in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
         return self
 

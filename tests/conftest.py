@@ -37,3 +37,15 @@ def astronaut() -> np.ndarray:
 @pytest.fixture(scope="session")
 def coffee() -> np.ndarray:
     return photo("coffee")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The small sample corpus (good photos in every format plus one row per bad case), served on
+    127.0.0.1 for the whole session."""
+    from bench.corpus import CorpusServer, build_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    with CorpusServer(root) as server:
+        server.parquet = build_corpus(root, server.base_url, n_images=16, seed=1)
+        yield server

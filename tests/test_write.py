@@ -35,8 +35,9 @@ def test_tar_is_whole_or_absent_and_reads_back(tmp_path, astronaut):
 
 def test_gray_maps_are_stored_with_one_channel():
     gray = np.dstack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     assert Image.open(io.BytesIO(encode_png(gray))).mode == "L"
     gray[0, 0, 2] = 1
