@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-INPUT ?= laion.parquet
+CORPUS_DIR ?= sample-corpus
+CORPUS_PORT ?= 8765
+INPUT ?= $(CORPUS_DIR)/corpus.parquet
 OUTPUT ?= shards
 ENGINE_ARGS ?=
 SHARDS ?= $(OUTPUT)/{00000..00000}.tar
@@ -19,7 +21,7 @@ TRAIN_ARGS ?=
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps lint test test-quick demo shards train bench bench-engine bench-remap bench-dedup bench-train clean
+.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards train bench bench-engine bench-remap bench-dedup bench-train clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -49,7 +51,16 @@ test-quick: setup  ## the fast unit tests only
 demo: setup  ## the whole path offline: loopback image server -> shards -> short CPU training of a tiny model
 	$(PY) -m bench.demo --output $(DEMO_OUT)
 
-shards: setup  ## make shards INPUT=laion.parquet OUTPUT=shards/ [ENGINE_ARGS='--workers 16']
+corpus: setup  ## build the sample corpus and serve it on 127.0.0.1:$(CORPUS_PORT) in the background
+	$(PY) -m bench.corpus build --out $(CORPUS_DIR) --port $(CORPUS_PORT)
+	@$(MAKE) --no-print-directory corpus-stop >/dev/null 2>&1 || true
+	nohup $(PY) -m bench.corpus serve --dir $(CORPUS_DIR) --port $(CORPUS_PORT) >$(CORPUS_DIR)/server.log 2>&1 & echo $$! >$(CORPUS_DIR)/server.pid
+	@sleep 2; echo "serving $(CORPUS_DIR) on http://127.0.0.1:$(CORPUS_PORT) (make corpus-stop ends it); now: make shards"
+
+corpus-stop:  ## stop the sample corpus server
+	@test -f $(CORPUS_DIR)/server.pid && kill $$(cat $(CORPUS_DIR)/server.pid) && rm -f $(CORPUS_DIR)/server.pid || true
+
+shards: setup  ## make shards INPUT=laion.parquet OUTPUT=shards/ [ENGINE_ARGS='--workers 16'] (default INPUT: the sample corpus)
 	$(PY) -m engine shards $(INPUT) --output $(OUTPUT) $(ENGINE_ARGS)
 
 train: setup  ## make train SHARDS=PATTERN MODEL=... OUTPUT=... [TRAIN_ARGS=...]

@@ -201,3 +201,22 @@ def test_cli_help_and_bad_flags():
     res = subprocess.run([sys.executable, "-m", "engine", "shards", "x.parquet", "--output", "o",
                           "--image-size", "500"], capture_output=True, text=True)
     assert res.returncode == 2 and "--image-size" in res.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(corpus, local_run, tmp_path):
+    """SIGINT (Ctrl-C) midway: exit 130 promptly, no temporary files, complete shards kept."""
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(engine_cmd(corpus.parquet, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(out.glob("*.stats.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "rerun the same command" in err
+    assert not list(out.glob("*.tmp"))
+    rerun = subprocess.run(engine_cmd(corpus.parquet, out), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    check_run(out, corpus.parquet)
+    assert set(read_samples(out)) == set(read_samples(local_run))
