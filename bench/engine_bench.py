@@ -1,0 +1,345 @@
+"""Engine vs img2dataset on the same URL list from the loopback corpus server.
+
+Builds (once, cached in bench/.work) a laion-profile corpus, serves it on 127.0.0.1, warms the
+page cache, then runs img2dataset (installed by this bench into bench/.peers/img2dataset-venv)
+and our engine one after the other with the same worker processes, downloads in flight, output
+size and crop (shorter side to 512, center crop 512x512, JPEG quality 95). Wall time is the
+whole command (process and Ray start included), as a user sees it. Figures go to the "engine"
+section of bench/RESULTS.md, one row per machine (earlier machines' rows are kept).
+
+    python -m bench.engine_bench [--n 2000] [--workers N] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench import corpus
+from bench.results import RESULTS, machine_line, update_section
+
+HERE = Path(__file__).parent
+WORK = HERE / ".work"
+PEER_VENV = HERE / ".peers" / "img2dataset-venv"
+IMG2DATASET_SPEC = "img2dataset==1.47.0"  # the version these figures were taken with
+EXTRA_COLUMNS = ["similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE"]
+SECTION = "engine"
+
+
+@dataclass
+class ToolRun:
+    """One timed run of one tool."""
+
+    tool: str
+    seconds: float
+    ok: int
+    rows: int
+    outcomes: dict = field(default_factory=dict)
+    load: float = 0.0  # 1-minute load average when the run started: other work on the box skews figures
+
+    @property
+    def images_per_s(self) -> float:
+        """Successful images per wall-clock second."""
+        return self.ok / self.seconds
+
+
+# ------------------------------------------------------------------------------------ corpus
+
+
+def cached_corpus(n: int, seed: int, rebuild: bool = False) -> Path:
+    """The laion-profile corpus folder for (n, seed), built on first use."""
+    folder = WORK / f"corpus-laion-{n}-s{seed}"
+    done = folder / "BUILT"
+    if rebuild and folder.exists():
+        shutil.rmtree(folder)
+    if not done.exists():
+        t = time.perf_counter()
+        print(f"building {n} images into {folder} ...", flush=True)
+        # The URLs are rewritten for each run's port (see url_list), so any base works here.
+        corpus.build_corpus(folder, "http://127.0.0.1:0", n_images=n, profile="laion", seed=seed)
+        done.write_text(f"{time.perf_counter() - t:.1f} s\n")
+        print(f"built in {time.perf_counter() - t:.0f} s", flush=True)
+    return folder
+
+
+def url_list(folder: Path, base_url: str, out: Path) -> Path:
+    """The corpus parquet with its URLs pointed at this run's server."""
+    table = pq.read_table(folder / "corpus.parquet")
+    urls = [base_url + "/" + u.split("/", 3)[3] for u in table.column("URL").to_pylist()]
+    table = table.set_column(table.column_names.index("URL"), "URL", pa.array(urls, pa.string()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    return out
+
+
+def corpus_facts(folder: Path) -> dict:
+    """Shorter-side split and mean file sizes of the corpus, for the results table."""
+    table = pq.read_table(folder / "corpus.parquet", columns=["URL", "WIDTH", "HEIGHT"]).to_pydict()
+    short = np.minimum(table["WIDTH"], table["HEIGHT"])
+    size = np.array([(folder / "files" / u.rsplit("/", 1)[1]).stat().st_size for u in table["URL"]])
+    small, large = short < 1024, short >= 1024
+    return {
+        "n": len(short),
+        "split": [round(float(np.mean(m)), 3) for m in (short < 768, small & (short >= 768), large)],
+        "kb_small": round(float(size[small].mean()) / 1e3) if small.any() else 0,
+        "kb_large": round(float(size[large].mean()) / 1e3) if large.any() else 0,
+        "mb_total": round(float(size.sum()) / 1e6),
+    }
+
+
+def warm_page_cache(folder: Path) -> None:
+    """Read every file once, so neither tool pays for the disk."""
+    for f in (folder / "files").iterdir():
+        f.read_bytes()
+
+
+# ------------------------------------------------------------------------------------ peers
+
+
+def ensure_img2dataset(python: str | None, wheels: Path | None) -> list[str]:
+    """The command prefix that runs img2dataset; creates its venv on first use.
+
+    With `python`, that interpreter is used as is (it must import img2dataset). With `wheels`, the
+    venv is filled offline from that folder (for machines without a package index).
+    """
+    if python:
+        return [python, "-c", "from img2dataset.main import main; main()"]
+    py = PEER_VENV / "bin" / "python"
+    if not (PEER_VENV / "bin" / "img2dataset").exists():
+        print(f"installing {IMG2DATASET_SPEC} into {PEER_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        offline = ["--no-index", "--find-links", str(wheels)] if wheels else []
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *offline, IMG2DATASET_SPEC], check=True)
+    return [str(py), "-c", "from img2dataset.main import main; main()"]
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
+    """Run a command to completion, output to a log file; wall seconds. Raises on failure."""
+    t = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{cmd[0]} exited {proc.returncode}; log {log}:\n{tail}")
+    return seconds
+
+
+def run_img2dataset(prefix: list[str], urls: Path, out: Path, a: argparse.Namespace) -> ToolRun:
+    """img2dataset with the engine's settings; successes from its per-shard stats."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = prefix + [
+        "--url_list", str(urls), "--input_format", "parquet", "--url_col", "URL", "--caption_col", "TEXT",
+        "--output_format", "webdataset", "--output_folder", str(out),
+        "--processes_count", str(a.workers), "--thread_count", str(a.concurrency),
+        "--number_sample_per_shard", str(a.shard_size),
+        "--image_size", str(a.image_size), "--resize_mode", "center_crop", "--resize_only_if_bigger", "True",
+        "--min_image_size", "512", "--max_aspect_ratio", "2", "--encode_format", "jpg", "--encode_quality", "95",
+        "--timeout", "10", "--retries", "2", "--save_additional_columns", json.dumps(EXTRA_COLUMNS),
+        "--enable_wandb", "False", "--distributor", "multiprocessing",
+    ]
+    env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true")
+    load = os.getloadavg()[0]
+    seconds = timed(cmd, out.with_suffix(".log"), env)
+    ok = rows = 0
+    failures: dict[str, int] = {}
+    for f in out.glob("*_stats.json"):
+        s = json.loads(f.read_text())
+        ok, rows = ok + s["successes"], rows + s["count"]
+        for reason, n in s.get("status_dict", {}).items():
+            if reason != "success":
+                failures[reason[:60]] = failures.get(reason[:60], 0) + n
+    return ToolRun("img2dataset", seconds, ok, rows, {"ok": ok, **failures}, load)
+
+
+def run_engine(urls: Path, out: Path, a: argparse.Namespace) -> ToolRun:
+    """Our engine, same settings; successes from its stats.json."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "engine", "shards", str(urls), "--output", str(out),
+           "--workers", str(a.workers), "--concurrency", str(a.concurrency), "--shard-size", str(a.shard_size),
+           "--image-size", str(a.image_size), "--min-image-size", "512", "--max-aspect-ratio", "2",
+           "--timeout", "10", "--retries", "2", "--no-progress", *a.engine_args]
+    load = os.getloadavg()[0]
+    seconds = timed(cmd, out.with_suffix(".log"))
+    stats = json.loads((out / "stats.json").read_text())
+    return ToolRun("engine", seconds, stats["outcomes"].get("ok", 0), stats["rows"], stats["outcomes"], load)
+
+
+def check_output(out: Path, size: int) -> str:
+    """The first sample's files in the first tar, and the crop's size (both tools must match)."""
+    from PIL import Image
+
+    tar = sorted(out.glob("*.tar"))[0]
+    with tarfile.open(tar) as t:
+        members = t.getmembers()
+        jpg = next(m for m in members if m.name.endswith(".jpg"))
+        w, h = Image.open(t.extractfile(jpg)).size
+        key = jpg.name[: -len(".jpg")]
+        exts = sorted(m.name[len(key):] for m in members if m.name.startswith(key + "."))
+    if (w, h) != (size, size):
+        raise RuntimeError(f"{tar}: {jpg.name} is {w}x{h}, not {size}x{size}")
+    return f"{' '.join(exts)} ({w}x{h})"
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def load_records() -> dict:
+    """Earlier records (one per machine), from the hidden data line of our section."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    start = text.find(f"<!-- BEGIN {SECTION} -->")
+    marker = "<!-- data: "
+    i = text.find(marker, start) if start >= 0 else -1
+    if i < 0:
+        return {}
+    return json.loads(text[i + len(marker) : text.index(" -->", i)])
+
+
+def render(records: dict) -> str:
+    """The section's markdown: one row per machine, then the notes."""
+    lines = [
+        "## Engine vs img2dataset (`make bench-engine`)",
+        "",
+        "Same URL list from the loopback corpus server (laion profile), run one after the other on the same",
+        "machine; both crop the shorter side to 512 and center-crop 512x512 (JPEG q95), same worker",
+        "processes and downloads in flight. Our engine also writes the palette conditioning map and runs",
+        "exact + near dedup. Wall time is the whole command (interpreter and Ray start included).",
+        "",
+        "| machine | images | workers | img2dataset s | img2dataset img/s | engine s | engine img/s |"
+        " img/s per worker (i2d / engine) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records.values():
+        i2d, eng = r["img2dataset"], r["engine"]
+        lines.append(
+            f"| {r['machine']} | {eng['ok']}/{eng['rows']} (i2d {i2d['ok']}) | {r['workers']} | {i2d['seconds']:.1f} "
+            f"| {i2d['ok'] / i2d['seconds']:.1f} | {eng['seconds']:.1f} | {eng['ok'] / eng['seconds']:.1f} "
+            f"| {i2d['ok'] / i2d['seconds'] / r['workers']:.1f} / {eng['ok'] / eng['seconds'] / r['workers']:.1f} "
+            f"| **{r['ratio']:.2f}x** |"
+        )
+    lines.append("")
+    for r in records.values():
+        c = r["corpus"]
+        lines.append(
+            f"- {r['machine']}: {r['date']}, img2dataset {r['img2dataset_version']}, corpus {c['n']} JPEGs "
+            f"({c['mb_total']} MB; shorter side 512-767/768-1023/>=1024: "
+            f"{' / '.join(f'{x:.0%}' for x in c['split'])}; mean {c['kb_small']} KB below 1024, "
+            f"{c['kb_large']} KB above), shard size {r['shard_size']}, concurrency {r['concurrency']}"
+            f"{', ' + r['note'] if r.get('note') else ''}; load average at start "
+            f"{r['img2dataset'].get('load', 0):.1f} (img2dataset) / {r['engine'].get('load', 0):.1f} (engine); "
+            f"engine outcomes {r['engine']['outcomes']}."
+        )
+    lines.append("")
+    lines.append(f"<!-- data: {json.dumps(records, sort_keys=True)} -->")
+    return "\n".join(lines)
+
+
+def record(a: argparse.Namespace, facts: dict, i2d: ToolRun, eng: ToolRun, version: str) -> dict:
+    """One machine's record for the results section."""
+    return {
+        "machine": a.machine or machine_line(), "date": time.strftime("%Y-%m-%d"), "workers": a.workers,
+        "concurrency": a.concurrency, "shard_size": a.shard_size, "corpus": facts,
+        "img2dataset": asdict(i2d), "engine": asdict(eng), "img2dataset_version": version,
+        "ratio": eng.images_per_s / i2d.images_per_s, "note": a.note,
+    }
+
+
+def save(rec: dict) -> None:
+    """Merge one record (keyed by machine) into the section."""
+    records = load_records()
+    records[rec["machine"]] = rec
+    update_section(SECTION, render(records))
+
+
+def peer_version(prefix: list[str]) -> str:
+    """img2dataset's installed version."""
+    code = "import importlib.metadata as m; print(m.version('img2dataset'))"
+    return subprocess.run([prefix[0], "-c", code], capture_output=True, text=True).stdout.strip() or "?"
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    cores = os.cpu_count() or 1
+    ap = argparse.ArgumentParser(prog="python -m bench.engine_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=2000, help="images in the corpus")
+    ap.add_argument("--seed", type=int, default=0, help="corpus seed")
+    ap.add_argument("--workers", type=int, default=cores, help="worker processes for both tools (default: cores)")
+    ap.add_argument("--concurrency", type=int, default=64, help="downloads in flight per worker (img2dataset thread_count)")
+    ap.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: n / (4 x workers), at least 50)")
+    ap.add_argument("--image-size", type=int, default=512, help="output crop side")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each tool; the fastest counts")
+    ap.add_argument("--only", choices=("both", "img2dataset", "engine"), default="both", help="run one tool only (no results written)")
+    ap.add_argument("--img2dataset-python", default=None, help="an interpreter that already imports img2dataset (skips the venv)")
+    ap.add_argument("--peer-wheels", type=Path, default=None, help="install img2dataset offline from this wheel folder")
+    ap.add_argument("--engine-args", nargs=argparse.REMAINDER, default=[], help="extra engine flags (last)")
+    ap.add_argument("--machine", default=None, help="machine label for the results (default: bench.results.machine_line())")
+    ap.add_argument("--note", default="", help="free note for this machine's results line")
+    ap.add_argument("--json-out", type=Path, default=None, help="also write this run's record here")
+    ap.add_argument("--add-record", type=Path, default=None, help="merge a record written by --json-out elsewhere; run nothing")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the cached corpus")
+    a = ap.parse_args(argv)
+    a.shard_size = a.shard_size or max(50, a.n // (4 * a.workers))
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build, serve, run both tools, record."""
+    a = parse_args(argv)
+    if a.add_record:
+        rec = json.loads(a.add_record.read_text())
+        save(rec)
+        print(f"merged the record of {rec['machine']} into {RESULTS}")
+        return
+    folder = cached_corpus(a.n, a.seed, a.rebuild)
+    facts = corpus_facts(folder)
+    prefix = ensure_img2dataset(a.img2dataset_python, a.peer_wheels) if a.only != "engine" else []
+    warm_page_cache(folder)
+    runs: dict[str, list[ToolRun]] = {"img2dataset": [], "engine": []}
+    with corpus.CorpusServer(folder) as srv:
+        urls = url_list(folder, srv.base_url, WORK / "run" / "urls.parquet")
+        print(f"{facts['n']} images, {facts['mb_total']} MB, served at {srv.base_url}; "
+              f"{a.workers} workers, {a.concurrency} in flight each, shards of {a.shard_size}", flush=True)
+        for _ in range(a.repeat):
+            if a.only in ("both", "img2dataset"):
+                r = run_img2dataset(prefix, urls, WORK / "run" / "img2dataset", a)
+                print(f"img2dataset: {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s "
+                      f"[{check_output(WORK / 'run' / 'img2dataset', a.image_size)}] {r.outcomes}", flush=True)
+                runs["img2dataset"].append(r)
+            if a.only in ("both", "engine"):
+                r = run_engine(urls, WORK / "run" / "engine", a)
+                print(f"engine:      {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s "
+                      f"[{check_output(WORK / 'run' / 'engine', a.image_size)}] {r.outcomes}", flush=True)
+                runs["engine"].append(r)
+    if a.only != "both":
+        return
+    i2d = max(runs["img2dataset"], key=lambda r: r.images_per_s)
+    eng = max(runs["engine"], key=lambda r: r.images_per_s)
+    rec = record(a, facts, i2d, eng, peer_version(prefix))
+    print(f"ratio engine / img2dataset: {rec['ratio']:.2f}x "
+          f"({eng.images_per_s / a.workers:.1f} vs {i2d.images_per_s / a.workers:.1f} img/s per worker)")
+    if a.json_out:
+        a.json_out.write_text(json.dumps(rec, indent=1))
+    save(rec)
+    print(f"results: {RESULTS} (section {SECTION})")
+
+
+if __name__ == "__main__":
+    main()
