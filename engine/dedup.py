@@ -258,6 +258,15 @@ def ball_size(kb: int, r: int) -> int:
     return sum(math.comb(kb, i) for i in range(min(r, kb) + 1))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _count_within(sh, lo, hi, q, uk):
+    """How many of sh[lo:hi] lie within uk of q (no early exit, so LLVM vectorises it)."""
+    c = 0
+    for p in range(lo, hi):
+        c += _popcount(sh[p] ^ q) <= uk
+    return c
+
+
 @njit(nogil=True, cache=True)
 def _search_kernel(queries, k, hashes, n_static, n_total, starts, widths, kbits, radii, offsets, ids, sorted_h,
                    scratch, out):
@@ -283,7 +292,10 @@ def _search_kernel(queries, k, hashes, n_static, n_total, starts, widths, kbits,
                 m = _ball(_bucket_of(q, starts[j], widths[j], kbits[j]), kbits[j], radii[j], scratch)
                 for t in range(m):
                     b = scratch[t]
-                    for p in range(off[b], off[b + 1]):
+                    lo, hi = off[b], off[b + 1]
+                    if _count_within(sh, lo, hi, q, uk) == 0:
+                        continue  # the usual case, decided by a branch-free (SIMD) loop
+                    for p in range(lo, hi):
                         d = _popcount(sh[p] ^ q)
                         if d <= uk:
                             if n < cap:
@@ -343,7 +355,7 @@ class HammingIndex:
 
     Entries are appended to flat numpy arrays. Four band tables (entry ids sorted by bucket, CSR
     style) cover the entries up to `n_static`; newer ones are scanned directly until there are
-    enough of them to rebuild the tables (cost amortised to a few microseconds per insert).
+    enough of them to rebuild the tables at the next search (amortised to microseconds per insert).
     """
 
     def __init__(self, k: int = DEFAULT_THRESHOLD, capacity: int = 1024):
@@ -375,8 +387,6 @@ class HammingIndex:
         s = slice(self.n, self.n + m)
         self.phash[s], self.content[s], self.pixels[s], self.keys[s] = phash, content, pixels, enc
         first, self.n = self.n, self.n + m
-        if self.n - self.n_static > self._delta_limit():
-            self.rebuild()
         return first
 
     def _reserve(self, need: int) -> None:
@@ -411,6 +421,8 @@ class HammingIndex:
 
     def search(self, queries: np.ndarray) -> np.ndarray:
         """Rows (query index, entry id, distance) of every stored hash within k, each pair once."""
+        if self.n - self.n_static > self._delta_limit():
+            self.rebuild()  # here rather than in add: a bulk load sorts once, at its first search
         scratch = np.empty(ball_size(int(self.kbits.max()), int(self.radii.max())), np.int64)
         hits = _collect(_search_kernel, np.ascontiguousarray(queries, np.uint64), self.k, self.phash,
                         self.n_static, self.n, _STARTS, _WIDTHS, self.kbits, self.radii, self.offsets, self.ids,
@@ -436,7 +448,12 @@ class _Pending:
         self.tokens: list[int] = []
         self.rows: list[list] = []  # [key, content, pixels, phash, beaten_by (status, key, dist) | None, t]
         self.where: dict[int, int] = {}
-        self.phash = np.zeros(0, np.uint64)
+        self.hashes = np.zeros(64, np.uint64)  # phash of row i at i; capacity doubles
+
+    @property
+    def phash(self) -> np.ndarray:
+        """The pending claims' perceptual hashes, in row order."""
+        return self.hashes[: len(self.tokens)]
 
     def add(self, token: int, key: str, content: int, pixels: int, ph: int) -> None:
         """Reserve one claim (a second reserve of the same token replaces the first)."""
@@ -444,7 +461,9 @@ class _Pending:
         self.where[token] = len(self.tokens)
         self.tokens.append(token)
         self.rows.append([key, content, pixels, ph, None, time.monotonic()])
-        self.phash = np.append(self.phash, np.uint64(ph))
+        if len(self.tokens) > len(self.hashes):
+            self.hashes = np.concatenate([self.hashes, np.zeros_like(self.hashes)])
+        self.hashes[len(self.tokens) - 1] = ph
 
     def remove(self, token: int) -> list | None:
         """Drop a reservation (swap with the last one); returns its row."""
@@ -454,16 +473,17 @@ class _Pending:
         row, last = self.rows[i], len(self.tokens) - 1
         if i != last:
             self.tokens[i], self.rows[i] = self.tokens[last], self.rows[last]
-            self.phash[i] = self.phash[last]
+            self.hashes[i] = self.hashes[last]
             self.where[self.tokens[i]] = i
         self.tokens.pop()
         self.rows.pop()
-        self.phash = self.phash[:last]
         return row
 
     def expire(self, ttl: float) -> int:
         """Forget reservations older than ttl seconds (their client died between phases)."""
         now = time.monotonic()
+        if not self.rows or now - min(row[5] for row in self.rows) <= ttl:
+            return 0
         old = [t for t, row in zip(self.tokens, self.rows, strict=True) if now - row[5] > ttl]
         for t in old:
             self.remove(t)
@@ -548,7 +568,6 @@ class DedupShard:
         items = list(items)
         with self.lock:
             self._insert(items)
-            self.index.rebuild()
         return len(items)
 
     # -- three-phase path (DedupClient with several shards) -----------------------------------
@@ -585,6 +604,7 @@ class DedupShard:
                 self.clusters[owner] += 1
                 self.verdicts[status] += 1
             out: list[Verdict | None] = []
+            kept: list[Claim] = []
             for token, keep, stored in decisions:
                 row = self.pending.remove(token)
                 if not keep:
@@ -599,9 +619,10 @@ class DedupShard:
                     self.clusters[row[4][1]] += 1
                     out.append(Verdict(*row[4]))
                 else:
-                    self._insert([Claim(*row[:4])])
+                    kept.append(Claim(*row[:4]))
                     out.append(Verdict(NEW))
                 self.verdicts[out[-1].status] += 1
+            self._insert(kept)
             return out
 
     # -- shared helpers ------------------------------------------------------------------------
@@ -628,7 +649,7 @@ class DedupShard:
                 out[qi][0] = _better(out[qi][0], (_kind(c.content, c.pixels, content, pixels), owner, d))
         pend = self.pending
         if pend.tokens:
-            for qi, i, d in scan(q, self.k, pend.phash[: len(pend.tokens)]).tolist():
+            for qi, i, d in scan(q, self.k, pend.phash).tolist():
                 c, row, token = claims[qi], pend.rows[i], pend.tokens[i]
                 key, content, pixels, _, beaten, _ = row
                 if key == c.key or (self.exact_only and c.content != content and c.pixels != pixels):
