@@ -359,8 +359,8 @@ class HammingIndex:
     """
 
     def __init__(self, k: int = DEFAULT_THRESHOLD, capacity: int = 1024):
-        if not 0 <= k <= 14:
-            raise ValueError(f"--near-distance must be within 0..14 (the index probes 16-bit bands), got {k}")
+        if not 0 <= k <= 16:
+            raise ValueError(f"--near-distance must be within 0..16, got {k}")
         self.k = k
         self.radii = band_radii(k)
         self.phash = np.zeros(capacity, np.uint64)
