@@ -65,7 +65,7 @@ def build_sd15(folder: Path) -> Path:
                  "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT))}
     for name, model in parts.items():
         model.half().save_pretrained(folder / name, variant="fp16")
-    DDPMScheduler(**SD15_SCHEDULER).save_pretrained(folder / "scheduler")
+    DDPMScheduler.from_config(SD15_SCHEDULER).save_pretrained(folder / "scheduler")  # tolerates DDIM-only keys
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
