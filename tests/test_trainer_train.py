@@ -10,7 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.checkpoint import list_checkpoints
-from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, ValidationConfig
+from trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    ValidationConfig,
+)
 from trainer.loop import NonFiniteLossError
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_model

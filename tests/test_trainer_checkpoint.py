@@ -1,0 +1,141 @@
+"""trainer.checkpoint: atomic folders, exact round trips without pickle, truncated folders never resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainer.checkpoint import (
+    TrainState,
+    flatten,
+    is_complete,
+    list_checkpoints,
+    load_checkpoint,
+    prune,
+    resolve_resume,
+    save_checkpoint,
+    unflatten,
+)
+
+pytestmark = pytest.mark.quick
+
+
+class Net(torch.nn.Module):
+    """A stand-in for the ControlNet with diffusers' save_pretrained signature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(70, 80), torch.nn.Linear(80, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x).relu())
+
+    def save_pretrained(self, folder, safe_serialization=True):
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
+                  str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def trained(optimizer_name: str, steps: int = 3, seed: int = 0):
+    """A net, its optimizer and scaler after a few steps."""
+    torch.manual_seed(seed)
+    net = Net()
+    if optimizer_name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(net.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2**31 - 1)
+    for _ in range(steps):
+        loss = net(torch.randn(16, 70)).pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    return net, opt, scaler
+
+
+def step(net, opt, seed: int) -> None:
+    """One more optimizer step on fixed data."""
+    g = torch.Generator().manual_seed(seed)
+    net(torch.randn(16, 70, generator=g)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_flatten_round_trip():
+    """Nested dicts with int keys, tuples, tensors and scalars survive the JSON + tensors split."""
+    obj = {"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(4)}, 7: {"q": {"x": torch.ones(2, 2)}}},
+           "groups": [{"betas": (0.9, 0.99), "lr": 1e-3, "name": None, "params": [0, 7]}]}
+    tensors: dict = {}
+    skeleton = flatten(obj, tensors)
+    back = unflatten(json.loads(json.dumps(skeleton)), tensors)
+    assert back["groups"][0]["betas"] == (0.9, 0.99) and back["groups"][0]["params"] == [0, 7]
+    assert set(back["state"]) == {0, 7}
+    assert torch.equal(back["state"][7]["q"]["x"], obj["state"][7]["q"]["x"])
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "adamw8bit"])
+def test_save_load_continues_exactly(tmp_path, optimizer_name):
+    """Weights, optimizer (8-bit states too), scaler, RNG and counters: the next step is bit-identical."""
+    net, opt, scaler = trained(optimizer_name)
+    gen = torch.Generator().manual_seed(5)
+    gen_draw = torch.randn(3, generator=torch.Generator().manual_seed(5))
+    state = TrainState(step=3, batches=6, epoch=1, offset=2, failed_samples=1)
+    path = save_checkpoint(tmp_path, state, net, opt, scaler, gen, {"seed": 0})
+    assert path.name == "checkpoint-3" and is_complete(path)
+    step(net, opt, 1)
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    net2, opt2, scaler2 = trained(optimizer_name, steps=1, seed=9)  # other weights and state
+    gen2 = torch.Generator().manual_seed(99)
+    got = load_checkpoint(path, net2, opt2, scaler2, gen2)
+    assert (got.step, got.batches, got.epoch, got.offset, got.failed_samples) == (3, 6, 1, 2, 1)
+    assert torch.equal(torch.randn(3, generator=gen2), gen_draw)
+    step(net2, opt2, 1)
+    for k, v in net2.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    assert scaler2.state_dict() == scaler.state_dict()
+
+
+def test_truncated_checkpoint_is_never_latest(tmp_path):
+    """A newer folder with a truncated file, a missing manifest, or a leftover temp folder is skipped."""
+    net, opt, scaler = trained("adamw")
+    gen = torch.Generator()
+    for s in (1, 2, 3):
+        save_checkpoint(tmp_path, TrainState(step=s), net, opt, scaler, gen, {})
+    weights = tmp_path / "checkpoint-3" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    (tmp_path / "checkpoint-9").mkdir()  # no manifest at all
+    (tmp_path / ".tmp-checkpoint-10").mkdir()  # a save that crashed before its rename
+    assert resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-2"
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]
+    with pytest.raises(FileNotFoundError):
+        resolve_resume(str(tmp_path / "checkpoint-3"), tmp_path)
+    assert resolve_resume("latest", tmp_path / "nothing-here") is None
+    assert resolve_resume(None, tmp_path) is None
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    """Retention removes the oldest complete checkpoints and stale temp folders, nothing else."""
+    net, opt, scaler = trained("adamw", steps=1)
+    for s in (5, 10, 15, 20):
+        save_checkpoint(tmp_path, TrainState(step=s), net, opt, scaler, torch.Generator(), {})
+    (tmp_path / ".tmp-checkpoint-25").mkdir()
+    (tmp_path / "notes").mkdir()
+    prune(tmp_path, 2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [15, 20]
+    assert not (tmp_path / ".tmp-checkpoint-25").exists() and (tmp_path / "notes").exists()
+
+
+def test_nothing_is_pickled(tmp_path):
+    """The checkpoint holds only safetensors and JSON files."""
+    net, opt, scaler = trained("adamw8bit", steps=1)
+    path = save_checkpoint(tmp_path, TrainState(step=1), net, opt, scaler, torch.Generator(), {"a": 1})
+    suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+    assert suffixes == {".json", ".safetensors"}

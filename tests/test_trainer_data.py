@@ -1,0 +1,155 @@
+"""trainer.data: shards from webdataset's TarWriter (the engine's sample format) become batches."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.config import DataConfig
+from trainer.data import Position, ShardStream, build_loader, expand_shards
+from trainer.synthetic import write_shards
+from trainer.tiny import build_tiny_tokenizer
+
+pytestmark = pytest.mark.quick
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """The tiny offline CLIP tokenizer."""
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Three shards of five 48 px samples with grayscale (mode L) maps."""
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(root, n_shards=3, per_shard=5, size=48, cond_mode="L")
+    return str(root / "{00000..00002}.tar")
+
+
+def cfg(shards, **kw) -> DataConfig:
+    """A small data config."""
+    return DataConfig(**{"shards": shards, "resolution": 32, "train_batch_size": 2, "num_workers": 0,
+                         "shuffle_buffer": 4, "proportion_empty_prompts": 0.0, **kw})
+
+
+def take(loader, n: int) -> list[dict]:
+    """The first n batches of a loader."""
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_expand_shards():
+    """Brace ranges, lists joined by ::, and pipe: URLs pass through."""
+    assert expand_shards("s/{00000..00002}.tar") == ["s/00000.tar", "s/00001.tar", "s/00002.tar"]
+    assert expand_shards("a.tar::b/{1,2}.tar") == ["a.tar", "b/1.tar", "b/2.tar"]
+    assert expand_shards("pipe:cat x.tar") == ["pipe:cat x.tar"]
+    with pytest.raises(ValueError, match="--shards"):
+        expand_shards("")
+
+
+def test_batch_layout(shards, tokenizer):
+    """Pixels in [-1, 1], grayscale maps become 3 channels in [0, 1], token ids padded to 77."""
+    (batch,) = take(build_loader(cfg(shards), tokenizer, 0, Position(), False), 1)
+    px, cond, ids = batch["pixel_values"], batch["conditioning_pixel_values"], batch["input_ids"]
+    assert px.shape == (2, 3, 32, 32) and px.dtype == torch.float32
+    assert -1.0 <= px.min() < 0 < px.max() <= 1.0
+    assert cond.shape == (2, 3, 32, 32) and 0.0 <= cond.min() and cond.max() <= 1.0
+    assert torch.equal(cond[:, 0], cond[:, 1])  # the L map replicated into RGB
+    assert set((cond * 255).round().unique().tolist()) <= {0.0, 128.0, 255.0}  # NEAREST keeps palette values
+    assert ids.shape == (2, 77) and ids[0, 0] == tokenizer.bos_token_id
+    assert batch["position"].tolist() == [1, 0, 2]
+
+
+def test_stream_is_the_same_for_any_worker_count(shards, tokenizer):
+    """0, 1 and 2 workers deliver identical batches in identical order, across an epoch boundary."""
+    runs = [take(build_loader(cfg(shards, num_workers=w), tokenizer, 5, Position(), False), 10) for w in (0, 1, 2)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a["pixel_values"], b["pixel_values"])
+            assert torch.equal(a["input_ids"], b["input_ids"])
+    epochs = [b["position"][1].item() for b in runs[0]]
+    assert epochs[0] == 0 and epochs[-1] >= 1  # 15 samples an epoch, 20 taken
+
+
+def test_epochs_are_reshuffled(shards, tokenizer):
+    """Epoch 1 visits the samples in another order than epoch 0, and the seed changes the order."""
+    batches = take(build_loader(cfg(shards, train_batch_size=5), tokenizer, 0, Position(), False), 6)
+    e0 = torch.cat([b["pixel_values"] for b in batches[:3]])
+    e1 = torch.cat([b["pixel_values"] for b in batches[3:]])
+    assert not torch.equal(e0, e1)
+    assert torch.allclose(e0.sum(), e1.sum(), rtol=1e-4)  # same samples, other order
+    other_seed = take(build_loader(cfg(shards, train_batch_size=5), tokenizer, 1, Position(), False), 1)
+    assert not torch.equal(batches[0]["pixel_values"], other_seed[0]["pixel_values"])
+
+
+def test_resume_position_continues_the_stream(shards, tokenizer):
+    """Starting at a recorded position yields exactly the batches that followed it."""
+    full = take(build_loader(cfg(shards, num_workers=2), tokenizer, 0, Position(), False), 12)
+    b, e, o = full[6]["position"].tolist()
+    rest = take(build_loader(cfg(shards, num_workers=1), tokenizer, 0, Position(b, e, o), False), 5)
+    for a, r in zip(full[7:], rest, strict=True):
+        assert torch.equal(a["pixel_values"], r["pixel_values"])
+        assert a["position"].tolist() == r["position"].tolist()
+
+
+def test_caption_drop_rate(shards, tokenizer):
+    """proportion_empty_prompts=0.5 drops about half of the captions to the empty prompt."""
+    stream = ShardStream(cfg(shards, proportion_empty_prompts=0.5, train_batch_size=5), tokenizer, 0)
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    ids = torch.cat([b["input_ids"] for b in itertools.islice(iter(stream), 40)])
+    share = (ids == empty).all(dim=1).float().mean().item()
+    assert 0.35 < share < 0.65
+
+
+def test_bad_samples_are_counted_and_skipped(tmp_path, tokenizer):
+    """A corrupt JPEG and a sample without a map are replaced and counted; the run goes on."""
+    write_shards(tmp_path, n_shards=1, per_shard=6, size=40)
+    src = tarfile.open(tmp_path / "00000.tar")
+    members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(tmp_path / "00001.tar", "w") as dst:
+        for m, data in members:
+            if m.name == "0000000002.jpg":
+                data = b"\xff\xd8 not a jpeg"
+            if m.name == "0000000004.cond.png":
+                continue
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    batches = take(build_loader(cfg(str(tmp_path / "00001.tar"), train_batch_size=3, shuffle_buffer=1),
+                                tokenizer, 0, Position(), False), 4)
+    assert sum(int(b["failed"]) for b in batches[:2]) == 2
+    assert all(b["pixel_values"].shape[0] == 3 for b in batches)
+
+
+def test_pipe_urls(shards, tokenizer):
+    """`pipe:cat ...` shards stream like local files."""
+    first = shards.replace("{00000..00002}", "00000")
+    a = take(build_loader(cfg(first), tokenizer, 0, Position(), False), 2)
+    b = take(build_loader(cfg(f"pipe:cat {first}"), tokenizer, 0, Position(), False), 2)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["pixel_values"], y["pixel_values"])
+
+
+def test_no_readable_samples_is_an_error(tmp_path, tokenizer):
+    """An empty shard set fails loudly instead of spinning forever."""
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    with pytest.raises(RuntimeError, match="no readable samples"):
+        take(build_loader(cfg(str(tmp_path / "empty.tar")), tokenizer, 0, Position(), False), 1)
+
+
+def test_resize_crop_keeps_the_center():
+    """Non-square images: shorter side to the resolution, then a center crop."""
+    from trainer.data import resize_crop
+
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, 30:50] = 255
+    out = resize_crop(Image.fromarray(img), 20, Image.NEAREST)
+    assert out.shape == (20, 20, 3)
+    assert out[:, 5:15].min() == 255 and out[:, :3].max() == 0
