@@ -76,21 +76,28 @@ def build_sd15(folder: Path) -> Path:
 
 
 class GpuMemoryPoller:
-    """Peak GPU memory in use on the card (nvidia-smi, every 0.5 s): comparable across processes."""
+    """Peak GPU memory in use on the card and mean utilisation (nvidia-smi, every 0.5 s), for any process."""
 
     def __init__(self) -> None:
-        self.peak_mib, self._stop = 0, threading.Event()
+        self.peak_mib, self.util, self._stop = 0, [], threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
-                self.peak_mib = max(self.peak_mib, int(out.split()[0]))
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,utilization.gpu",
+                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5).stdout
+                used, util = (int(x) for x in out.split(",")[:2])
+                self.peak_mib = max(self.peak_mib, used)
+                if used > 2048:  # only while a model is on the card
+                    self.util.append(util)
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                 pass
             self._stop.wait(0.5)
+
+    def mean_util(self) -> float | None:
+        """Mean GPU utilisation (%) over the samples taken while a model was loaded."""
+        return round(sum(self.util) / len(self.util), 1) if self.util else None
 
     def __enter__(self) -> GpuMemoryPoller:
         self._thread.start()
@@ -109,8 +116,11 @@ def steady_rate(records: list[dict], batch: int, skip: int) -> float:
     return (rs[-1]["step"] - rs[0]["step"]) * batch / (rs[-1]["time"] - rs[0]["time"])
 
 
-def run_ours(model: Path, shards: str, steps: int, batch: int, workers: int) -> dict:
+def run_ours(model: Path, shards: str, steps: int, batch: int, workers: int, ckpt: bool = True,
+             ckpt_unet: bool = True, validate: bool = True, skip: int = 50) -> dict:
     """Train with trainer.train in this process; return throughput and memory."""
+    import gc
+
     import torch
 
     from trainer.config import (
@@ -130,13 +140,17 @@ def run_ours(model: Path, shards: str, steps: int, batch: int, workers: int) -> 
     cfg = TrainConfig(
         output=str(out),
         data=DataConfig(shards=shards, resolution=512, train_batch_size=batch, num_workers=workers),
-        model=ModelConfig(model=str(model), variant="fp16", gradient_checkpointing=True),
+        model=ModelConfig(model=str(model), variant="fp16", gradient_checkpointing=ckpt,
+                          gradient_checkpointing_unet=ckpt_unet),
         optim=OptimConfig(learning_rate=1e-5, optimizer="adamw8bit", gradient_accumulation_steps=1),
         checkpoint=CheckpointConfig(checkpointing_steps=10**6),
-        validation=ValidationConfig(validation_steps=10**6, validation_prompt=["a photo"], validation_image=[str(cond)],
+        validation=ValidationConfig(validation_steps=10**6, validation_prompt=["a photo"] if validate else [],
+                                    validation_image=[str(cond)] if validate else [],
                                     num_validation_images=1, num_inference_steps=20),
-        max_train_steps=steps, mixed_precision="fp16", device="cuda", log_every=25, seed=0,
+        max_train_steps=steps, mixed_precision="fp16", device="cuda", log_every=10, seed=0,
     )
+    gc.collect()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with GpuMemoryPoller() as poll:
@@ -144,16 +158,34 @@ def run_ours(model: Path, shards: str, steps: int, batch: int, workers: int) -> 
     wall = time.perf_counter() - t0
     records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     return {
-        "steps": result.step, "batch": batch, "wall_s": round(wall, 1),
-        "samples_per_s": round(steady_rate(records, batch, skip=50), 2),
+        "steps": result.step, "batch": batch, "wall_s": round(wall, 1), "ckpt": ckpt, "ckpt_unet": ckpt_unet,
+        "samples_per_s": round(steady_rate(records, batch, skip=skip), 2),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "peak_nvidia_smi_gib": round(poll.peak_mib / 1024, 2),
+        "peak_nvidia_smi_gib": round(poll.peak_mib / 1024, 2), "gpu_util_pct": poll.mean_util(),
         "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
         "loss_scale": records[-1]["loss_scale"], "failed_samples": records[-1]["failed_samples"],
         "validation_grid": str(result.validation_grids[-1]) if result.validation_grids else None,
         "checkpoint": str(result.checkpoints[-1]) if result.checkpoints else None,
     }
+
+
+SWEEP = [  # (batch, steps, checkpoint ControlNet, checkpoint UNet)
+    (1, 80, True, True), (4, 80, True, True), (8, 80, True, False), (8, 80, False, False),
+    (16, 60, True, True), (32, 40, True, True),
+]
+
+
+def run_sweep(model: Path, shards: str, workers: int) -> list[dict]:
+    """Throughput and peak memory over batch sizes and checkpointing choices (no validation)."""
+    rows = []
+    for batch, steps, ckpt, ckpt_unet in SWEEP:
+        try:
+            rows.append(run_ours(model, shards, steps, batch, workers, ckpt, ckpt_unet, validate=False, skip=20))
+        except Exception as e:  # noqa: BLE001 - one failing size (say, out of memory) must not lose the rest
+            rows.append({"batch": batch, "ckpt": ckpt, "ckpt_unet": ckpt_unet, "error": f"{type(e).__name__}: {e}"})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def peer_dataset(shards: str, folder: Path) -> Path:
@@ -217,6 +249,24 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
+def sweep_markdown(rows: list[dict] | None) -> list[str]:
+    """Table lines for the batch-size / checkpointing sweep."""
+    if not rows:
+        return []
+    out = ["", "Our trainer by batch size and gradient checkpointing (same card; 40-80 steps each, the first 20 "
+           "excluded; fp16 + 8-bit AdamW):", "",
+           "| batch | checkpointing | samples/s | peak allocated (torch) | peak reserved (torch) | peak nvidia-smi "
+           "| mean GPU utilisation |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        what = "ControlNet + UNet" if r["ckpt"] and r["ckpt_unet"] else "ControlNet only" if r["ckpt"] else "off"
+        if "error" in r:
+            out.append(f"| {r['batch']} | {what} | failed: {r['error'][:80]} | | | | |")
+        else:
+            out.append(f"| {r['batch']} | {what} | {r['samples_per_s']} | {r['peak_allocated_gib']} GiB | "
+                       f"{r['peak_reserved_gib']} GiB | {r['peak_nvidia_smi_gib']} GiB | {r.get('gpu_util_pct')}% |")
+    return out
+
+
 def markdown(res: dict) -> str:
     """The RESULTS.md section for a benchmark result dict."""
     ours, peer = res["ours"], res.get("peer")
@@ -246,6 +296,7 @@ def markdown(res: dict) -> str:
         lines += ["", f"Peer run failed: `{peer['error'].strip().splitlines()[-1][:200]}`"]
     else:
         lines += ["", "Peer (diffusers' train_controlnet.py) not run this time."]
+    lines += sweep_markdown(res.get("sweep"))
     lines += ["", f"Wall time of our run including model load, a final checkpoint and validation: {ours['wall_s']} s; "
               f"first/last logged loss {ours['first_loss']:.4f} / {ours['last_loss']:.4f}, "
               f"final fp16 loss scale {ours['loss_scale']:.0f}, failed samples {ours['failed_samples']}."]
@@ -269,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-steps", type=int, default=150)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--peer-timeout", type=float, default=300)
+    p.add_argument("--sweep", action="store_true", help="also sweep batch sizes and checkpointing choices")
     p.add_argument("--record", type=Path, default=None, help="write RESULTS.md from a saved results.json")
     args = p.parse_args(argv)
     from bench.results import update_section
@@ -293,16 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setup {time.perf_counter() - t0:.1f}s", flush=True)
     res = {"gpu": gpu_name(), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "bnb": bitsandbytes.__version__, "workers": args.workers}
-    res["ours"] = run_ours(model, shards, args.steps, args.batch_size, args.workers)
-    print(json.dumps(res["ours"]), flush=True)
-    save(res)  # the main result is safe before the peer starts
-    if not args.no_peer and PEER_SCRIPT.exists():
+    if args.steps:
+        res["ours"] = run_ours(model, shards, args.steps, args.batch_size, args.workers)
+        print(json.dumps(res["ours"]), flush=True)
+        save(res)  # the main result is safe before the peer starts
+    if args.steps and not args.no_peer and PEER_SCRIPT.exists():
         torch.cuda.empty_cache()
         try:
             res["peer"] = run_peer(model, shards, args.peer_steps, args.batch_size, args.workers, args.peer_timeout)
         except Exception as e:  # noqa: BLE001 - the peer must never endanger the main result
             res["peer"] = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps(res["peer"])[:3000], flush=True)
+        save(res)
+    if args.sweep:
+        res["sweep"] = run_sweep(model, shards, args.workers)
     save(res)
     update_section("train", markdown(res))
     print(markdown(res))

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="existing ControlNet to continue training (default: initialise from the UNet)")
     g.add_argument("--gradient-checkpointing", dest="model.gradient_checkpointing",
                    action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--gradient-checkpointing-unet", dest="model.gradient_checkpointing_unet",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="with --gradient-checkpointing, also recompute the frozen UNet (less memory, slower)")
     g.add_argument("--unlock-decoder", dest="model.unlock_decoder", action="store_true",
                    help="also train the UNet's decoder half (the original's sd_locked=False)")
     g.add_argument("--only-mid-control", dest="model.only_mid_control", action="store_true",

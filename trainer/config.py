@@ -60,7 +60,9 @@ class ModelConfig:
     controlnet: str | None = None
     """An existing ControlNet (folder or hub id) to continue training; default: initialise from the UNet."""
     gradient_checkpointing: bool = True
-    """Recompute activations in backward (ControlNet and UNet) to trade ~30% compute for memory."""
+    """Recompute the ControlNet's activations in backward: compute traded for memory."""
+    gradient_checkpointing_unet: bool = True
+    """With --gradient-checkpointing, recompute the frozen UNet's too (gradients flow through it)."""
     unlock_decoder: bool = False
     """Train the UNet's decoder half too (the original ControlNet's sd_locked=False)."""
     only_mid_control: bool = False

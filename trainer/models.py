@@ -80,9 +80,10 @@ def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype
     for m in (models.unet, models.vae, models.controlnet):
         m.set_attn_processor(AttnProcessor2_0())
     if cfg.gradient_checkpointing:
-        # the frozen UNet is checkpointed too: gradients flow through it to the residuals
         models.controlnet.enable_gradient_checkpointing()
-        models.unet.enable_gradient_checkpointing()
+        if cfg.gradient_checkpointing_unet:
+            # the frozen UNet keeps activations too: gradients flow through it back to the residuals
+            models.unet.enable_gradient_checkpointing()
 
 
 def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
