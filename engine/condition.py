@@ -26,7 +26,9 @@ Conditioner = Callable[[np.ndarray], np.ndarray]
 
 DEFAULT_PALETTE = "black,gray50,white"
 MAX_PALETTE_COLORS = 256  # IM6's default -colors budget, and all a PNG palette can hold
-PARALLEL_MIN_PIXELS = 1 << 20  # below ~1 Mpixel thread start-up eats the gain (bench/remap_bench.py)
+# Below ~4 Mpixel (2048x2048) one thread takes < 20 ms, and waking the others can cost a scheduler
+# tick (4 ms) when the box is busy: bench/remap_bench.py. Shard workers (512 crops) stay serial.
+PARALLEL_MIN_PIXELS = 1 << 22
 
 # ImageMagick 6.9.11's colour table entries for the CSS/SVG colour names, first match wins as in
 # IM (so "gray" is IM's 7e7e7e and "grey" X11's bebebe, unlike CSS). grayNN/greyNN are computed.

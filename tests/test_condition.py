@@ -167,10 +167,15 @@ def test_remap_non_contiguous_and_threads():
     palette = parse_palette(NON_GRAY)
     expected = remap_palette(np.ascontiguousarray(rgb[::2, ::-1]), palette)
     assert np.array_equal(remap_palette(rgb[::2, ::-1], palette), expected)
-    big = np.tile(rgb, (2, 3, 1))  # 1.5 Mpixel: over the parallel threshold
+    big = np.tile(rgb, (2, 2, 1))
     want = remap_palette(big, palette, parallel=False)
-    results: list[np.ndarray] = []
-    threads = [threading.Thread(target=lambda: results.append(remap_palette(big, palette))) for _ in range(4)]
+    assert np.array_equal(remap_palette(big, palette, parallel=True), want)
+    results: list[np.ndarray] = []  # racing parallel calls: one runs threaded, the others serially
+
+    def work() -> None:
+        results.append(remap_palette(big, palette, parallel=True))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
