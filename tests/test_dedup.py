@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from engine import dedup as D
 
@@ -123,6 +123,26 @@ def test_phash_handles_tiny_huge_and_gray_images(astronaut):
     assert isinstance(D.phash(tiny), int)
     with pytest.raises(ValueError):
         D.phash(astronaut[..., 0])
+
+
+def placeholder(w: int, h: int, fmt: str) -> bytes:
+    """A host's "image removed" picture, drawn at the size the host serves it."""
+    im = Image.new("RGB", (w, h), (230, 230, 230))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((w * 0.4, h * 0.25, w * 0.6, h * 0.5), outline=(150, 150, 150), width=max(1, h // 100))
+    draw.text((w * 0.2, h * 0.6), "This image is no longer available", fill=(120, 120, 120),
+              font=ImageFont.load_default(size=max(10, h // 12)))
+    return encode(im, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+
+
+@pytest.mark.quick
+def test_placeholders_at_any_size_are_one_cluster():
+    shard = D.DedupShard()
+    bodies = [placeholder(1024, 768, "JPEG"), placeholder(640, 480, "JPEG"), placeholder(500, 375, "PNG")]
+    bodies.append(bodies[0])  # the same file behind another URL
+    out = shard.claim([D.Claim(f"k{i}", *D.image_hashes(b, decoded(b))) for i, b in enumerate(bodies)])
+    assert [v.status for v in out] == [D.NEW, D.DUPLICATE_NEAR, D.DUPLICATE_NEAR, D.DUPLICATE_EXACT]
+    assert shard.stats()["top_clusters"] == [("k0", 3)]
 
 
 # ------------------------------------------------------------------------------------ index
