@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             "as users run it; IM6 -remap only = the same on a PPM into `null:` minus reading it, so no "
             "start-up, decoding or encoding; IM uses all its OpenMP threads, so the ratios (one Numba "
             "thread against them) are conservative. numpy = whole-palette argmin (not IM-exact for every "
-            "palette). Shard workers call the remap on one thread per 512 crop; threads only pay from "
-            "about 2048x2048 and only on idle cores.",
+            "palette). Threads pay only while cores are idle (on a busy box waking them can cost a 4 ms "
+            "scheduler tick), so remap_palette goes parallel from 4 Mpixel and shard workers stay serial.",
             "",
             table(results),
         ]

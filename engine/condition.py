@@ -26,8 +26,8 @@ Conditioner = Callable[[np.ndarray], np.ndarray]
 
 DEFAULT_PALETTE = "black,gray50,white"
 MAX_PALETTE_COLORS = 256  # IM6's default -colors budget, and all a PNG palette can hold
-# Below ~4 Mpixel (2048x2048) one thread takes < 20 ms, and waking the others can cost a scheduler
-# tick (4 ms) when the box is busy: bench/remap_bench.py. Shard workers (512 crops) stay serial.
+# Threads pay only on idle cores: on a busy box waking them can cost a 4 ms scheduler tick, more
+# than one thread needs for 1024x1024 (bench/remap_bench.py). Shard workers (512 crops) stay serial.
 PARALLEL_MIN_PIXELS = 1 << 22
 
 # ImageMagick 6.9.11's colour table entries for the CSS/SVG colour names, first match wins as in
