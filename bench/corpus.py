@@ -22,6 +22,7 @@ import io
 import math
 import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -67,8 +68,14 @@ def load_photo(name: str) -> Image.Image:
 
 def render(photo: str, width: int, height: int, rng: random.Random, grain: float = 0.0,
            tint: bool = False) -> Image.Image:
+    """A width x height view of a photo (see `view`) with film grain."""
+    im = view(photo, width, height, rng, tint)
+    return add_grain(im, grain, rng) if grain > 0 else im
+
+
+def view(photo: str, width: int, height: int, rng: random.Random, tint: bool = False) -> Image.Image:
     """A width x height view of a photo: one of 8 rotations/flips, a random crop window (40-100% of
-    the largest one), tone jitter, resize, grain. `tint` turns a gray photo into a duotone RGB one."""
+    the largest one), tone jitter, resize. `tint` turns a gray photo into a duotone RGB one."""
     src = load_photo(photo)
     if tint and src.mode == "L":
         dark = tuple(rng.randint(0, 70) for _ in range(3))
@@ -83,23 +90,27 @@ def render(photo: str, width: int, height: int, rng: random.Random, grain: float
     x0, y0 = rng.randint(0, sw - cw), rng.randint(0, sh - ch)
     im = src.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.BICUBIC)
     gain, bias = rng.uniform(0.9, 1.1), rng.uniform(-8, 8)
-    im = im.point([min(255, max(0, round(v * gain + bias))) for v in range(256)] * len(im.getbands()))
-    return add_grain(im, grain, rng) if grain > 0 else im
+    return im.point([min(255, max(0, round(v * gain + bias))) for v in range(256)] * len(im.getbands()))
 
 
 _DCT32 = np.cos(np.pi * np.outer(np.arange(8), 2 * np.arange(32) + 1) / 64)
 
 
 def perceptual_hash(im: Image.Image) -> int:
-    """A 63-bit DCT perceptual hash (8x8 low frequencies of a 32x32 luma thumbnail, DC left out)."""
-    g = np.asarray(im.convert("L").resize((32, 32), Image.BOX), np.float64)
-    coef = (_DCT32 @ g @ _DCT32.T).ravel()[1:]
-    return int.from_bytes(np.packbits(coef > np.median(coef)).tobytes(), "big")
+    """The engine's 64-bit pHash when it imports (what its dedup compares), else a numpy twin:
+    8x8 low DCT frequencies of a 32x32 luma thumbnail, DC left out."""
+    try:
+        from engine.dedup import phash
+    except ImportError:
+        g = np.asarray(im.convert("L").resize((32, 32), Image.BOX), np.float64)
+        coef = (_DCT32 @ g @ _DCT32.T).ravel()[1:]
+        return int.from_bytes(np.packbits(coef > np.median(coef)).tobytes(), "big")
+    return phash(np.asarray(im.convert("RGB")))
 
 
-# Views closer than this (bits of 63) are re-drawn, so the engine's near-duplicate filter (distance
-# 4 of 64 by default) keeps every good image of the corpus.
-MIN_HASH_DISTANCE = 12
+# Views closer than this (bits of 64) are re-drawn, so the engine's near-duplicate filter (distance
+# 4 by default) keeps every good image of the corpus.
+MIN_HASH_DISTANCE = 10
 
 
 def is_near(h: int, kept: list[int] | np.ndarray, k: int = MIN_HASH_DISTANCE) -> bool:
@@ -539,10 +550,10 @@ def _laion_image(args: tuple[int, int, str, int]) -> tuple[str, int, int, int, i
     quality, grain = rng.randint(88, 95), 3.0
     # Mostly colour photos; gray ones come tinted (a duotone RGB JPEG, as gray JPEGs are rare).
     photo = rng.choice(COLOR_PHOTOS) if rng.random() < 0.7 else rng.choice(GRAY_PHOTOS)
-    view_seed = rng.getrandbits(32)
-    progressive = rng.random() < 0.2
+    base = view(photo, w, h, rng, tint=True)
+    progressive, grain_seed = rng.random() < 0.2, rng.getrandbits(32)
     for _ in range(3):  # grain steers the size; the view stays the same between tries
-        im = render(photo, w, h, random.Random(view_seed), grain=grain, tint=True)
+        im = add_grain(base, grain, random.Random(grain_seed)) if grain > 0 else base
         data = encode(im, "JPEG", quality=quality, progressive=progressive)
         ratio = target / len(data)
         if 0.8 < ratio < 1.25:
@@ -550,18 +561,26 @@ def _laion_image(args: tuple[int, int, str, int]) -> tuple[str, int, int, int, i
         grain = min(24.0, max(0.0, grain * ratio ** 2 + (1.0 if ratio > 1 else 0.0)))
     name = f"{index:06d}.jpg"
     (Path(out) / name).write_bytes(data)
-    return name, w, h, len(data), perceptual_hash(im)
+    return name, w, h, len(data), perceptual_hash(base)
 
 
-def _near_pairs_later(hashes: list[int], k: int = MIN_HASH_DISTANCE) -> list[int]:
-    """Indexes whose hash lies within k bits of an earlier one (vectorised popcount)."""
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _near_pairs_later(hashes: list[int], k: int = MIN_HASH_DISTANCE, block: int = 512) -> list[int]:
+    """Indexes whose hash lies within k bits of an earlier one (blocked, table popcount)."""
     h = np.array(hashes, np.uint64)
-    x = h[:, None] ^ h[None, :]
-    bits = np.zeros(x.shape, np.uint8)
-    for shift in range(0, 64, 8):
-        bits += np.unpackbits(((x >> np.uint64(shift)) & np.uint64(255)).astype(np.uint8)[..., None], axis=-1).sum(-1, dtype=np.uint8)
-    close = np.tril(bits <= k, -1)  # row i, column j < i
-    return [int(i) for i in np.flatnonzero(close.any(axis=1))]
+    later = []
+    for start in range(0, len(h), block):
+        q = h[start : start + block]
+        x = q[:, None] ^ h[None, : start + len(q)]
+        if hasattr(np, "bitwise_count"):  # numpy >= 2
+            near = np.bitwise_count(x) <= k
+        else:
+            near = _POPCOUNT8[x.view(np.uint8).reshape(len(q), -1, 8)].sum(-1, dtype=np.uint8) <= k
+        near &= np.arange(start + len(q))[None, :] < np.arange(start, start + len(q))[:, None]
+        later += [start + int(i) for i in np.flatnonzero(near.any(axis=1))]
+    return later
 
 
 def _build_laion_rows(b: _Builder, n_images: int, seed: int, workers: int | None) -> list[tuple]:
@@ -870,9 +889,11 @@ class CorpusServer:
     requests per path (a test can see retries). Stops within about a second, drips included.
     """
 
-    def __init__(self, corpus_dir: str | Path | None = None, port: int = 0, host: str = "127.0.0.1"):
+    def __init__(self, corpus_dir: str | Path | None = None, port: int = 0, host: str = "127.0.0.1",
+                 reuse_port: bool = False):
         self.root = Path(corpus_dir) if corpus_dir is not None else Path(".")
         self.host, self.port = host, port
+        self.reuse_port = reuse_port  # several server processes on one port (the benchmark's pool)
         self.parquet: Path | None = None  # set by serve_and_build
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -924,7 +945,8 @@ class CorpusServer:
         # shutdown_timeout: how long stop() lets handlers finish before cancelling them.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
+                           reuse_port=self.reuse_port or None)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
 
@@ -966,9 +988,10 @@ def summary(parquet: Path) -> str:
     return f"{table.num_rows} rows: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
-def _serve_forever(directory: Path, port: int) -> None:
-    """Serve until Ctrl-C."""
-    with CorpusServer(directory, port=port) as srv:
+def _serve_forever(directory: Path, port: int, reuse_port: bool = False) -> None:
+    """Serve until Ctrl-C (or SIGTERM)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with CorpusServer(directory, port=port, reuse_port=reuse_port) as srv:
         print(f"serving {directory} at {srv.base_url} (Ctrl-C stops)", flush=True)
         try:
             threading.Event().wait()
@@ -990,6 +1013,7 @@ def main(argv: list[str] | None = None) -> None:
     sp = sub.add_parser("serve", help="serve a built corpus folder until Ctrl-C")
     sp.add_argument("--dir", required=True, type=Path, help="corpus folder (holding files/)")
     sp.add_argument("--port", type=int, default=8765, help="port to listen on (127.0.0.1)")
+    sp.add_argument("--reuse-port", action="store_true", help="share the port with other server processes (SO_REUSEPORT)")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         n = args.n if args.n is not None else (2000 if args.profile == "laion" else 40)
@@ -998,7 +1022,7 @@ def main(argv: list[str] | None = None) -> None:
                             seed=args.seed, bad_cases=bad)
         print(f"{path}: {summary(path)}")
     else:
-        _serve_forever(args.dir, args.port)
+        _serve_forever(args.dir, args.port, args.reuse_port)
 
 
 if __name__ == "__main__":

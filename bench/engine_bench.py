@@ -60,7 +60,7 @@ class ToolRun:
 
 def cached_corpus(n: int, seed: int, rebuild: bool = False) -> Path:
     """The laion-profile corpus folder for (n, seed), built on first use."""
-    folder = WORK / f"corpus-laion-{n}-s{seed}"
+    folder = WORK / f"corpus-laion-v2-{n}-s{seed}"  # v2: bump when corpus.py's generator changes
     done = folder / "BUILT"
     if rebuild and folder.exists():
         shutil.rmtree(folder)
@@ -103,6 +103,74 @@ def warm_page_cache(folder: Path) -> None:
     """Read every file once, so neither tool pays for the disk."""
     for f in (folder / "files").iterdir():
         f.read_bytes()
+
+
+class ServerPool:
+    """The corpus server in this process plus `processes - 1` more on the same port (SO_REUSEPORT),
+    so that serving never limits what the tools can fetch on many cores."""
+
+    def __init__(self, folder: Path, processes: int):
+        self.folder, self.processes = folder, processes
+        self.main: corpus.CorpusServer | None = None
+        self.others: list[subprocess.Popen] = []
+
+    def __enter__(self) -> ServerPool:
+        self.main = corpus.CorpusServer(self.folder, reuse_port=self.processes > 1).start()
+        for _ in range(self.processes - 1):
+            p = subprocess.Popen([sys.executable, "-m", "bench.corpus", "serve", "--dir", str(self.folder),
+                                  "--port", str(self.main.port), "--reuse-port"], stdout=subprocess.PIPE, text=True)
+            self.others.append(p)
+            if not p.stdout.readline().startswith("serving"):  # printed once listening
+                self.__exit__()
+                raise RuntimeError("a corpus server process failed to start")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        """http://127.0.0.1:PORT"""
+        return self.main.base_url
+
+    def __exit__(self, *exc) -> None:
+        for p in self.others:
+            p.terminate()
+        for p in self.others:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.main.stop()
+
+
+def _probe_slice(args: tuple[list[str], int]) -> tuple[int, float, float]:
+    """Fetch URLs (bodies read and dropped) at a given concurrency; (count, start, end) wall clock."""
+    import asyncio
+
+    import aiohttp
+
+    urls, concurrency = args
+
+    async def go() -> int:
+        sem = asyncio.Semaphore(concurrency)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+            async def one(u: str) -> int:
+                async with sem, s.get(u) as r:
+                    return len(await r.read())
+            return sum(1 for n in await asyncio.gather(*map(one, urls)) if n)
+
+    start = time.time()
+    n = asyncio.run(go())
+    return n, start, time.time()
+
+
+def probe_server(urls: list[str], processes: int, concurrency: int = 32) -> float:
+    """Images/s the server pool delivers to bare aiohttp clients in `processes` processes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    slices = [(urls[i::processes], concurrency) for i in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(_probe_slice, slices))
+    return sum(d[0] for d in done) / (max(d[2] for d in done) - min(d[1] for d in done))
 
 
 # ------------------------------------------------------------------------------------ peers
@@ -239,7 +307,9 @@ def render(records: dict) -> str:
             f"- {r['machine']}: {r['date']}, img2dataset {r['img2dataset_version']}, corpus {c['n']} JPEGs "
             f"({c['mb_total']} MB; shorter side 512-767/768-1023/>=1024: "
             f"{' / '.join(f'{x:.0%}' for x in c['split'])}; mean {c['kb_small']} KB below 1024, "
-            f"{c['kb_large']} KB above), shard size {r['shard_size']}, concurrency {r['concurrency']}"
+            f"{c['kb_large']} KB above), shard size {r['shard_size']}, concurrency {r['concurrency']}, "
+            f"{r.get('server_processes', 1)} server process(es)"
+            f"{', serving ' + str(c['server_img_s']) + ' img/s alone' if c.get('server_img_s') else ''}"
             f"{', ' + r['note'] if r.get('note') else ''}; load average at start "
             f"{r['img2dataset'].get('load', 0):.1f} (img2dataset) / {r['engine'].get('load', 0):.1f} (engine); "
             f"engine outcomes {r['engine']['outcomes']}."
@@ -255,7 +325,7 @@ def record(a: argparse.Namespace, facts: dict, i2d: ToolRun, eng: ToolRun, versi
         "machine": a.machine or machine_line(), "date": time.strftime("%Y-%m-%d"), "workers": a.workers,
         "concurrency": a.concurrency, "shard_size": a.shard_size, "corpus": facts,
         "img2dataset": asdict(i2d), "engine": asdict(eng), "img2dataset_version": version,
-        "ratio": eng.images_per_s / i2d.images_per_s, "note": a.note,
+        "ratio": eng.images_per_s / i2d.images_per_s, "note": a.note, "server_processes": a.server_processes,
     }
 
 
@@ -286,6 +356,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: n / (4 x workers), at least 50)")
     ap.add_argument("--image-size", type=int, default=512, help="output crop side")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tool; the fastest counts")
+    ap.add_argument("--server-processes", type=int, default=max(1, cores // 4), help="corpus server processes (default: cores / 4)")
+    ap.add_argument("--no-probe", dest="probe", action="store_false", help="skip measuring the server alone first")
     ap.add_argument("--only", choices=("both", "img2dataset", "engine"), default="both", help="run one tool only (no results written)")
     ap.add_argument("--img2dataset-python", default=None, help="an interpreter that already imports img2dataset (skips the venv)")
     ap.add_argument("--peer-wheels", type=Path, default=None, help="install img2dataset offline from this wheel folder")
@@ -313,10 +385,14 @@ def main(argv: list[str] | None = None) -> None:
     prefix = ensure_img2dataset(a.img2dataset_python, a.peer_wheels) if a.only != "engine" else []
     warm_page_cache(folder)
     runs: dict[str, list[ToolRun]] = {"img2dataset": [], "engine": []}
-    with corpus.CorpusServer(folder) as srv:
+    with ServerPool(folder, a.server_processes) as srv:
         urls = url_list(folder, srv.base_url, WORK / "run" / "urls.parquet")
-        print(f"{facts['n']} images, {facts['mb_total']} MB, served at {srv.base_url}; "
-              f"{a.workers} workers, {a.concurrency} in flight each, shards of {a.shard_size}", flush=True)
+        print(f"{facts['n']} images, {facts['mb_total']} MB, served at {srv.base_url} by {a.server_processes} "
+              f"process(es); {a.workers} workers, {a.concurrency} in flight each, shards of {a.shard_size}", flush=True)
+        if a.probe:
+            url_strings = pq.read_table(urls, columns=["URL"]).column(0).to_pylist()
+            facts["server_img_s"] = round(probe_server(url_strings, a.workers))
+            print(f"server alone: {facts['server_img_s']} img/s to {a.workers} bare aiohttp client processes", flush=True)
         for _ in range(a.repeat):
             if a.only in ("both", "img2dataset"):
                 r = run_img2dataset(prefix, urls, WORK / "run" / "img2dataset", a)
