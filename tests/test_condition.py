@@ -147,7 +147,7 @@ def test_remap_equals_imagemagick_on_photos(tmp_path, spec):
 
 @pytest.mark.parametrize(("spec", "stride"), [(DEFAULT_PALETTE, 1), (TAB10, 13)])
 def test_remap_equals_imagemagick_on_rgb_cube(tmp_path, cube, spec, stride):
-    """All 2**24 colours (every exact tie, every corner of IM's octree), or every 13th for a long palette."""
+    """All 2**24 colours (every exact tie, every corner of IM's octree), or every 13th (118 exact ties) for tab10."""
     palette = parse_palette(spec)
     flat = cube.reshape(-1, 3)[::stride]
     sample = flat[: len(flat) // 4096 * 4096].reshape(-1, 4096, 3)  # Debian policy: sides <= 16000
