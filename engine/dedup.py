@@ -350,12 +350,43 @@ def band_radii(k: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ the index
 
+class Tables(NamedTuple):
+    """Band tables over entries 0..n_static-1; immutable once built (a rebuild makes new ones)."""
+
+    n_static: int
+    kbits: np.ndarray    # (bands,) bucket bits: the top kbits bits of each band
+    offsets: np.ndarray  # (bands, 2^kbits + 1) int32: first position of each bucket
+    ids: np.ndarray      # (bands, n_static) int32: entry ids sorted by bucket
+    sorted: np.ndarray   # (bands, n_static) uint64: their hashes, so a bucket is verified sequentially
+
+
+class Snapshot(NamedTuple):
+    """What a lock-free search reads: the hash array, how many entries count, and the tables."""
+
+    phash: np.ndarray
+    n: int
+    tables: Tables
+
+
+def build_tables(phash: np.ndarray, n: int) -> Tables:
+    """Counting-sort entries 0..n-1 into every band (bucket bits follow the size: ~8-16 per bucket)."""
+    if n >= 2**31:
+        raise ValueError("one index shard holds at most 2^31 hashes; use more --index-shards")
+    kb = int(min(BAND_WIDTHS[-1], max(4, math.ceil(math.log2(max(n, 1))) - 3)))
+    t = Tables(n, np.array([kb] * NBANDS, np.int64), np.zeros((NBANDS, (1 << kb) + 1), np.int32),
+               np.zeros((NBANDS, n), np.int32), np.zeros((NBANDS, n), np.uint64))
+    for j in range(NBANDS):
+        _build_band(phash, n, BAND_STARTS[j], BAND_WIDTHS[j], kb, t.offsets[j], t.ids[j], t.sorted[j])
+    return t
+
+
 class HammingIndex:
     """Stored hashes with their keys, searchable within Hamming distance `k` without a linear scan.
 
-    Entries are appended to flat numpy arrays. Four band tables (entry ids sorted by bucket, CSR
-    style) cover the entries up to `n_static`; newer ones are scanned directly until there are
-    enough of them to rebuild the tables at the next search (amortised to microseconds per insert).
+    Entries are appended to flat numpy arrays and never change. Four band tables (entry ids sorted
+    by bucket, CSR style) cover the entries up to `tables.n_static`; newer ones are scanned directly
+    until there are enough of them to rebuild. Tables are immutable and swapped whole, so a search
+    can run on a snapshot without any lock while claims are inserted and tables rebuilt.
     """
 
     def __init__(self, k: int = DEFAULT_THRESHOLD, capacity: int = 1024):
@@ -367,11 +398,8 @@ class HammingIndex:
         self.content = np.zeros(capacity, np.uint64)
         self.pixels = np.zeros(capacity, np.uint64)
         self.keys = np.zeros(capacity, "S12")
-        self.n = self.n_static = 0
-        self.kbits = np.zeros(NBANDS, np.int64)
-        self.offsets = np.zeros((NBANDS, 2), np.int32)  # per band: first position of each bucket in ids
-        self.ids = np.zeros((NBANDS, 0), np.int32)  # per band: entry ids sorted by bucket
-        self.sorted = np.zeros((NBANDS, 0), np.uint64)  # per band: their hashes, for sequential verification
+        self.n = 0
+        self.tables = build_tables(self.phash, 0)
 
     def __len__(self) -> int:
         return self.n
@@ -401,33 +429,50 @@ class HammingIndex:
             setattr(self, name, new)
 
     def _delta_limit(self) -> int:
-        """Entries left unindexed before a rebuild: ~sqrt(64 n) balances scan and rebuild cost."""
-        return int(min(262_144, max(4096, math.sqrt(64 * self.n))))
+        """Entries left out of the band tables before a rebuild: ~sqrt(400 n) balances the scan of
+        the recent entries (~0.4 ns each per search) against the rebuild (~160 ns per entry)."""
+        return int(min(262_144, max(4096, math.sqrt(400 * self.n))))
+
+    def needs_rebuild(self, snap: Snapshot | None = None) -> bool:
+        """Whether so many entries lie outside the band tables that searches slow down."""
+        snap = snap or self.snapshot()
+        return snap.n - snap.tables.n_static > self._delta_limit()
+
+    def snapshot(self) -> Snapshot:
+        """The entries and tables as they are now; later inserts and rebuilds leave it intact."""
+        return Snapshot(self.phash, self.n, self.tables)
 
     def rebuild(self) -> None:
-        """Re-sort every band table over all entries (bucket bits follow the size: ~8 per bucket)."""
-        n = self.n
-        kb = int(min(BAND_WIDTHS[-1], max(4, math.ceil(math.log2(max(n, 1))) - 3)))
-        if n >= 2**31:
-            raise ValueError("one index shard holds at most 2^31 hashes; use more --index-shards")
-        self.kbits = np.array([kb] * NBANDS, np.int64)
-        self.offsets = np.zeros((NBANDS, (1 << kb) + 1), np.int32)
-        self.ids = np.zeros((NBANDS, n), np.int32)
-        self.sorted = np.zeros((NBANDS, n), np.uint64)
-        for j in range(NBANDS):
-            _build_band(self.phash, n, BAND_STARTS[j], BAND_WIDTHS[j], kb, self.offsets[j], self.ids[j],
-                        self.sorted[j])
-        self.n_static = n
+        """Re-sort the band tables over every entry."""
+        self.install(build_tables(self.phash, self.n))
 
-    def search(self, queries: np.ndarray) -> np.ndarray:
-        """Rows (query index, entry id, distance) of every stored hash within k, each pair once."""
-        if self.n - self.n_static > self._delta_limit():
-            self.rebuild()  # here rather than in add: a bulk load sorts once, at its first search
-        scratch = np.empty(ball_size(int(self.kbits.max()), int(self.radii.max())), np.int64)
-        hits = _collect(_search_kernel, np.ascontiguousarray(queries, np.uint64), self.k, self.phash,
-                        self.n_static, self.n, _STARTS, _WIDTHS, self.kbits, self.radii, self.offsets, self.ids,
-                        self.sorted, scratch)
+    def install(self, tables: Tables) -> None:
+        """Use freshly built tables (built from a snapshot, maybe while others kept searching)."""
+        if tables.n_static > self.tables.n_static:
+            self.tables = tables
+
+    def search(self, queries: np.ndarray, snap: Snapshot | None = None) -> np.ndarray:
+        """Rows (query index, entry id, distance) of every entry of `snap` within k, each pair once.
+
+        Without a snapshot: of every entry now, rebuilding the tables first if they lag behind.
+        Safe without the shard's lock: it only reads arrays that are never written below snap.n.
+        """
+        if snap is None:
+            if self.needs_rebuild():
+                self.rebuild()
+            snap = self.snapshot()
+        t = snap.tables
+        scratch = np.empty(ball_size(int(t.kbits.max()), int(self.radii.max())), np.int64)
+        hits = _collect(_search_kernel, np.ascontiguousarray(queries, np.uint64), self.k, snap.phash,
+                        t.n_static, snap.n, _STARTS, _WIDTHS, t.kbits, self.radii, t.offsets, t.ids, t.sorted,
+                        scratch)
         return np.unique(hits, axis=0) if len(hits) > 1 else hits
+
+    def search_since(self, queries: np.ndarray, start: int) -> np.ndarray:
+        """Like search, over the entries added since a snapshot of `start` entries (a plain scan)."""
+        hits = scan(queries, self.k, self.phash[start: self.n])
+        hits[:, 1] += start
+        return hits
 
     def key(self, i: int) -> str:
         """The sample key of entry i."""
@@ -435,7 +480,8 @@ class HammingIndex:
 
     def nbytes(self) -> int:
         """Bytes held by the arrays (capacity included)."""
-        arrays = [self.phash, self.content, self.pixels, self.keys, self.offsets, self.ids, self.sorted]
+        t = self.tables
+        arrays = [self.phash, self.content, self.pixels, self.keys, t.offsets, t.ids, t.sorted]
         return sum(a.nbytes for a in arrays)
 
 
@@ -522,6 +568,7 @@ class DedupShard:
         self.clusters: Counter = Counter()
         self.verdicts: Counter = Counter()
         self.lock = threading.Lock()
+        self._building = False  # a rebuild of the band tables is under way (outside the lock)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -536,8 +583,9 @@ class DedupShard:
 
     def claim(self, items: list[Claim]) -> list[Verdict]:
         """Check-and-insert a batch; earlier claims of the batch count as stored for later ones."""
+        q, stored = self._search(items)
         with self.lock:
-            found = self._conflicts(items, [(c.key, -1) for c in items])
+            found = self._conflicts(items, [(c.key, -1) for c in items], q, stored)
             kept: list[int] = []
             kept_set: set[int] = set()
             out = []
@@ -586,9 +634,10 @@ class DedupShard:
         A pending claim that loses to the asking ticket (it has the larger key) is marked beaten
         instead; `own` says this shard already stores the ticket's own key with the same hash.
         """
+        claims = [Claim(*t[1:]) for t in tickets]
+        q, stored = self._search(claims)
         with self.lock:
-            claims = [Claim(*t[1:]) for t in tickets]
-            found = self._conflicts(claims, [(t[1], t[0]) for t in tickets])
+            found = self._conflicts(claims, [(t[1], t[0]) for t in tickets], q, stored)
             return [None if best is None and not own else (*(best or (None, None, None)), own)
                     for best, own in found]
 
@@ -627,18 +676,41 @@ class DedupShard:
 
     # -- shared helpers ------------------------------------------------------------------------
 
-    def _conflicts(self, claims: Sequence[Claim], priority: Sequence[tuple]) -> list[tuple[tuple | None, bool]]:
+    def _search(self, claims: Sequence[Claim]) -> tuple[np.ndarray, tuple[np.ndarray, int]]:
+        """The lock-free part of a check: (query hashes, (hits among a snapshot, its size)).
+
+        Searches of concurrent calls run in parallel (Numba releases the GIL); whichever call finds
+        the tables lagging rebuilds them here too, from a snapshot, while the others go on.
+        """
+        q = np.array([c.phash for c in claims], np.uint64)
+        with self.lock:
+            snap = self.index.snapshot()
+            build = not self._building and self.index.needs_rebuild(snap)
+            self._building = self._building or build
+        if build:
+            try:
+                tables = build_tables(snap.phash, snap.n)
+                with self.lock:
+                    self.index.install(tables)
+                snap = Snapshot(snap.phash, snap.n, tables)
+            finally:
+                self._building = False
+        return q, (self.index.search(q, snap) if len(q) else np.zeros((0, 3), np.int64), snap.n)
+
+    def _conflicts(self, claims: Sequence[Claim], priority: Sequence[tuple], q: np.ndarray,
+                   stored: tuple[np.ndarray, int]) -> list[tuple[tuple | None, bool]]:
         """Per claim: (best conflict (status, owner, distance) or None, whether its own key is stored).
 
+        Called under the lock with the lock-free hits of `_search`; adds the entries stored since.
         Stored entries always win. Between pending claims the smaller (key, token) wins: a claim
         that loses gets the conflict, one that wins marks the pending claim beaten.
         """
         out: list[list] = [[None, False] for _ in claims]
         if not claims:
             return []
-        q = np.array([c.phash for c in claims], np.uint64)
         idx = self.index
-        for qi, i, d in self.index.search(q).tolist():
+        hits, seen = stored
+        for qi, i, d in hits.tolist() + idx.search_since(q, seen).tolist():
             c, content, pixels = claims[qi], int(idx.content[i]), int(idx.pixels[i])
             if self.exact_only and c.content != content and c.pixels != pixels:
                 continue
