@@ -87,7 +87,7 @@ def prepare(body: bytes, cfg: EngineConfig, conditioner) -> Prepared:
 class ClaimBatcher:
     """Collects dedup claims for a moment and sends them in one call (one round trip per batch)."""
 
-    def __init__(self, claim: Claim, executor: ThreadPoolExecutor, max_batch: int = 64, max_wait: float = 0.05):
+    def __init__(self, claim: Claim, executor: ThreadPoolExecutor, max_batch: int = 64, max_wait: float = 0.1):
         self.claim, self.executor = claim, executor
         self.max_batch, self.max_wait = max_batch, max_wait
         self.pending: list[tuple[D.Claim, asyncio.Future]] = []

@@ -20,7 +20,7 @@ from PIL import Image
 
 from engine import outcomes as O
 from engine.caption import clean_caption
-from engine.config import EngineConfig, FetchConfig, FilterConfig
+from engine.config import DedupConfig, EngineConfig, FetchConfig, FilterConfig
 from engine.pipeline import run
 
 pytestmark = pytest.mark.slow
@@ -94,8 +94,9 @@ def test_duplicates_across_shards_and_ray_workers_are_written_once(dup_corpus, t
     parquet, group_of = dup_corpus
     n_groups = max(g for g, _ in group_of) + 1
     out = tmp_path / "out"
+    # two index actors: claims of one group race across actors too (the three-phase path)
     run(EngineConfig(inputs=(str(parquet),), output=str(out), shard_size=n_groups, workers=2, fetch=FAST,
-                     progress=False, runner="ray"))
+                     progress=False, runner="ray", dedup=DedupConfig(index_shards=2)))
     check_one_per_group(out, group_of)
 
 
@@ -104,7 +105,7 @@ def test_dedup_off_keeps_every_copy(dup_corpus, tmp_path):
     out = tmp_path / "out"
     cfg = EngineConfig(inputs=(str(parquet),), output=str(out), shard_size=8, workers=1, fetch=FAST,
                        progress=False, runner="local")
-    run(cfg.__class__(**{**cfg.__dict__, "dedup": cfg.dedup.__class__(enabled=False)}))
+    run(EngineConfig(**{**cfg.__dict__, "dedup": DedupConfig(enabled=False)}))
     assert {o for o, _ in outcomes_by_row(out).values()} == {O.OK}
 
 
