@@ -366,7 +366,8 @@ def test_ray_tasks_racing_through_actor_shards_keep_exactly_one(groups):
     random.Random(0).shuffle(items)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        actors = [ray.remote(D.DedupShard).options(num_cpus=0).remote() for _ in range(3)]
+        # threaded actors, as the engine should run them: searches in parallel, claims atomic by the lock
+        actors = [ray.remote(D.DedupShard).options(num_cpus=0, max_concurrency=4).remote() for _ in range(3)]
         client = D.DedupClient(actors, lambda s, m, *a: ray.get(getattr(s, m).remote(*a)))
 
         @ray.remote(num_cpus=0.5)
