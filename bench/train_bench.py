@@ -356,6 +356,7 @@ def markdown(res: dict) -> str:
     else:
         lines += ["", "Peer (diffusers' train_controlnet.py) not run this time."]
     lines += sweep_markdown(res.get("sweep"), res.get("sweep_gpu", res["gpu"]))
+    lines += [""] + [f"- {n}" for n in res.get("notes", [])] if res.get("notes") else []
     lines += ["", f"Wall time of our run including model load, a final checkpoint and validation: {ours['wall_s']} s; "
               f"first/last logged loss {ours['first_loss']:.4f} / {ours['last_loss']:.4f}, "
               f"final fp16 loss scale {ours['loss_scale']:.0f}, failed samples {ours['failed_samples']}."]
