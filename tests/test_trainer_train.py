@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +131,22 @@ def test_resume_path_must_be_complete(assets, tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume"):
         train(config(assets, tmp_path / "x", 2, resume=str(tmp_path / "x" / "checkpoint-5")), enable_bar=False)
     shutil.rmtree(tmp_path / "x")
+
+
+REFERENCE = Path(__file__).with_name("assets") / "trainer_reference_losses.json"
+
+
+def test_loss_curve_matches_the_reference(assets, tmp_path):
+    """8 fixed-seed steps reproduce the loss curve kept in tests/assets (catches silent objective changes).
+
+    Regenerate after an intended change with TRAINER_REFERENCE_UPDATE=1.
+    """
+    train(config(assets, tmp_path, 8, every=1000), enable_bar=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    if os.environ.get("TRAINER_REFERENCE_UPDATE"):
+        REFERENCE.write_text(json.dumps({"losses": losses}, indent=1) + "\n")
+    reference = json.loads(REFERENCE.read_text())["losses"]
+    assert len(losses) == len(reference) == 8
+    # loose enough for another CPU's or libjpeg's rounding, far tighter than any change of the objective
+    assert losses == pytest.approx(reference, rel=1e-2)
+    assert losses[-1] < losses[0]
