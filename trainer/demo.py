@@ -46,7 +46,7 @@ def run_demo(shards: str, output: str, steps: int = 200, resolution: int = 64) -
     output = Path(output)
     started = time.perf_counter()
     model = build_tiny_model(output / "tiny-model")
-    cond = first_condition(expand_shards(shards)[0], output / "validation-cond.png")
+    cond = first_condition(expand_shards(shards), output / "validation-cond.png")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model's ops are too small for threads to pay off
     try:

@@ -84,12 +84,13 @@ def write_shards(folder: str | Path, n_shards: int = 2, per_shard: int = 8, size
     return paths
 
 
-def first_condition(shard: str | Path, dest: str | Path) -> Path:
-    """Save the first conditioning map of a shard as a PNG (a validation image for demos and tests)."""
+def first_condition(shards: str | Path | list, dest: str | Path) -> Path:
+    """Save the first conditioning map found in one or more shards as a PNG (a validation image)."""
     from webdataset.tariterators import tarfile_samples
 
-    for sample in tarfile_samples([{"url": str(shard)}]):
+    urls = [str(u) for u in shards] if isinstance(shards, list) else [str(shards)]
+    for sample in tarfile_samples([{"url": u} for u in urls]):
         if "cond.png" in sample:
             Image.open(io.BytesIO(sample["cond.png"])).convert("RGB").save(dest)
             return Path(dest)
-    raise ValueError(f"no conditioning map in {shard}")
+    raise ValueError(f"no conditioning map in {', '.join(urls)}")
