@@ -30,7 +30,7 @@ from trainer.train import train
 def demo_config(shards: str, output: Path, model: Path, cond: Path, steps: int, resolution: int) -> TrainConfig:
     """The demo's run: fp32 on the CPU, plain AdamW, a checkpoint and validation at the end."""
     return TrainConfig(
-        output=str(output / "train"),
+        output=str(output),
         data=DataConfig(shards=shards, resolution=resolution, train_batch_size=2, num_workers=1, shuffle_buffer=32),
         model=ModelConfig(model=str(model), gradient_checkpointing=False),
         optim=OptimConfig(learning_rate=5e-4, optimizer="adamw", gradient_accumulation_steps=1),
