@@ -150,3 +150,15 @@ def test_loss_curve_matches_the_reference(assets, tmp_path):
     # loose enough for another CPU's or libjpeg's rounding, far tighter than any change of the objective
     assert losses == pytest.approx(reference, rel=1e-2)
     assert losses[-1] < losses[0]
+
+
+def test_resume_after_a_crash_rewrites_the_log(assets, tmp_path):
+    """Steps logged after the checkpoint a resume starts from are replaced, not duplicated."""
+    cfg = config(assets, tmp_path, 4, every=2)
+    train(cfg, enable_bar=False)
+    import shutil as sh
+
+    sh.rmtree(tmp_path / "checkpoint-4")  # as if the run died between step 2's checkpoint and the end
+    train(config(assets, tmp_path, 4, every=2, resume="latest"), enable_bar=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

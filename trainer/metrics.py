@@ -16,8 +16,10 @@ class RunLog:
     def __init__(self, output: Path, start_step: int, total_steps: int, enable_bar: bool = True) -> None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(output / "train_log.jsonl", "a", buffering=1)
-        self.tb = _summary_writer(output / "tensorboard")
+        path = output / "train_log.jsonl"
+        _drop_records_after(path, start_step)  # a resume replays the steps after its checkpoint
+        self.jsonl = open(path, "a", buffering=1)
+        self.tb = _summary_writer(output / "tensorboard", purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         disable=not enable_bar, dynamic_ncols=True)
         self.last_step, self.last_time = start_step, time.perf_counter()
@@ -54,13 +56,21 @@ class RunLog:
             self.tb.close()
 
 
-def _summary_writer(path: Path):
-    """TensorBoard writer, or None where tensorboard is not installed (the JSONL log still works)."""
+def _drop_records_after(path: Path, step: int) -> None:
+    """Keep only the records of steps up to `step` (all of them gone for a fresh start at 0)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _summary_writer(path: Path, purge_step: int):
+    """TensorBoard writer (events from purge_step on are dropped), or None without tensorboard."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)
 
 
 def gpu_memory_gb(device: torch.device) -> float:
