@@ -90,7 +90,9 @@ class RayRunner:
         else:
             self.owns_ray = False
         self.progress_actor = ray.remote(_Counter).options(num_cpus=0).remote()
-        self.index = [ray.remote(D.DedupShard).options(num_cpus=0).remote(self.cfg.dedup.near_distance)
+        # Threaded actors: searches run in parallel; the shard's own lock keeps claims atomic.
+        self.index = [ray.remote(D.DedupShard).options(num_cpus=0, max_concurrency=8)
+                      .remote(self.cfg.dedup.near_distance)
                       for _ in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
         return self
 
@@ -201,9 +203,8 @@ def rebuild_index(client: D.DedupClient | None, output: Path, done: dict[int, di
     """Reload the hashes of images already written, so a resumed run stays duplicate-free."""
     if client is None or not done:
         return 0
-    items = D.rebuild_items_from_parquet([output / f"{shard_name(i)}.parquet" for i in sorted(done)])
-    client.load(items)
-    return len(items)
+    # Streamed: millions of hashes never sit in a Python list at once.
+    return client.load(D.iter_rebuild_items([output / f"{shard_name(i)}.parquet" for i in sorted(done)]))
 
 
 def totals(cfg: EngineConfig, rows: int, done: dict[int, dict], failures: list[dict], seconds: float,
