@@ -221,7 +221,8 @@ def run_img2dataset(prefix: list[str], urls: Path, out: Path, a: argparse.Namesp
         "--timeout", "10", "--retries", "2", "--save_additional_columns", json.dumps(EXTRA_COLUMNS),
         "--enable_wandb", "False", "--distributor", "multiprocessing",
     ]
-    env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true")
+    # No wandb, and no albumentations update check (a PyPI request in every spawned worker).
+    env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", NO_ALBUMENTATIONS_UPDATE="1")
     load = os.getloadavg()[0]
     seconds = timed(cmd, out.with_suffix(".log"), env)
     ok = rows = 0
