@@ -12,11 +12,12 @@ STAMP := $(VENV)/.installed
 CORPUS_DIR ?= sample-corpus
 CORPUS_PORT ?= 8765
 INPUT ?= $(CORPUS_DIR)/corpus.parquet
-OUTPUT ?= shards
+# OUTPUT is each target's own output: shards for `make shards`, the ControlNet run for `make train`.
+OUTPUT ?=
 ENGINE_ARGS ?=
-SHARDS ?= $(OUTPUT)/{00000..00000}.tar
+SHARDS ?=
 MODEL ?= runwayml/stable-diffusion-v1-5
-TRAIN_OUTPUT ?= controlnet-out
+TRAIN_OUTPUT ?= $(or $(OUTPUT),controlnet-out)
 TRAIN_ARGS ?=
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
@@ -61,9 +62,10 @@ corpus-stop:  ## stop the sample corpus server
 	@test -f $(CORPUS_DIR)/server.pid && kill $$(cat $(CORPUS_DIR)/server.pid) && rm -f $(CORPUS_DIR)/server.pid || true
 
 shards: setup  ## make shards INPUT=laion.parquet OUTPUT=shards/ [ENGINE_ARGS='--workers 16'] (default INPUT: the sample corpus)
-	$(PY) -m engine shards $(INPUT) --output $(OUTPUT) $(ENGINE_ARGS)
+	$(PY) -m engine shards $(INPUT) --output $(or $(OUTPUT),shards) $(ENGINE_ARGS)
 
-train: setup  ## make train SHARDS=PATTERN MODEL=... OUTPUT=... [TRAIN_ARGS=...]
+train: setup  ## make train SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=... [TRAIN_ARGS=...]
+	@test -n "$(SHARDS)" || { echo "give SHARDS=, e.g. make train SHARDS='shards/{00000..00003}.tar' MODEL=... OUTPUT=run/"; exit 2; }
 	$(PY) -m trainer --shards '$(SHARDS)' --model $(MODEL) --output $(TRAIN_OUTPUT) $(TRAIN_ARGS)
 
 bench: bench-remap bench-engine bench-dedup  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
