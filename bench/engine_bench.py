@@ -368,6 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json-out", type=Path, default=None, help="also write this run's record here")
     ap.add_argument("--add-record", type=Path, default=None, help="merge a record written by --json-out elsewhere; run nothing")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached corpus")
+    ap.add_argument("--no-save", dest="save", action="store_false", help="print the figures, leave bench/RESULTS.md alone")
     a = ap.parse_args(argv)
     a.shard_size = a.shard_size or max(50, a.n // (4 * a.workers))
     return a
@@ -414,8 +415,9 @@ def main(argv: list[str] | None = None) -> None:
           f"({eng.images_per_s / a.workers:.1f} vs {i2d.images_per_s / a.workers:.1f} img/s per worker)")
     if a.json_out:
         a.json_out.write_text(json.dumps(rec, indent=1))
-    save(rec)
-    print(f"results: {RESULTS} (section {SECTION})")
+    if a.save:
+        save(rec)
+        print(f"results: {RESULTS} (section {SECTION})")
 
 
 if __name__ == "__main__":
