@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,9 @@ from .config import ImageConfig
 # We check pixel counts ourselves (max_pixels) before decoding; Pillow's own guard would raise
 # an exception type we would then have to translate.
 Image.MAX_IMAGE_PIXELS = None
+# libjpeg's warnings (corrupt bytes it skipped, a missing end marker) reach us as Python warnings,
+# one per image, which would flood a run's log; truncation is checked explicitly instead.
+warnings.filterwarnings("ignore", category=UserWarning, module="turbojpeg")
 
 _TJ = threading.local()
 # EXIF orientation -> (number of 90-degree counter-clockwise turns, flip left-right first)
