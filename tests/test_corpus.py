@@ -251,8 +251,11 @@ def test_stop_is_quick_during_a_drip_and_restart_serves_the_same_corpus(served, 
     port, drip_url = srv.port, srv.base_url + "/drip/x"
     done = threading.Event()
     threading.Thread(target=lambda: (get(drip_url, timeout=30), done.set()), daemon=True).start()
-    while not srv.hits["/drip/x"]:
+    for _ in range(200):  # until the drip has started (at most ~10 s)
+        if srv.hits["/drip/x"]:
+            break
         threading.Event().wait(0.05)
+    assert srv.hits["/drip/x"] == 1
     srv.stop()
     assert done.wait(10), "the dripping client was not released by stop()"
     url = rows["jpeg"][0]["URL"].replace(served.base_url, f"http://127.0.0.1:{port}")
