@@ -53,6 +53,8 @@ def shards_parser(sub) -> None:
     _opt(g, "--max-aspect-ratio", type=float, default=i.max_aspect_ratio, help="largest long/short side ratio")
     _opt(g, "--max-pixels", type=int, default=i.max_pixels, help="decompression-bomb guard")
     _opt(g, "--jpeg-quality", "--encode-quality", type=int, default=i.jpeg_quality, help="quality of KEY.jpg")
+    _opt(g, "--resize-filter", choices=["lanczos", "bicubic", "bilinear", "box"], default=i.resize_filter,
+         help="downscaling filter (box = area average, as img2dataset's INTER_AREA; fastest)")
     _opt(g, "--conditioner", default=i.conditioner, help="conditioning map: palette or grayscale")
     _opt(g, "--palette", default=i.palette, help="palette colours (ImageMagick names or #RRGGBB)")
     g = p.add_argument_group("filters (all off by default)")
@@ -79,7 +81,8 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
                           user_agent=a.user_agent, respect_optout=not a.ignore_optout),
         image=ImageConfig(image_size=a.image_size, min_image_size=a.min_image_size,
                           max_aspect_ratio=a.max_aspect_ratio, max_pixels=a.max_pixels,
-                          jpeg_quality=a.jpeg_quality, conditioner=a.conditioner, palette=a.palette),
+                          jpeg_quality=a.jpeg_quality, resize_filter=a.resize_filter,
+                          conditioner=a.conditioner, palette=a.palette),
         filters=FilterConfig(max_punsafe=a.max_punsafe, max_pwatermark=a.max_pwatermark,
                              min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
                              min_colorfulness=a.min_colorfulness, drop_empty_captions=a.drop_empty_captions),

@@ -56,6 +56,9 @@ class ImageConfig:
     """Decompression-bomb guard: images declaring more pixels are rejected before decoding."""
     jpeg_quality: int = 95
     """Quality of the written KEY.jpg."""
+    resize_filter: str = "lanczos"
+    """Downscaling filter of the crop: lanczos (sharpest), bicubic, bilinear or box (area average,
+    as img2dataset's OpenCV INTER_AREA; about 2.7x cheaper than lanczos)."""
     conditioner: str = "palette"
     """Which conditioning map to compute (engine/condition.py's CONDITIONERS)."""
     palette: str = "black,gray50,white"
@@ -73,6 +76,8 @@ class ImageConfig:
             )
         if self.max_aspect_ratio < 1:
             raise ValueError("--max-aspect-ratio must be at least 1")
+        if self.resize_filter not in ("lanczos", "bicubic", "bilinear", "box"):
+            raise ValueError("--resize-filter must be one of lanczos, bicubic, bilinear, box")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("--jpeg-quality must be within 1..100")
 

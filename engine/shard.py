@@ -75,7 +75,7 @@ def prepare(body: bytes, cfg: EngineConfig, conditioner) -> Prepared:
     hashes = None
     if cfg.dedup.enabled:
         hashes = (D.content_hash(body), D.pixel_hash(image.rgb), D.phash(image.rgb))
-    crop = center_crop(image.rgb, cfg.image.image_size)
+    crop = center_crop(image.rgb, cfg.image.image_size, cfg.image.resize_filter)
     threshold = cfg.filters.min_colorfulness
     if threshold is not None and (score := colorfulness(crop)) < threshold:
         raise Rejected(O.LOW_COLOR, f"colourfulness {score:.1f} below {threshold}")

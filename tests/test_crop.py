@@ -32,3 +32,12 @@ def test_never_upscales(astronaut):
 
 def test_other_sizes(astronaut):
     assert center_crop(scaled(astronaut, 800, 600), 256).shape == (256, 256, 3)
+
+
+@pytest.mark.parametrize("name", ["lanczos", "bicubic", "bilinear", "box"])
+def test_every_filter_gives_the_same_picture(astronaut, name):
+    src = scaled(astronaut, 900, 700)
+    ref = center_crop(src, 512).astype(int)
+    out = center_crop(src, 512, name)
+    assert out.shape == (512, 512, 3)
+    assert np.abs(out.astype(int) - ref).mean() < 3
