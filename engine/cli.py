@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return run_shards(a) if a.command == "shards" else run_condition(a)
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # bad flags or inputs: say which
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:  # bad flags or inputs: say which
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ rerun of the same command skips done shards and redoes the rest.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sys
 import time
@@ -232,10 +233,27 @@ def totals(cfg: EngineConfig, rows: int, done: dict[int, dict], failures: list[d
     }
 
 
+def lock_output(out: Path):
+    """Hold an exclusive lock on the output folder (released by the OS even on SIGKILL)."""
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RuntimeError(f"another run is writing to {out}; wait for it or choose another --output") from None
+    return handle
+
+
 def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> dict:
     """Make (or finish) the shards of `cfg`; returns and writes the run's stats.json."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    with lock_output(out):
+        return _run(cfg, out, on_shard)
+
+
+def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) -> dict:
+    """`run` once the output folder is ours."""
     remove_stale_tmp(out)
     rows = count_rows(cfg.inputs)
     done = completed(out)

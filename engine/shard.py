@@ -180,42 +180,57 @@ class ShardRun:
         self.examples.setdefault(owner, self.rows[index].get("url") or "")
         return outcome, owner
 
+    def screen(self, index: int) -> tuple[str, str] | None:
+        """Outcome and reason for a row dropped before download (metadata, empty caption)."""
+        row = self.rows[index]
+        dropped = prefilter(row, self.cfg.image, self.cfg.filters)
+        if dropped is None and self.cfg.filters.drop_empty_captions and not clean_caption(row.get("caption")):
+            dropped = O.EMPTY_CAPTION, "caption empty after cleaning"
+        return dropped
+
+    async def download(self, index: int, session) -> None:
+        """Fetch, then run the CPU stages on a worker thread, then keep or drop the image."""
+        got = await fetch(session, self.rows[index]["url"].strip(), self.cfg.fetch)
+        fetched = {"http_status": got.status, "seconds": got.seconds}
+        if got.outcome:
+            return self.finish(index, got.outcome, got.reason, **fetched)
+        self.bytes += len(got.body)
+        fetched["bytes"] = len(got.body)
+        try:
+            prep = await asyncio.get_running_loop().run_in_executor(
+                self.cpu, prepare, got.body, self.cfg, self.conditioner)
+        except Rejected as rej:
+            return self.finish(index, rej.outcome, rej.reason, **fetched)
+        finally:
+            got.body = None
+        await self.keep(index, prep, fetched)
+
+    async def keep(self, index: int, prep: Prepared, fetched: dict) -> None:
+        """Write the sample unless the dedup index already holds the image."""
+        found = {"width": prep.width, "height": prep.height, "format": prep.format, **fetched}
+        if prep.hashes:
+            found.update(content_hash=signed64(prep.hashes[0]), pixel_hash=signed64(prep.hashes[1]),
+                         phash=signed64(prep.hashes[2]))
+        duplicate = await self.dedup(index, prep)
+        if duplicate:
+            return self.finish(index, duplicate[0], f"duplicate of {duplicate[1]}",
+                               duplicate_of=duplicate[1], **found)
+        caption = clean_caption(self.rows[index].get("caption"))
+        await asyncio.get_running_loop().run_in_executor(
+            self.io, self.tar.write, self.key(index), prep.jpg, prep.cond_png, caption,
+            self.meta(index, prep, caption))
+        self.written += 1
+        self.finish(index, O.OK, **found)
+
     async def row(self, index: int, session, gate: asyncio.Semaphore) -> None:
         """Carry row `index` to its outcome; exceptions become the `error` outcome."""
-        row, loop = self.rows[index], asyncio.get_running_loop()
         try:
-            dropped = prefilter(row, self.cfg.image, self.cfg.filters)
+            dropped = self.screen(index)
             if dropped:
                 return self.finish(index, *dropped)
-            caption = clean_caption(row.get("caption"))
-            if not caption and self.cfg.filters.drop_empty_captions:
-                return self.finish(index, O.EMPTY_CAPTION, "caption empty after cleaning")
+            # Held until the sample is written: bounds the bodies and encoded samples held at once.
             async with gate:
-                got = await fetch(session, row["url"].strip(), self.cfg.fetch)
-                fetched = {"http_status": got.status, "seconds": got.seconds}
-                if got.outcome:
-                    return self.finish(index, got.outcome, got.reason, **fetched)
-                self.bytes += len(got.body)
-                fetched["bytes"] = len(got.body)
-                try:
-                    prep = await loop.run_in_executor(self.cpu, prepare, got.body, self.cfg, self.conditioner)
-                except Rejected as rej:
-                    return self.finish(index, rej.outcome, rej.reason, **fetched)
-                finally:
-                    got.body = None
-            found = {"width": prep.width, "height": prep.height, "format": prep.format, **fetched}
-            if prep.hashes:
-                found.update(content_hash=signed64(prep.hashes[0]), pixel_hash=signed64(prep.hashes[1]),
-                             phash=signed64(prep.hashes[2]))
-            duplicate = await self.dedup(index, prep)
-            if duplicate:
-                return self.finish(index, duplicate[0], f"duplicate of {duplicate[1]}",
-                                   duplicate_of=duplicate[1], **found)
-            meta = self.meta(index, prep, caption)
-            await loop.run_in_executor(self.io, self.tar.write, self.key(index), prep.jpg, prep.cond_png,
-                                       caption, meta)
-            self.written += 1
-            self.finish(index, O.OK, **found)
+                await self.download(index, session)
         except Exception as exc:  # noqa: BLE001 -- one policy: an unforeseen failure is this row's outcome
             if self.records[index] is None:
                 self.finish(index, O.ERROR, f"{type(exc).__name__}: {exc}")

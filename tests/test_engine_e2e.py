@@ -220,3 +220,16 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(corpus, local_run, tmp_path
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     check_run(out, corpus.parquet)
     assert set(read_samples(out)) == set(read_samples(local_run))
+
+
+def test_empty_input_and_a_busy_output_folder(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"URL": pa.array([], pa.string()), "TEXT": pa.array([], pa.string())}), empty)
+    stats = run(engine_cfg(empty, tmp_path / "out", runner="local"))
+    assert stats["rows"] == 0 and stats["outcomes"] == {} and stats["shards_complete"] == 0
+    from engine.pipeline import lock_output
+
+    with lock_output(tmp_path / "out"):
+        res = subprocess.run([sys.executable, "-m", "engine", "shards", str(empty), "--output",
+                              str(tmp_path / "out"), "--runner", "local"], capture_output=True, text=True)
+    assert res.returncode == 2 and "another run" in res.stderr
