@@ -49,3 +49,14 @@ def corpus(tmp_path_factory):
     with CorpusServer(root) as server:
         server.parquet = build_corpus(root, server.base_url, n_images=16, seed=1)
         yield server
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and threads crawl on a shared 2-core CI box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,16 +13,7 @@ from trainer.models import load_models
 from trainer.objective import Objective, encode_batch, step_loss
 from trainer.tiny import build_tiny_model
 
-pytestmark = pytest.mark.quick
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.quick, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def reference_loss(folder, controlnet_state, batch, seed, noise, timesteps) -> torch.Tensor:

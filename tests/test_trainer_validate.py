@@ -12,16 +12,8 @@ from trainer.models import load_models
 from trainer.tiny import build_tiny_model
 from trainer.validate import mid_only, run_validation
 
-pytestmark = pytest.mark.quick
+pytestmark = [pytest.mark.quick, pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_validation_writes_pngs_and_grid(tmp_path):
