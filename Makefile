@@ -22,7 +22,7 @@ TRAIN_ARGS ?=
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards train bench bench-engine bench-remap bench-dedup bench-train clean
+.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards train bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-train clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -68,7 +68,7 @@ train: setup  ## make train SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=
 	@test -n "$(SHARDS)" || { echo "give SHARDS=, e.g. make train SHARDS='shards/{00000..00003}.tar' MODEL=... OUTPUT=run/"; exit 2; }
 	$(PY) -m trainer --shards '$(SHARDS)' --model $(MODEL) --output $(TRAIN_OUTPUT) $(TRAIN_ARGS)
 
-bench: bench-remap bench-engine bench-dedup  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
+bench: bench-remap bench-engine bench-dedup bench-dedup-cost  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
 
 bench-engine: setup  ## engine vs img2dataset on the loopback corpus
 	$(PY) -m bench.engine_bench
@@ -78,6 +78,9 @@ bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick
 
 bench-dedup: setup  ## near-duplicate detection quality and index throughput
 	$(PY) -m bench.dedup_bench
+
+bench-dedup-cost: setup  ## the engine's images/s with dedup on and off
+	$(PY) -m bench.dedup_cost
 
 bench-train: setup  ## GPU: full SD 1.5 architecture, fp16 + 8-bit AdamW (needs CUDA)
 	$(PY) -m bench.train_bench
