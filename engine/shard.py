@@ -1,8 +1,8 @@
 """One shard, start to finish: prefilter -> fetch -> decode -> dedup -> crop -> condition -> write.
 
 The event loop keeps downloads flowing while the CPU stages run on worker threads (turbojpeg,
-Pillow and the Numba kernels release the GIL). A semaphore held from download until the CPU
-stage is done bounds both the connections and the bodies held in memory. `process_shard` never
+Pillow and the Numba kernels release the GIL). A semaphore held from download until the sample
+is written bounds the connections, the bodies and the encoded samples held in memory. `process_shard` never
 raises: whatever happens, the driver gets a status record and decides on retries.
 """
 
@@ -28,7 +28,7 @@ from .decode import Rejected, decode
 from .fetch import fetch, make_session
 from .plan import Shard, prefilter
 from .quality import colorfulness
-from .write import TarShard, shard_name, write_json, write_rows
+from .write import TarShard, encode_jpeg, encode_png, shard_name, write_json, write_rows
 
 Report = Callable[[int, int], None]  # (rows finished, samples written) since the last call
 Claim = Callable[[list], list]       # dedup claims -> verdicts, blocking (engine/dedup.py)
@@ -51,11 +51,6 @@ def sample_key(shard_id: int, index: int, shard_size: int) -> str:
     return f"{shard_name(shard_id)}{index:0{max(5, len(str(shard_size - 1)))}d}"
 
 
-def signed64(value: int | None) -> int | None:
-    """uint64 hash -> int64 with the same bits (parquet and Arrow sort signed ints natively)."""
-    return None if value is None else value - (1 << 64) if value >= 1 << 63 else value
-
-
 def jsonable(value):
     """Parquet values made safe for JSON: NaN -> null, bytes -> text."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -69,8 +64,6 @@ def jsonable(value):
 
 def prepare(body: bytes, cfg: EngineConfig, conditioner) -> Prepared:
     """The CPU stages for one body; raises Rejected for an unusable image."""
-    from .write import encode_jpeg, encode_png
-
     image = decode(body, cfg.image)
     hashes = None
     if cfg.dedup.enabled:
@@ -209,8 +202,9 @@ class ShardRun:
         """Write the sample unless the dedup index already holds the image."""
         found = {"width": prep.width, "height": prep.height, "format": prep.format, **fetched}
         if prep.hashes:
-            found.update(content_hash=signed64(prep.hashes[0]), pixel_hash=signed64(prep.hashes[1]),
-                         phash=signed64(prep.hashes[2]))
+            # int64 with the hashes' bits: the columns dedup.iter_rebuild_items reads on resume
+            found.update(content_hash=D.to_int64(prep.hashes[0]), pixel_hash=D.to_int64(prep.hashes[1]),
+                         phash=D.to_int64(prep.hashes[2]))
         duplicate = await self.dedup(index, prep)
         if duplicate:
             return self.finish(index, duplicate[0], f"duplicate of {duplicate[1]}",
