@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from . import dedup as D
 from .config import EngineConfig
+from .counter import ProgressCounter
 from .plan import Shard, iter_shards, list_inputs
 from .shard import process_shard
 from .write import remove_stale_tmp, shard_name, write_json
@@ -90,7 +91,7 @@ class RayRunner:
             self.owns_ray = True
         else:
             self.owns_ray = False
-        self.progress_actor = ray.remote(_Counter).options(num_cpus=0).remote()
+        self.progress_actor = ray.remote(ProgressCounter).options(num_cpus=0).remote()
         # Threaded actors: searches run in parallel; the shard's own lock keeps claims atomic.
         self.index = [ray.remote(D.DedupShard).options(num_cpus=0, max_concurrency=8)
                       .remote(self.cfg.dedup.near_distance)
@@ -142,21 +143,6 @@ class RayRunner:
             for ref in in_flight:
                 ray.cancel(ref, force=True)
             raise
-
-
-class _Counter:
-    """A tiny Ray actor that tasks report progress to and the driver drains."""
-
-    def __init__(self):
-        self.rows = self.written = 0
-
-    def add(self, rows: int, written: int) -> None:
-        self.rows += rows
-        self.written += written
-
-    def take(self) -> tuple[int, int]:
-        rows, written, self.rows, self.written = self.rows, self.written, 0, 0
-        return rows, written
 
 
 def _ray_call(actor, method: str, *args):

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image
 
 from .decode import turbojpeg
@@ -83,6 +82,10 @@ class TarShard:
     """A tar being written under a temporary name; `commit` renames it into place."""
 
     def __init__(self, final: Path):
+        # Imported here: webdataset imports torch (seconds and hundreds of MB), which only the
+        # processes that write tars should pay for, not the driver or the index actors.
+        import webdataset as wds
+
         self.final, self.tmp = final, tmp_path(final)
         self.stream = open(self.tmp, "wb")
         self.writer = wds.TarWriter(self.stream, encoder=False)
