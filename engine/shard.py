@@ -34,6 +34,11 @@ Report = Callable[[int, int], None]  # (rows finished, samples written) since th
 Claim = Callable[[list], list]       # dedup claims -> verdicts, blocking (engine/dedup.py)
 
 
+class IndexUnavailable(RuntimeError):
+    """The dedup index did not answer: the whole shard fails (and is retried or left pending),
+    since writing without dedup, or dropping rows as errors, would both be wrong."""
+
+
 @dataclass
 class Prepared:
     """A decoded, checked, cropped and conditioned image, encoded and ready for the tar."""
@@ -164,7 +169,10 @@ class ShardRun:
         """(outcome, owner key) when the index already holds this image, else None."""
         if not self.claims or prep.hashes is None:
             return None
-        verdict = await self.claims.submit(D.Claim(self.key(index), *prep.hashes))
+        try:
+            verdict = await self.claims.submit(D.Claim(self.key(index), *prep.hashes))
+        except Exception as exc:
+            raise IndexUnavailable(f"dedup index failed: {type(exc).__name__}: {exc}") from exc
         if verdict.status == "new":
             return None
         outcome = O.DUPLICATE_EXACT if verdict.status == "duplicate_exact" else O.DUPLICATE_NEAR
@@ -225,6 +233,8 @@ class ShardRun:
             # Held until the sample is written: bounds the bodies and encoded samples held at once.
             async with gate:
                 await self.download(index, session)
+        except IndexUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 -- one policy: an unforeseen failure is this row's outcome
             if self.records[index] is None:
                 self.finish(index, O.ERROR, f"{type(exc).__name__}: {exc}")

@@ -172,3 +172,20 @@ def test_every_filter_outcome_is_counted(corpus, tmp_path):
     for outcome in (O.FILTERED_PUNSAFE, O.FILTERED_WATERMARK, O.FILTERED_AESTHETIC, O.FILTERED_SIMILARITY,
                     O.EMPTY_CAPTION, O.LOW_COLOR):
         assert stats["outcomes"].get(outcome, 0) > 0, f"the corpus must exercise {outcome}"
+
+
+def test_a_failing_dedup_index_fails_the_shard_instead_of_writing_it(corpus, tmp_path):
+    """No tar, no stats, so the driver retries it or the rerun redoes it; rows are never lost."""
+    from engine.plan import iter_shards
+    from engine.shard import process_shard
+
+    def broken_index(claims):
+        raise ConnectionError("index actor died")
+
+    cfg = EngineConfig(inputs=(str(corpus.parquet),), output=str(tmp_path), shard_size=16, workers=1,
+                       fetch=FAST, progress=False, runner="local")
+    shard = next(s for s in iter_shards(cfg.inputs, 16)
+                 if "files/" in "".join(u or "" for u in s.table.column("url").to_pylist()))
+    status = process_shard(shard, cfg, claim=broken_index)
+    assert not status["ok"] and "index actor died" in status["error"]
+    assert list(tmp_path.iterdir()) == []
