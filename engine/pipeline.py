@@ -176,7 +176,8 @@ def completed(output: Path) -> dict[int, dict]:
             stats = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # unreadable means not done; the shard is redone
-        if (output / f"{shard_name(stats['shard'])}.tar").exists():
+        name = shard_name(stats["shard"])
+        if (output / f"{name}.tar").exists() and (output / f"{name}.parquet").exists():
             done[stats["shard"]] = stats
     return done
 
