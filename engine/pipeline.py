@@ -174,9 +174,9 @@ def completed(output: Path) -> dict[int, dict]:
     for path in output.glob("[0-9][0-9][0-9][0-9][0-9]*.stats.json"):
         try:
             stats = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            name = shard_name(int(stats["shard"]))
+        except (OSError, ValueError, KeyError, TypeError):
             continue  # unreadable means not done; the shard is redone
-        name = shard_name(stats["shard"])
         if (output / f"{name}.tar").exists() and (output / f"{name}.parquet").exists():
             done[stats["shard"]] = stats
     return done
