@@ -182,6 +182,16 @@ def completed(output: Path) -> dict[int, dict]:
     return done
 
 
+def check_compatible(cfg: EngineConfig, done: dict[int, dict]) -> None:
+    """Refuse to resume into shards cut or cropped differently (their keys and rows would not match)."""
+    for stats in done.values():
+        for field, flag, value in (("shard_size", "--shard-size", cfg.shard_size),
+                                   ("image_size", "--image-size", cfg.image.image_size)):
+            if stats.get(field, value) != value:
+                raise ValueError(f"{cfg.output} holds shards made with {flag} {stats[field]}, not {value}: "
+                                 f"rerun with {flag} {stats[field]} or choose another --output")
+
+
 def count_rows(inputs) -> int:
     """Input rows, from the parquet footers (no data read)."""
     return sum(pq.ParquetFile(p).metadata.num_rows for p in list_inputs(inputs))
@@ -244,6 +254,7 @@ def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) 
     remove_stale_tmp(out)
     rows = count_rows(cfg.inputs)
     done = completed(out)
+    check_compatible(cfg, done)
     todo = (s for s in iter_shards(cfg.inputs, cfg.shard_size, cfg.url_col, cfg.caption_col)
             if s.shard_id not in done)
     progress = Progress(rows, sum(s["rows"] for s in done.values()), cfg.progress)

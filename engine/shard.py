@@ -267,6 +267,7 @@ class ShardRun:
         counts = Counter(r["outcome"] for r in self.records)
         return {
             "shard": self.shard.shard_id, "first_row": self.shard.first_row, "rows": len(self.rows),
+            "shard_size": self.cfg.shard_size, "image_size": self.cfg.image.image_size,
             "outcomes": dict(sorted(counts.items())), "written": self.written, "bytes_downloaded": self.bytes,
             "seconds": round(seconds, 3), "images_per_s": round(self.written / seconds, 2) if seconds else 0.0,
             "duplicate_clusters": [{"owner": k, "count": n, "example_url": self.examples[k]}

@@ -233,3 +233,13 @@ def test_empty_input_and_a_busy_output_folder(tmp_path):
         res = subprocess.run([sys.executable, "-m", "engine", "shards", str(empty), "--output",
                               str(tmp_path / "out"), "--runner", "local"], capture_output=True, text=True)
     assert res.returncode == 2 and "another run" in res.stderr
+
+
+def test_resuming_with_another_shard_size_is_refused(corpus, local_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(local_run, out)
+    res = subprocess.run(engine_cmd(corpus.parquet, out, "--runner", "local", "--shard-size", "8"),
+                         capture_output=True, text=True, timeout=120)  # the last --shard-size wins
+    assert res.returncode == 2 and "--shard-size 16" in res.stderr
