@@ -5,6 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 USER_AGENT = "ctrlnet-forge/0.1 (+https://github.com/ctrlnet-forge; image dataset builder; honours X-Robots-Tag noai)"
 
 
@@ -125,7 +134,7 @@ class EngineConfig:
     """Folder for NNNNN.tar / .parquet / .stats.json and the run's stats.json."""
     shard_size: int = 10_000
     """Input rows per shard (img2dataset's --number_sample_per_shard)."""
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=usable_cores)
     """Shard tasks running at once (img2dataset's --processes_count)."""
     ray_address: str | None = None
     """Join this Ray cluster ('auto' or host:port); default starts a local Ray."""
