@@ -301,29 +301,30 @@ def _search_kernel(queries, k, hashes, n_static, n_total, starts, widths, kbits,
                             if n < cap:
                                 out[n, 0], out[n, 1], out[n, 2] = qi, idj[p], d
                             n += 1
-        for i in range(n_static, n_total):
-            d = _popcount(hashes[i] ^ q)
-            if d <= uk:
-                if n < cap:
-                    out[n, 0], out[n, 1], out[n, 2] = qi, i, d
-                n += 1
+        n = _scan_range(q, qi, uk, hashes, n_static, n_total, out, n)
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _scan_range(q, qi, uk, hashes, lo, hi, out, n):
+    """Append (query, entry, distance) for hashes[lo:hi] within uk of q; returns the new count."""
+    cap = out.shape[0]
+    for i in range(lo, hi):
+        d = _popcount(hashes[i] ^ q)
+        if d <= uk:
+            if n < cap:
+                out[n, 0], out[n, 1], out[n, 2] = qi, i, d
+            n += 1
     return n
 
 
 @njit(nogil=True, cache=True)
 def _scan_kernel(queries, k, hashes, n_total, out):
     """Like _search_kernel by a plain scan of hashes[:n_total] (the small table of pending claims)."""
-    cap = out.shape[0]
     n = 0
     uk = np.uint64(k)
     for qi in range(queries.shape[0]):
-        q = queries[qi]
-        for i in range(n_total):
-            d = _popcount(hashes[i] ^ q)
-            if d <= uk:
-                if n < cap:
-                    out[n, 0], out[n, 1], out[n, 2] = qi, i, d
-                n += 1
+        n = _scan_range(queries[qi], qi, uk, hashes, 0, n_total, out, n)
     return n
 
 
