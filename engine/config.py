@@ -91,6 +91,18 @@ class ImageConfig:
             raise ValueError("--jpeg-quality must be within 1..100")
 
 
+    def size_problem(self, width: float, height: float) -> tuple[str, str] | None:
+        """("small" | "aspect", reason) when a width x height image fails the size rules, else None.
+
+        One rule for both places it is applied: parquet sizes before download, decoded sizes after.
+        """
+        if min(width, height) < self.min_image_size:
+            return "small", f"{int(width)}x{int(height)} below {self.min_image_size}"
+        if max(width, height) / min(width, height) > self.max_aspect_ratio:
+            return "aspect", f"{int(width)}x{int(height)} beyond ratio {self.max_aspect_ratio}"
+        return None
+
+
 @dataclass(frozen=True)
 class FilterConfig:
     """Optional filters, all off by default: metadata thresholds before download, colour after decode."""

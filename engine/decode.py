@@ -109,10 +109,9 @@ def check_size(width: int, height: int, cfg: ImageConfig) -> None:
     """Reject images too small, too elongated or too large (bomb guard) from their size alone."""
     if width * height > cfg.max_pixels:
         raise Rejected(O.DECOMPRESSION_BOMB, f"{width}x{height} exceeds {cfg.max_pixels} pixels")
-    if min(width, height) < cfg.min_image_size:
-        raise Rejected(O.TOO_SMALL, f"{width}x{height} below {cfg.min_image_size}")
-    if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
-        raise Rejected(O.BAD_ASPECT, f"{width}x{height} beyond ratio {cfg.max_aspect_ratio}")
+    problem = cfg.size_problem(width, height)
+    if problem:
+        raise Rejected(O.TOO_SMALL if problem[0] == "small" else O.BAD_ASPECT, problem[1])
 
 
 def jpeg_scale(width: int, height: int, target: int) -> tuple[int, int]:

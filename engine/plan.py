@@ -164,10 +164,9 @@ def prefilter(row: dict, image: ImageConfig, filters: FilterConfig) -> tuple[str
         return O.INVALID_URL, bad
     w, h = _number(row, ("width",)), _number(row, ("height",))
     if w and h and w > 0 and h > 0:
-        if min(w, h) < image.min_image_size:
-            return O.FILTERED_SIZE, f"{int(w)}x{int(h)} below {image.min_image_size}"
-        if max(w, h) / min(w, h) > image.max_aspect_ratio:
-            return O.FILTERED_ASPECT, f"{int(w)}x{int(h)} beyond ratio {image.max_aspect_ratio}"
+        problem = image.size_problem(w, h)
+        if problem:
+            return (O.FILTERED_SIZE if problem[0] == "small" else O.FILTERED_ASPECT), problem[1]
     checks = (
         ("punsafe", filters.max_punsafe, O.FILTERED_PUNSAFE, lambda v, t: v > t),
         ("pwatermark", filters.max_pwatermark, O.FILTERED_WATERMARK, lambda v, t: v > t),
