@@ -60,3 +60,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_rows(out):
+    """Every per-shard parquet of an engine run (one row per input row), concatenated (pa.Table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("[0-9]*.parquet"))])

@@ -23,14 +23,15 @@ from engine.caption import clean_caption
 from engine.config import DedupConfig, EngineConfig, FetchConfig, FilterConfig
 from engine.pipeline import run
 
+from .conftest import run_rows
+
 pytestmark = pytest.mark.slow
 FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024)
 GROUP_KINDS = ("original", "same_bytes_other_url", "reencoded_q70", "resized_85", "webp")
 
 
 def outcomes_by_row(out: Path) -> dict[int, tuple[str, str]]:
-    table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("[0-9]*.parquet"))])
-    return {r["row"]: (r["outcome"], r["key"]) for r in table.select(["row", "outcome", "key"]).to_pylist()}
+    return {r["row"]: (r["outcome"], r["key"]) for r in run_rows(out).select(["row", "outcome", "key"]).to_pylist()}
 
 
 @pytest.fixture(scope="module")

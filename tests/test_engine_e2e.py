@@ -27,6 +27,8 @@ from engine.condition import make_conditioner, parse_palette
 from engine.config import EngineConfig, FetchConfig
 from engine.pipeline import run
 
+from .conftest import run_rows
+
 pytestmark = pytest.mark.slow
 FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024)
 PALETTE = {tuple(c) for c in parse_palette("black,gray50,white")}
@@ -35,11 +37,6 @@ PALETTE = {tuple(c) for c in parse_palette("black,gray50,white")}
 def corpus_rows(parquet: Path) -> list[dict]:
     """The corpus rows without the caption column (which holds deliberately invalid UTF-8)."""
     return pq.read_table(parquet, columns=["URL", "expected_outcome", "case", "source"]).to_pylist()
-
-
-def row_outcomes(out: Path) -> pa.Table:
-    """Every per-shard parquet of a run, concatenated."""
-    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("[0-9]*.parquet"))])
 
 
 def engine_cfg(parquet: Path, out: Path, **kw) -> EngineConfig:
@@ -58,7 +55,7 @@ def check_run(out: Path, corpus_parquet: Path) -> dict:
     rows = corpus_rows(corpus_parquet)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows"] == len(rows) and sum(stats["outcomes"].values()) == len(rows)
-    table = row_outcomes(out)
+    table = run_rows(out)
     assert sorted(table.column("row").to_pylist()) == list(range(len(rows)))  # one record per input row
     got = dict(zip(table.column("row").to_pylist(), table.column("outcome").to_pylist(), strict=False))
     wrong = {(i, r["case"]): (got[i], r["expected_outcome"]) for i, r in enumerate(rows)
@@ -92,7 +89,7 @@ def any_run(request, corpus, tmp_path):
 def test_every_row_gets_its_expected_outcome(corpus, any_run):
     out = any_run
     stats = check_run(out, corpus.parquet)
-    ok_keys = set(row_outcomes(out).filter(pa.compute.equal(row_outcomes(out).column("outcome"), "ok"))
+    ok_keys = set(run_rows(out).filter(pa.compute.equal(run_rows(out).column("outcome"), "ok"))
                   .column("key").to_pylist())
     samples = read_samples(out)
     assert set(samples) == ok_keys and len(ok_keys) == stats["outcomes"][O.OK]
@@ -113,7 +110,7 @@ def test_every_row_gets_its_expected_outcome(corpus, any_run):
 def test_exif_rotated_images_come_out_upright(corpus, local_run):
     out = local_run
     rows = corpus_rows(corpus.parquet)
-    keys = dict(zip(row_outcomes(out).column("row").to_pylist(), row_outcomes(out).column("key").to_pylist(), strict=False))
+    keys = dict(zip(run_rows(out).column("row").to_pylist(), run_rows(out).column("key").to_pylist(), strict=False))
     samples = read_samples(out)
     exif_rows = [i for i, r in enumerate(rows) if r["case"].startswith("exif_rotated")]
     assert exif_rows
