@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import ray
 
 from . import dedup as D
 from .config import EngineConfig
@@ -83,8 +84,6 @@ class RayRunner:
         self.cfg = cfg
 
     def __enter__(self):
-        import ray
-
         if not ray.is_initialized():
             kwargs = {"address": self.cfg.ray_address} if self.cfg.ray_address else {"num_cpus": self.cfg.workers}
             ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR", **kwargs)
@@ -99,8 +98,6 @@ class RayRunner:
         return self
 
     def __exit__(self, *exc):
-        import ray
-
         if self.owns_ray:
             ray.shutdown()
         return False
@@ -111,8 +108,6 @@ class RayRunner:
 
     def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
         """Keep `workers` tasks (plus a small queue) in flight until every shard has a status."""
-        import ray
-
         task = ray.remote(_shard_task).options(num_cpus=1, max_retries=0)
         in_flight: dict = {}
         limit = self.cfg.workers + max(1, self.cfg.workers // 4)
@@ -147,8 +142,6 @@ class RayRunner:
 
 def _ray_call(actor, method: str, *args):
     """How the dedup client calls an index actor from inside a task."""
-    import ray
-
     return ray.get(getattr(actor, method).remote(*args))
 
 
@@ -160,8 +153,6 @@ def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor) -> dict
 
 def _result(ref, shard: Shard) -> dict:
     """A task's status record, or a failed one when its worker died."""
-    import ray
-
     try:
         return ray.get(ref)
     except Exception as exc:  # noqa: BLE001 -- a dead worker is a failed attempt, not a crash
