@@ -61,8 +61,12 @@ corpus: setup  ## build the sample corpus and serve it on 127.0.0.1:$(CORPUS_POR
 corpus-stop:  ## stop the sample corpus server
 	@test -f $(CORPUS_DIR)/server.pid && kill $$(cat $(CORPUS_DIR)/server.pid) && rm -f $(CORPUS_DIR)/server.pid || true
 
+# The sample corpus is served on loopback, which the engine fetches only when told (docs/SECURITY.md);
+# any other INPUT keeps the default: public addresses only.
+SHARDS_NET = $(if $(filter $(CORPUS_DIR)/corpus.parquet,$(INPUT)),--allow-private-network)
+
 shards: setup  ## make shards INPUT=laion.parquet OUTPUT=shards/ [ENGINE_ARGS='--workers 16'] (default INPUT: the sample corpus)
-	$(PY) -m engine shards $(INPUT) --output $(or $(OUTPUT),shards) $(ENGINE_ARGS)
+	$(PY) -m engine shards $(INPUT) --output $(or $(OUTPUT),shards) $(SHARDS_NET) $(ENGINE_ARGS)
 
 train: setup  ## make train SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=... [TRAIN_ARGS=...]
 	@test -n "$(SHARDS)" || { echo "give SHARDS=, e.g. make train SHARDS='shards/{00000..00003}.tar' MODEL=... OUTPUT=run/"; exit 2; }

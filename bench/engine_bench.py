@@ -242,7 +242,7 @@ def run_engine(urls: Path, out: Path, a: argparse.Namespace) -> ToolRun:
     cmd = [sys.executable, "-m", "engine", "shards", str(urls), "--output", str(out),
            "--workers", str(a.workers), "--concurrency", str(a.concurrency), "--shard-size", str(a.shard_size),
            "--image-size", str(a.image_size), "--min-image-size", "512", "--max-aspect-ratio", "2",
-           "--timeout", "10", "--retries", "2", "--no-progress", *a.engine_args]
+           "--timeout", "10", "--retries", "2", "--no-progress", "--allow-private-network", *a.engine_args]
     load = os.getloadavg()[0]
     seconds = timed(cmd, out.with_suffix(".log"))
     stats = json.loads((out / "stats.json").read_text())

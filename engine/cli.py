@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from . import outcomes as O
 from .config import DedupConfig, EngineConfig, FetchConfig, FilterConfig, ImageConfig
 
 
@@ -47,6 +48,8 @@ def shards_parser(sub) -> None:
     _opt(g, "--max-redirects", type=int, default=f.max_redirects, help="redirect hops followed")
     _opt(g, "--user-agent", default=f.user_agent, help="User-Agent header")
     _opt(g, "--ignore-optout", action="store_true", help="download images whose X-Robots-Tag says noai/noimageai")
+    _opt(g, "--allow-private-network", action="store_true",
+         help="also fetch loopback/private/link-local addresses (default: public addresses only)")
     g = p.add_argument_group("images")
     _opt(g, "--image-size", type=int, default=i.image_size, help="side of the square crop (multiple of 64)")
     _opt(g, "--min-image-size", type=int, default=i.min_image_size, help="smallest shorter side accepted")
@@ -78,7 +81,8 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
         caption_col=a.caption_col, progress=not a.no_progress,
         fetch=FetchConfig(concurrency=a.concurrency, timeout=a.timeout, connect_timeout=a.connect_timeout,
                           retries=a.retries, max_bytes=a.max_bytes, max_redirects=a.max_redirects,
-                          user_agent=a.user_agent, respect_optout=not a.ignore_optout),
+                          user_agent=a.user_agent, respect_optout=not a.ignore_optout,
+                          allow_private_network=a.allow_private_network),
         image=ImageConfig(image_size=a.image_size, min_image_size=a.min_image_size,
                           max_aspect_ratio=a.max_aspect_ratio, max_pixels=a.max_pixels,
                           jpeg_quality=a.jpeg_quality, resize_filter=a.resize_filter,
@@ -120,6 +124,9 @@ def run_shards(a: argparse.Namespace) -> int:
         return 130
     print(summary(stats))
     print(f"shards in {Path(cfg.output).resolve()}")
+    if stats["outcomes"].get(O.BLOCKED_ADDRESS):
+        print(f"{stats['outcomes'][O.BLOCKED_ADDRESS]} rows point at non-public addresses (blocked_address); "
+              "--allow-private-network fetches them", file=sys.stderr)
     if stats["outcomes"].get(PENDING):
         print(f"{stats['outcomes'][PENDING]} rows pending: rerun the same command to finish", file=sys.stderr)
         return 1

@@ -39,6 +39,10 @@ class FetchConfig:
     """User-Agent header sent with every request."""
     respect_optout: bool = True
     """Skip images whose X-Robots-Tag says noai or noimageai."""
+    allow_private_network: bool = False
+    """Also fetch loopback, private, link-local and other non-public addresses (the sample corpus on
+    127.0.0.1, an intranet mirror). Off: such hosts, redirect targets included, end as blocked_address
+    with no request sent (engine/netpolicy.py, docs/SECURITY.md)."""
 
     def __post_init__(self):
         if self.concurrency < 1:

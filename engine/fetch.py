@@ -2,19 +2,25 @@
 
 Only this module knows about aiohttp. One session per shard task; the caller bounds concurrency
 (and therefore the number of bodies in memory) with a semaphore around `fetch`.
+The session enforces the network policy (engine/netpolicy.py) at connection time: see `make_session`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from . import outcomes as O
 from .config import FetchConfig
+from .netpolicy import Allowed, is_public, refused_host, strip_credentials
 
 OPTOUT_DIRECTIVES = {"noai", "noimageai"}
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
@@ -43,12 +49,65 @@ class _Failure(Exception):
         self.outcome, self.reason, self.retry, self.status = outcome, reason, retry, status
 
 
-def make_session(cfg: FetchConfig) -> aiohttp.ClientSession:
-    """One session per shard task: pooled connections, our User-Agent, transparent gzip."""
-    connector = aiohttp.TCPConnector(limit=cfg.concurrency, ttl_dns_cache=300, enable_cleanup_closed=True)
+class BlockedAddress(Exception):
+    """A host the network policy refuses; raised before any byte is sent to it."""
+
+
+class GuardedResolver(AbstractResolver):
+    """DNS through `inner`, refusing a host when ANY of its addresses fails `allowed`.
+
+    aiohttp connects only to the addresses its resolver returns, so the addresses checked are the
+    ones connected to: a name cannot be re-pointed (DNS rebinding) between check and connect.
+    A host with one private address among public ones is refused whole, not filtered: its owner
+    points it at a private network, which is reason enough not to trust it.
+    """
+
+    def __init__(self, allowed: Allowed, inner: AbstractResolver | None = None):
+        self.allowed, self.inner = allowed, inner or DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        """The inner resolver's answer, or BlockedAddress naming the first refused address."""
+        found = await self.inner.resolve(host, port, family)
+        refused = [r["host"] for r in found if not self.allowed(r["host"])]
+        if refused:
+            raise BlockedAddress(f"{host} resolves to {refused[0]}, not a public address "
+                                 "(--allow-private-network fetches it)")
+        return found
+
+    async def close(self) -> None:
+        """Close the inner resolver."""
+        await self.inner.close()
+
+
+def literal_guard(allowed: Allowed):
+    """Client middleware refusing IP-literal hosts (aiohttp never asks the resolver about those)."""
+
+    async def guard(request: aiohttp.ClientRequest, handler):
+        reason = refused_host(request.url.host, allowed)
+        if reason:
+            raise BlockedAddress(reason)
+        return await handler(request)
+
+    return guard
+
+
+def make_session(cfg: FetchConfig, allowed: Allowed | None = None,
+                 resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:
+    """One session per shard task: pooled connections, our User-Agent, transparent gzip, and the
+    network policy on every request and redirect hop (names via the resolver, IP literals via a
+    middleware) unless cfg.allow_private_network. `allowed` (default: public addresses only) and
+    `resolver` (default: aiohttp's) let a test stand in for the address rule and for DNS."""
+    if not cfg.allow_private_network:
+        allowed = allowed or is_public
+        resolver = GuardedResolver(allowed, resolver)
+    connector = aiohttp.TCPConnector(limit=cfg.concurrency, ttl_dns_cache=300, enable_cleanup_closed=True,
+                                     resolver=resolver)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.timeout)
     headers = {"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"}
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+    # trust_env stays off: an HTTP(S)_PROXY from the environment would resolve hosts past the policy.
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers, trust_env=False,
+                                 middlewares=() if cfg.allow_private_network else (literal_guard(allowed),))
 
 
 def opted_out(headers) -> str | None:
@@ -63,11 +122,11 @@ def opted_out(headers) -> str | None:
 
 
 def _redirect_target(url: str, resp: aiohttp.ClientResponse, seen: set[str]) -> str:
-    """The next hop of a redirect, checked for scheme and loops."""
+    """The next hop of a redirect, checked for scheme and loops (its host is checked on connect)."""
     location = resp.headers.get("Location")
     if not location:
         raise _Failure(O.REDIRECT_ERROR, f"{resp.status} without Location")
-    target = urljoin(url, location)
+    target = strip_credentials(urljoin(url, location))
     scheme = urlsplit(target).scheme.lower()
     if scheme not in ("http", "https"):
         raise _Failure(O.REDIRECT_ERROR, f"redirect to {scheme or 'relative'}: scheme")
@@ -110,20 +169,28 @@ async def _attempt(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -
     raise _Failure(O.REDIRECT_ERROR, f"more than {cfg.max_redirects} redirects")
 
 
-def _caused_by(exc: BaseException, kind: type) -> bool:
-    """Whether `kind` is anywhere in the exception's cause chain."""
+def _cause(exc: BaseException, kind: type) -> BaseException | None:
+    """The first exception of `kind` in the exception's cause chain, or None."""
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, kind):
-            return True
+            return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    return None
+
+
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    """Whether `kind` is anywhere in the exception's cause chain."""
+    return _cause(exc, kind) is not None
 
 
 def _classify(exc: BaseException) -> _Failure:
     """Map a library exception to an outcome; the retry flag marks transient ones."""
     if isinstance(exc, _Failure):
         return exc
+    blocked = _cause(exc, BlockedAddress)
+    if blocked is not None:  # never retried: no request was sent, and the answer will not change
+        return _Failure(O.BLOCKED_ADDRESS, str(blocked)[:200])
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return _Failure(O.TIMEOUT, "timed out", True)
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -132,6 +199,11 @@ def _classify(exc: BaseException) -> _Failure:
         if _caused_by(exc, ConnectionResetError) or "ConnectionResetError" in str(exc):
             return _Failure(O.CONNECTION_ERROR, f"connection reset mid-body: {exc}"[:200], True)
         return _Failure(O.INCOMPLETE_BODY, f"body cut short: {exc}"[:200], True)
+    if isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)):
+        # Before the ValueError branch: a certificate error is a ValueError too, yet says nothing
+        # about the URL. A certificate that fails verification stays failed; other TLS errors may pass.
+        certificate = isinstance(exc, (aiohttp.ClientConnectorCertificateError, ssl.CertificateError))
+        return _Failure(O.CONNECTION_ERROR, f"TLS: {type(exc).__name__}: {exc}"[:200], not certificate)
     if isinstance(exc, (aiohttp.InvalidURL, UnicodeError, ValueError)):
         return _Failure(O.INVALID_URL, f"{type(exc).__name__}: {exc}"[:200])
     if isinstance(exc, (aiohttp.ClientError, OSError)):
@@ -147,6 +219,7 @@ def _backoff(cfg: FetchConfig, attempt: int) -> float:
 async def fetch(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> FetchResult:
     """Download one URL with retries; never raises (cancellation aside)."""
     start = time.monotonic()
+    url = strip_credentials(url)
     result = FetchResult(url=url)
     for attempt in range(1, cfg.retries + 2):
         result.attempts = attempt

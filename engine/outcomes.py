@@ -7,12 +7,14 @@ can group by them. "ok" is the only outcome that writes a sample.
 OK = "ok"
 # before any download (plan stage, metadata only)
 INVALID_URL = "invalid_url"              # null, empty, not http(s), unparsable
+# before any request (IP literals at plan time; names after DNS, at connection time; every redirect hop)
+BLOCKED_ADDRESS = "blocked_address"      # host is or resolves to a non-public address; never retried
 FILTERED_SIZE = "filtered_size"          # parquet WIDTH/HEIGHT below --min-image-size
 FILTERED_ASPECT = "filtered_aspect"      # parquet WIDTH/HEIGHT beyond --max-aspect-ratio
 # fetch stage
 HTTP_ERROR = "http_error"                # 4xx/5xx after retries (reason holds the status)
 TIMEOUT = "timeout"                      # connect or total timeout, slow drip included
-CONNECTION_ERROR = "connection_error"    # refused, reset, DNS, TLS
+CONNECTION_ERROR = "connection_error"    # refused, reset, DNS, TLS (reason "TLS: ..." for certificates)
 INCOMPLETE_BODY = "incomplete_body"      # connection closed before Content-Length bytes arrived
 TOO_LARGE = "too_large"                  # body beyond --max-bytes
 REDIRECT_ERROR = "redirect_error"        # loop, too many hops, or a non-http(s) target
@@ -26,7 +28,8 @@ BAD_ASPECT = "bad_aspect"                # decoded aspect ratio beyond --max-asp
 # anything a stage did not foresee; the reason column holds the exception
 ERROR = "error"
 
-FETCH_OUTCOMES = (HTTP_ERROR, TIMEOUT, CONNECTION_ERROR, INCOMPLETE_BODY, TOO_LARGE, REDIRECT_ERROR, OPTED_OUT)
+FETCH_OUTCOMES = (HTTP_ERROR, TIMEOUT, CONNECTION_ERROR, INCOMPLETE_BODY, TOO_LARGE, REDIRECT_ERROR, OPTED_OUT,
+                  BLOCKED_ADDRESS)
 DECODE_OUTCOMES = (NOT_AN_IMAGE, DECODE_ERROR, DECOMPRESSION_BOMB, TOO_SMALL, BAD_ASPECT)
 
 # optional filters (engine/config.py FilterConfig), each off by default

@@ -13,10 +13,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import outcomes as O
 from .config import FilterConfig, ImageConfig
+from .netpolicy import CREDENTIALS, refused_url
 
 URL_NAMES = ("url", "image_url", "link")
 CAPTION_NAMES = ("text", "caption", "alt", "title")
@@ -78,7 +80,7 @@ def _normalize(batch: pa.RecordBatch, url_col: str | None, caption_col: str | No
     for name in names:
         col = _valid_text(table.column(name))
         if name == url:
-            cols.append(_as_string(col))
+            cols.append(_without_credentials(_as_string(col)))
             out_names.append("url")
         elif name == cap:
             cols.append(col)
@@ -116,6 +118,12 @@ def _as_string(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return pa.chunked_array([pa.array(values, pa.string())])
 
 
+def _without_credentials(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """URLs without `user:password@` (netpolicy.strip_credentials, vectorised): from here on no
+    stage can store or send them."""
+    return pc.replace_substring_regex(col, pattern=CREDENTIALS, replacement=r"\1", max_replacements=1)
+
+
 def iter_shards(inputs, shard_size: int, url_col: str | None = None, caption_col: str | None = None,
                 batch_rows: int = 65_536) -> Iterator[Shard]:
     """Stream all input rows in order and yield them cut into shards of `shard_size` rows."""
@@ -139,10 +147,14 @@ def check_url(url: object) -> str | None:
     """Why a URL cannot be fetched, or None when it looks like an http(s) address."""
     if url is None or not isinstance(url, str) or not url.strip():
         return "missing url"
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+    except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 host
+        return f"unparsable url: {exc}"
     if parts.scheme.lower() not in ("http", "https"):
         return f"unsupported scheme {parts.scheme!r}" if parts.scheme else "not an absolute url"
-    if not parts.hostname:
+    if not host:
         return "no host in url"
     return None
 
@@ -157,11 +169,18 @@ def _number(row: dict, names: tuple[str, ...]) -> float | None:
     return None
 
 
-def prefilter(row: dict, image: ImageConfig, filters: FilterConfig) -> tuple[str, str] | None:
-    """Outcome and reason for a row dropped on its metadata alone, or None to download it."""
+def prefilter(row: dict, image: ImageConfig, filters: FilterConfig,
+              allow_private_network: bool = False) -> tuple[str, str] | None:
+    """Outcome and reason for a row dropped on its metadata alone, or None to download it.
+
+    A URL whose host is a non-public IP literal is refused here; names are judged after DNS, by fetch.
+    """
     bad = check_url(row.get("url"))
     if bad:
         return O.INVALID_URL, bad
+    blocked = None if allow_private_network else refused_url(row["url"])
+    if blocked:
+        return O.BLOCKED_ADDRESS, blocked
     w, h = _number(row, ("width",)), _number(row, ("height",))
     if w and h and w > 0 and h > 0:
         problem = image.size_problem(w, h)

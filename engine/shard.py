@@ -184,7 +184,7 @@ class ShardRun:
     def screen(self, index: int) -> tuple[str, str] | None:
         """Outcome and reason for a row dropped before download (metadata, empty caption)."""
         row = self.rows[index]
-        dropped = prefilter(row, self.cfg.image, self.cfg.filters)
+        dropped = prefilter(row, self.cfg.image, self.cfg.filters, self.cfg.fetch.allow_private_network)
         if dropped is None and self.cfg.filters.drop_empty_captions and not clean_caption(row.get("caption")):
             dropped = O.EMPTY_CAPTION, "caption empty after cleaning"
         return dropped

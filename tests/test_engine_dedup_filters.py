@@ -26,7 +26,8 @@ from engine.pipeline import run
 from .conftest import run_rows
 
 pytestmark = pytest.mark.slow
-FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024)
+FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024,
+                   allow_private_network=True)  # the corpus is served on loopback
 GROUP_KINDS = ("original", "same_bytes_other_url", "reencoded_q70", "resized_85", "webp")
 
 
@@ -115,7 +116,7 @@ def test_sigkill_and_resume_never_duplicate_a_completed_shards_image(dup_corpus,
     n_groups = max(g for g, _ in group_of) + 1
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "engine", "shards", str(parquet), "--output", str(out), "--workers", "1",
-           "--shard-size", str(n_groups), "--timeout", "1.5", "--retries", "1", "--no-progress"]
+           "--shard-size", str(n_groups), "--timeout", "1.5", "--retries", "1", "--no-progress", "--allow-private-network"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(out.glob("*.stats.json")):

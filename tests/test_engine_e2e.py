@@ -30,7 +30,8 @@ from engine.pipeline import run
 from .conftest import run_rows
 
 pytestmark = pytest.mark.slow
-FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024)
+FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024,
+                   allow_private_network=True)  # the corpus is served on loopback
 PALETTE = {tuple(c) for c in parse_palette("black,gray50,white")}
 
 
@@ -149,7 +150,7 @@ def test_rerun_of_a_complete_output_changes_nothing(corpus, local_run):
 def engine_cmd(parquet: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "engine", "shards", str(parquet), "--output", str(out), "--workers", "2",
             "--shard-size", "16", "--timeout", "1.5", "--retries", "1", "--max-bytes", str(8 << 20),
-            "--no-progress", *extra]
+            "--no-progress", "--allow-private-network", *extra]
 
 
 def test_sigkill_midway_then_rerun_gives_the_same_keys(corpus, local_run, tmp_path):

@@ -13,7 +13,9 @@ from engine.fetch import fetch, make_session
 
 pytestmark = pytest.mark.quick
 BODY = b"\xff\xd8\xff" + bytes(range(256)) * 64 + b"\xff\xd9"
-FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=2, backoff=0.01, max_bytes=64 * 1024)
+# The server is on loopback: these tests opt in to it (tests/test_netpolicy.py covers the default policy).
+FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=2, backoff=0.01, max_bytes=64 * 1024,
+                   allow_private_network=True)
 
 
 def routes(hits: dict) -> web.Application:
@@ -158,7 +160,7 @@ def test_gzip_is_decoded():
 
 
 def test_drip_times_out_within_bound():
-    cfg = FetchConfig(timeout=0.6, connect_timeout=0.5, retries=1, backoff=0.01)
+    cfg = FetchConfig(timeout=0.6, connect_timeout=0.5, retries=1, backoff=0.01, allow_private_network=True)
     r = run("/drip", cfg)
     assert r.outcome == O.TIMEOUT and r.attempts == 2 and r.seconds < 3
 
