@@ -174,7 +174,7 @@ def completed(output: Path) -> dict[int, dict]:
     for path in output.glob("[0-9][0-9][0-9][0-9][0-9]*.stats.json"):
         try:
             stats = json.loads(path.read_text())
-            if trusted(output, stats):
+            if path.name == f"{shard_name(int(stats['shard']))}.stats.json" and trusted(output, stats):
                 done[int(stats["shard"])] = stats
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError):
             continue  # unreadable means not done; the shard is redone

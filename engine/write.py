@@ -8,6 +8,7 @@ renames. Any failure on the way fails the whole shard (ShardWriteError), leaving
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -74,6 +75,11 @@ def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        # Some network and FUSE file systems cannot flush a folder; their renames are as durable as
+        # they make them, and failing every shard there would help no one.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -109,7 +109,7 @@ def test_tar_problem_names_what_is_wrong(tmp_path):
 
 @pytest.mark.quick
 @pytest.mark.parametrize("damage", ["tar_truncated", "tar_grown", "parquet_ok_flipped", "stats_written",
-                                    "parquet_missing", "legacy_tar_short"])
+                                    "parquet_missing", "marker_of_another_shard", "legacy_tar_short"])
 def test_resume_distrusts_a_shard_whose_files_disagree(tmp_path, damage):
     make_shard(tmp_path, 0, legacy=damage.startswith("legacy"))
     make_shard(tmp_path, 1, legacy=damage.startswith("legacy"))
@@ -130,6 +130,8 @@ def test_resume_distrusts_a_shard_whose_files_disagree(tmp_path, damage):
         marker.write_text(json.dumps({**stats, "written": 2, "outcomes": {"ok": 2, "http_error": 2}}))
     elif damage == "parquet_missing":
         parquet.unlink()
+    elif damage == "marker_of_another_shard":
+        shutil.copy(tmp_path / "00001.stats.json", marker)
     elif damage == "legacy_tar_short":  # made before sizes were recorded: the member list decides
         with tarfile.open(tar) as src, tarfile.open(tmp_path / "cut.tar", "w") as dst:
             for m in list(src)[:-4]:  # the last sample gone: 2 samples for 3 ok rows
