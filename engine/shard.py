@@ -28,7 +28,7 @@ from .decode import Rejected, decode
 from .fetch import fetch, make_session
 from .plan import Shard, prefilter
 from .quality import colorfulness
-from .write import TarShard, encode_jpeg, encode_png, shard_name, write_json, write_rows
+from .write import ShardWriteError, TarShard, encode_jpeg, encode_png, publish_shard, shard_name
 
 Report = Callable[[int, int], None]  # (rows finished, samples written) since the last call
 Claim = Callable[[list], list]       # dedup claims -> verdicts, blocking (engine/dedup.py)
@@ -233,8 +233,8 @@ class ShardRun:
             # Held until the sample is written: bounds the bodies and encoded samples held at once.
             async with gate:
                 await self.download(index, session)
-        except IndexUnavailable:
-            raise
+        except (IndexUnavailable, ShardWriteError):
+            raise  # the whole shard fails: no row may end `ok` without its sample
         except Exception as exc:  # noqa: BLE001 -- one policy: an unforeseen failure is this row's outcome
             if self.records[index] is None:
                 self.finish(index, O.ERROR, f"{type(exc).__name__}: {exc}")
@@ -275,26 +275,24 @@ class ShardRun:
         }
 
     def execute(self) -> dict:
-        """Process every row, then publish tar, parquet and (last) stats."""
+        """Process every row, then check and publish tar, parquet and (last) stats; an I/O error
+        anywhere fails the whole shard and leaves no temporary behind."""
         start = time.monotonic()
-        name = shard_name(self.shard.shard_id)
-        self.tar = TarShard(self.out / f"{name}.tar")
+        self.tar = TarShard(self.out / f"{shard_name(self.shard.shard_id)}.tar")
         try:
-            asyncio.run(self.run())
-            self.tar.commit()
+            try:
+                asyncio.run(self.run())
+            finally:  # queued tar writes end before the tar is closed or removed
+                self.cpu.shutdown(wait=True, cancel_futures=True)
+                self.io.shutdown(wait=True, cancel_futures=True)
+            missing = [i for i, r in enumerate(self.records) if r is None]
+            for i in missing:  # cannot happen by construction; guards the "counts add up" promise
+                self.finish(i, O.ERROR, "row lost")
+            ok_keys = [r["key"] for r in self.records if r["outcome"] == O.OK]
+            return publish_shard(self.tar, self.records, self.stats(time.monotonic() - start), ok_keys)
         except BaseException:
             self.tar.abort()
             raise
-        finally:
-            self.cpu.shutdown(wait=True)
-            self.io.shutdown(wait=True)
-        missing = [i for i, r in enumerate(self.records) if r is None]
-        for i in missing:  # cannot happen by construction; guards the "counts add up" promise
-            self.finish(i, O.ERROR, "row lost")
-        write_rows(self.records, self.out / f"{name}.parquet")
-        stats = self.stats(time.monotonic() - start)
-        write_json(stats, self.out / f"{name}.stats.json")
-        return stats
 
 
 def process_shard(shard: Shard, cfg: EngineConfig, claim: Claim | None = None,

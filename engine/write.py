@@ -1,15 +1,21 @@
 """Write: samples -> a WebDataset tar, plus the per-row parquet and the shard's stats.
 
 Every file is written under a temporary name and renamed into place, so a file with a final
-name is always whole. The stats file is renamed last: its presence marks the shard done.
+name is always whole. The stats file is renamed last: its presence marks the shard done. Before
+it is, the tar is read back against the shard's `ok` rows, and the folder is flushed after the
+renames. Any failure on the way fails the whole shard (ShardWriteError), leaving no temporary.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import tarfile
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,7 @@ from PIL import Image
 from .decode import turbojpeg
 
 TMP_SUFFIX = ".tmp"
+SAMPLE_MEMBERS = ("cond.png", "jpg", "json", "txt")  # the members TarShard.write gives every key
 # Per-row parquet schema: fixed columns first, so shards concatenate cleanly.
 ROW_SCHEMA = pa.schema([
     ("key", pa.string()), ("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
@@ -63,23 +70,66 @@ def publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (its renames) to disk, so a done marker never outlives its data."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some network and FUSE file systems cannot flush a folder; their renames are as durable as
+        # they make them, and failing every shard there would help no one.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def stage(final: Path, write: Callable[[Path], object]) -> Path:
+    """Write a flushed temporary sibling of `final` with `write`; nothing is left if that fails."""
+    tmp = tmp_path(final)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _dump(obj: dict) -> str:
+    """JSON as every file of the output folder is written."""
+    return json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+
+
 def write_json(obj: dict, final: Path) -> None:
     """Atomically write a JSON file."""
-    tmp = tmp_path(final)
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-    publish(tmp, final)
+    os.replace(stage(final, lambda tmp: tmp.write_text(_dump(obj))), final)
+
+
+def _rows_table(rows: list[dict]) -> pa.Table:
+    """The per-row records as the parquet schema."""
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
 def write_rows(rows: list[dict], final: Path) -> None:
     """Atomically write the per-row parquet (one row per input row)."""
-    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-    tmp = tmp_path(final)
-    pq.write_table(table, tmp)
-    publish(tmp, final)
+    table = _rows_table(rows)
+    os.replace(stage(final, lambda tmp: pq.write_table(table, tmp)), final)
+
+
+class ShardWriteError(RuntimeError):
+    """Writing a shard failed (disk full, file too large, I/O error) or its tar read back wrong.
+
+    Like the dedup index failing, it fails the whole shard (retried by the driver, then left
+    pending), since turning it into per-row errors would keep a tar missing `ok` samples."""
 
 
 class TarShard:
-    """A tar being written under a temporary name; `commit` renames it into place."""
+    """A tar being written under a temporary name; `commit` (or `publish_shard`) renames it into place.
+
+    The first failed write marks the tar broken: later writes fail at once with the same error,
+    so no row is counted `ok` after the tar stopped growing."""
 
     def __init__(self, final: Path):
         # Imported here: webdataset imports torch (seconds and hundreds of MB), which only the
@@ -90,28 +140,110 @@ class TarShard:
         self.stream = open(self.tmp, "wb")
         self.writer = wds.TarWriter(self.stream, encoder=False)
         self.count = 0
+        self.broken: str | None = None
 
     def write(self, key: str, jpg: bytes, cond_png: bytes, caption: str, meta: dict) -> None:
         """Append one sample: KEY.jpg, KEY.cond.png, KEY.txt, KEY.json."""
-        self.writer.write({
-            "__key__": key, "jpg": jpg, "cond.png": cond_png, "txt": caption.encode("utf-8"),
-            "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace"),
-        })
+        if self.broken:
+            raise ShardWriteError(self.broken)
+        try:
+            self.writer.write({
+                "__key__": key, "jpg": jpg, "cond.png": cond_png, "txt": caption.encode("utf-8"),
+                "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace"),
+            })
+        except Exception as exc:  # a half-written member leaves the tar unusable, whatever the cause
+            self.broken = f"writing {self.final.name}: {type(exc).__name__}: {exc}"
+            raise ShardWriteError(self.broken) from exc
         self.count += 1
+
+    def close(self) -> None:
+        """End the archive under its temporary name and flush it to disk."""
+        if self.broken:
+            raise ShardWriteError(self.broken)
+        try:
+            try:
+                self.writer.close()
+                self.stream.flush()
+                os.fsync(self.stream.fileno())
+            finally:
+                self.stream.close()
+        except OSError as exc:
+            self.broken = f"closing {self.final.name}: {type(exc).__name__}: {exc}"
+            raise ShardWriteError(self.broken) from exc
 
     def commit(self) -> None:
         """Close the tar and rename it to its final name."""
-        self.writer.close()
-        self.stream.close()
-        publish(self.tmp, self.final)
+        self.close()
+        os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
-        """Close and delete the temporary file."""
+        """Close and delete the temporary file (errors on the way out change nothing: it goes)."""
         try:
             self.writer.close()
             self.stream.close()
+        except Exception:  # noqa: BLE001, S110 -- a full disk fails the close too; the file is removed anyway
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def tar_problem(path: Path, keys: list[str]) -> str | None:
+    """What is wrong with the tar at `path` as the samples `keys` (None: nothing).
+
+    Reads member headers only (tarfile seeks past the data): every key must have exactly the
+    SAMPLE_MEMBERS as whole regular files and no other key may be present, so a short, truncated
+    or mixed tar is caught without decoding an image."""
+    size = path.stat().st_size
+    found: dict[str, Counter] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile() or m.offset_data + m.size > size:
+                    return f"member {m.name} is cut short"
+                key, _, ext = m.name.partition(".")
+                found.setdefault(key, Counter())[ext] += 1
+    except tarfile.TarError as exc:
+        return f"unreadable ({exc})"
+    wanted = Counter(SAMPLE_MEMBERS)
+    missing = [k for k in keys if k not in found]
+    extra = sorted(set(found) - set(keys))
+    partial = [k for k in keys if k in found and found[k] != wanted]
+    problems = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in (
+        ("ok rows missing", missing), ("keys without an ok row", extra),
+        (f"keys without exactly {', '.join(SAMPLE_MEMBERS)}", partial)) if v]
+    return "; ".join(problems) or None
+
+
+def publish_shard(tar: TarShard, records: list[dict], stats: dict, ok_keys: list[str]) -> dict:
+    """Read the tar back against `ok_keys`, then move tar, parquet and (last) the stats marker
+    into place, flushing the folder before and after the marker.
+
+    Any I/O error or mismatch removes every temporary and raises ShardWriteError. Returns the
+    stats as written: with the files' sizes, which a resumed run checks before trusting them."""
+    out, name = tar.final.parent, tar.final.name.removesuffix(".tar")
+    parquet, marker = out / f"{name}.parquet", out / f"{name}.stats.json"
+    staged = [tar.tmp]
+    try:
+        tar.close()
+        problem = tar_problem(tar.tmp, ok_keys)
+        if problem:
+            raise ShardWriteError(f"{tar.final.name} read back wrong: {problem}")
+        table = _rows_table(records)
+        staged.append(stage(parquet, lambda tmp: pq.write_table(table, tmp)))
+        stats = {**stats, "tar_bytes": staged[0].stat().st_size, "parquet_bytes": staged[1].stat().st_size}
+        staged.append(stage(marker, lambda tmp: tmp.write_text(_dump(stats))))
+        marker.unlink(missing_ok=True)  # a marker left by an untrusted earlier attempt goes first
+        os.replace(staged[0], tar.final)
+        os.replace(staged[1], parquet)
+        fsync_dir(out)  # tar and parquet are on disk before the marker that vouches for them
+        os.replace(staged[2], marker)
+        fsync_dir(out)
+    except OSError as exc:
+        raise ShardWriteError(f"writing shard {name}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)  # no-op for the ones renamed into place
+    return stats
 
 
 def remove_stale_tmp(output: Path) -> int:

@@ -240,4 +240,4 @@ def test_resuming_with_another_shard_size_is_refused(corpus, local_run, tmp_path
     shutil.copytree(local_run, out)
     res = subprocess.run(engine_cmd(corpus.parquet, out, "--runner", "local", "--shard-size", "8"),
                          capture_output=True, text=True, timeout=120)  # the last --shard-size wins
-    assert res.returncode == 2 and "--shard-size 16" in res.stderr
+    assert res.returncode == 2 and "--shard-size: 16 was used, now 8" in res.stderr
