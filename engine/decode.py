@@ -197,7 +197,8 @@ def decode_pillow(data: bytes, cfg: ImageConfig, fmt: str) -> Decoded:
 def decode_full(data: bytes, max_pixels: int) -> np.ndarray:
     """Upright RGB at full size under the same policy, without the size rules (the `condition` command)."""
     try:
-        with open_image(data, max_pixels) as im, BUDGET.reserve(im.width * im.height, max_pixels):
+        cost = COST.get(sniff(data), 1)
+        with open_image(data, max_pixels) as im, BUDGET.reserve(im.width * im.height * cost, max_pixels):
             rgb, orientation = to_rgb(im), orientation_of(im)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise Rejected(O.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:200]) from None

@@ -23,10 +23,17 @@ from . import outcomes as O
 
 # sniffed name -> the one Pillow plugin allowed to open it (MPO, a multi-picture JPEG, comes through JPEG)
 ALLOWED = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF"}
+# The stated bound on one decode: peak memory <= factor x its 8-bit RGB size (3 bytes a pixel) + slack,
+# measured by tests/test_decode_memory.py. Pillow keeps 4 bytes a pixel and the output takes 3.
+PEAK_FACTOR = {"webp": 6.0}
+"""Per format, where it differs from DEFAULT_PEAK_FACTOR."""
+DEFAULT_PEAK_FACTOR = 2.5
+PEAK_SLACK = 16 << 20
+"""Bytes of fixed overhead on top (row-band temporaries, decoder state)."""
 # libwebp's animation decoder, the only WebP decoder Pillow offers, holds two RGBA canvases and a
-# copy of the frame: a WebP pixel costs about twice what a pixel of the other formats does, so it
-# counts double against the pixel limit and the decode budget (measured in docs/SECURITY.md).
-COST = {"webp": 2}
+# copy of the frame (6x). A WebP pixel therefore counts 2.5 against the pixel limit and the decode
+# budget, so that no decode of any format costs more than 2.5 x 3 bytes x --max-pixels.
+COST = {"webp": 2.5}
 DEFAULT_MAX_PIXELS = 80_000_000
 """The trainer's limit, and the engine's --max-pixels default (engine/config.py ImageConfig)."""
 
@@ -81,11 +88,16 @@ _REFUSED = (
 )
 
 
+def peak_factor(fmt: str) -> float:
+    """K of the stated bound for a format: peak memory of one decode <= K x 3 bytes x pixels + PEAK_SLACK."""
+    return PEAK_FACTOR.get(fmt, DEFAULT_PEAK_FACTOR)
+
+
 def check_pixels(width: int, height: int, max_pixels: int, fmt: str = "") -> None:
     """Reject a declared size above the pixel limit (the decompression-bomb guard), WebP counting double."""
     cost = COST.get(fmt, 1)
     if width * height * cost > max_pixels:
-        share = f"{max_pixels // cost} pixels ({fmt}: --max-pixels / {cost})" if cost > 1 else f"{max_pixels} pixels"
+        share = f"{int(max_pixels / cost)} pixels ({fmt}: --max-pixels / {cost})" if cost > 1 else f"{max_pixels} pixels"
         raise Rejected(O.DECOMPRESSION_BOMB, f"{width}x{height} exceeds {share} (--max-pixels)")
 
 
