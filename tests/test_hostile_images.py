@@ -95,3 +95,22 @@ def test_trainer_refuses_postscript_stored_as_jpg_and_cond_png(tmp_path, gs_mark
     assert "00007.tar" in str(e.value) and "refused (unsupported_format" in str(e.value)
     assert not gs_marker.exists(), f"Ghostscript was started: {gs_marker.read_text()}"
     assert not (tmp_path / "ps-wrote-this").exists()
+
+
+@pytest.mark.timeout(180)
+def test_trainer_cli_on_shards_without_maps_exits_with_the_named_member(tmp_path, capsys, one_torch_thread):
+    """The whole CLI, DataLoader workers included: exit 2 and one line naming shard and member."""
+    from trainer.cli import main
+    from trainer.tiny import build_tiny_model
+
+    write_shards(tmp_path / "src", n_shards=1, per_shard=3, size=40)
+    with tarfile.open(tmp_path / "src" / "00000.tar") as src, tarfile.open(tmp_path / "00003.tar", "w") as dst:
+        for m in src.getmembers():
+            if not m.name.endswith(".cond.png"):
+                dst.addfile(m, src.extractfile(m))
+    code = main(["--shards", str(tmp_path / "00003.tar"), "--model", str(build_tiny_model(tmp_path / "model")),
+                 "--output", str(tmp_path / "out"), "--device", "cpu", "--mixed-precision", "no",
+                 "--optimizer", "adamw", "--resolution", "32", "--train-batch-size", "2",
+                 "--dataloader-num-workers", "2", "--max-failed-batches", "6", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "00003.tar: no cond.png" in err and "Traceback" not in err, err

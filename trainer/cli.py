@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (ShardDataError, ResumeMismatchError, UnsafeWeightsError) as e:
+    except ShardDataError as e:  # from a DataLoader worker it arrives wrapped in the worker's traceback
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('trainer.data.ShardDataError: ')}",
+              file=sys.stderr)
+        return 2
+    except (ResumeMismatchError, UnsafeWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:
