@@ -206,3 +206,13 @@ def test_pixel_budget_lets_one_large_decode_run_at_a_time():
     assert events in (["a+", "a-", "b+", "b-"], ["b+", "b-", "a+", "a-"])
     with budget.reserve(500, 100):  # larger than the limit alone: still admitted
         assert budget.used == 500
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_animated_png_and_webp_give_their_first_frame(astronaut, coffee, fmt):
+    """APNG and animated WebP: only frame 0 is decoded (later frames are never read)."""
+    frames = [Image.fromarray(scaled(p, 600, 600)) for p in (astronaut, coffee)]
+    buf = __import__("io").BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, lossless=True)
+    out = decode(buf.getvalue(), CFG)
+    assert mean_abs(out.rgb, np.asarray(frames[0])) < 1
