@@ -456,6 +456,9 @@ def _add_body_cases(b: _Builder, bomb_pixels: int) -> None:
     """Bodies that are not images, are broken images, or are images needing care to decode."""
     for kind in ("html", "svg", "empty", "text"):
         b.add(f"body/{kind}/{kind}-a.jpg", "not_an_image", f"{kind}_as_jpeg", (800, 600))
+    # PostScript with a binary comment (what Pillow's EPS plugin would hand to Ghostscript): refused unread
+    ps = b"%!PS-Adobe-3.0 EPSF-3.0\n%\xe2\xe3\xcf\xd3\n%%BoundingBox: 0 0 800 600\nshowpage\n%%EOF\n"
+    b.add(f"files/{b.save('postscript', ps, '.jpg')}", "unsupported_format", "postscript_as_jpeg", (800, 600))
     good = encode(b.photo(800, 600), "JPEG", quality=90)
     b.add(f"files/{b.save('truncated', good[: len(good) // 2], '.jpg')}", "decode_error", "truncated_jpeg", (800, 600))
     png = encode(b.photo(800, 600), "PNG", compress_level=1)

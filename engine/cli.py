@@ -152,10 +152,8 @@ def condition_parser(sub) -> None:
 
 def run_condition(a: argparse.Namespace) -> int:
     """`condition`: one PNG per input image; unreadable inputs are reported, not fatal."""
-    from PIL import Image, ImageOps
-
     from .condition import make_conditioner
-    from .decode import to_rgb
+    from .decode import Rejected, decode_full
     from .write import encode_png
 
     conditioner = make_conditioner(a.conditioner, a.palette)
@@ -164,15 +162,12 @@ def run_condition(a: argparse.Namespace) -> int:
     failed = 0
     for path in map(Path, a.images):
         try:
-            with Image.open(path) as im:
-                if im.size[0] * im.size[1] > a.max_pixels:
-                    raise ValueError(f"{im.size[0]}x{im.size[1]} exceeds --max-pixels")
-                rgb = to_rgb(ImageOps.exif_transpose(im) or im)
+            rgb = decode_full(path.read_bytes(), a.max_pixels)  # the engine's formats and pixel limit
             (out / f"{path.stem}.png").write_bytes(encode_png(conditioner(rgb)))
             print(out / f"{path.stem}.png")
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, Rejected) as exc:
             failed += 1
-            print(f"{path}: {exc}", file=sys.stderr)
+            print(f"{path}: {getattr(exc, 'outcome', 'error')}: {exc}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -1,7 +1,10 @@
 """Decode: response bytes -> upright RGB uint8 pixels, or a Rejected with its outcome.
 
-JPEG goes through libjpeg-turbo with DCT-domain downscaling (decode only as many pixels as the
-crop needs); every other format goes through Pillow. Nothing here trusts the Content-Type header.
+What may be decoded (formats, pixel limit, concurrency) is engine/imagepolicy.py, shared with the
+trainer. JPEG goes through libjpeg-turbo with DCT-domain downscaling (decode only as many pixels as
+the crop needs); the other allowed formats go through Pillow, first frame only, converted to RGB in
+row bands so one decode peaks near 2.5x its 8-bit RGB size (docs/SECURITY.md). Nothing here trusts
+the Content-Type header.
 """
 
 from __future__ import annotations
@@ -12,14 +15,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import outcomes as O
 from .config import ImageConfig
+from .imagepolicy import BUDGET, COST, Rejected, check_pixels, open_image, sniff  # noqa: F401 -- re-exported
 
-# We check pixel counts ourselves (max_pixels) before decoding; Pillow's own guard would raise
-# an exception type we would then have to translate.
-Image.MAX_IMAGE_PIXELS = None
 # libjpeg's warnings (corrupt bytes it skipped, a missing end marker) reach us as Python warnings,
 # one per image, which would flood a run's log; truncation is checked explicitly instead.
 warnings.filterwarnings("ignore", category=UserWarning, module="turbojpeg")
@@ -27,14 +28,6 @@ warnings.filterwarnings("ignore", category=UserWarning, module="turbojpeg")
 _TJ = threading.local()
 # EXIF orientation -> (number of 90-degree counter-clockwise turns, flip left-right first)
 _ORIENT = {2: (0, True), 3: (2, False), 4: (2, True), 5: (1, True), 6: (3, False), 7: (3, True), 8: (1, False)}
-
-
-class Rejected(Exception):
-    """An image the engine will not use; `outcome` names why (engine/outcomes.py)."""
-
-    def __init__(self, outcome: str, reason: str):
-        super().__init__(reason)
-        self.outcome, self.reason = outcome, reason
 
 
 @dataclass
@@ -54,29 +47,6 @@ def turbojpeg():
 
         _TJ.handle = TurboJPEG()
     return _TJ.handle
-
-
-def sniff(data: bytes) -> str:
-    """The image format the bytes really hold, or raise Rejected for non-images."""
-    if not data:
-        raise Rejected(O.NOT_AN_IMAGE, "empty body")
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:2] == b"BM" or data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "other"
-    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<svg", b"<head", b"<body", b"<")):
-        kind = "svg" if b"<svg" in data[:4096].lower() else "html/xml"
-        raise Rejected(O.NOT_AN_IMAGE, f"{kind} body")
-    if head[:1] in (b"{", b"[") or all(32 <= b < 127 or b in (9, 10, 13) for b in head[:256]):
-        raise Rejected(O.NOT_AN_IMAGE, "text body")
-    return "other"
 
 
 def jpeg_complete(data: bytes) -> bool:
@@ -107,8 +77,7 @@ def orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
 
 def check_size(width: int, height: int, cfg: ImageConfig) -> None:
     """Reject images too small, too elongated or too large (bomb guard) from their size alone."""
-    if width * height > cfg.max_pixels:
-        raise Rejected(O.DECOMPRESSION_BOMB, f"{width}x{height} exceeds {cfg.max_pixels} pixels")
+    check_pixels(width, height, cfg.max_pixels)
     problem = cfg.size_problem(width, height)
     if problem:
         raise Rejected(O.TOO_SMALL if problem[0] == "small" else O.BAD_ASPECT, problem[1])
@@ -145,43 +114,95 @@ def decode_jpeg(data: bytes, cfg: ImageConfig) -> Decoded:
     return Decoded(orient(rgb, orientation), upright[0], upright[1], "jpeg")
 
 
+BAND_BYTES = 1 << 20
+"""Rows converted at a time, in bytes of Pillow's pixels: temporaries stay small whatever the image."""
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def over_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite (..., 4) uint8 RGBA over white with integer math (no float copy)."""
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    ink = 255 - rgba[..., :3].astype(np.uint16)
+    return (255 - (ink * alpha + 127) // 255).astype(np.uint8)
+
+
+def band_converter(im: Image.Image):
+    """A function: one row band of `im` (a Pillow image) -> uint8 RGB, or gray that broadcasts to RGB."""
+    if im.mode.startswith("I;16"):
+        return lambda band: (np.asarray(band) >> 8).astype(np.uint8)[..., None]
+    if im.mode in ("I", "F"):
+        top = im.getextrema()[1]  # one pass over Pillow's pixels, no copy
+        scale = np.float32(255.0 / 65535.0 if top > 255 else 1.0)
+        return lambda band: np.clip(np.asarray(band, np.float32) * scale + 0.5, 0, 255).astype(np.uint8)[..., None]
+    if im.mode in ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+        return lambda band: over_white(np.asarray(band.convert("RGBA")))  # a palette's transparency via Pillow
+    if im.mode == "RGB":
+        return np.asarray
+    return lambda band: np.asarray(band.convert("RGB"))
+
+
 def to_rgb(im: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> RGB uint8; alpha is composited over white, 16-bit is scaled down."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        gray = np.clip(arr * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)
-    return np.asarray(im.convert("RGB"))
+    """Any Pillow mode -> RGB uint8, alpha over white, 16-bit scaled down, in row bands.
+
+    Only the output is full size: Pillow's own tobytes() / convert() would each add a whole-image
+    copy (two for np.asarray), and a float conversion eight bytes per channel.
+    """
+    im.load()
+    width, height = im.size
+    out = np.empty((height, width, 3), np.uint8)
+    convert = band_converter(im)
+    rows = max(1, BAND_BYTES // (4 * max(1, width)))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = convert(im.crop((0, top, width, bottom)))
+    return out
+
+
+def orientation_of(im: Image.Image) -> int:
+    """The EXIF orientation of a loaded image (1 when absent or unreadable)."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 -- a broken EXIF block must not cost the image
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def pillow_pixels(im: Image.Image, cfg: ImageConfig, fmt: str) -> tuple[np.ndarray, int]:
+    """(RGB, EXIF orientation) of an opened image whose header passed the checks; first frame only."""
+    if im.format in ("JPEG", "MPO"):
+        im.draft("RGB", (cfg.image_size, cfg.image_size))  # DCT scaling (the CMYK path), after the size check
+    with BUDGET.reserve(im.width * im.height * COST.get(fmt, 1), cfg.max_pixels):
+        im.load()
+        return to_rgb(im), orientation_of(im)
 
 
 def decode_pillow(data: bytes, cfg: ImageConfig, fmt: str) -> Decoded:
-    """Every format Pillow knows; first frame of animations; EXIF orientation applied."""
+    """The allowed formats other than baseline JPEG; the header is checked before any pixel is read."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data, cfg.max_pixels) as im:
             width, height = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                width, height = height, width
-            check_size(width, height, cfg)
-            if im.format == "JPEG":
-                im.draft("RGB", (cfg.image_size, cfg.image_size))  # DCT scaling for the CMYK path too
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            rgb = to_rgb(im)
+            check_size(width, height, cfg)  # symmetric in width/height: valid before EXIF is read
+            rgb, orientation = pillow_pixels(im, cfg, sniff(data))
             fmt = (im.format or fmt).lower()
     except Rejected:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected(O.DECOMPRESSION_BOMB, str(exc)[:200]) from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise Rejected(O.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:200]) from None
-    return Decoded(rgb, width, height, fmt)
+    if orientation >= 5:
+        width, height = height, width
+    return Decoded(orient(rgb, orientation), width, height, fmt)
+
+def decode_full(data: bytes, max_pixels: int) -> np.ndarray:
+    """Upright RGB at full size under the same policy, without the size rules (the `condition` command)."""
+    try:
+        cost = COST.get(sniff(data), 1)
+        with open_image(data, max_pixels) as im, BUDGET.reserve(im.width * im.height * cost, max_pixels):
+            rgb, orientation = to_rgb(im), orientation_of(im)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise Rejected(O.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:200]) from None
+    return orient(rgb, orientation)
 
 
 def decode(data: bytes, cfg: ImageConfig) -> Decoded:

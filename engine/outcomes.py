@@ -21,6 +21,8 @@ REDIRECT_ERROR = "redirect_error"        # loop, too many hops, or a non-http(s)
 OPTED_OUT = "opted_out"                  # X-Robots-Tag noai / noimageai
 # decode stage
 NOT_AN_IMAGE = "not_an_image"            # HTML, SVG, text, empty body
+UNSUPPORTED_FORMAT = "unsupported_format"  # bytes of a format outside the allowlist (engine/imagepolicy.py):
+                                         # PostScript/EPS, PDF, AVIF, ICO, ... or unknown; never decoded
 DECODE_ERROR = "decode_error"            # truncated or corrupt image data
 DECOMPRESSION_BOMB = "decompression_bomb"  # more pixels than --max-pixels
 TOO_SMALL = "too_small"                  # decoded shorter side below --min-image-size
@@ -30,7 +32,7 @@ ERROR = "error"
 
 # BLOCKED_ADDRESS is left out: it is the policy's, and the loopback sample corpus never meets it.
 FETCH_OUTCOMES = (HTTP_ERROR, TIMEOUT, CONNECTION_ERROR, INCOMPLETE_BODY, TOO_LARGE, REDIRECT_ERROR, OPTED_OUT)
-DECODE_OUTCOMES = (NOT_AN_IMAGE, DECODE_ERROR, DECOMPRESSION_BOMB, TOO_SMALL, BAD_ASPECT)
+DECODE_OUTCOMES = (NOT_AN_IMAGE, UNSUPPORTED_FORMAT, DECODE_ERROR, DECOMPRESSION_BOMB, TOO_SMALL, BAD_ASPECT)
 
 # optional filters (engine/config.py FilterConfig), each off by default
 FILTERED_PUNSAFE = "filtered_punsafe"        # parquet punsafe above --max-punsafe

@@ -130,3 +130,89 @@ def test_size_and_aspect_checked_after_decode(astronaut, size, outcome):
         with pytest.raises(Rejected) as e:
             decode(encode(scaled(astronaut, *size), fmt), CFG)
         assert e.value.outcome == outcome
+
+
+@pytest.mark.parametrize("body,name", [
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%\x80\x81 binary\nshowpage\n", "PostScript"),
+    (b"\n %!PS\n" + bytes(range(256)), "PostScript"),
+    (b"\xc5\xd0\xd3\xc6" + bytes(26) + b"%!PS-Adobe-3.0 EPSF-3.0\n", "EPS"),
+    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", "PDF"),
+    (b"\x00\x00\x00\x1cftypavif" + bytes(64), "unknown"),  # AVIF: not on the list
+    (b"\x00\x00\x01\x00\x01\x00" + bytes(64), "unknown"),  # ICO
+    (b"8BPS\x00\x01" + bytes(64), "unknown"),  # PSD
+])
+def test_formats_outside_the_allowlist_are_refused(body, name):
+    """PostScript, EPS, PDF and every unknown binary body never reach a decoder."""
+    with pytest.raises(Rejected) as e:
+        decode(body, CFG)
+    assert e.value.outcome == O.UNSUPPORTED_FORMAT and name in e.value.reason
+
+
+def test_bytes_must_match_the_sniffed_format(astronaut):
+    """A PNG signature before other bytes goes to the PNG plugin only, never to the next plugin that fits."""
+    bmp = encode(scaled(astronaut, 600, 600), "BMP")
+    with pytest.raises(Rejected) as e:
+        decode(b"\x89PNG\r\n\x1a\n" + bmp, CFG)
+    assert e.value.outcome == O.DECODE_ERROR
+
+
+def test_gif_frame_beyond_the_logical_screen_counts(astronaut):
+    """A GIF declaring a 1x1 screen but holding a 600x600 frame is judged by the frame's extent."""
+    data = bytearray(encode(Image.fromarray(scaled(astronaut, 600, 600)).convert("P"), "GIF"))
+    data[6:10] = (1).to_bytes(2, "little") * 2
+    with pytest.raises(Rejected) as e:
+        decode(bytes(data), ImageConfig(min_image_size=64, image_size=64, max_pixels=100_000))
+    assert e.value.outcome == O.DECOMPRESSION_BOMB
+    assert decode(bytes(data), CFG).rgb.shape == (600, 600, 3)
+
+
+def test_pillow_limit_stays_on_and_follows_max_pixels():
+    """Pillow's own bomb guard is never switched off; a decode sets it to that run's --max-pixels."""
+    from engine.imagepolicy import open_image
+
+    assert Image.MAX_IMAGE_PIXELS is not None
+    small = encode(Image.new("RGB", (700, 700)), "PNG")
+    with open_image(small, 600_000):
+        pass
+    assert Image.MAX_IMAGE_PIXELS == 600_000
+    with pytest.raises(Image.DecompressionBombError):  # Pillow itself refuses beyond twice the limit
+        Image.open(__import__("io").BytesIO(encode(Image.new("1", (1300, 1000)), "PNG")))
+    with pytest.raises(Rejected) as e:  # between 1x and 2x Pillow only warns: the policy refuses
+        with open_image(small, 400_000):
+            pass
+    assert e.value.outcome == O.DECOMPRESSION_BOMB
+
+
+def test_pixel_budget_lets_one_large_decode_run_at_a_time():
+    """Two reservations that together exceed the limit run one after the other; a lone one always runs."""
+    import threading
+    import time
+
+    from engine.imagepolicy import PixelBudget
+
+    budget, events = PixelBudget(), []
+
+    def job(name):
+        with budget.reserve(60, 100):
+            events.append(f"{name}+")
+            time.sleep(0.05)
+            events.append(f"{name}-")
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert events in (["a+", "a-", "b+", "b-"], ["b+", "b-", "a+", "a-"])
+    with budget.reserve(500, 100):  # larger than the limit alone: still admitted
+        assert budget.used == 500
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_animated_png_and_webp_give_their_first_frame(astronaut, coffee, fmt):
+    """APNG and animated WebP: only frame 0 is decoded (later frames are never read)."""
+    frames = [Image.fromarray(scaled(p, 600, 600)) for p in (astronaut, coffee)]
+    buf = __import__("io").BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, lossless=True)
+    out = decode(buf.getvalue(), CFG)
+    assert mean_abs(out.rgb, np.asarray(frames[0])) < 1

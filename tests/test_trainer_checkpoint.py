@@ -139,3 +139,60 @@ def test_nothing_is_pickled(tmp_path):
     path = save_checkpoint(tmp_path, TrainState(step=1), net, opt, scaler, torch.Generator(), {"a": 1})
     suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
     assert suffixes == {".json", ".safetensors"}
+
+
+def saved_run(tmp_path, **changes):
+    """A checkpoint written with a default TrainConfig, and a run config with `changes` applied."""
+    from trainer.config import DataConfig, ModelConfig, TrainConfig
+
+    def config(**kw):
+        data = {"resolution": 512, "train_batch_size": 4, **{k: v for k, v in kw.items() if k in ("resolution",)}}
+        return TrainConfig(output=str(tmp_path), data=DataConfig(shards="s/{0..1}.tar", **data),
+                           model=ModelConfig(model="tiny"), seed=kw.get("seed", 0),
+                           max_train_steps=kw.get("max_train_steps", 10_000)).to_dict()
+
+    net, opt, scaler = trained("adamw")
+    net.config = {}
+    path = save_checkpoint(tmp_path, TrainState(step=3), net, opt, scaler, torch.Generator(), config())
+    return path, net, opt, scaler, config(**changes)
+
+
+def test_resume_with_another_resolution_names_the_flag(tmp_path):
+    """--resolution 512 in the checkpoint, 256 now: the error says which flag and how to go on."""
+    from trainer.checkpoint import ResumeMismatchError
+
+    path, net, opt, scaler, now = saved_run(tmp_path, resolution=256, seed=1)
+    with pytest.raises(ResumeMismatchError) as e:
+        load_checkpoint(path, net, opt, scaler, torch.Generator(), config=now)
+    msg = str(e.value)
+    assert "--resolution 512 (now 256)" in msg and "--seed 0 (now 1)" in msg
+    assert "rerun with --resolution 512 --seed 0 or start a new --output" in msg
+
+
+def test_resume_may_change_step_counts(tmp_path):
+    """Settings that do not change the run's meaning (here --max-train-steps) resume without complaint."""
+    path, net, opt, scaler, now = saved_run(tmp_path, max_train_steps=20_000)
+    assert load_checkpoint(path, net, opt, scaler, torch.Generator(), config=now).step == 3
+
+
+def test_resume_into_another_model_shape_names_the_model(tmp_path):
+    """A real diffusers ControlNet of another shape: the error names --model, not a tensor size."""
+    from diffusers import ControlNetModel
+
+    from trainer.checkpoint import ResumeMismatchError, check_resume
+    from trainer.config import DataConfig, ModelConfig, TrainConfig
+
+    def controlnet(channels):
+        return ControlNetModel(block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+                               conditioning_embedding_out_channels=(8, 16))
+
+    config = TrainConfig(output=str(tmp_path), data=DataConfig(shards="s.tar"),
+                         model=ModelConfig(model="models/tiny-a")).to_dict()
+    old = controlnet((32, 64))
+    opt = torch.optim.AdamW(old.parameters())
+    scaler = torch.amp.GradScaler("cpu")
+    path = save_checkpoint(tmp_path, TrainState(step=1), old, opt, scaler, torch.Generator(), config)
+    check_resume(path, config, old.config)  # the same shape passes
+    with pytest.raises(ResumeMismatchError, match=r"block_out_channels \[32, 64\] \(now \[16, 32\]\).*--model models/tiny-a"):
+        check_resume(path, config, controlnet((16, 32)).config)

@@ -79,3 +79,20 @@ def test_help_runs_as_a_module():
     for flag in ("--shards", "--max-train-steps", "--gradient-checkpointing", "--no-gradient-checkpointing",
                  "--resume", "--validation-prompt", "--only-mid-control", "--unlock-decoder"):
         assert flag in out.stdout
+
+
+def test_out_of_memory_advice_names_the_flags_that_lower_memory():
+    """The advice printed on CUDA OOM: halve the batch keeping the effective batch, and this run's savers."""
+    from trainer.cli import memory_advice
+
+    cfg = config_from_args(build_parser().parse_args([
+        "--shards", "s.tar", "--model", "m", "--output", "o", "--train-batch-size", "8",
+        "--gradient-accumulation-steps", "4", "--optimizer", "adamw", "--no-gradient-checkpointing",
+        "--mixed-precision", "no", "--resolution", "768"]))
+    advice = memory_advice(cfg)
+    for flag in ("--train-batch-size 4 --gradient-accumulation-steps 8", "--gradient-checkpointing",
+                 "--optimizer adamw8bit", "--mixed-precision fp16", "--resolution 384"):
+        assert flag in advice
+    defaults = memory_advice(config_from_args(build_parser().parse_args(["--shards", "s", "--model", "m",
+                                                                         "--output", "o"])))
+    assert "--optimizer" not in defaults and "--gradient-checkpointing" not in defaults  # already on

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from trainer.config import DataConfig
-from trainer.data import Position, ShardStream, build_loader, expand_shards
+from trainer.data import Position, ShardDataError, ShardStream, build_loader, expand_shards
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_tokenizer
 
@@ -153,3 +153,43 @@ def test_resize_crop_keeps_the_center():
     out = resize_crop(Image.fromarray(img), 20, Image.NEAREST)
     assert out.shape == (20, 20, 3)
     assert out[:, 5:15].min() == 255 and out[:, :3].max() == 0
+
+
+def rewrite_shard(src_tar, dst_tar, change) -> None:
+    """Copy a shard member by member; `change(name, data)` returns new bytes, or None to drop the member."""
+    with tarfile.open(src_tar) as src, tarfile.open(dst_tar, "w") as dst:
+        for m in src.getmembers():
+            data = change(m.name, src.extractfile(m).read())
+            if data is not None:
+                m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
+
+
+@pytest.mark.timeout(60)  # a spin (the old behaviour) fails here instead of hanging the suite
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_without_maps_stop_with_an_error_naming_shard_and_member(tmp_path, tokenizer, workers):
+    """No cond.png anywhere: after --max-failed-batches empty batches the stream raises, naming both."""
+    write_shards(tmp_path / "src", n_shards=1, per_shard=3, size=40)
+    rewrite_shard(tmp_path / "src" / "00000.tar", tmp_path / "00003.tar",
+                  lambda name, data: None if name.endswith(".cond.png") else data)
+    loader = build_loader(cfg(str(tmp_path / "00003.tar"), max_failed_batches=4, num_workers=workers),
+                          tokenizer, 0, Position(), False)
+    with pytest.raises(ShardDataError) as e:
+        take(loader, 1)
+    assert "00003.tar: no cond.png" in str(e.value) and "--max-failed-batches 4" in str(e.value)
+
+
+def test_one_good_sample_per_batch_keeps_the_run_going(tmp_path, tokenizer):
+    """Failures alone do not stop a run while every batch still has a decodable sample."""
+    write_shards(tmp_path / "src", n_shards=1, per_shard=8, size=40)
+    rewrite_shard(tmp_path / "src" / "00000.tar", tmp_path / "00000.tar",
+                  lambda name, data: None if name.endswith(".cond.png") and int(name[:10]) % 2 else data)
+    batches = take(build_loader(cfg(str(tmp_path / "00000.tar"), max_failed_batches=1, shuffle_buffer=1),
+                                tokenizer, 0, Position(), False), 12)
+    assert sum(int(b["failed"]) for b in batches) == 12
+
+
+def test_max_failed_batches_is_checked():
+    """The limit must be positive, and the error names the flag."""
+    with pytest.raises(ValueError, match="--max-failed-batches"):
+        DataConfig(shards="x.tar", max_failed_batches=0)

@@ -113,3 +113,20 @@ def test_fp16_overflow_steps_are_skipped(assets, tmp_path, monkeypatch):
     records = log(tmp_path)
     assert result.step == 4
     assert records[-1]["loss_scale"] < 2.0**40  # backed off after overflowing steps
+
+
+def test_cuda_out_of_memory_prints_the_flags_that_lower_memory(assets, tmp_path, capsys):
+    """A real CUDA OOM (the process may use ~0.1% of the card) exits 4 with advice, not a traceback."""
+    from trainer.cli import main
+
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(0.001)
+    try:
+        code = main(["--shards", assets["shards"], "--model", str(assets["model"]), "--output", str(tmp_path),
+                     "--resolution", "512", "--train-batch-size", "64", "--max-train-steps", "1",
+                     "--dataloader-num-workers", "0", "--no-progress"])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    err = capsys.readouterr().err
+    assert code == 4 and "CUDA ran out of memory" in err and "--train-batch-size 32" in err

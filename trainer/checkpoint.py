@@ -125,6 +125,75 @@ def prune(output: Path, keep: int | None) -> list[Path]:
     return removed
 
 
+# --- checking that a resume continues the same run ------------------------------------------------
+
+# Settings a resumed run must share with its checkpoint: the model's shape, the data stream's order
+# and position, and the optimizer/scaler state's meaning. Step counts, learning rates, schedules,
+# logging, validation, workers and memory savers may change.
+RESUME_MUST_MATCH = ("model.model", "model.revision", "model.variant", "model.unlock_decoder",
+                     "model.only_mid_control", "data.shards", "data.resolution", "data.train_batch_size",
+                     "data.shuffle_buffer", "optim.optimizer", "optim.gradient_accumulation_steps",
+                     "mixed_precision", "seed")
+
+
+class ResumeMismatchError(ValueError):
+    """--resume names a checkpoint of another model shape or run settings; the message names the flags."""
+
+
+def _get(d: Any, path: str) -> Any:
+    """A dotted path in a nested dict, or KeyError."""
+    for part in path.split("."):
+        d = d[part]
+    return d
+
+
+def flag_of(path: str) -> str:
+    """The command-line flag of a config path (`data.resolution` -> `--resolution`)."""
+    from trainer.cli import build_parser  # the parser's dests are the config paths
+
+    flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    return flags.get(path, path)
+
+
+def settings_mismatch(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(flag, checkpoint value, current value) for each setting of RESUME_MUST_MATCH that differs."""
+    diffs = []
+    for path in RESUME_MUST_MATCH:
+        try:
+            old, new = _get(saved, path), _get(current, path)
+        except (KeyError, TypeError):  # a checkpoint from before the setting existed
+            continue
+        if old != new:
+            diffs.append((flag_of(path), old, new))
+    return diffs
+
+
+def shape_mismatch(path: Path, controlnet_config: dict) -> list[tuple[str, Any, Any]]:
+    """(field, checkpoint value, current value) for each ControlNet config field that differs."""
+    saved = json.loads((path / "controlnet" / "config.json").read_text())
+    current = json.loads(json.dumps(dict(controlnet_config), default=str))  # tuples -> lists, as saved
+    return [(k, v, current.get(k)) for k, v in saved.items() if not k.startswith("_") and current.get(k) != v]
+
+
+def check_resume(path: Path, config: dict, controlnet_config: dict) -> None:
+    """Raise ResumeMismatchError naming each differing flag when a checkpoint is not this run's."""
+    path = Path(path)
+    saved = json.loads((path / STATE_FILE).read_text()).get("config") or {}
+    shape = shape_mismatch(path, controlnet_config)
+    if shape:
+        fields = ", ".join(f"{k} {old} (now {new})" for k, old, new in shape[:4])
+        model = saved.get("model", {}).get("model", "?")
+        raise ResumeMismatchError(
+            f"{path} holds a ControlNet of another shape: {fields}. It was trained from --model {model}; "
+            f"rerun with --model {model} (and its --controlnet), or start a new --output")
+    diffs = settings_mismatch(saved, config)
+    if diffs:
+        was = ", ".join(f"{flag} {old} (now {new})" for flag, old, new in diffs)
+        again = " ".join(f"{flag} {old}" for flag, old, _ in diffs)
+        raise ResumeMismatchError(f"checkpoint {path} was trained with {was}; rerun with {again} "
+                                  "or start a new --output")
+
+
 # --- saving and loading ---------------------------------------------------------------------------
 
 def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -172,9 +241,16 @@ def save_checkpoint(output: Path, state: TrainState, controlnet, optimizer, scal
     return final
 
 
-def load_checkpoint(path: Path, controlnet, optimizer, scaler, generator, unet=None) -> TrainState:
-    """Restore weights, optimizer, scaler and RNG from a checkpoint folder; return the loop state."""
+def load_checkpoint(path: Path, controlnet, optimizer, scaler, generator, unet=None,
+                    config: dict | None = None) -> TrainState:
+    """Restore weights, optimizer, scaler and RNG from a checkpoint folder; return the loop state.
+
+    With `config` (the current run's TrainConfig.to_dict()), first check that the checkpoint is of
+    the same model shape and run settings (ResumeMismatchError names the flags otherwise).
+    """
     path = Path(path)
+    if config is not None:
+        check_resume(path, config, controlnet.config)
     doc = json.loads((path / STATE_FILE).read_text())
     weights = load_file(str(path / "controlnet" / "diffusion_pytorch_model.safetensors"))
     controlnet.load_state_dict(weights, strict=True)

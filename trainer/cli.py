@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proportion-empty-prompts", dest="data.proportion_empty_prompts", type=float, default=0.5)
     g.add_argument("--shuffle-buffer", dest="data.shuffle_buffer", type=int, default=256)
     g.add_argument("--dataloader-num-workers", dest="data.num_workers", type=int, default=4)
+    g.add_argument("--max-failed-batches", dest="data.max_failed_batches", type=int, default=50,
+                   help="stop with an error after this many batches in a row in which no sample decoded")
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="model.model", required=True,
                    help="diffusers folder or hub id of an SD 1.x/2.x model")
@@ -110,6 +112,24 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**top, **{name: SECTIONS[name](**kw) for name, kw in sections.items()})
 
 
+def memory_advice(cfg: TrainConfig) -> str:
+    """What lowers GPU memory, with this run's values (printed on CUDA out of memory)."""
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    tips = [f"--train-batch-size {max(1, d.train_batch_size // 2)} --gradient-accumulation-steps "
+            f"{o.gradient_accumulation_steps * 2} (same effective batch, half the activations; now "
+            f"{d.train_batch_size} x {o.gradient_accumulation_steps})"]
+    if not m.gradient_checkpointing or not m.gradient_checkpointing_unet:
+        tips.append("--gradient-checkpointing --gradient-checkpointing-unet (recompute activations in backward)")
+    if o.optimizer != "adamw8bit":
+        tips.append("--optimizer adamw8bit (8-bit optimizer states)")
+    if cfg.mixed_precision == "no":
+        tips.append("--mixed-precision fp16 (or bf16): frozen parts in half precision")
+    if m.unlock_decoder:
+        tips.append("drop --unlock-decoder (trains and stores the UNet decoder too)")
+    tips.append(f"--resolution {max(8, d.resolution // 2 // 8 * 8)} (now {d.resolution}; activations scale with its square)")
+    return "CUDA ran out of memory. Flags that lower memory:\n  " + "\n  ".join(tips)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and exit 0 when done, 130/143 when stopped by SIGINT/SIGTERM (checkpoint saved)."""
     ns = build_parser().parse_args(argv)
@@ -118,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import torch
+
+    from trainer.checkpoint import ResumeMismatchError
+    from trainer.data import ShardDataError
     from trainer.loop import NonFiniteLossError
+    from trainer.models import UnsafeWeightsError
     from trainer.train import train
 
     try:
@@ -126,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except ShardDataError as e:  # from a DataLoader worker it arrives wrapped in the worker's traceback
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('trainer.data.ShardDataError: ')}",
+              file=sys.stderr)
+        return 2
+    except (ResumeMismatchError, UnsafeWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(f"error: {str(e).splitlines()[0]}\n{memory_advice(cfg)}", file=sys.stderr)
+        return 4
     if result.stopped_by_signal is not None:
         print(f"stopped at step {result.step}; checkpoint saved. Continue with --resume latest", flush=True)
         return 128 + int(result.stopped_by_signal)

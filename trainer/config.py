@@ -33,6 +33,8 @@ class DataConfig:
     """Samples held in the in-stream shuffle buffer (shard order is shuffled per epoch as well)."""
     num_workers: int = 4
     """DataLoader worker processes that decode JPEG/PNG; 0 decodes in the training process."""
+    max_failed_batches: int = 50
+    """Stop with an error naming the shard and member after this many batches in a row with no decodable sample."""
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -45,6 +47,8 @@ class DataConfig:
             raise ValueError("--proportion-empty-prompts must lie in [0, 1]")
         if self.num_workers < 0:
             raise ValueError("--dataloader-num-workers must be >= 0")
+        if self.max_failed_batches < 1:
+            raise ValueError("--max-failed-batches must be at least 1")
 
 
 @dataclass

@@ -12,13 +12,15 @@ The stream is defined independently of the number of DataLoader workers, so a ru
 
 A resume restarts the epoch it stopped in and skips the samples already used without decoding them.
 Samples that fail to decode are replaced by another sample of the same batch and counted; a batch
-whose samples all fail is dropped and counted. A batch may instead carry precomputed `latents` and
+whose samples all fail is dropped and counted, and --max-failed-batches such batches in a row stop the
+run with an error naming the shard and the member (a shard set without cond.png never spins).
+Members are decoded under the engine's decoding policy (engine/imagepolicy.py): only JPEG, PNG,
+WebP, GIF, BMP and TIFF, pixel count checked from the header; PostScript, PDF and the rest are refused. A batch may instead carry precomputed `latents` and
 `encoder_hidden_states`; the loop uses those when present (see trainer.objective.encode_batch).
 """
 
 from __future__ import annotations
 
-import io
 import random
 import signal
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
+from engine.imagepolicy import Rejected, open_image
 from trainer.config import DataConfig
 
 IMAGE_KEY, COND_KEY, TEXT_KEY = "jpg", "cond.png", "txt"
@@ -84,10 +87,32 @@ def raw_epoch(urls: list[str], seed: int, epoch: int, buffer: int, handler: _Cou
     yield from pool
 
 
+class SampleError(ValueError):
+    """A sample that cannot be used; the message names the member and what is wrong with it."""
+
+
+class ShardDataError(RuntimeError):
+    """No sample decoded in --max-failed-batches batches in a row; names the shard and the member."""
+
+
+def decode_member(sample: dict, key: str) -> Image.Image:
+    """One image member as RGB, through the shared decoding policy (allowed formats, pixel limit)."""
+    data = sample.get(key)
+    if not isinstance(data, bytes):
+        raise SampleError(f"no {key}")
+    try:
+        with open_image(data) as im:
+            return im.convert("RGB")
+    except Rejected as exc:
+        raise SampleError(f"{key} refused ({exc.outcome}: {exc.reason})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise SampleError(f"{key} undecodable ({type(exc).__name__}: {exc})"[:300]) from None
+
+
 def load_pair(sample: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """Decode image and conditioning map to RGB uint8 arrays of resolution x resolution."""
-    image = Image.open(io.BytesIO(sample[IMAGE_KEY])).convert("RGB")
-    cond = Image.open(io.BytesIO(sample[COND_KEY])).convert("RGB")
+    image = decode_member(sample, IMAGE_KEY)
+    cond = decode_member(sample, COND_KEY)
     if cond.size != image.size:
         cond = cond.resize(image.size, Image.NEAREST)
     return resize_crop(image, resolution, Image.BILINEAR), resize_crop(cond, resolution, Image.NEAREST)
@@ -118,6 +143,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.cfg, self.tokenizer, self.seed, self.start = cfg, tokenizer, seed, start
         self.urls = expand_shards(cfg.shards)
+        self._last_failure = ""  # the latest undecodable sample: shard URL, member, reason
 
     def _raw(self, handler: _Counter) -> Iterator[tuple[int, int, int, dict]]:
         """(global index, epoch, offset-after, raw sample) from the start position onwards."""
@@ -139,6 +165,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         handler, bs, first = _Counter(), self.cfg.train_batch_size, self.start.batches
         members: list[tuple[int, dict]] = []
+        empty, limit = 0, -(-self.cfg.max_failed_batches // nw)  # each worker sees 1/nw of the batches
         for index, epoch, offset, sample in self._raw(handler):
             b = index // bs
             if (b - first) % nw != wid:
@@ -150,8 +177,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                 handler.errors = 0
                 batch = self._collate(members, read_errors, epoch, offset, b)
                 members = []
+                empty = 0 if batch is not None else empty + 1
                 if batch is not None:
                     yield batch
+                elif empty >= limit:
+                    raise ShardDataError(
+                        f"{self._last_failure}; no sample decoded in {empty * nw} batches in a row "
+                        f"({empty * nw * bs} samples; --max-failed-batches {self.cfg.max_failed_batches}): "
+                        "check that the shards hold KEY.jpg and KEY.cond.png images")
 
     def _collate(self, members, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
         """Decode one batch's samples and stack them; failed samples are replaced and counted."""
@@ -159,8 +192,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         for index, sample in members:
             try:
                 img, cond = load_pair(sample, self.cfg.resolution)
-            except Exception:  # noqa: BLE001 - any undecodable sample is skipped, by design
+            except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped, by design
                 failed += 1
+                self._last_failure = f"{sample.get('__url__', '?')}: {exc} (sample {sample.get('__key__', '?')})"
                 continue
             decoded.append((img, cond, caption_of(sample, index, self.seed, self.cfg.proportion_empty_prompts)))
         if not decoded:

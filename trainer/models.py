@@ -33,14 +33,30 @@ class Models:
     controlnet: ControlNetModel
 
 
+class UnsafeWeightsError(OSError):
+    """A model folder without .safetensors weights: pickled .bin/.ckpt files are never loaded (they can run code)."""
+
+
+def load_weights(cls, source: str, flag: str, **kw):
+    """`cls.from_pretrained(source, use_safetensors=True, ...)`, with an error that names the flag."""
+    try:
+        return cls.from_pretrained(source, use_safetensors=True, **kw)
+    except OSError as exc:
+        where = f"{source}/{kw['subfolder']}" if kw.get("subfolder") else source
+        raise UnsafeWeightsError(
+            f"{flag} {source}: no .safetensors weights could be loaded from {where} (pickled .bin weights are "
+            f"never loaded: unpickling can run code). Use a folder or hub revision with .safetensors files, "
+            f"or convert it once with save_pretrained(..., safe_serialization=True). Cause: {exc}"[:900]) from None
+
+
 def load_frozen(cfg: ModelConfig) -> tuple:
     """UNet, VAE, text encoder, tokenizer and noise scheduler from a diffusers folder or hub id."""
     kw = dict(revision=cfg.revision)
     wkw = dict(kw, variant=cfg.variant)
     tokenizer = CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", **wkw)
-    vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **wkw)
-    unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **wkw)
+    text_encoder = load_weights(CLIPTextModel, cfg.model, "--model", subfolder="text_encoder", **wkw)
+    vae = load_weights(AutoencoderKL, cfg.model, "--model", subfolder="vae", **wkw)
+    unet = load_weights(UNet2DConditionModel, cfg.model, "--model", subfolder="unet", **wkw)
     scheduler = DDPMScheduler.from_pretrained(cfg.model, subfolder="scheduler", **kw)
     return unet, vae, text_encoder, tokenizer, scheduler
 
@@ -54,7 +70,7 @@ def cond_channels_for(vae: AutoencoderKL) -> tuple[int, ...]:
 def build_controlnet(cfg: ModelConfig, unet: UNet2DConditionModel, vae: AutoencoderKL) -> ControlNetModel:
     """Load an existing ControlNet, or copy the UNet's encoder into a new one (zero convolutions)."""
     if cfg.controlnet:
-        return ControlNetModel.from_pretrained(cfg.controlnet, revision=cfg.revision)
+        return load_weights(ControlNetModel, cfg.controlnet, "--controlnet", revision=cfg.revision)
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=cond_channels_for(vae))
 
 

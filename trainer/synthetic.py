@@ -88,9 +88,13 @@ def first_condition(shards: str | Path | list, dest: str | Path) -> Path:
     """Save the first conditioning map found in one or more shards as a PNG (a validation image)."""
     from webdataset.tariterators import tarfile_samples
 
+    from trainer.data import SampleError, decode_member
+
     urls = [str(u) for u in shards] if isinstance(shards, list) else [str(shards)]
     for sample in tarfile_samples([{"url": u} for u in urls]):
-        if "cond.png" in sample:
-            Image.open(io.BytesIO(sample["cond.png"])).convert("RGB").save(dest)
+        try:
+            decode_member(sample, "cond.png").save(dest)  # the decoding policy: allowed formats only
             return Path(dest)
+        except SampleError:
+            continue
     raise ValueError(f"no conditioning map in {', '.join(urls)}")

@@ -61,7 +61,7 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True) ->
     ckpt = resolve_resume(cfg.checkpoint.resume, output)
     if ckpt is not None:
         unet = models.unet if cfg.model.unlock_decoder else None
-        state = load_checkpoint(ckpt, models.controlnet, optimizer, scaler, generator, unet=unet)
+        state = load_checkpoint(ckpt, models.controlnet, optimizer, scaler, generator, unet=unet, config=cfg.to_dict())
         print(f"resumed from {ckpt} at step {state.step}", flush=True)
     elif cfg.checkpoint.resume:
         print(f"--resume {cfg.checkpoint.resume}: no complete checkpoint in {output}, starting fresh", flush=True)

@@ -18,6 +18,7 @@ import torch
 from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 from PIL import Image
 
+from engine.imagepolicy import open_image
 from trainer.config import ValidationConfig
 from trainer.models import Models
 
@@ -51,7 +52,8 @@ def mid_only(controlnet):
 
 def load_condition(path: str, size: int) -> Image.Image:
     """A conditioning image as RGB, resized (nearest: palette values stay exact) to size x size."""
-    return Image.open(path).convert("RGB").resize((size, size), Image.NEAREST)
+    with open_image(Path(path).read_bytes()) as im:  # the decoding policy: allowed formats, pixel limit
+        return im.convert("RGB").resize((size, size), Image.NEAREST)
 
 
 def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
