@@ -20,6 +20,7 @@ from trainer.config import (
     TrainConfig,
     ValidationConfig,
 )
+from trainer.flags import add_diffusers_spellings, document
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "validation": ValidationConfig}
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", dest="device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     a("--log-every", dest="log_every", type=int, default=10)
     a("--no-progress", dest="no_progress", action="store_true", help="no progress bar (logs still written)")
+    add_diffusers_spellings(p)
+    document(p)
     return p
 
 
@@ -110,8 +113,21 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**top, **{name: SECTIONS[name](**kw) for name, kw in sections.items()})
 
 
+def subcommand(argv: list[str] | None) -> int | None:
+    """Run `python -m trainer generate ...` and return its status; None when argv is a training run."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        from trainer.generate import main as generate_main
+
+        return generate_main(argv[1:])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and exit 0 when done, 130/143 when stopped by SIGINT/SIGTERM (checkpoint saved)."""
+    command = subcommand(argv)
+    if command is not None:
+        return command
     ns = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(ns)
