@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoints-total-limit", dest="checkpoint.checkpoints_total_limit", type=_limit, default=3)
     g.add_argument("--resume", dest="checkpoint.resume", default=None, metavar="{latest,PATH}",
                    help="continue from the newest complete checkpoint in --output, or from a checkpoint folder")
+    g.add_argument("--export-format", dest="checkpoint.export_format", choices=("diffusers", "original"),
+                   default="diffusers")
     g = p.add_argument_group("validation")
     g.add_argument("--validation-steps", dest="validation.validation_steps", type=int, default=500)
     g.add_argument("--validation-prompt", dest="validation.validation_prompt", action="append", default=[])

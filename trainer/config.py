@@ -123,8 +123,12 @@ class CheckpointConfig:
     """Keep only the newest this many checkpoints; None keeps all."""
     resume: str | None = None
     """`latest` (newest complete checkpoint in --output, if any) or a checkpoint folder."""
+    export_format: str = "diffusers"
+    """Key layout of the final controlnet-fp16.safetensors: diffusers, or original (lllyasviel's control_model.*)."""
 
     def __post_init__(self) -> None:
+        if self.export_format not in ("diffusers", "original"):
+            raise ValueError(f"--export-format must be diffusers or original, got {self.export_format!r}")
         if self.checkpointing_steps < 1:
             raise ValueError("--checkpointing-steps must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

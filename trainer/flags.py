@@ -128,17 +128,29 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 @functools.cache
-def field_docs() -> dict[str, str]:
-    """`section.field` (and top-level `field`) -> the docstring under its declaration in trainer/config.py."""
-    tree = ast.parse((Path(__file__).with_name("config.py")).read_text())
-    sections = {"DataConfig": "data.", "ModelConfig": "model.", "OptimConfig": "optim.",
-                "CheckpointConfig": "checkpoint.", "ValidationConfig": "validation.", "TrainConfig": ""}
-    docs = {}
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in sections):
+def _classes(source: Path) -> dict[str, dict[str, str]]:
+    """Class name -> {field: the docstring under its declaration} for the dataclasses in `source`."""
+    tree = ast.parse(source.read_text())
+    found = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        docs = found.setdefault(cls.name, {})
         for decl, doc in zip(cls.body, cls.body[1:], strict=False):
             if isinstance(decl, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
-                docs[sections[cls.name] + decl.target.id] = " ".join(str(doc.value.value).split())
-    return docs
+                docs[decl.target.id] = " ".join(str(doc.value.value).split())
+    return found
+
+
+def class_field_docs(source: Path, class_name: str) -> dict[str, str]:
+    """{field: docstring} of one dataclass in a source file."""
+    return _classes(source).get(class_name, {})
+
+
+def field_docs() -> dict[str, str]:
+    """`section.field` (and top-level `field`) -> the docstring under its declaration in trainer/config.py."""
+    sections = {"DataConfig": "data.", "ModelConfig": "model.", "OptimConfig": "optim.",
+                "CheckpointConfig": "checkpoint.", "ValidationConfig": "validation.", "TrainConfig": ""}
+    config = Path(__file__).with_name("config.py")
+    return {prefix + k: v for name, prefix in sections.items() for k, v in class_field_docs(config, name).items()}
 
 
 def document(parser: argparse.ArgumentParser) -> None:

@@ -108,3 +108,8 @@ def decoder_state(models: Models) -> dict[str, torch.Tensor]:
     """State dict of the unlocked UNet decoder (keys as in the full UNet)."""
     names = ("up_blocks.", "conv_norm_out.", "conv_out.")
     return {k: v for k, v in models.unet.state_dict().items() if k.startswith(names)}
+
+
+def load_base_pipeline(pipeline_class, model: str, **kwargs):
+    """A diffusers pipeline of the base model (diffusers folder or hub id), without safety checker."""
+    return pipeline_class.from_pretrained(model, safety_checker=None, requires_safety_checker=False, **kwargs)

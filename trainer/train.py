@@ -118,7 +118,8 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
                 _checkpoint(run, result)
             if state.step % cfg.validation.validation_steps != 0:
                 _validate(run, result)
-            result.controlnet = export_final(run.models, output, cfg.model.unlock_decoder)
+            result.controlnet = export_final(run.models, output, cfg.model.unlock_decoder,
+                                             cfg.checkpoint.export_format)
     finally:
         run.log.close()
     result.last_loss = _last_loss(output / "train_log.jsonl")
