@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataloader-num-workers", dest="data.num_workers", type=int, default=4)
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="model.model", required=True,
-                   help="diffusers folder or hub id of an SD 1.x/2.x model")
+                   help="diffusers folder, hub id, or one .safetensors checkpoint (original layout) of an SD 1.x/2.x model")
     g.add_argument("--revision", dest="model.revision", default=None)
     g.add_argument("--variant", dest="model.variant", default=None, help="weight variant, e.g. fp16")
     g.add_argument("--controlnet", dest="model.controlnet", default=None,

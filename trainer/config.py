@@ -52,7 +52,7 @@ class ModelConfig:
     """Which Stable Diffusion model to load and how the ControlNet is set up on it."""
 
     model: str = ""
-    """Diffusers folder or hub id of an SD 1.x/2.x model (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    """Diffusers folder or hub id of an SD 1.x/2.x model, or one original-layout .safetensors checkpoint."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of --model."""
     variant: str | None = None
@@ -71,6 +71,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("no model given: pass --model runwayml/stable-diffusion-v1-5 or a diffusers folder")
+        if Path(self.model).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+            from trainer.single_file import convert_advice
+
+            raise ValueError(f"--model: {convert_advice(self.model)}")
 
 
 @dataclass
