@@ -111,3 +111,7 @@ def test_train_from_a_single_file(tiny, tmp_path):
                        "--no-progress"])
     assert code == 0
     assert (tmp_path / "out" / "controlnet" / "config.json").is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "loss.png") as im:  # drawn with the checkpoint
+        assert im.size == (800, 400)

@@ -17,6 +17,7 @@ from trainer.metrics import RunLog
 from trainer.models import DTYPES, decoder_state, load_models, param_groups
 from trainer.objective import Objective
 from trainer.optim import build_optimizer, build_scaler
+from trainer.plots import write_loss_png
 from trainer.validate import run_validation
 
 
@@ -83,6 +84,7 @@ def _checkpoint(run: Run, result: TrainResult) -> None:
     path = save_checkpoint(Path(cfg.output), run.state, run.models.controlnet, run.optimizer, run.scaler,
                            run.generator, cfg.to_dict(), decoder=decoder)
     prune(Path(cfg.output), cfg.checkpoint.checkpoints_total_limit)
+    write_loss_png(Path(cfg.output))
     result.checkpoints.append(path)
     run.log.note(f"saved {path}")
 

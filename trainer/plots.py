@@ -1,0 +1,79 @@
+"""loss.png beside the checkpoints: the logged loss, raw and smoothed, drawn with Pillow (no matplotlib).
+
+Written with every checkpoint from train_log.jsonl, so a glance at the output folder shows whether
+the loss is going down. The smoothed curve is an exponential moving average (TensorBoard's 0.9 by
+default, debiased so it starts at the first value).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SIZE = (800, 400)
+MARGIN = (70, 30, 20, 50)  # left, top, right, bottom
+RAW, SMOOTH, AXIS = (170, 190, 230), (20, 60, 170), (60, 60, 60)
+
+
+def read_losses(log: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) of the finite records in a train_log.jsonl; unreadable lines are skipped."""
+    steps, losses = [], []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:
+            rec = json.loads(line)
+            step, loss = int(rec["step"]), float(rec["loss"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if math.isfinite(loss):
+            steps.append(step)
+            losses.append(loss)
+    return steps, losses
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def _scale(lo: float, hi: float, a: float, b: float):
+    """Map [lo, hi] linearly onto [a, b] (a flat range maps to the middle)."""
+    span = hi - lo
+    return (lambda v: (a + b) / 2) if span == 0 else (lambda v: a + (v - lo) / span * (b - a))
+
+
+def draw_loss(steps: list[int], losses: list[float], path: Path, log_steps: bool = False) -> Path:
+    """Draw raw and smoothed loss against the step (log-scaled step axis optional) into a PNG."""
+    im = Image.new("RGB", SIZE, "white")
+    d = ImageDraw.Draw(im)
+    left, top, right, bottom = MARGIN[0], MARGIN[1], SIZE[0] - MARGIN[2], SIZE[1] - MARGIN[3]
+    d.rectangle((left, top, right, bottom), outline=AXIS)
+    if steps:
+        xs = [math.log10(s) if log_steps else s for s in (max(s, 1) for s in steps)]
+        fx = _scale(min(xs), max(xs), left, right)
+        fy = _scale(min(losses), max(losses), bottom, top)
+        for values, colour, width in ((losses, RAW, 1), (smooth(losses), SMOOTH, 2)):
+            points = [(fx(x), fy(v)) for x, v in zip(xs, values, strict=True)]
+            d.line(points, fill=colour, width=width) if len(points) > 1 else d.point(points, fill=colour)
+        d.text((4, top), f"{max(losses):.4g}", fill=AXIS)
+        d.text((4, bottom - 10), f"{min(losses):.4g}", fill=AXIS)
+        d.text((left, bottom + 8), str(steps[0]), fill=AXIS)
+        d.text((right - 50, bottom + 8), str(steps[-1]), fill=AXIS)
+    axis = "step (log)" if log_steps else "step"
+    d.text((left, 8), f"loss (light: raw, dark: smoothed) vs {axis}; last {losses[-1]:.4g}" if losses
+           else "loss: no records yet", fill=AXIS)
+    im.save(path)
+    return path
+
+
+def write_loss_png(output: Path) -> Path:
+    """OUTPUT/loss.png from OUTPUT/train_log.jsonl."""
+    output = Path(output)
+    steps, losses = read_losses(output / "train_log.jsonl")
+    return draw_loss(steps, losses, output / "loss.png", log_steps=len(steps) > 1 and steps[-1] / max(steps[0], 1) > 100)
