@@ -49,6 +49,14 @@ def test_every_interface_flag():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_export_format():
+    """--export-format picks the single file's key layout; diffusers' is the default."""
+    assert parse().checkpoint.export_format == "diffusers"
+    assert parse("--export-format", "original").checkpoint.export_format == "original"
+    with pytest.raises(SystemExit):
+        parse("--export-format", "ckpt")
+
+
 def test_repeatable_validation_flags(tmp_path):
     """--validation-prompt and --validation-image repeat; one of either is broadcast."""
     img = tmp_path / "c.png"

@@ -108,8 +108,16 @@ def test_train_from_a_single_file(tiny, tmp_path):
                        "--output", str(tmp_path / "out"), "--device", "cpu", "--mixed-precision", "no",
                        "--resolution", "32", "--train-batch-size", "2", "--gradient-accumulation-steps", "1",
                        "--optimizer", "adamw", "--max-train-steps", "2", "--dataloader-num-workers", "0",
-                       "--no-progress"])
+                       "--export-format", "original", "--no-progress"])
     assert code == 0
+    # the run's one-file export in lllyasviel's layout loads back through diffusers' converter, weight for weight
+    from diffusers import ControlNetModel
+
+    from trainer.export import load_single_file_controlnet
+
+    single = load_single_file_controlnet(tmp_path / "out" / "controlnet-fp16.safetensors").state_dict()
+    folder = ControlNetModel.from_pretrained(tmp_path / "out" / "controlnet").state_dict()
+    assert single.keys() == folder.keys() and all(torch.equal(single[k], folder[k].half().float()) for k in folder)
     assert (tmp_path / "out" / "controlnet" / "config.json").is_file()
     from PIL import Image
 
