@@ -37,6 +37,7 @@ def test_run_demo(tmp_path):
         assert Path(res[key]).exists(), key
     assert Path(res["model"]) == tmp_path / "demo" / "tiny-model"
     assert (Path(res["controlnet"]) / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "demo" / "loss.png").is_file() and (tmp_path / "demo" / "progress.png").is_file()
     # the demo's last step: pictures from the ControlNet it trained (bench/demo.py puts them in OUTPUT/generate/)
     from PIL import Image
 

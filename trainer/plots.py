@@ -1,7 +1,9 @@
-"""loss.png beside the checkpoints: the logged loss, raw and smoothed, drawn with Pillow (no matplotlib).
+"""Pictures of a run beside its checkpoints, drawn with Pillow (no matplotlib).
 
-Written with every checkpoint from train_log.jsonl, so a glance at the output folder shows whether
-the loss is going down. The smoothed curve is an exponential moving average (TensorBoard's 0.9 by
+loss.png: the logged loss, raw and smoothed, redrawn from train_log.jsonl with every checkpoint, so a
+glance at the output folder shows whether the loss is going down. progress.png: the validation images
+of every step so far (rows: prompt/map pairs, columns: steps), redrawn after each validation from the
+PNGs in validation/, so it spans resumed runs too. The smoothed curve is an exponential moving average (TensorBoard's 0.9 by
 default, debiased so it starts at the first value).
 """
 
@@ -77,3 +79,35 @@ def write_loss_png(output: Path) -> Path:
     output = Path(output)
     steps, losses = read_losses(output / "train_log.jsonl")
     return draw_loss(steps, losses, output / "loss.png", log_steps=len(steps) > 1 and steps[-1] / max(steps[0], 1) > 100)
+
+
+def progress_cells(validation: Path) -> tuple[list[int], list[int], dict[tuple[int, int], Path]]:
+    """(steps, pair indices, {(pair, step): first sample's PNG}) from validation/step-NNNNNN_pI_s0.png files."""
+    cells = {}
+    for path in validation.glob("step-*_p*_s0.png"):
+        try:
+            step = int(path.name[5:11])
+            pair = int(path.name.split("_p", 1)[1].split("_", 1)[0])
+        except ValueError:
+            continue
+        cells[(pair, step)] = path
+    return sorted({s for _, s in cells}), sorted({p for p, _ in cells}), cells
+
+
+def write_progress_png(output: Path, cell: int = 128) -> Path | None:
+    """OUTPUT/progress.png: a contact sheet of validation images, a row per prompt/map pair, a column per step."""
+    output = Path(output)
+    steps, pairs, cells = progress_cells(output / "validation")
+    if not cells:
+        return None
+    label = 16
+    sheet = Image.new("RGB", (len(steps) * cell, label + len(pairs) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for col, step in enumerate(steps):
+        draw.text((col * cell + 3, 2), f"step {step}", fill=AXIS)
+        for row, pair in enumerate(pairs):
+            if (pair, step) in cells:
+                with Image.open(cells[(pair, step)]) as im:
+                    sheet.paste(im.convert("RGB").resize((cell, cell)), (col * cell, label + row * cell))
+    sheet.save(output / "progress.png")
+    return output / "progress.png"

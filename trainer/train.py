@@ -17,7 +17,7 @@ from trainer.metrics import RunLog
 from trainer.models import DTYPES, decoder_state, load_models, param_groups
 from trainer.objective import Objective
 from trainer.optim import build_optimizer, build_scaler
-from trainer.plots import write_loss_png
+from trainer.plots import write_loss_png, write_progress_png
 from trainer.validate import run_validation
 
 
@@ -97,6 +97,7 @@ def _validate(run: Run, result: TrainResult) -> None:
     out = run_validation(run.models, cfg.validation, run.state.step, Path(cfg.output) / "validation",
                          cfg.data.resolution, run.device, run.weight_dtype, cfg.seed, cfg.model.only_mid_control)
     result.validation_grids.append(out["grid"])
+    write_progress_png(Path(cfg.output))
     if out["all_black"]:
         run.log.note(f"warning: validation images of step {run.state.step} are all black")
 
