@@ -3,8 +3,8 @@
 loss.png: the logged loss, raw and smoothed, redrawn from train_log.jsonl with every checkpoint, so a
 glance at the output folder shows whether the loss is going down. progress.png: the validation images
 of every step so far (rows: prompt/map pairs, columns: steps), redrawn after each validation from the
-PNGs in validation/, so it spans resumed runs too. The smoothed curve is an exponential moving average (TensorBoard's 0.9 by
-default, debiased so it starts at the first value).
+PNGs in validation/, so it spans resumed runs too. The smoothed loss is a debiased exponential moving
+average whose weight grows with the number of records (0.6, TensorBoard's default, up to 0.95).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def read_losses(log: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Debiased exponential moving average (TensorBoard's smoothing)."""
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing); weight by default from the length."""
+    weight = min(0.95, max(0.6, 1 - 10 / max(len(values), 1))) if weight is None else weight
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = weight * avg + (1 - weight) * v
