@@ -140,6 +140,17 @@ def test_generate_from_the_single_file(run, tmp_path):
     assert (tmp_path / "g" / "p1_s0.png").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_on_cuda_in_fp16(run, tmp_path):
+    """On CUDA the default is fp16; the images come out finite (or the run says why and exits 1)."""
+    args = gen_args(run, tmp_path / "g")
+    args[args.index("--device") + 1] = "cuda"
+    assert main(args) == 0
+    with Image.open(tmp_path / "g" / "p0_s0.png") as im:
+        assert im.size == (128, 64)
+
+
 def test_generate_is_a_subcommand_of_the_trainer():
     """`python -m trainer generate --help` reaches generate's parser, with the interface's flags and defaults."""
     out = subprocess.run([sys.executable, "-m", "trainer", "generate", "--help"], capture_output=True, text=True,

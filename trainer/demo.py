@@ -35,7 +35,7 @@ def demo_config(shards: str, output: Path, model: Path, cond: Path, steps: int, 
         model=ModelConfig(model=str(model), gradient_checkpointing=False),
         optim=OptimConfig(learning_rate=5e-4, optimizer="adamw", gradient_accumulation_steps=1),
         checkpoint=CheckpointConfig(checkpointing_steps=max(1, steps // 2), checkpoints_total_limit=2),
-        validation=ValidationConfig(validation_steps=steps, validation_prompt=["a photo"],
+        validation=ValidationConfig(validation_steps=max(1, steps // 2), validation_prompt=["a photo"],
                                     validation_image=[str(cond)], num_validation_images=1, num_inference_steps=4),
         max_train_steps=steps, mixed_precision="no", device="cpu", log_every=10, seed=0,
     )

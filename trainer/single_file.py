@@ -88,5 +88,8 @@ def config_for(path: str):
 
 def load_pipeline(pipeline_class, path: str, **kwargs):
     """`pipeline_class.from_single_file` on the checkpoint, offline, with the shipped config."""
+    if architecture(path)[0] == "sd2":
+        print(f"{path}: SD 2.x, loaded as the 768 px v-prediction model (2.0/2.1); for SD 2.x-base (512 px, "
+              "epsilon) pass a diffusers folder", flush=True)
     with config_for(path) as config:
         return pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
