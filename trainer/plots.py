@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 SIZE = (800, 400)
 MARGIN = (70, 30, 20, 50)  # left, top, right, bottom
+CELL_NAME = re.compile(r"step-(\d+)_p(\d+)_s0\.png")  # validate.py's name of a pair's first sample
 RAW, SMOOTH, AXIS = (170, 190, 230), (20, 60, 170), (60, 60, 60)
 
 
@@ -86,12 +88,9 @@ def progress_cells(validation: Path) -> tuple[list[int], list[int], dict[tuple[i
     """(steps, pair indices, {(pair, step): first sample's PNG}) from validation/step-NNNNNN_pI_s0.png files."""
     cells = {}
     for path in validation.glob("step-*_p*_s0.png"):
-        try:
-            step = int(path.name[5:11])
-            pair = int(path.name.split("_p", 1)[1].split("_", 1)[0])
-        except ValueError:
-            continue
-        cells[(pair, step)] = path
+        match = CELL_NAME.fullmatch(path.name)
+        if match:
+            cells[(int(match[2]), int(match[1]))] = path
     return sorted({s for _, s in cells}), sorted({p for p, _ in cells}), cells
 
 
