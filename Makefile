@@ -20,9 +20,13 @@ MODEL ?= runwayml/stable-diffusion-v1-5
 TRAIN_OUTPUT ?= $(or $(OUTPUT),controlnet-out)
 TRAIN_ARGS ?=
 DEMO_OUT ?= demo-out
+CONTROLNET ?= $(TRAIN_OUTPUT)
+IMAGE ?=
+PROMPT ?= a photo
+GENERATE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards train bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-train clean
+.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards train generate bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-train clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -49,7 +53,7 @@ test: setup  ## everything CI runs
 test-quick: setup  ## the fast unit tests only
 	$(PY) -m pytest tests -m quick $(PYTEST_ARGS)
 
-demo: setup  ## the whole path offline: loopback image server -> shards -> short CPU training of a tiny model
+demo: setup  ## the whole path offline: loopback image server -> shards -> short CPU training of a tiny model -> generate
 	$(PY) -m bench.demo --output $(DEMO_OUT)
 
 corpus: setup  ## build the sample corpus and serve it on 127.0.0.1:$(CORPUS_PORT) in the background
@@ -71,6 +75,10 @@ shards: setup  ## make shards INPUT=laion.parquet OUTPUT=shards/ [ENGINE_ARGS='-
 train: setup  ## make train SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=... [TRAIN_ARGS=...]
 	@test -n "$(SHARDS)" || { echo "give SHARDS=, e.g. make train SHARDS='shards/{00000..00003}.tar' MODEL=... OUTPUT=run/"; exit 2; }
 	$(PY) -m trainer --shards '$(SHARDS)' --model $(MODEL) --output $(TRAIN_OUTPUT) $(TRAIN_ARGS)
+
+generate: setup  ## make generate IMAGE=photo.jpg PROMPT='a house' [CONTROLNET=controlnet-out MODEL=... OUTPUT=generated GENERATE_ARGS=...]
+	@test -n "$(IMAGE)" || { echo "give IMAGE=, e.g. make generate IMAGE=photo.jpg PROMPT='a house at dusk' CONTROLNET=controlnet-out"; exit 2; }
+	$(PY) -m trainer generate --controlnet $(CONTROLNET) --model $(MODEL) --image '$(IMAGE)' --prompt '$(PROMPT)' --output $(or $(OUTPUT),generated) $(GENERATE_ARGS)
 
 bench: bench-remap bench-engine bench-dedup bench-dedup-cost  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
 

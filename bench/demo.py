@@ -1,7 +1,8 @@
 """`make demo`: the whole path offline on a fresh machine.
 
 A loopback server serves the sample corpus (real photos plus every kind of bad response), the
-engine turns it into shards, and the trainer runs a short CPU training of a tiny model on them.
+engine turns it into shards, the trainer runs a short CPU training of a tiny model on them, and
+`python -m trainer generate` makes pictures with the trained ControlNet into OUTPUT/generate/.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def train(shards: Path, out: Path) -> dict | None:
     return run_demo(pattern, str(out / "train"))
 
 
+def generate(result: dict, out: Path) -> None:
+    """Pictures from the ControlNet just trained: `python -m trainer generate` on a photo of the shards."""
+    from trainer.demo import run_generate
+
+    print(f"demo: generated {', '.join(run_generate(result, out))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo into --output (replaced if it exists)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     result = None if a.no_train else train(shards, out)
     if result:
         print("demo: training:", json.dumps(result, indent=2, default=str))
+        generate(result, out / "generate")
     print(f"demo: done in {time.monotonic() - start:.0f} s; everything is under {out.resolve()}")
     return 0
 

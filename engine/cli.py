@@ -171,17 +171,39 @@ def run_condition(a: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def preview_parser(sub) -> None:
+    """Options of `preview`."""
+    p = sub.add_parser("preview", help="draw a grid of image / conditioning map / caption from shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Reads the first samples of SHARDS (folder, glob or brace pattern such as "
+                                   "'shards/{00000..00003}.tar') with webdataset and draws them into one PNG.")
+    p.add_argument("shards", nargs="+", metavar="SHARDS")
+    _opt(p, "--output", default="preview.png", help="PNG to write")
+    _opt(p, "--samples", type=int, default=16, help="samples to draw")
+    _opt(p, "--columns", type=int, default=4, help="cells per row")
+
+
+def run_preview(a: argparse.Namespace) -> int:
+    """`preview`: one PNG grid of the first samples."""
+    from .preview import preview
+
+    result = preview(a.shards, a.output, a.samples, a.columns)
+    print(f"{result['output']}: {result['samples']} samples, {result['skipped']} skipped as undecodable")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m engine` and `ctrlnet-shards`."""
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     shards_parser(sub)
     condition_parser(sub)
+    preview_parser(sub)
     a = parser.parse_args(argv)
     # SIGTERM (a scheduler's stop) takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        return run_shards(a) if a.command == "shards" else run_condition(a)
+        return {"shards": run_shards, "condition": run_condition, "preview": run_preview}[a.command](a)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:  # bad flags or inputs: say which
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -37,3 +37,13 @@ def test_run_demo(tmp_path):
         assert Path(res[key]).exists(), key
     assert Path(res["model"]) == tmp_path / "demo" / "tiny-model"
     assert (Path(res["controlnet"]) / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "demo" / "loss.png").is_file() and (tmp_path / "demo" / "progress.png").is_file()
+    # the demo's last step: pictures from the ControlNet it trained (bench/demo.py puts them in OUTPUT/generate/)
+    from PIL import Image
+
+    from trainer.demo import run_generate
+
+    pngs = run_generate(res, tmp_path / "generate")
+    assert str(tmp_path / "generate" / "p0_s0.png") in pngs and str(tmp_path / "generate" / "grid.png") in pngs
+    with Image.open(tmp_path / "generate" / "p0_s0.png") as im:
+        assert im.size == (64, 64)

@@ -108,6 +108,8 @@ def resolve_resume(resume: str | None, output: Path) -> Path | None:
         found = list_checkpoints(output)
         return found[-1][1] if found else None
     path = Path(resume)
+    if not path.exists() and (Path(output) / resume).exists():  # diffusers' form: a name inside --output
+        path = Path(output) / resume
     if not is_complete(path):
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (state.json missing or "
                                 "files truncated); use --resume latest to pick the newest complete one")

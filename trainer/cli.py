@@ -20,6 +20,7 @@ from trainer.config import (
     TrainConfig,
     ValidationConfig,
 )
+from trainer.flags import add_diffusers_spellings, document
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "validation": ValidationConfig}
@@ -32,7 +33,8 @@ def _limit(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (defaults: the tutorial's recipe: fp16, 512 px, lr 1e-5, 8-bit Adam, effective batch 32)."""
-    p = argparse.ArgumentParser(prog="python -m trainer", description="Train a ControlNet from WebDataset shards.",
+    p = argparse.ArgumentParser(prog="python -m trainer", description="Train a ControlNet from WebDataset shards. "
+                                            "Pictures from the result: python -m trainer generate --help",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     g = p.add_argument_group("data")
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop with an error after this many batches in a row in which no sample decoded")
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="model.model", required=True,
-                   help="diffusers folder or hub id of an SD 1.x/2.x model")
+                   help="diffusers folder, hub id, or one .safetensors checkpoint (original layout) of an SD 1.x/2.x model")
     g.add_argument("--revision", dest="model.revision", default=None)
     g.add_argument("--variant", dest="model.variant", default=None, help="weight variant, e.g. fp16")
     g.add_argument("--controlnet", dest="model.controlnet", default=None,
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoints-total-limit", dest="checkpoint.checkpoints_total_limit", type=_limit, default=3)
     g.add_argument("--resume", dest="checkpoint.resume", default=None, metavar="{latest,PATH}",
                    help="continue from the newest complete checkpoint in --output, or from a checkpoint folder")
+    g.add_argument("--export-format", dest="checkpoint.export_format", choices=("diffusers", "original"),
+                   default="diffusers")
     g = p.add_argument_group("validation")
     g.add_argument("--validation-steps", dest="validation.validation_steps", type=int, default=500)
     g.add_argument("--validation-prompt", dest="validation.validation_prompt", action="append", default=[])
@@ -94,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", dest="device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     a("--log-every", dest="log_every", type=int, default=10)
     a("--no-progress", dest="no_progress", action="store_true", help="no progress bar (logs still written)")
+    add_diffusers_spellings(p)
+    document(p)
     return p
 
 
@@ -130,8 +136,21 @@ def memory_advice(cfg: TrainConfig) -> str:
     return "CUDA ran out of memory. Flags that lower memory:\n  " + "\n  ".join(tips)
 
 
+def subcommand(argv: list[str] | None) -> int | None:
+    """Run `python -m trainer generate ...` and return its status; None when argv is a training run."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:
+        from trainer.generate import main as generate_main
+
+        return generate_main(argv[1:])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and exit 0 when done, 130/143 when stopped by SIGINT/SIGTERM (checkpoint saved)."""
+    command = subcommand(argv)
+    if command is not None:
+        return command
     ns = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(ns)

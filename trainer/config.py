@@ -56,7 +56,7 @@ class ModelConfig:
     """Which Stable Diffusion model to load and how the ControlNet is set up on it."""
 
     model: str = ""
-    """Diffusers folder or hub id of an SD 1.x/2.x model (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    """Diffusers folder or hub id of an SD 1.x/2.x model, or one original-layout .safetensors checkpoint."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of --model."""
     variant: str | None = None
@@ -75,6 +75,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("no model given: pass --model runwayml/stable-diffusion-v1-5 or a diffusers folder")
+        if Path(self.model).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+            from trainer.single_file import convert_advice
+
+            raise ValueError(f"--model: {convert_advice(self.model)}")
 
 
 @dataclass
@@ -127,8 +131,12 @@ class CheckpointConfig:
     """Keep only the newest this many checkpoints; None keeps all."""
     resume: str | None = None
     """`latest` (newest complete checkpoint in --output, if any) or a checkpoint folder."""
+    export_format: str = "diffusers"
+    """Key layout of the final controlnet-fp16.safetensors: diffusers, or original (lllyasviel's control_model.*)."""
 
     def __post_init__(self) -> None:
+        if self.export_format not in ("diffusers", "original"):
+            raise ValueError(f"--export-format must be diffusers or original, got {self.export_format!r}")
         if self.checkpointing_steps < 1:
             raise ValueError("--checkpointing-steps must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -35,7 +35,7 @@ def demo_config(shards: str, output: Path, model: Path, cond: Path, steps: int, 
         model=ModelConfig(model=str(model), gradient_checkpointing=False),
         optim=OptimConfig(learning_rate=5e-4, optimizer="adamw", gradient_accumulation_steps=1),
         checkpoint=CheckpointConfig(checkpointing_steps=max(1, steps // 2), checkpoints_total_limit=2),
-        validation=ValidationConfig(validation_steps=steps, validation_prompt=["a photo"],
+        validation=ValidationConfig(validation_steps=max(1, steps // 2), validation_prompt=["a photo"],
                                     validation_image=[str(cond)], num_validation_images=1, num_inference_steps=4),
         max_train_steps=steps, mixed_precision="no", device="cpu", log_every=10, seed=0,
     )
@@ -56,6 +56,7 @@ def run_demo(shards: str, output: str, steps: int = 200, resolution: int = 64) -
     records = [json.loads(x) for x in Path(result.log).read_text().splitlines()]
     return {
         "model": str(model),
+        "shards": shards,
         "controlnet": str(result.controlnet),
         "checkpoint": str(result.checkpoints[-1]) if result.checkpoints else None,
         "validation_grid": str(result.validation_grids[-1]) if result.validation_grids else None,
@@ -66,6 +67,31 @@ def run_demo(shards: str, output: str, steps: int = 200, resolution: int = 64) -
         "samples_per_s": round(records[-1]["samples_per_s"], 1) if records else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def first_photo(shards: str, dest: Path) -> Path:
+    """Save the first photo (`.jpg` member) of the shards to `dest`: the demo's picture to generate from."""
+    from webdataset.tariterators import tarfile_samples
+
+    for sample in tarfile_samples([{"url": u} for u in expand_shards(shards)]):
+        if "jpg" in sample:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(sample["jpg"])
+            return dest
+    raise ValueError(f"no photo in {shards}")
+
+
+def run_generate(result: dict, output: str | Path) -> list[str]:
+    """`python -m trainer generate` with the ControlNet the demo trained, from a photo of its shards."""
+    from trainer.generate import main as generate_main
+
+    output = Path(output)
+    photo = first_photo(result["shards"], output / "photo.jpg")
+    args = ["--controlnet", str(Path(result["controlnet"]).parent), "--model", result["model"], "--image", str(photo),
+            "--prompt", "a photo", "--output", str(output), "--steps", "4", "--device", "cpu", "--dtype", "fp32"]
+    if generate_main(args) not in (0, 1):  # 1: came out black/NaN, reported by generate itself
+        raise RuntimeError(f"generate failed: python -m trainer generate {' '.join(args)}")
+    return sorted(str(p) for p in output.glob("*.png"))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m trainer.demo SHARDS OUTPUT`

@@ -50,7 +50,11 @@ def load_weights(cls, source: str, flag: str, **kw):
 
 
 def load_frozen(cfg: ModelConfig) -> tuple:
-    """UNet, VAE, text encoder, tokenizer and noise scheduler from a diffusers folder or hub id."""
+    """UNet, VAE, text encoder, tokenizer and noise scheduler from a diffusers folder, hub id or one file."""
+    from trainer.single_file import is_single_file
+
+    if is_single_file(cfg.model):
+        return load_frozen_single_file(cfg.model)
     kw = dict(revision=cfg.revision)
     wkw = dict(kw, variant=cfg.variant)
     tokenizer = CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw)
@@ -124,3 +128,21 @@ def decoder_state(models: Models) -> dict[str, torch.Tensor]:
     """State dict of the unlocked UNet decoder (keys as in the full UNet)."""
     names = ("up_blocks.", "conv_norm_out.", "conv_out.")
     return {k: v for k, v in models.unet.state_dict().items() if k.startswith(names)}
+
+
+def load_base_pipeline(pipeline_class, model: str, **kwargs):
+    """A diffusers pipeline of the base model (diffusers folder, hub id or one .safetensors), no safety checker."""
+    from trainer import single_file
+
+    kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if single_file.is_single_file(model):
+        return single_file.load_pipeline(pipeline_class, model, **kwargs)
+    return pipeline_class.from_pretrained(model, **kwargs)
+
+
+def load_frozen_single_file(path: str) -> tuple:
+    """load_frozen's parts from an original-layout SD checkpoint (trainer/single_file.py)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load_base_pipeline(StableDiffusionPipeline, path)
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config)

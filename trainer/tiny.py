@@ -103,3 +103,70 @@ def build_tiny_model(folder: str | Path, prediction_type: str = "epsilon", seed:
         "vae": ["diffusers", "AutoencoderKL"],
     }, indent=2))
     return folder
+
+
+def _unet_up_key(parts: list[str], layers_per_block: int, with_attention: bool) -> str:
+    """ldm name of an up_blocks.* parameter (output_blocks.N.{0 resnet, 1 attention, 1|2 upsample})."""
+    from trainer.export import _resnet
+
+    block, kind = int(parts[1]), parts[2]
+    first = block * (layers_per_block + 1)
+    if kind == "upsamplers":
+        return f"output_blocks.{first + layers_per_block}.{2 if with_attention else 1}.{'.'.join(parts[4:])}"
+    index = first + int(parts[3])
+    rest = ".".join(parts[4:])
+    return f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+
+
+def ldm_unet_key(key: str, unet_config) -> str:
+    """The original (ldm) name of a diffusers UNet2DConditionModel parameter."""
+    from trainer.export import _FIXED, _block_key
+
+    fixed = {**_FIXED, "conv_norm_out": "out.0", "conv_out": "out.2"}
+    stem, _, leaf = key.rpartition(".")
+    if stem in fixed:
+        return f"{fixed[stem]}.{leaf}"
+    parts = key.split(".")
+    if parts[0] == "up_blocks":
+        attention = "CrossAttn" in unet_config.up_block_types[int(parts[1])]
+        return _unet_up_key(parts, unet_config.layers_per_block, attention)
+    return _block_key(parts, unet_config.layers_per_block)
+
+
+VAE_NAMES = (("down_blocks", "down"), ("up_blocks", "up"), ("resnets", "block"), ("downsamplers.0", "downsample"),
+             ("upsamplers.0", "upsample"), ("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"),
+             ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+
+
+def ldm_vae_key(key: str, levels: int) -> str:
+    """The original (ldm) name of a diffusers AutoencoderKL parameter (decoder levels counted from the bottom)."""
+    for mid, ldm in (("mid_block.resnets.0", "mid.block_1"), ("mid_block.resnets.1", "mid.block_2"),
+                     ("mid_block.attentions.0", "mid.attn_1")):
+        key = key.replace(mid, ldm)
+    if key.startswith("decoder.up_blocks."):
+        parts = key.split(".")
+        parts[2] = str(levels - 1 - int(parts[2]))
+        key = ".".join(parts)
+    for diffusers, ldm in VAE_NAMES:
+        key = key.replace(diffusers, ldm)
+    return key
+
+
+def write_tiny_single_file(folder: str | Path, path: str | Path) -> Path:
+    """The tiny diffusers model at `folder` as one SD-1.x-layout .safetensors (UNet, VAE, CLIP text encoder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    state = {"model.diffusion_model." + ldm_unet_key(k, unet.config): v for k, v in unet.state_dict().items()}
+    levels = len(vae.config.block_out_channels)
+    state.update({"first_stage_model." + ldm_vae_key(k, levels): v for k, v in vae.state_dict().items()})
+    # SD files name CLIP's weights text_model.*; transformers >= 5.6 dropped that wrapper from CLIPTextModel
+    state.update({"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+                  for k, v in text.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return Path(path)

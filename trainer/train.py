@@ -17,6 +17,7 @@ from trainer.metrics import RunLog
 from trainer.models import DTYPES, decoder_state, load_models, param_groups
 from trainer.objective import Objective
 from trainer.optim import build_optimizer, build_scaler
+from trainer.plots import write_loss_png, write_progress_png
 from trainer.validate import run_validation
 
 
@@ -83,6 +84,7 @@ def _checkpoint(run: Run, result: TrainResult) -> None:
     path = save_checkpoint(Path(cfg.output), run.state, run.models.controlnet, run.optimizer, run.scaler,
                            run.generator, cfg.to_dict(), decoder=decoder)
     prune(Path(cfg.output), cfg.checkpoint.checkpoints_total_limit)
+    write_loss_png(Path(cfg.output))
     result.checkpoints.append(path)
     run.log.note(f"saved {path}")
 
@@ -95,6 +97,7 @@ def _validate(run: Run, result: TrainResult) -> None:
     out = run_validation(run.models, cfg.validation, run.state.step, Path(cfg.output) / "validation",
                          cfg.data.resolution, run.device, run.weight_dtype, cfg.seed, cfg.model.only_mid_control)
     result.validation_grids.append(out["grid"])
+    write_progress_png(Path(cfg.output))
     if out["all_black"]:
         run.log.note(f"warning: validation images of step {run.state.step} are all black")
 
@@ -118,7 +121,8 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
                 _checkpoint(run, result)
             if state.step % cfg.validation.validation_steps != 0:
                 _validate(run, result)
-            result.controlnet = export_final(run.models, output, cfg.model.unlock_decoder)
+            result.controlnet = export_final(run.models, output, cfg.model.unlock_decoder,
+                                             cfg.checkpoint.export_format)
     finally:
         run.log.close()
     result.last_loss = _last_loss(output / "train_log.jsonl")
