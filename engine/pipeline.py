@@ -8,11 +8,14 @@ rest, after checking (engine/fingerprint.py) that it is the same run: same setti
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
+import socket
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import dedup as D
 from . import fingerprint as F
@@ -31,6 +35,8 @@ from .shard import process_shard
 from .write import fsync_dir, remove_stale_tmp, shard_name, tar_problem, write_json
 
 PENDING = "pending"  # rows of shards that are not complete (failed or interrupted): rerun to finish
+TOKEN_FILE = ".driver-token"  # this run's random token: a task writes only where it finds it (same folder)
+PROBE_TIMEOUT = 300.0  # seconds for every node to answer the shared-folder check (runtime_env setup included)
 
 
 class Progress:
@@ -78,35 +84,50 @@ class LocalRunner:
     def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
         """Process every shard in turn, a failed one up to `max_retries` more times."""
         client = self.client()
+        origin = {"host": socket.gethostname()}
         for shard in shards:
             for _ in range(self.cfg.max_retries + 1):
-                status = process_shard(shard, self.cfg, client.claim if client else None, progress.add)
+                status = process_shard(shard, self.cfg, client.claim if client else None, progress.add, origin)
                 if status["ok"]:
                     break
             on_done(status)
 
 
 class RayRunner:
-    """One Ray task per shard, a bounded number in flight, failed tasks retried by the driver."""
+    """One Ray task per shard, a bounded number in flight, failed tasks retried by the driver.
+
+    On a cluster (`--ray-address`) the tasks run on any node and write straight into --output, so
+    every node must see that folder at the same path (a shared filesystem): a node that does not
+    is named before any shard starts. The dedup index and progress actors live on the driver's
+    node, whose loss ends the run anyway; a worker node lost mid-run only fails its shards, which
+    are retried elsewhere or left pending for a rerun."""
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
+        self.token = uuid.uuid4().hex
 
     def __enter__(self):
         if not ray.is_initialized():
-            kwargs = {"address": self.cfg.ray_address} if self.cfg.ray_address else {"num_cpus": self.cfg.workers}
-            ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR", **kwargs)
+            ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR", **ray_init_args(self.cfg))
             self.owns_ray = True
         else:
             self.owns_ray = False
-        self.progress_actor = ray.remote(ProgressCounter).options(num_cpus=0).remote()
+        here = driver_node()
+        self.progress_actor = ray.remote(ProgressCounter).options(num_cpus=0, scheduling_strategy=here).remote()
         # Threaded actors: searches run in parallel; the shard's own lock keeps claims atomic.
-        self.index = [ray.remote(D.DedupShard).options(num_cpus=0, max_concurrency=8)
+        self.index = [ray.remote(D.DedupShard).options(num_cpus=0, max_concurrency=8, scheduling_strategy=here)
                       .remote(self.cfg.dedup.near_distance)
                       for _ in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
+        try:
+            write_token(Path(self.cfg.output), self.token)
+            check_shared_output(self.cfg.output, self.token)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
+        (Path(self.cfg.output) / TOKEN_FILE).unlink(missing_ok=True)
         if self.owns_ray:
             ray.shutdown()
         return False
@@ -123,6 +144,10 @@ class RayRunner:
         shards = iter(shards)
         exhausted = False
         client = self.client()
+
+        def submit(shard: Shard, attempt: int) -> None:
+            in_flight[task.remote(shard, self.cfg, client, self.progress_actor, self.token)] = (shard, attempt)
+
         try:
             while in_flight or not exhausted:
                 while not exhausted and len(in_flight) < limit:
@@ -130,7 +155,7 @@ class RayRunner:
                     if shard is None:
                         exhausted = True
                         break
-                    in_flight[task.remote(shard, self.cfg, client, self.progress_actor)] = (shard, 1)
+                    submit(shard, 1)
                 if not in_flight:
                     break
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
@@ -139,7 +164,9 @@ class RayRunner:
                     shard, attempt = in_flight.pop(ref)
                     status = _result(ref, shard)
                     if not status["ok"] and attempt <= self.cfg.max_retries:
-                        in_flight[task.remote(shard, self.cfg, client, self.progress_actor)] = (shard, attempt + 1)
+                        print(f"shard {shard_name(shard.shard_id)} attempt {attempt} failed "
+                              f"({status.get('error', '')[:200]}); retrying", file=sys.stderr)
+                        submit(shard, attempt + 1)
                     else:
                         on_done(status)
             progress.add(*ray.get(self.progress_actor.take.remote()))
@@ -149,15 +176,80 @@ class RayRunner:
             raise
 
 
+def ray_init_args(cfg: EngineConfig) -> dict:
+    """ray.init's arguments: a local Ray of `workers` CPUs, or the cluster at --ray-address with this
+    engine package shipped to every worker (runtime_env py_modules), so nodes need only the
+    dependencies installed, not this checkout."""
+    if not cfg.ray_address:
+        return {"num_cpus": cfg.workers}
+    package = str(Path(__file__).resolve().parent)
+    return {"address": cfg.ray_address,
+            "runtime_env": {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]}}
+
+
+def driver_node() -> NodeAffinitySchedulingStrategy:
+    """Pin to the driver's own node: its loss ends the run anyway, a worker node's must not."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def write_token(out: Path, token: str) -> None:
+    """Leave this run's token in --output, where tasks look for it before writing."""
+    write_json({"token": token, "host": socket.gethostname()}, out / TOKEN_FILE)
+
+
+def sees_token(output: str, token: str) -> bool:
+    """Whether `output` on this machine is the driver's folder (holds this run's token)."""
+    try:
+        return json.loads((Path(output) / TOKEN_FILE).read_text()).get("token") == token
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _probe(output: str, token: str) -> tuple[str, bool]:
+    """Ray task on one node: (its host name, whether it sees the driver's --output)."""
+    return socket.gethostname(), sees_token(output, token) and os.access(output, os.W_OK | os.X_OK)
+
+
+def check_shared_output(output: str, token: str) -> None:
+    """Refuse to start when a live node cannot write to the driver's --output folder."""
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if len(nodes) < 2:
+        return  # one machine: the driver's own folder
+    probe = ray.remote(_probe)
+    refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+            .remote(output, token) for n in nodes]
+    blind = []
+    for node, ref in zip(nodes, refs, strict=True):
+        try:
+            host, ok = ray.get(ref, timeout=PROBE_TIMEOUT)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise OutputError(f"Ray node {node} did not answer the --output check in {PROBE_TIMEOUT:.0f} s") from exc
+        except ray.exceptions.RayError:
+            continue  # the node left the cluster meanwhile: it runs no shard
+        if not ok:
+            blind.append(f"{host} (node {node[:12]})")
+    if blind:
+        raise OutputError(
+            f"--output {output} is not the driver's folder on {', '.join(blind)}: on a Ray cluster every "
+            "node writes its shards straight into --output, so mount one shared filesystem (NFS, CephFS, "
+            "Lustre...) at the same path on every node and give that path")
+
+
 def _ray_call(actor, method: str, *args):
     """How the dedup client calls an index actor from inside a task."""
     return ray.get(getattr(actor, method).remote(*args))
 
 
-def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor) -> dict:
-    """The Ray task body: one shard, progress sent to the driver's counter actor."""
+def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor, token: str) -> dict:
+    """The Ray task body: one shard, progress sent to the driver's counter actor; refused on a node
+    whose --output is not the driver's folder (a node that joined without the shared filesystem)."""
+    host = socket.gethostname()
+    if not sees_token(cfg.output, token):
+        return {"shard": shard.shard_id, "ok": False,
+                "error": f"{host} does not see the driver's --output {cfg.output}: mount the shared folder there"}
+    origin = {"host": host, "node_id": ray.get_runtime_context().get_node_id()}
     return process_shard(shard, cfg, client.claim if client else None,
-                         lambda rows, written: progress_actor.add.remote(rows, written))
+                         lambda rows, written: progress_actor.add.remote(rows, written), origin)
 
 
 def _result(ref, shard: Shard) -> dict:
@@ -305,6 +397,8 @@ def lock_output(out: Path):
 
 def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> dict:
     """Make (or finish) the shards of `cfg`; returns and writes the run's stats.json."""
+    # Absolute before the config travels: a Ray worker's working folder is not the driver's.
+    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output))
     out = Path(cfg.output)
     usable_output(out)
     with lock_output(out):

@@ -126,8 +126,10 @@ class ClaimBatcher:
 class ShardRun:
     """State of one shard being processed: its rows, records, tar and counters."""
 
-    def __init__(self, shard: Shard, cfg: EngineConfig, claim: Claim | None, report: Report | None):
+    def __init__(self, shard: Shard, cfg: EngineConfig, claim: Claim | None, report: Report | None,
+                 origin: dict | None = None):
         self.shard, self.cfg, self.report = shard, cfg, report
+        self.origin = origin or {}  # where the shard was made (host, Ray node id), kept in its stats
         self.rows = shard.table.to_pylist()
         self.records: list[dict | None] = [None] * len(self.rows)
         self.out = Path(cfg.output)
@@ -272,6 +274,7 @@ class ShardRun:
             "seconds": round(seconds, 3), "images_per_s": round(self.written / seconds, 2) if seconds else 0.0,
             "duplicate_clusters": [{"owner": k, "count": n, "example_url": self.examples[k]}
                                    for k, n in self.clusters.most_common(20)],
+            **self.origin,
         }
 
     def execute(self) -> dict:
@@ -296,10 +299,12 @@ class ShardRun:
 
 
 def process_shard(shard: Shard, cfg: EngineConfig, claim: Claim | None = None,
-                  report: Report | None = None) -> dict:
-    """Process one shard; returns {"shard", "ok", "stats" | "error"} and never raises."""
+                  report: Report | None = None, origin: dict | None = None) -> dict:
+    """Process one shard; returns {"shard", "ok", "stats" | "error"} and never raises.
+
+    `origin` ({"host", "node_id"}) is recorded in the shard's stats: which machine wrote it."""
     try:
-        stats = ShardRun(shard, cfg, claim, report).execute()
+        stats = ShardRun(shard, cfg, claim, report, origin).execute()
         return {"shard": shard.shard_id, "ok": True, "stats": stats}
     except Exception as exc:  # noqa: BLE001 -- the driver decides what a failed shard means
         return {"shard": shard.shard_id, "ok": False, "error": f"{type(exc).__name__}: {exc}",

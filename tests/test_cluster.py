@@ -1,0 +1,173 @@
+"""The engine on a real two-node Ray cluster on this machine (ray.cluster_utils.Cluster: a head and
+worker nodes, each its own raylet with one CPU), against the loopback sample corpus.
+
+Tasks must land on both nodes (the node ids in the shards' stats say where), the samples must be
+the same as a one-node run's, dedup must hold across nodes, and a node killed mid-run must cost
+nothing but a retry: no lost row, no partial shard.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from engine import outcomes as O
+from engine.config import DedupConfig, EngineConfig, FetchConfig
+from engine.pipeline import PENDING, OutputError, check_shared_output, completed, run, write_token
+
+from .conftest import run_rows
+
+pytestmark = pytest.mark.slow
+FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024,
+                   allow_private_network=True)  # the corpus is served on loopback
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and one worker node, one CPU each, so two shard tasks must spread over both."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c
+    if ray.is_initialized():
+        ray.shutdown()
+    c.shutdown()
+
+
+def cfg(inputs: Path, out: Path, address: str | None, dedup: bool = False, **kw) -> EngineConfig:
+    """An engine run over `inputs`: on the cluster at `address`, or in-process when None."""
+    runner = {"ray_address": address, "runner": "ray"} if address else {"runner": "local"}
+    return EngineConfig(inputs=(str(inputs),), output=str(out), shard_size=kw.pop("shard_size", 8),
+                        workers=kw.pop("workers", 2), fetch=FAST, progress=False,
+                        dedup=DedupConfig(enabled=dedup), **runner, **kw)
+
+
+@pytest.fixture(scope="module")
+def good_rows(corpus, tmp_path_factory) -> Path:
+    """The corpus's good rows three times over: every image has two exact duplicates elsewhere."""
+    table = pq.read_table(corpus.parquet)
+    good = table.filter(pc.equal(table.column("expected_outcome"), O.OK))
+    path = tmp_path_factory.mktemp("inputs") / "tripled.parquet"
+    pq.write_table(pa.concat_tables([good, good, good]), path)
+    return path
+
+
+def outcomes_by_row(out: Path) -> dict[int, str]:
+    """Each input row's outcome."""
+    t = run_rows(out)
+    return dict(zip(t.column("row").to_pylist(), t.column("outcome").to_pylist(), strict=True))
+
+
+def ok_keys(out: Path) -> set[str]:
+    """Keys of the samples written (by the rows' records) and present in the tars."""
+    t = run_rows(out)
+    return set(t.filter(pc.equal(t.column("outcome"), O.OK)).column("key").to_pylist())
+
+
+def node_ids(cluster) -> set[str]:
+    """The ids of the cluster's live nodes."""
+    return {cluster.head_node.node_id} | {n.node_id for n in cluster.worker_nodes}
+
+
+def shard_nodes(out: Path) -> dict[int, str]:
+    """Which Ray node wrote each complete shard."""
+    return {i: s["node_id"] for i, s in completed(out).items()}
+
+
+def check_whole(out: Path, rows: int) -> None:
+    """No partial shard: no temporary left, every stats file vouches for its tar and parquet."""
+    assert not list(out.glob("*.tmp"))
+    markers = {int(p.name.split(".")[0]) for p in out.glob("[0-9]*.stats.json")}
+    assert markers == set(completed(out))  # completed() checks tar and parquet against the stats
+    assert sorted(run_rows(out).column("row").to_pylist()) == list(range(rows))
+
+
+def test_shards_run_on_both_nodes_and_match_a_one_node_run(cluster, corpus, tmp_path):
+    rows = pq.read_metadata(corpus.parquet).num_rows
+    stats = run(cfg(corpus.parquet, tmp_path / "cluster", cluster.address))
+    one = run(cfg(corpus.parquet, tmp_path / "one", None))
+    assert stats["outcomes"] == one["outcomes"] and PENDING not in stats["outcomes"]
+    assert set(shard_nodes(tmp_path / "cluster").values()) == node_ids(cluster)
+    assert outcomes_by_row(tmp_path / "cluster") == outcomes_by_row(tmp_path / "one")
+    assert ok_keys(tmp_path / "cluster") == ok_keys(tmp_path / "one")
+    check_whole(tmp_path / "cluster", rows)
+    assert not (tmp_path / "cluster" / ".driver-token").exists()
+
+
+def test_dedup_holds_across_nodes(cluster, good_rows, tmp_path):
+    rows = pq.read_metadata(good_rows).num_rows
+    stats = run(cfg(good_rows, tmp_path / "cluster", cluster.address, dedup=True))
+    one = run(cfg(good_rows, tmp_path / "one", None, dedup=True))
+    assert set(shard_nodes(tmp_path / "cluster").values()) == node_ids(cluster)
+    assert stats["written"] == one["written"] == rows // 3
+    t = run_rows(tmp_path / "cluster")
+    kept = t.filter(pc.equal(t.column("outcome"), O.OK))
+    assert len(set(kept.column("content_hash").to_pylist())) == kept.num_rows  # no exact pair
+    urls = kept.column("url").to_pylist()
+    assert len(set(urls)) == len(urls)  # each image (three rows each) kept exactly once
+    assert stats["outcomes"].get(O.DUPLICATE_EXACT, 0) + stats["outcomes"].get(O.DUPLICATE_NEAR, 0) \
+        == rows - rows // 3
+    check_whole(tmp_path / "cluster", rows)
+
+
+def test_a_node_killed_mid_run_loses_nothing(cluster, corpus, tmp_path, capfd):
+    """A third node joins, takes shards, and is killed (raylet and workers) once the first shard is
+    done; its shards are retried on the others or left pending, and a rerun finishes the folder."""
+    rows = pq.read_metadata(corpus.parquet).num_rows
+    doomed = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    killed = threading.Event()
+
+    def kill_after_first(status: dict) -> None:
+        if not killed.is_set():
+            killed.set()
+            cluster.remove_node(doomed, allow_graceful=False)
+
+    out = tmp_path / "cluster"
+    config = cfg(corpus.parquet, out, cluster.address, workers=3, shard_size=6)
+    stats = run(config, on_shard=kill_after_first)
+    assert killed.is_set()
+    assert not list(out.glob("*.tmp"))
+    assert {int(p.name.split(".")[0]) for p in out.glob("[0-9]*.stats.json")} == set(completed(out))
+    if stats["outcomes"].get(PENDING):  # retries ran out: the rerun redoes exactly the rest
+        stats = run(config)
+    assert PENDING not in stats["outcomes"]
+    check_whole(out, rows)
+    assert "retrying" in capfd.readouterr().err  # the kill hit a running shard
+    run(cfg(corpus.parquet, tmp_path / "one", None, shard_size=6))
+    assert outcomes_by_row(out) == outcomes_by_row(tmp_path / "one")
+    assert ok_keys(out) == ok_keys(tmp_path / "one")
+
+
+def test_a_node_that_does_not_see_the_output_is_named(cluster, tmp_path):
+    """A folder each node has on its own disk (here: the token differs from the driver's) is refused."""
+    out = tmp_path / "local-only"
+    out.mkdir()
+    ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR")
+    try:
+        write_token(out, "the-driver's")
+        check_shared_output(str(out), "the-driver's")  # every node sees the same folder: accepted
+        with pytest.raises(OutputError, match="shared filesystem"):
+            check_shared_output(str(out), "another run's")
+    finally:
+        ray.shutdown()
+
+
+def test_a_relative_output_is_made_absolute_before_it_travels(tmp_path, good_rows, monkeypatch):
+    pq.write_table(pq.read_table(good_rows).slice(0, 2), tmp_path / "two.parquet")
+    monkeypatch.chdir(tmp_path)
+    stats = run(EngineConfig(inputs=("two.parquet",), output="rel", shard_size=64, workers=1,
+                             fetch=FAST, progress=False, runner="local"))
+    assert stats["config"]["output"] == str(tmp_path / "rel")
+    assert json.loads(next(Path(tmp_path / "rel").glob("[0-9]*.stats.json")).read_text())["host"]
