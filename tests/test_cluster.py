@@ -146,7 +146,7 @@ def test_a_node_killed_mid_run_loses_nothing(cluster, slow_shards, tmp_path, cap
     killed = threading.Event()
 
     def kill_after_first(status: dict) -> None:
-        if not killed.is_set() and status["stats"]["node_id"] != doomed.node_id:
+        if not killed.is_set() and status.get("stats", {}).get("node_id", doomed.node_id) != doomed.node_id:
             killed.set()
             cluster.remove_node(doomed, allow_graceful=False)
 
