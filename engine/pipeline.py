@@ -108,7 +108,12 @@ class RayRunner:
 
     def __enter__(self):
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR", **ray_init_args(self.cfg))
+            join_check(self.cfg.ray_address)
+            try:
+                ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR",
+                         **ray_init_args(self.cfg))
+            except ConnectionError as exc:  # an OSError, which the CLI would blame on the disk
+                raise RuntimeError(f"--ray-address {self.cfg.ray_address}: {exc}") from None
             self.owns_ray = True
         else:
             self.owns_ray = False
@@ -174,6 +179,19 @@ class RayRunner:
             for ref in in_flight:
                 ray.cancel(ref, force=True)
             raise
+
+
+def join_check(address: str | None) -> None:
+    """Refuse at once a --ray-address host:port where nothing listens: ray.init would wait for it
+    for many minutes."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"--ray-address {address}: no Ray head answers there ({exc}); start one with "
+                           "`ray start --head` or give the address it printed") from None
 
 
 def ray_init_args(cfg: EngineConfig) -> dict:

@@ -9,6 +9,7 @@ nothing but a retry: no lost row, no partial shard.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from pathlib import Path
 
@@ -177,6 +178,15 @@ def test_a_node_that_does_not_see_the_output_is_named(cluster, tmp_path):
             check_shared_output(str(out), "another run's")
     finally:
         ray.shutdown()
+
+
+def test_an_address_where_no_ray_listens_is_refused_at_once(tmp_path, good_rows):
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(RuntimeError, match=f"--ray-address 127.0.0.1:{port}: no Ray head"):
+        run(cfg(good_rows, tmp_path / "out", f"127.0.0.1:{port}"))
+    assert not ray.is_initialized()
 
 
 def test_a_relative_output_is_made_absolute_before_it_travels(tmp_path, good_rows, monkeypatch):
