@@ -199,7 +199,8 @@ def ray_init_args(cfg: EngineConfig) -> dict:
     engine package shipped to every worker (runtime_env py_modules), so nodes need only the
     dependencies installed, not this checkout."""
     if not cfg.ray_address:
-        return {"num_cpus": cfg.workers}
+        # Our own Ray ("local"): a plain ray.init() would join any cluster `ray start` left running here.
+        return {"address": "local", "num_cpus": cfg.workers}
     package = str(Path(__file__).resolve().parent)
     return {"address": cfg.ray_address,
             "runtime_env": {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]}}
