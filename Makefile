@@ -22,7 +22,7 @@ TRAIN_ARGS ?=
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards train bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-train clean
+.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards precompute train bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-train clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -63,6 +63,10 @@ corpus-stop:  ## stop the sample corpus server
 
 shards: setup  ## make shards INPUT=laion.parquet OUTPUT=shards/ [ENGINE_ARGS='--workers 16'] (default INPUT: the sample corpus)
 	$(PY) -m engine shards $(INPUT) --output $(or $(OUTPUT),shards) $(ENGINE_ARGS)
+
+precompute: setup  ## make precompute SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=pre/ (VAE latents + text embeddings once; GPU)
+	@test -n "$(SHARDS)" -a -n "$(OUTPUT)" || { echo "give SHARDS=, MODEL= and OUTPUT=, e.g. make precompute SHARDS='shards/{00000..00003}.tar' MODEL=... OUTPUT=pre/"; exit 2; }
+	$(PY) -m trainer precompute --shards '$(SHARDS)' --model $(MODEL) --output $(OUTPUT)
 
 train: setup  ## make train SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=... [TRAIN_ARGS=...]
 	@test -n "$(SHARDS)" || { echo "give SHARDS=, e.g. make train SHARDS='shards/{00000..00003}.tar' MODEL=... OUTPUT=run/"; exit 2; }

@@ -63,11 +63,25 @@ def decoder_modules(unet: UNet2DConditionModel) -> list[torch.nn.Module]:
     return [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
 
 
-def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> None:
+def drop_encoders(models: Models) -> None:
+    """For precomputed shards: free the VAE encoder; the text encoder stays on the CPU in fp32.
+
+    Validation still needs the VAE decoder on the device and encodes its few prompts on the CPU.
+    """
+    models.vae.encoder = None
+    models.vae.quant_conv = None
+    models.text_encoder.to("cpu", dtype=torch.float32)
+
+
+def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype,
+            precomputed: bool = False) -> None:
     """Freeze, cast and place the models; switch on SDPA attention and gradient checkpointing."""
+    if precomputed:
+        drop_encoders(models)
     for m in (models.unet, models.vae, models.text_encoder):
         m.requires_grad_(False)
-        m.to(device, dtype=weight_dtype)
+        if not (precomputed and m is models.text_encoder):
+            m.to(device, dtype=weight_dtype)
         m.eval()
     models.controlnet.to(device, dtype=torch.float32)
     models.controlnet.train()
@@ -86,12 +100,13 @@ def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype
             models.unet.enable_gradient_checkpointing()
 
 
-def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
-    """Load, build and prepare every model of a run."""
+def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype,
+                precomputed: bool = False) -> Models:
+    """Load, build and prepare every model of a run (without the encoders on the device when precomputed)."""
     unet, vae, text_encoder, tokenizer, scheduler = load_frozen(cfg)
     controlnet = build_controlnet(cfg, unet, vae)
     models = Models(unet, vae, text_encoder, tokenizer, scheduler, controlnet)
-    prepare(models, cfg, device, weight_dtype)
+    prepare(models, cfg, device, weight_dtype, precomputed)
     return models
 
 
