@@ -113,3 +113,19 @@ def test_fp16_overflow_steps_are_skipped(assets, tmp_path, monkeypatch):
     records = log(tmp_path)
     assert result.step == 4
     assert records[-1]["loss_scale"] < 2.0**40  # backed off after overflowing steps
+
+
+def test_cuda_precomputed_merged_compiled_run(assets, tmp_path):
+    """Precomputed shards, merged micro-batches, selective checkpointing and torch.compile on CUDA; mfu logged."""
+    from trainer.precompute import PrecomputeConfig, precompute
+
+    precompute(PrecomputeConfig(shards=assets["shards"], model=str(assets["model"]), output=str(tmp_path / "pre"),
+                                device="cuda", resolution=64))
+    cfg = config(assets, tmp_path / "run", steps=4, checkpoint_levels=1, compile=True)
+    cfg.data.shards = str(tmp_path / "pre" / "{00000..00001}.tar")
+    cfg.data.train_batch_size, cfg.optim.merge_micro_batches = 2, 2
+    result = train(cfg, enable_bar=False)
+    records = log(tmp_path / "run")
+    assert result.step == 4 and all(r["loss"] < 10 for r in records)
+    assert all(0 < r["mfu"] < 1 for r in records)
+    print("precomputed + merged + compiled:", [(round(r["loss"], 4), round(r["mfu"], 5)) for r in records])

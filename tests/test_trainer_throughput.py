@@ -98,3 +98,22 @@ def test_flops_are_counted_once_per_sample(assets, tmp_path):
         assert "mfu" in record and record["mfu"] is None  # no matmul rate is measured off CUDA
     assert per_sample[0] > 1e6
     assert per_sample[1] == pytest.approx(per_sample[0], rel=0.02)
+
+
+def test_checkpoint_levels_select_blocks_and_keep_the_loss(assets):
+    """--checkpoint-levels 1 recomputes only full-resolution blocks; the loss is the same either way."""
+    from trainer.models import load_models
+    from trainer.objective import Objective, step_loss
+
+    losses = []
+    for levels in (None, 1):
+        models = load_models(ModelConfig(model=str(assets["model"]), checkpoint_levels=levels), torch.device("cpu"),
+                             torch.float32)
+        on = [getattr(m, "gradient_checkpointing", None) for m in models.controlnet.down_blocks]
+        up = [getattr(m, "gradient_checkpointing", None) for m in models.unet.up_blocks]
+        assert (on, up) == (([True, True], [True, True]) if levels is None else ([True, False], [False, True]))
+        g = torch.Generator().manual_seed(0)
+        batch = {"latents": torch.randn(2, 4, 8, 8, generator=g), "encoder_hidden_states": torch.randn(2, 77, 32, generator=g),
+                 "conditioning_pixel_values": torch.rand(2, 3, 32, 32, generator=g)}
+        losses.append(step_loss(models, Objective(models.noise_scheduler), batch, g))
+    torch.testing.assert_close(losses[0], losses[1])

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the UNet's decoder half (the original's sd_locked=False)")
     g.add_argument("--only-mid-control", dest="model.only_mid_control", action="store_true",
                    help="feed only the middle-block residual to the UNet (the original's only_mid_control)")
+    g.add_argument("--checkpoint-levels", dest="model.checkpoint_levels", type=int, default=None,
+                   help="checkpoint only the blocks at this many highest resolutions (default: all)")
     g.add_argument("--compile", dest="model.compile", action="store_true",
                    help="torch.compile the ControlNet and UNet (minutes of compiling at start)")
     g = p.add_argument_group("optimizer")

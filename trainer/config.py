@@ -67,10 +67,15 @@ class ModelConfig:
     """Train the UNet's decoder half too (the original ControlNet's sd_locked=False)."""
     only_mid_control: bool = False
     """Feed only the ControlNet's middle-block residual into the UNet (the original's only_mid_control)."""
+    checkpoint_levels: int | None = None
+    """With --gradient-checkpointing, recompute only the blocks at this many of the highest resolutions
+    (where activations are largest; SD 1.5 has 4 levels), keep the rest; default: every level."""
     compile: bool = False
     """torch.compile the ControlNet and the UNet (minutes of compiling at start; pays on long CUDA runs)."""
 
     def __post_init__(self) -> None:
+        if self.checkpoint_levels is not None and self.checkpoint_levels < 0:
+            raise ValueError("--checkpoint-levels must be 0 or more")
         if not self.model:
             raise ValueError("no model given: pass --model runwayml/stable-diffusion-v1-5 or a diffusers folder")
 

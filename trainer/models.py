@@ -98,6 +98,26 @@ def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype
         if cfg.gradient_checkpointing_unet:
             # the frozen UNet keeps activations too: gradients flow through it back to the residuals
             models.unet.enable_gradient_checkpointing()
+        if cfg.checkpoint_levels is not None:
+            keep_low_levels(models, cfg.checkpoint_levels)
+
+
+def resolution_levels(models: Models) -> list[tuple[int, torch.nn.Module]]:
+    """(level, block) pairs of the ControlNet and UNet; level 0 is the full latent resolution."""
+    n = len(models.unet.down_blocks)
+    pairs = [(i, b) for i, b in enumerate(models.controlnet.down_blocks)]
+    pairs += [(n - 1 - j, b) for j, b in enumerate(models.unet.up_blocks)]
+    pairs += [(n - 1, models.controlnet.mid_block), (n - 1, models.unet.mid_block)]
+    return pairs
+
+
+def keep_low_levels(models: Models, levels: int) -> None:
+    """Keep checkpointing only in blocks at the `levels` highest resolutions (where activations are largest)."""
+    for level, block in resolution_levels(models):
+        if level >= levels:
+            for m in block.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m.gradient_checkpointing = False
 
 
 def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype,
