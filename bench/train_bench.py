@@ -138,7 +138,7 @@ CASES = {
 }
 PRESETS = {
     "explore": ["ours-tutorial", "ours-b8-l2", "ours-b8-l1", "ours-b8"],
-    "final": ["peer-tutorial", "peer-b8", "ours-tutorial", "ours-b8-l1-compile"],
+    "final": ["peer-tutorial", "peer-b8", "ours-b8-l1-compile", "ours-tutorial"],
 }
 
 

@@ -114,19 +114,22 @@ def pass_loss(run: Run, batch: dict, merge: int, passes: int) -> torch.Tensor:
 def count_flops(run: Run, batch: dict, merge: int) -> float:
     """FLOPs per sample of forward + backward (recomputation included) on the eager models.
 
-    A dry pass on a copy of the generator whose gradients are dropped: the run itself is untouched
-    (counting inside the real pass would change its kernels' dispatch and break bitwise resume).
+    A dry pass over the first sample of the batch (per-sample FLOPs do not depend on the batch size;
+    one sample keeps the pass's memory small) on a copy of the generator, its gradients dropped: the
+    run itself is untouched (counting inside the real pass changes its kernels' dispatch and would
+    break bitwise resume).
     """
     gen = torch.Generator(device=run.generator.device)
     gen.set_state(run.generator.get_state())
+    one = {k: v[:1] for k, v in batch.items() if k not in ("position", "failed")}
     with FlopCounterMode(display=False) as counter:
         with run.autocast():
-            loss = step_loss(run.models, run.objective, to_device(batch, run.device), gen,
-                             run.cfg.model.only_mid_control, chunks=merge)
+            loss = step_loss(run.models, run.objective, to_device(one, run.device), gen,
+                             run.cfg.model.only_mid_control)
         loss.backward()
     for p in run.params:
         p.grad = None
-    return counter.get_total_flops() / batch["conditioning_pixel_values"].shape[0]
+    return float(counter.get_total_flops())
 
 
 def train_loop(run: Run) -> TrainState:

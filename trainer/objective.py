@@ -108,5 +108,6 @@ def step_loss(models: Models, objective: Objective, batch: dict, generator: torc
         latents = sample_latents(models, dist, slice(k * size, (k + 1) * size), generator)
         drawn.append((latents, *objective.draw(latents, generator)))
     latents, noise, t = (torch.cat(x) if chunks > 1 else x[0] for x in zip(*drawn, strict=True))
-    cond = batch["conditioning_pixel_values"].to(latents.dtype)
+    cond = batch["conditioning_pixel_values"]
+    cond = cond.to(latents.dtype) / 255 if cond.dtype == torch.uint8 else cond.to(latents.dtype)  # uint8: precomputed
     return controlnet_loss(models, objective, latents, text, cond, noise, t, only_mid_control)
