@@ -86,7 +86,7 @@ bench-dedup: setup  ## near-duplicate detection quality and index throughput
 bench-dedup-cost: setup  ## the engine's images/s with dedup on and off
 	$(PY) -m bench.dedup_cost
 
-bench-train: setup  ## GPU: full SD 1.5 architecture, fp16 + 8-bit AdamW (needs CUDA)
+bench-train: setup  ## GPU: ours vs diffusers train_controlnet.py, full SD 1.5 architecture, fp16 + 8-bit AdamW (needs CUDA + the peer script)
 	$(PY) -m bench.train_bench
 
 clean:  ## remove outputs (keeps .venv)
