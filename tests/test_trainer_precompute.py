@@ -147,3 +147,25 @@ def test_resolution_mismatch_names_the_flag(assets, tmp_path):
     cfg.data.resolution = 64
     with pytest.raises(ValueError, match="--resolution 32"):
         ShardStream(cfg.data, None, 0)
+
+
+def test_precomputed_shards_without_their_meta_fail_clearly(assets, tmp_path):
+    """Precomputed tars copied away from precompute.json are refused with the reason, not skipped as bad."""
+    import shutil
+
+    shutil.copy(assets["root"] / "pre" / "00000.tar", tmp_path / "00000.tar")
+    cfg = config(assets, str(tmp_path / "00000.tar"), tmp_path / "x")
+    with pytest.raises(RuntimeError, match="precompute.json"):
+        next(iter(ShardStream(cfg.data, None, 0)))
+
+
+def test_precomputed_for_another_model_is_refused(assets, tmp_path):
+    """Shards whose text width does not fit the UNet name the model to precompute with."""
+    import shutil
+
+    shutil.copytree(assets["root"] / "pre", tmp_path / "pre")
+    meta = json.loads((tmp_path / "pre" / "precompute.json").read_text())
+    (tmp_path / "pre" / "precompute.json").write_text(json.dumps(meta | {"text_dim": 768}))
+    cfg = config(assets, str(tmp_path / "pre" / "{00000..00001}.tar"), tmp_path / "r")
+    with pytest.raises(ValueError, match="precompute --model"):
+        build_run(cfg, TrainResult(output=tmp_path / "r", step=0), enable_bar=False)

@@ -185,6 +185,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _collate(self, members, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
         """Decode one batch's samples and stack them; failed samples are replaced and counted."""
+        if not self.meta and any(LATENT_KEY in sample for _, sample in members):
+            raise RuntimeError(f"{self.cfg.shards!r} holds precomputed samples but no {META_FILE} was found beside "
+                               "the first shard: pass the local shard paths that `python -m trainer precompute` wrote")
         decoded, failed = [], 0
         for index, sample in members:
             try:

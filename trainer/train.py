@@ -52,8 +52,10 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True) ->
     weight_dtype = DTYPES[cfg.mixed_precision]
     output = Path(cfg.output)
     torch.manual_seed(cfg.seed)
-    precomputed = precomputed_meta(cfg.data.shards, cfg.data.resolution) is not None
-    models = load_models(cfg.model, device, weight_dtype, precomputed=precomputed)
+    meta = precomputed_meta(cfg.data.shards, cfg.data.resolution)
+    models = load_models(cfg.model, device, weight_dtype, precomputed=meta is not None)
+    if meta is not None:
+        check_precomputed(meta, models, cfg.model.model)
     groups = param_groups(models, cfg.model, cfg.optim.learning_rate, cfg.optim.decoder_learning_rate)
     optimizer = build_optimizer(groups, cfg.optim)
     scaler = build_scaler(cfg.mixed_precision, device)
@@ -77,6 +79,15 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True) ->
         on_checkpoint=lambda run: _checkpoint(run, result), on_validation=lambda run: _validate(run, result),
         step_models=compiled(models) if cfg.model.compile else None, peak_flops=measure_matmul_flops(device),
     )
+
+
+def check_precomputed(meta: dict, models: Models, model: str) -> None:
+    """Precomputed latents and embeddings must fit the UNet being trained; the error says what to redo."""
+    unet = models.unet.config
+    if meta["latent_channels"] != unet.in_channels or meta["text_dim"] != unet.cross_attention_dim:
+        raise ValueError(f"the shards were precomputed with {meta['model']} ({meta['latent_channels']} latent channels, "
+                         f"{meta['text_dim']}-d text) but --model {model} expects {unet.in_channels} and "
+                         f"{unet.cross_attention_dim}: run `python -m trainer precompute --model {model}` again")
 
 
 def compiled(models: Models) -> Models:
