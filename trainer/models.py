@@ -83,11 +83,25 @@ def decoder_modules(unet: UNet2DConditionModel) -> list[torch.nn.Module]:
     return [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
 
 
-def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> None:
+def drop_encoders(models: Models) -> None:
+    """For precomputed shards: free the VAE encoder; the text encoder stays on the CPU in fp32.
+
+    Validation still needs the VAE decoder on the device and encodes its few prompts on the CPU.
+    """
+    models.vae.encoder = None
+    models.vae.quant_conv = None
+    models.text_encoder.to("cpu", dtype=torch.float32)
+
+
+def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype,
+            precomputed: bool = False) -> None:
     """Freeze, cast and place the models; switch on SDPA attention and gradient checkpointing."""
+    if precomputed:
+        drop_encoders(models)
     for m in (models.unet, models.vae, models.text_encoder):
         m.requires_grad_(False)
-        m.to(device, dtype=weight_dtype)
+        if not (precomputed and m is models.text_encoder):
+            m.to(device, dtype=weight_dtype)
         m.eval()
     models.controlnet.to(device, dtype=torch.float32)
     models.controlnet.train()
@@ -104,14 +118,35 @@ def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype
         if cfg.gradient_checkpointing_unet:
             # the frozen UNet keeps activations too: gradients flow through it back to the residuals
             models.unet.enable_gradient_checkpointing()
+        if cfg.checkpoint_levels is not None:
+            keep_low_levels(models, cfg.checkpoint_levels)
 
 
-def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
-    """Load, build and prepare every model of a run."""
+def resolution_levels(models: Models) -> list[tuple[int, torch.nn.Module]]:
+    """(level, block) pairs of the ControlNet and UNet; level 0 is the full latent resolution."""
+    n = len(models.unet.down_blocks)
+    pairs = [(i, b) for i, b in enumerate(models.controlnet.down_blocks)]
+    pairs += [(n - 1 - j, b) for j, b in enumerate(models.unet.up_blocks)]
+    pairs += [(n - 1, models.controlnet.mid_block), (n - 1, models.unet.mid_block)]
+    return pairs
+
+
+def keep_low_levels(models: Models, levels: int) -> None:
+    """Keep checkpointing only in blocks at the `levels` highest resolutions (where activations are largest)."""
+    for level, block in resolution_levels(models):
+        if level >= levels:
+            for m in block.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m.gradient_checkpointing = False
+
+
+def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype,
+                precomputed: bool = False) -> Models:
+    """Load, build and prepare every model of a run (without the encoders on the device when precomputed)."""
     unet, vae, text_encoder, tokenizer, scheduler = load_frozen(cfg)
     controlnet = build_controlnet(cfg, unet, vae)
     models = Models(unet, vae, text_encoder, tokenizer, scheduler, controlnet)
-    prepare(models, cfg, device, weight_dtype)
+    prepare(models, cfg, device, weight_dtype, precomputed)
     return models
 
 
