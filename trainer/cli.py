@@ -143,12 +143,16 @@ def memory_advice(cfg: TrainConfig) -> str:
 
 
 def subcommand(argv: list[str] | None) -> int | None:
-    """Run `python -m trainer generate ...` and return its status; None when argv is a training run."""
+    """Run `python -m trainer generate|precompute ...` and return its status; None for a training run."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["generate"]:
         from trainer.generate import main as generate_main
 
         return generate_main(argv[1:])
+    if argv[:1] == ["precompute"]:  # VAE latents and caption embeddings once: see trainer.precompute
+        from trainer.precompute import main as precompute_main
+
+        return precompute_main(argv[1:])
     return None
 
 
