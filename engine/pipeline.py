@@ -94,7 +94,10 @@ class RayRunner:
 
     def __enter__(self):
         if not ray.is_initialized():
-            kwargs = {"address": self.cfg.ray_address} if self.cfg.ray_address else {"num_cpus": self.cfg.workers}
+            # Without --ray-address always start our own Ray ("local"): a plain ray.init() would join
+            # any cluster that `ray start` left running on this machine, with other resources.
+            kwargs = {"address": self.cfg.ray_address} if self.cfg.ray_address else \
+                {"address": "local", "num_cpus": self.cfg.workers}
             ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR", **kwargs)
             self.owns_ray = True
         else:
