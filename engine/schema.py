@@ -15,6 +15,7 @@ import decimal
 import functools
 import json
 import math
+import numbers
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,12 +90,14 @@ def as_kind(value, kind: str):
         return as_text(value)
     if kind == BOOL:
         return value if isinstance(value, bool) else MISSING[kind]
-    if isinstance(value, bool) or not isinstance(value, (int, float, decimal.Decimal)):
-        return MISSING[kind]
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):
+        return MISSING[kind]  # numbers.Real: numpy scalars too (pyarrow gives float16 values as numpy's)
+    if kind == INT and isinstance(value, numbers.Integral):
+        return int(value)
+    number = float(value)
     if kind == FLOAT:
-        value = float(value)
-        return value if math.isfinite(value) else MISSING[kind]
-    return int(value) if isinstance(value, int) or (math.isfinite(value) and value == int(value)) else MISSING[kind]
+        return number if math.isfinite(number) else MISSING[kind]
+    return int(number) if math.isfinite(number) and number.is_integer() else MISSING[kind]
 
 
 def as_text(value) -> str:

@@ -17,10 +17,10 @@ import pytest
 import webdataset as wds
 import yaml
 
+from engine import schema
 from engine.config import EngineConfig, FetchConfig
 from engine.pipeline import run
 
-pytestmark = pytest.mark.slow
 FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024,
                    allow_private_network=True)  # the corpus is served on loopback
 
@@ -67,6 +67,7 @@ def tars(out: Path) -> list[str]:
     return sorted(str(p) for p in out.glob("[0-9]*.tar"))
 
 
+@pytest.mark.slow
 def test_every_key_json_has_every_field_with_one_type(shards):
     metas = [s["json"] for s in wds.WebDataset(tars(shards), shardshuffle=False).decode()]
     assert len(metas) == 10
@@ -98,11 +99,13 @@ def check_dataset(ds) -> None:
     assert sorted(r["only_b"] for r in ds["json"]) == [-1] * 6 + [1] * 4
 
 
+@pytest.mark.slow
 def test_datasets_webdataset_builder_reads_the_shards(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     check_dataset(load("webdataset", data_files=tars(shards), tmp=tmp_path))
 
 
+@pytest.mark.slow
 def test_datasets_reads_the_output_folder_through_its_card(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = (shards / "README.md").read_text()
@@ -112,6 +115,7 @@ def test_datasets_reads_the_output_folder_through_its_card(shards, tmp_path, mon
     check_dataset(load(str(shards), tmp=tmp_path))
 
 
+@pytest.mark.slow
 def test_the_trainer_reads_the_shards(shards):
     from trainer.data import _Counter, load_pair, raw_epoch
 
@@ -122,6 +126,7 @@ def test_the_trainer_reads_the_shards(shards):
     assert image.shape[:2] == cond.shape[:2] == (64, 64)
 
 
+@pytest.mark.slow
 def test_a_rerun_rewrites_the_card_and_leaves_the_shards(corpus, shards):
     before = {p.name: p.stat().st_mtime_ns for p in shards.glob("[0-9]*")}
     (shards / "README.md").write_text("stale")
@@ -131,3 +136,27 @@ def test_a_rerun_rewrites_the_card_and_leaves_the_shards(corpus, shards):
     assert {p.name: p.stat().st_mtime_ns for p in shards.glob("[0-9]*")} == before
     assert (shards / "README.md").read_text().startswith("---\n")
     assert json.loads((shards / "stats.json").read_text())["written"] == 10
+
+
+@pytest.mark.quick
+def test_every_parquet_type_has_one_json_kind_and_a_typed_stand_in():
+    import datetime as dt
+    import decimal
+
+    import numpy as np
+
+    kinds = {"i": pa.int32(), "u": pa.uint64(), "f": pa.float16(), "d": pa.decimal128(5, 2), "b": pa.bool_(),
+             "t": pa.timestamp("s"), "l": pa.list_(pa.int64()), "n": pa.null(), "s": pa.string()}
+    assert {k: schema.kind_of(t) for k, t in kinds.items()} == {
+        "i": "int64", "u": "string", "f": "float64", "d": "float64", "b": "bool", "t": "string", "l": "string",
+        "n": "string", "s": "string"}
+    assert schema.merge("int64", "float64") == "float64" and schema.merge("int64", "string") == "string"
+    assert schema.as_kind(np.float16(0.5), "float64") == 0.5 and math.isnan(schema.as_kind(None, "float64"))
+    assert math.isnan(schema.as_kind(float("inf"), "float64")) and schema.as_kind(decimal.Decimal("1.5"), "float64") == 1.5
+    assert schema.as_kind(3.0, "int64") == 3 and schema.as_kind(3.5, "int64") == -1 and schema.as_kind("x", "int64") == -1
+    assert schema.as_kind(None, "bool") is False and schema.as_kind(b"caf\xc3\xa9", "string") == "café"
+    assert schema.as_kind(dt.datetime(2024, 1, 2, 3, 4), "string") == "2024-01-02T03:04:00"
+    assert schema.as_kind({"a": [1, None]}, "string") == '{"a":[1,null]}'
+    meta = schema.sample_json({"WIDTH": None, "url": "shadowed"}, {"WIDTH": "int64"}, {"key": "k", "url": "u"})
+    assert set(meta) == {"WIDTH", *schema.ENGINE_FIELDS} and meta["WIDTH"] == -1 and meta["caption"] == ""
+    assert meta["url"] == "u" and schema.features(meta)["WIDTH"] == "int64"
