@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from . import card
 from . import dedup as D
 from . import fingerprint as F
 from . import outcomes as O
@@ -358,4 +359,5 @@ def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) 
             write_json(result, out / "stats.json")
         except OSError as exc:  # the shards are safe; only this summary is missing
             result["unsaved"] = f"could not write {out / 'stats.json'}: {exc}"
+        card.write_card(out, cfg, result)  # README.md: features for datasets.load_dataset(OUTPUT), counts
     return result

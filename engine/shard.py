@@ -28,6 +28,7 @@ from .decode import Rejected, decode
 from .fetch import fetch, make_session
 from .plan import Shard, prefilter
 from .quality import colorfulness
+from .schema import input_kinds, sample_json, shard_kinds
 from .write import ShardWriteError, TarShard, encode_jpeg, encode_png, publish_shard, shard_name
 
 Report = Callable[[int, int], None]  # (rows finished, samples written) since the last call
@@ -132,6 +133,7 @@ class ShardRun:
         self.records: list[dict | None] = [None] * len(self.rows)
         self.out = Path(cfg.output)
         self.conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
+        self.kinds = shard_kinds(input_kinds(tuple(cfg.inputs), cfg.url_col, cfg.caption_col), shard.table.schema)
         self.cpu = ThreadPoolExecutor(2, thread_name_prefix="cpu")
         self.io = ThreadPoolExecutor(1, thread_name_prefix="io")  # one thread: tar writes stay ordered
         self.claims = ClaimBatcher(claim, self.io) if claim and cfg.dedup.enabled else None
@@ -156,14 +158,13 @@ class ShardRun:
     def meta(self, index: int, prep: Prepared, caption: str) -> dict:
         """The sample's KEY.json: url, sizes, source row, hashes and every kept parquet column."""
         row = self.rows[index]
-        extra = {k: jsonable(v) for k, v in row.items() if k not in ("url", "caption")}
-        meta = {"key": self.key(index), "url": row.get("url"), "caption": storable(row.get("caption")),
+        meta = {"key": self.key(index), "url": row.get("url"), "caption": row.get("caption"),
                 "caption_clean": caption, "width": prep.width, "height": prep.height,
                 "format": prep.format, "shard": self.shard.shard_id, "row": self.shard.first_row + index}
         if prep.hashes:
             meta.update(content_hash=f"{prep.hashes[0]:016x}", pixel_hash=f"{prep.hashes[1]:016x}",
                         phash=f"{prep.hashes[2]:016x}")
-        return {**extra, **meta}
+        return sample_json(row, self.kinds, meta)  # every field in every sample, one type each
 
     async def dedup(self, index: int, prep: Prepared) -> tuple[str, str] | None:
         """(outcome, owner key) when the index already holds this image, else None."""

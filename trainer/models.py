@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from trainer.config import ModelConfig
+from trainer.quiet import loading
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_COND_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet default, for a VAE that downsamples 8x
@@ -49,6 +50,7 @@ def load_weights(cls, source: str, flag: str, **kw):
             f"or convert it once with save_pretrained(..., safe_serialization=True). Cause: {exc}"[:900]) from None
 
 
+@loading()
 def load_frozen(cfg: ModelConfig) -> tuple:
     """UNet, VAE, text encoder, tokenizer and noise scheduler from a diffusers folder, hub id or one file."""
     from trainer.single_file import is_single_file
@@ -101,9 +103,9 @@ def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype
     for m in (models.unet, models.vae, models.text_encoder):
         m.requires_grad_(False)
         if not (precomputed and m is models.text_encoder):
-            m.to(device, dtype=weight_dtype)
+            place(m, device, weight_dtype)
         m.eval()
-    models.controlnet.to(device, dtype=torch.float32)
+    place(models.controlnet, device, torch.float32)
     models.controlnet.train()
     models.controlnet.requires_grad_(True)
     if cfg.unlock_decoder:
@@ -140,6 +142,19 @@ def keep_low_levels(models: Models, levels: int) -> None:
                     m.gradient_checkpointing = False
 
 
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a model to `device` in `dtype`. diffusers' `.to(dtype)` warns on every cast ("should be kept in
+    float32: []"), even of a model with no module to keep in float32; such a model is cast by torch's own
+    Module.to, which is what diffusers' then calls. The UNet is loaded in fp32 and cast after (not loaded
+    in `dtype`) so that the ControlNet copied from it starts from its fp32 weights, as in diffusers' script."""
+    if model.dtype == dtype:
+        model.to(device)
+    elif getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "is_quantized", False):
+        model.to(device, dtype=dtype)  # diffusers' own checks and notice apply
+    else:
+        torch.nn.Module.to(model, device, dtype=dtype)
+
+
 def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype,
                 precomputed: bool = False) -> Models:
     """Load, build and prepare every model of a run (without the encoders on the device when precomputed)."""
@@ -165,6 +180,7 @@ def decoder_state(models: Models) -> dict[str, torch.Tensor]:
     return {k: v for k, v in models.unet.state_dict().items() if k.startswith(names)}
 
 
+@loading()
 def load_base_pipeline(pipeline_class, model: str, **kwargs):
     """A diffusers pipeline of the base model (diffusers folder, hub id or one .safetensors), no safety checker."""
     from trainer import single_file
