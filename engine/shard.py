@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import resource
 import time
 import traceback
 from collections import Counter
@@ -176,7 +177,7 @@ class ShardRun:
         self.done = self.written = self.reported_done = self.reported_written = 0
         self.bytes = 0
         self.cpu_s: dict[str, float] = {}  # CPU seconds by stage (prepare's STAGES and cpu_ms())
-        self.cpu_start = time.process_time()
+        self.cpu_start, self.wall_start = time.process_time(), time.time()
 
     def key(self, index: int) -> str:
         """This shard's key for row `index`."""
@@ -324,6 +325,9 @@ class ShardRun:
             "duplicate_clusters": [{"owner": k, "count": n, "example_url": self.examples[k]}
                                    for k, n in self.clusters.most_common(20)],
             "cpu_ms": self.cpu_ms(),
+            # when the shard ran (epoch s) and its process's peak RSS: throughput and memory over a run
+            "window": [round(self.wall_start, 3), round(time.time(), 3)],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
 
     def cpu_ms(self) -> dict:
