@@ -49,6 +49,12 @@ class ToolRun:
     outcomes: dict = field(default_factory=dict)
     load: float = 0.0  # 1-minute load average when the run started: other work on the box skews figures
     stages: dict = field(default_factory=dict)  # engine: CPU-ms per written image by stage (shard stats)
+    cpu_s: float = 0.0  # CPU seconds of the command and every process it waited for (robust to other load)
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        """Whole-command CPU milliseconds per written image."""
+        return 1000 * self.cpu_s / max(self.ok, 1)
 
     @property
     def images_per_s(self) -> float:
@@ -197,12 +203,21 @@ def ensure_img2dataset(python: str | None, wheels: Path | None) -> list[str]:
 # ------------------------------------------------------------------------------------ runs
 
 
+LAST_CPU = [0.0]  # CPU seconds of the last timed() command (children's rusage)
+
+
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    """Run a command to completion, output to a log file; wall seconds. Raises on failure."""
+    """Run a command to completion, output to a log file; wall seconds (its CPU seconds in
+    LAST_CPU). Raises on failure."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    LAST_CPU[0] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{cmd[0]} exited {proc.returncode}; log {log}:\n{tail}")
@@ -234,7 +249,7 @@ def run_img2dataset(prefix: list[str], urls: Path, out: Path, a: argparse.Namesp
         for reason, n in s.get("status_dict", {}).items():
             if reason != "success":
                 failures[reason[:60]] = failures.get(reason[:60], 0) + n
-    return ToolRun("img2dataset", seconds, ok, rows, {"ok": ok, **failures}, load)
+    return ToolRun("img2dataset", seconds, ok, rows, {"ok": ok, **failures}, load, cpu_s=LAST_CPU[0])
 
 
 def run_engine(urls: Path, out: Path, a: argparse.Namespace) -> ToolRun:
@@ -246,9 +261,10 @@ def run_engine(urls: Path, out: Path, a: argparse.Namespace) -> ToolRun:
            "--timeout", "10", "--retries", "2", "--no-progress", *a.engine_args]
     load = os.getloadavg()[0]
     seconds = timed(cmd, out.with_suffix(".log"))
+    cpu = LAST_CPU[0]
     stats = json.loads((out / "stats.json").read_text())
     ok = stats["outcomes"].get("ok", 0)
-    return ToolRun("engine", seconds, ok, stats["rows"], stats["outcomes"], load, stage_ms(out, ok))
+    return ToolRun("engine", seconds, ok, stats["rows"], stats["outcomes"], load, stage_ms(out, ok), cpu)
 
 
 def stage_ms(out: Path, written: int) -> dict:
@@ -316,8 +332,8 @@ def render(records: dict) -> str:
         "exact + near dedup. Wall time is the whole command (interpreter and Ray start included).",
         "",
         "| machine | images | workers | img2dataset s | img2dataset img/s | engine s | engine img/s |"
-        " img/s per worker (i2d / engine) | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " img/s per worker (i2d / engine) | ratio | whole-command CPU-ms per image (i2d / engine) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records.values():
         i2d, eng = r["img2dataset"], r["engine"]
@@ -325,7 +341,7 @@ def render(records: dict) -> str:
             f"| {r['machine']} | {eng['ok']}/{eng['rows']} (i2d {i2d['ok']}) | {r['workers']} | {i2d['seconds']:.1f} "
             f"| {i2d['ok'] / i2d['seconds']:.1f} | {eng['seconds']:.1f} | {eng['ok'] / eng['seconds']:.1f} "
             f"| {i2d['ok'] / i2d['seconds'] / r['workers']:.1f} / {eng['ok'] / eng['seconds'] / r['workers']:.1f} "
-            f"| **{r['ratio']:.2f}x** |"
+            f"| **{r['ratio']:.2f}x** | {cpu_per_image(i2d)} / {cpu_per_image(eng)} |"
         )
     lines.append("")
     lines += stage_table(records)
@@ -345,6 +361,11 @@ def render(records: dict) -> str:
     lines.append("")
     lines.append(f"<!-- data: {json.dumps(records, sort_keys=True)} -->")
     return "\n".join(lines)
+
+
+def cpu_per_image(run: dict) -> str:
+    """Whole-command CPU-ms per image of a recorded run, or n/a for records without it."""
+    return f"{1000 * run['cpu_s'] / max(run['ok'], 1):.1f}" if run.get("cpu_s") else "n/a"
 
 
 STAGE_NAMES = {"fetch": "fetch/parse (event loop)", "decode": "decode", "resize": "resize",
@@ -449,12 +470,14 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(a.repeat):
             if a.only in ("both", "img2dataset"):
                 r = run_img2dataset(prefix, urls, WORK / "run" / "img2dataset", a)
-                print(f"img2dataset: {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s "
+                print(f"img2dataset: {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s, "
+                      f"{r.cpu_ms_per_image:.1f} CPU-ms/img "
                       f"[{check_output(WORK / 'run' / 'img2dataset', a.image_size)}] {r.outcomes}", flush=True)
                 runs["img2dataset"].append(r)
             if a.only in ("both", "engine"):
                 r = run_engine(urls, WORK / "run" / "engine", a)
-                print(f"engine:      {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s "
+                print(f"engine:      {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s, "
+                      f"{r.cpu_ms_per_image:.1f} CPU-ms/img "
                       f"[{check_output(WORK / 'run' / 'engine', a.image_size)}] {r.outcomes}", flush=True)
                 runs["engine"].append(r)
         fixed = fixed_costs(prefix, urls, a) if a.fixed else {}

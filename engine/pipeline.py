@@ -10,9 +10,11 @@ from __future__ import annotations
 import fcntl
 import json
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -53,7 +55,8 @@ class Progress:
 
 
 class LocalRunner:
-    """Runs shards one after another in this process; same interface as RayRunner."""
+    """Runs shards on threads of this process (no Ray start: ~2 s less fixed cost); same interface
+    as RayRunner."""
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -71,10 +74,26 @@ class LocalRunner:
         return D.DedupClient(self.index, lambda s, m, *a: getattr(s, m)(*a)) if self.index else None
 
     def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
-        """Process every shard in turn."""
+        """Process `workers` shards at once on threads of this process (the CPU stages release the
+        GIL); statuses are handed to `on_done` on this thread."""
         client = self.client()
-        for shard in shards:
-            on_done(process_shard(shard, self.cfg, client.claim if client else None, progress.add))
+        claim = client.claim if client else None
+        lock = threading.Lock()
+
+        def report(rows: int, written: int) -> None:
+            with lock:
+                progress.add(rows, written)
+
+        with ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="shard") as pool:
+            running: set = set()
+            for shard in shards:
+                if len(running) >= self.cfg.workers:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        on_done(future.result())
+                running.add(pool.submit(process_shard, shard, self.cfg, claim, report))
+            for future in as_completed(running):
+                on_done(future.result())
 
 
 class RayRunner:
@@ -85,7 +104,10 @@ class RayRunner:
 
     def __enter__(self):
         if not ray.is_initialized():
-            kwargs = {"address": self.cfg.ray_address} if self.cfg.ray_address else {"num_cpus": self.cfg.workers}
+            # address="local": always a cluster of our own; without it ray.init joins whatever local
+            # cluster another run (or test) started, and fails on num_cpus.
+            kwargs = {"address": self.cfg.ray_address} if self.cfg.ray_address else \
+                {"address": "local", "num_cpus": self.cfg.workers}
             ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR", **kwargs)
             self.owns_ray = True
         else:
