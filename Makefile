@@ -70,7 +70,7 @@ train: setup  ## make train SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=
 
 bench: bench-remap bench-engine bench-dedup bench-dedup-cost  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
 
-bench-engine: setup  ## engine vs img2dataset on the loopback corpus, alternating (~8 min on 2 idle cores)
+bench-engine: setup  ## engine vs img2dataset on the loopback corpus, alternating (~7 min; first run +2.5 min corpus)
 	$(PY) -m bench.engine_bench
 
 bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick
