@@ -11,6 +11,7 @@ figures behind the engine's choices are copied into bench/RESULTS.md by hand.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections import defaultdict
 
@@ -36,7 +37,8 @@ def timed(times: dict, name: str, fn, *args, **kw):
 def m8_scale(width: int, height: int, target: int) -> tuple[int, int]:
     """The engine's scale before issue 10: the smallest M/8 that still covers `target`."""
     short = min(width, height)
-    return next(((m, 8) for m in range(1, 9) if -(-short * m // 8) >= target), (1, 1))
+    m = next((m for m in range(1, 9) if -(-short * m // 8) >= target), 8)
+    return m // math.gcd(m, 8), 8 // math.gcd(m, 8)  # libjpeg-turbo names its factors reduced
 
 
 def main() -> None:
