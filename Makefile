@@ -26,7 +26,7 @@ PROMPT ?= a photo
 GENERATE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards precompute train generate bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-train clean
+.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards precompute train generate bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-scaling bench-train clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -86,7 +86,7 @@ generate: setup  ## make generate IMAGE=photo.jpg PROMPT='a house' [CONTROLNET=c
 
 bench: bench-remap bench-engine bench-dedup bench-dedup-cost  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
 
-bench-engine: setup  ## engine vs img2dataset on the loopback corpus
+bench-engine: setup  ## engine vs img2dataset on the loopback corpus, alternating (~7 min; first run +2.5 min corpus)
 	$(PY) -m bench.engine_bench
 
 bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick
@@ -94,6 +94,9 @@ bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick
 
 bench-dedup: setup  ## near-duplicate detection quality and index throughput
 	$(PY) -m bench.dedup_bench
+
+bench-scaling: setup  ## the engine's images/s at 1..16 workers on local files (a 16-core machine)
+	$(PY) -m bench.scaling --save
 
 bench-dedup-cost: setup  ## the engine's images/s with dedup on and off
 	$(PY) -m bench.dedup_cost
