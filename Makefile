@@ -26,7 +26,7 @@ PROMPT ?= a photo
 GENERATE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards train generate bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-train clean
+.PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards precompute train generate bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-scaling bench-train clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -72,6 +72,10 @@ SHARDS_NET = $(if $(filter $(CORPUS_DIR)/corpus.parquet,$(INPUT)),--allow-privat
 shards: setup  ## make shards INPUT=laion.parquet OUTPUT=shards/ [ENGINE_ARGS='--workers 16'] (default INPUT: the sample corpus)
 	$(PY) -m engine shards $(INPUT) --output $(or $(OUTPUT),shards) $(SHARDS_NET) $(ENGINE_ARGS)
 
+precompute: setup  ## make precompute SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=pre/ (VAE latents + text embeddings once; GPU)
+	@test -n "$(SHARDS)" -a -n "$(OUTPUT)" || { echo "give SHARDS=, MODEL= and OUTPUT=, e.g. make precompute SHARDS='shards/{00000..00003}.tar' MODEL=... OUTPUT=pre/"; exit 2; }
+	$(PY) -m trainer precompute --shards '$(SHARDS)' --model $(MODEL) --output $(OUTPUT)
+
 train: setup  ## make train SHARDS='shards/{00000..00063}.tar' MODEL=... OUTPUT=... [TRAIN_ARGS=...]
 	@test -n "$(SHARDS)" || { echo "give SHARDS=, e.g. make train SHARDS='shards/{00000..00003}.tar' MODEL=... OUTPUT=run/"; exit 2; }
 	$(PY) -m trainer --shards '$(SHARDS)' --model $(MODEL) --output $(TRAIN_OUTPUT) $(TRAIN_ARGS)
@@ -82,7 +86,7 @@ generate: setup  ## make generate IMAGE=photo.jpg PROMPT='a house' [CONTROLNET=c
 
 bench: bench-remap bench-engine bench-dedup bench-dedup-cost  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
 
-bench-engine: setup  ## engine vs img2dataset on the loopback corpus
+bench-engine: setup  ## engine vs img2dataset on the loopback corpus, alternating (~7 min; first run +2.5 min corpus)
 	$(PY) -m bench.engine_bench
 
 bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick
@@ -91,10 +95,13 @@ bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick
 bench-dedup: setup  ## near-duplicate detection quality and index throughput
 	$(PY) -m bench.dedup_bench
 
+bench-scaling: setup  ## the engine's images/s at 1..16 workers on local files (a 16-core machine)
+	$(PY) -m bench.scaling --save
+
 bench-dedup-cost: setup  ## the engine's images/s with dedup on and off
 	$(PY) -m bench.dedup_cost
 
-bench-train: setup  ## GPU: full SD 1.5 architecture, fp16 + 8-bit AdamW (needs CUDA)
+bench-train: setup  ## GPU: ours vs diffusers train_controlnet.py, full SD 1.5 architecture, fp16 + 8-bit AdamW (needs CUDA + the peer script)
 	$(PY) -m bench.train_bench
 
 clean:  ## remove outputs (keeps .venv)

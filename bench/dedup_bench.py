@@ -286,7 +286,7 @@ def bench_ray(n_hashes: int, n_shards: int, clients: list[int], seconds: float, 
     """Shards as Ray actors, clients as Ray tasks in their own processes (the RayRunner's setting)."""
     import ray
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, max(clients) + n_shards), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, max(clients) + n_shards), include_dashboard=False,
              logging_level="ERROR")
     try:
         actors = [ray.remote(BenchShard).options(num_cpus=0, max_concurrency=concurrency).remote()

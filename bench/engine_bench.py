@@ -48,6 +48,13 @@ class ToolRun:
     rows: int
     outcomes: dict = field(default_factory=dict)
     load: float = 0.0  # 1-minute load average when the run started: other work on the box skews figures
+    stages: dict = field(default_factory=dict)  # engine: CPU-ms per written image by stage (shard stats)
+    cpu_s: float = 0.0  # CPU seconds of the command and every process it waited for (robust to other load)
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        """Whole-command CPU milliseconds per written image."""
+        return 1000 * self.cpu_s / max(self.ok, 1)
 
     @property
     def images_per_s(self) -> float:
@@ -196,12 +203,45 @@ def ensure_img2dataset(python: str | None, wheels: Path | None) -> list[str]:
 # ------------------------------------------------------------------------------------ runs
 
 
+LAST_CPU = [0.0]  # CPU seconds of the last timed() command and all its descendants
+
+
+def poll_tree_cpu(proc: subprocess.Popen, every: float = 0.2) -> float:
+    """Wait for `proc`; the CPU seconds of it and every descendant seen while it ran."""
+    import psutil
+
+    seen: dict[tuple[int, float], float] = {}
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                times = p.cpu_times()
+                seen[(p.pid, p.create_time())] = times.user + times.system
+            except psutil.Error:
+                pass
+        time.sleep(every)
+    return sum(seen.values())
+
+
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    """Run a command to completion, output to a log file; wall seconds. Raises on failure."""
+    """Run a command to completion, output to a log file; wall seconds (its CPU seconds in
+    LAST_CPU). Raises on failure."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        polled = poll_tree_cpu(proc)
     seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # rusage misses processes nobody waited for (Ray's workers); polling misses the last moments
+    # of processes that end between two looks: the larger of the two
+    LAST_CPU[0] = max(polled, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{cmd[0]} exited {proc.returncode}; log {log}:\n{tail}")
@@ -233,7 +273,7 @@ def run_img2dataset(prefix: list[str], urls: Path, out: Path, a: argparse.Namesp
         for reason, n in s.get("status_dict", {}).items():
             if reason != "success":
                 failures[reason[:60]] = failures.get(reason[:60], 0) + n
-    return ToolRun("img2dataset", seconds, ok, rows, {"ok": ok, **failures}, load)
+    return ToolRun("img2dataset", seconds, ok, rows, {"ok": ok, **failures}, load, cpu_s=LAST_CPU[0])
 
 
 def run_engine(urls: Path, out: Path, a: argparse.Namespace) -> ToolRun:
@@ -245,11 +285,37 @@ def run_engine(urls: Path, out: Path, a: argparse.Namespace) -> ToolRun:
            "--timeout", "10", "--retries", "2", "--no-progress", "--allow-private-network", *a.engine_args]
     load = os.getloadavg()[0]
     seconds = timed(cmd, out.with_suffix(".log"))
+    cpu = LAST_CPU[0]
     stats = json.loads((out / "stats.json").read_text())
-    return ToolRun("engine", seconds, stats["outcomes"].get("ok", 0), stats["rows"], stats["outcomes"], load)
+    ok = stats["outcomes"].get("ok", 0)
+    return ToolRun("engine", seconds, ok, stats["rows"], stats["outcomes"], load, stage_ms(out, ok), cpu)
 
 
-def check_output(out: Path, size: int) -> str:
+def stage_ms(out: Path, written: int) -> dict:
+    """CPU-ms per written image by stage, summed over the shards' stats (engine/shard.py cpu_ms)."""
+    total: dict[str, float] = {}
+    for path in out.glob("[0-9]*.stats.json"):
+        for stage, ms in json.loads(path.read_text()).get("cpu_ms", {}).items():
+            total[stage] = total.get(stage, 0.0) + ms
+    return {k: round(v / max(written, 1), 2) for k, v in total.items()}
+
+
+def fixed_costs(prefix: list[str], urls: Path, a: argparse.Namespace) -> dict:
+    """Wall seconds of each whole command on a 1-row list, less a bare `python -c pass`: the
+    fixed cost a run pays (interpreter, imports, Ray start and shutdown)."""
+    one = urls.with_name("one.parquet")
+    pq.write_table(pq.read_table(urls).slice(0, 1), one)
+    bare = min(timed([sys.executable, "-c", "pass"], one.with_suffix(".log")) for _ in range(3))
+    tiny = argparse.Namespace(**{**vars(a), "shard_size": 1})
+    costs = {"engine": run_engine(one, WORK / "run" / "one-engine", tiny).seconds - bare,
+             "engine_local": run_engine(one, WORK / "run" / "one-local", argparse.Namespace(
+                 **{**vars(tiny), "engine_args": [*a.engine_args, "--runner", "local"]})).seconds - bare}
+    if prefix:
+        costs["img2dataset"] = run_img2dataset(prefix, one, WORK / "run" / "one-i2d", tiny).seconds - bare
+    return {k: round(v, 2) for k, v in costs.items()}
+
+
+def check_output(out: Path, size: int, strict: bool = True) -> str:
     """The first sample's files in the first tar, and the crop's size (both tools must match)."""
     from PIL import Image
 
@@ -260,7 +326,7 @@ def check_output(out: Path, size: int) -> str:
         w, h = Image.open(t.extractfile(jpg)).size
         key = jpg.name[: -len(".jpg")]
         exts = sorted(m.name[len(key):] for m in members if m.name.startswith(key + "."))
-    if (w, h) != (size, size):
+    if (w, h) != (size, size) and strict:  # img2dataset keeps images whose shorter side is exactly 512 uncropped
         raise RuntimeError(f"{tar}: {jpg.name} is {w}x{h}, not {size}x{size}")
     return f"{' '.join(exts)} ({w}x{h})"
 
@@ -290,8 +356,8 @@ def render(records: dict) -> str:
         "exact + near dedup. Wall time is the whole command (interpreter and Ray start included).",
         "",
         "| machine | images | workers | img2dataset s | img2dataset img/s | engine s | engine img/s |"
-        " img/s per worker (i2d / engine) | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " img/s per worker (i2d / engine) | ratio | whole-command CPU-ms per image (i2d / engine) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records.values():
         i2d, eng = r["img2dataset"], r["engine"]
@@ -299,9 +365,10 @@ def render(records: dict) -> str:
             f"| {r['machine']} | {eng['ok']}/{eng['rows']} (i2d {i2d['ok']}) | {r['workers']} | {i2d['seconds']:.1f} "
             f"| {i2d['ok'] / i2d['seconds']:.1f} | {eng['seconds']:.1f} | {eng['ok'] / eng['seconds']:.1f} "
             f"| {i2d['ok'] / i2d['seconds'] / r['workers']:.1f} / {eng['ok'] / eng['seconds'] / r['workers']:.1f} "
-            f"| **{r['ratio']:.2f}x** |"
+            f"| **{r['ratio']:.2f}x** | {cpu_per_image(i2d)} / {cpu_per_image(eng)} |"
         )
     lines.append("")
+    lines += stage_table(records)
     for r in records.values():
         c = r["corpus"]
         lines.append(
@@ -320,6 +387,32 @@ def render(records: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_per_image(run: dict) -> str:
+    """Whole-command CPU-ms per image of a recorded run, or n/a for records without it."""
+    return f"{1000 * run['cpu_s'] / max(run['ok'], 1):.1f}" if run.get("cpu_s") else "n/a"
+
+
+STAGE_NAMES = {"fetch": "fetch/parse (event loop)", "decode": "decode", "resize": "resize",
+               "jpeg": "JPEG encode", "remap": "remap", "png": "PNG", "hashes": "hashes",
+               "claims": "dedup claims", "tar": "tar", "other": "everything else", "total": "**total**"}
+
+
+def stage_table(records: dict) -> list[str]:
+    """CPU-ms per written image by stage, and the fixed cost per run, for records that have them."""
+    with_stages = [r for r in records.values() if r["engine"].get("stages")]
+    if not with_stages:
+        return []
+    lines = ["", "Engine CPU-ms per written image by stage (thread CPU time, summed over the shards' stats):", "",
+             "| machine | " + " | ".join(STAGE_NAMES.values()) + " | fixed cost per run, s (engine Ray / engine"
+             " local / img2dataset) |", "|---" * (len(STAGE_NAMES) + 2) + "|"]
+    for r in with_stages:
+        st, fx = r["engine"]["stages"], r.get("fixed", {})
+        lines.append(f"| {r['machine']} | " + " | ".join(f"{st.get(k, 0):.2f}" for k in STAGE_NAMES)
+                     + f" | {fx.get('engine', '?')} / {fx.get('engine_local', '?')} / {fx.get('img2dataset', '?')} |")
+    lines.append("")
+    return lines
+
+
 def record(a: argparse.Namespace, facts: dict, i2d: ToolRun, eng: ToolRun, version: str) -> dict:
     """One machine's record for the results section."""
     return {
@@ -327,6 +420,7 @@ def record(a: argparse.Namespace, facts: dict, i2d: ToolRun, eng: ToolRun, versi
         "concurrency": a.concurrency, "shard_size": a.shard_size, "corpus": facts,
         "img2dataset": asdict(i2d), "engine": asdict(eng), "img2dataset_version": version,
         "ratio": eng.images_per_s / i2d.images_per_s, "note": a.note, "server_processes": a.server_processes,
+        "cores": a.cores,
     }
 
 
@@ -356,7 +450,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=64, help="downloads in flight per worker (img2dataset thread_count)")
     ap.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: n / (4 x workers), at least 50)")
     ap.add_argument("--image-size", type=int, default=512, help="output crop side")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each tool; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each tool; the fastest counts")
+    ap.add_argument("--no-fixed", dest="fixed", action="store_false", help="skip measuring the fixed cost per run")
     ap.add_argument("--server-processes", type=int, default=max(1, cores // 4), help="corpus server processes (default: cores / 4)")
     ap.add_argument("--no-probe", dest="probe", action="store_false", help="skip measuring the server alone first")
     ap.add_argument("--only", choices=("both", "img2dataset", "engine"), default="both", help="run one tool only (no results written)")
@@ -371,6 +466,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-save", dest="save", action="store_false", help="print the figures, leave bench/RESULTS.md alone")
     a = ap.parse_args(argv)
     a.shard_size = a.shard_size or max(50, a.n // (4 * a.workers))
+    a.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return a
 
 
@@ -398,21 +494,28 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(a.repeat):
             if a.only in ("both", "img2dataset"):
                 r = run_img2dataset(prefix, urls, WORK / "run" / "img2dataset", a)
-                print(f"img2dataset: {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s "
-                      f"[{check_output(WORK / 'run' / 'img2dataset', a.image_size)}] {r.outcomes}", flush=True)
+                print(f"img2dataset: {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s, "
+                      f"{r.cpu_ms_per_image:.1f} CPU-ms/img "
+                      f"[{check_output(WORK / 'run' / 'img2dataset', a.image_size, strict=False)}] {r.outcomes}", flush=True)
                 runs["img2dataset"].append(r)
             if a.only in ("both", "engine"):
                 r = run_engine(urls, WORK / "run" / "engine", a)
-                print(f"engine:      {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s "
+                print(f"engine:      {r.ok}/{r.rows} ok in {r.seconds:.1f} s = {r.images_per_s:.1f} img/s, "
+                      f"{r.cpu_ms_per_image:.1f} CPU-ms/img "
                       f"[{check_output(WORK / 'run' / 'engine', a.image_size)}] {r.outcomes}", flush=True)
                 runs["engine"].append(r)
+        fixed = fixed_costs(prefix, urls, a) if a.fixed else {}
+        if fixed:
+            print(f"fixed cost per run (1-row list, less a bare Python start): {fixed} s", flush=True)
     if a.only != "both":
         return
     i2d = max(runs["img2dataset"], key=lambda r: r.images_per_s)
     eng = max(runs["engine"], key=lambda r: r.images_per_s)
     rec = record(a, facts, i2d, eng, peer_version(prefix))
+    rec["fixed"] = fixed
     print(f"ratio engine / img2dataset: {rec['ratio']:.2f}x "
-          f"({eng.images_per_s / a.workers:.1f} vs {i2d.images_per_s / a.workers:.1f} img/s per worker)")
+          f"({eng.images_per_s / a.cores:.1f} vs {i2d.images_per_s / a.cores:.1f} img/s per core)")
+    print("engine CPU-ms per written image by stage: " + ", ".join(f"{k} {v}" for k, v in eng.stages.items()))
     if a.json_out:
         a.json_out.write_text(json.dumps(rec, indent=1))
     if a.save:

@@ -1,9 +1,14 @@
-"""GPU benchmark of the trainer: the full SD 1.5 architecture (random weights), 512x512, fp16 + 8-bit AdamW
-+ gradient checkpointing, streamed from WebDataset shards; optionally diffusers' train_controlnet.py as
-the peer at the same settings. Needs CUDA. Writes the "train" section of bench/RESULTS.md.
+"""GPU benchmark of the trainer beside diffusers' train_controlnet.py, in one process run on one card.
 
-    python -m bench.train_bench [--steps 300] [--batch-size 8] [--peer-steps 150] [--no-peer]
+The full SD 1.5 architecture (random weights), 512x512, fp16 + 8-bit AdamW + gradient checkpointing, the
+same 320 samples for both (ours: shards precomputed with `python -m trainer precompute`; the peer: the
+same images as a datasets parquet), at the tutorial's flags (batch 1 x accumulation 4) and at batch 8.
+Needs CUDA and the peer script in bench/.peers/ (see PEER_SCRIPT). Writes the "train" section of
+bench/RESULTS.md.
+
+    python -m bench.train_bench [--cases final|explore|NAME,...] [--steps-scale 1.0]
     python -m bench.train_bench --record bench/.work/train/results.json   # write RESULTS.md from a saved run
+    python -m bench.train_bench --profile                                  # cProfile of a batch-1 step
 
 The SD 1.5 configs below are the published ones (runwayml/stable-diffusion-v1-5 unet/vae config.json,
 openai/clip-vit-large-patch14 text config); no hub is reachable from the benchmark machines, and the
@@ -14,6 +19,7 @@ are valid inputs of the 49,408-token embedding).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -108,84 +114,145 @@ class GpuMemoryPoller:
         self._thread.join()
 
 
-def steady_rate(records: list[dict], batch: int, skip: int) -> float:
-    """Samples/s between the first record past `skip` steps and the last (warm-up excluded)."""
+def steady_rate(records: list[dict], samples_per_step: int, skip: int) -> float:
+    """Samples/s between the first record past `skip` steps and the last (warm-up and compiling excluded)."""
     rs = [r for r in records if r["step"] >= skip]
     if len(rs) < 2:
         return float("nan")
-    return (rs[-1]["step"] - rs[0]["step"]) * batch / (rs[-1]["time"] - rs[0]["time"])
+    return (rs[-1]["step"] - rs[0]["step"]) * samples_per_step / (rs[-1]["time"] - rs[0]["time"])
 
 
-def run_ours(model: Path, shards: str, steps: int, batch: int, workers: int, ckpt: bool = True,
-             ckpt_unet: bool = True, validate: bool = True, skip: int = 50) -> dict:
-    """Train with trainer.train in this process; return throughput and memory."""
+# name -> settings. "tutorial": batch 1 x accumulation 4 with checkpointing (ours runs it as one pass of 4);
+# "b8": batch 8 with checkpointing. levels: checkpoint only the blocks at that many highest resolutions.
+CASES = {
+    "ours-tutorial": dict(kind="ours", batch=1, accum=4, merge=4, steps=120, resident_steps=40),
+    "ours-tutorial-1x4": dict(kind="ours", batch=1, accum=4, merge=1, steps=60),
+    "ours-tutorial-compile": dict(kind="ours", batch=1, accum=4, merge=4, compile=True, steps=260),
+    "ours-b8": dict(kind="ours", batch=8, steps=160),
+    "ours-b8-l2": dict(kind="ours", batch=8, levels=2, steps=160),
+    "ours-b8-l1": dict(kind="ours", batch=8, levels=1, steps=160, resident_steps=60),
+    "ours-b8-l1-compile": dict(kind="ours", batch=8, levels=1, compile=True, steps=250, resident_steps=100),
+    "ours-b8-l2-compile": dict(kind="ours", batch=8, levels=2, compile=True, steps=300),
+    "peer-tutorial": dict(kind="peer", batch=1, accum=4, steps=50),
+    "peer-b8": dict(kind="peer", batch=8, steps=100),
+}
+PRESETS = {
+    "explore": ["ours-tutorial", "ours-b8-l2", "ours-b8-l1", "ours-b8"],
+    "final": ["peer-tutorial", "peer-b8", "ours-b8-l1-compile", "ours-tutorial"],
+}
+
+
+def resident_batches(loader, device, n: int = 16):
+    """The loader's first n batches moved to the GPU once, then repeated: the 'data already on the GPU' case."""
+    it = iter(loader)
+    cached = [{k: (v if k in ("position", "failed") else v.to(device)) for k, v in next(it).items()} for _ in range(n)]
+    return itertools.cycle(cached)
+
+
+def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, accum: int = 1, merge: int = 1,
+             levels: int | None = None, compile: bool = False, resident_steps: int = 0, skip: int = 20) -> dict:
+    """Train with trainer.loop in this process (no validation, no export); return throughput, memory, MFU.
+
+    With resident_steps, the same run then continues that many steps on 16 batches already on the GPU:
+    the loader's rate against the rate with no loading at all.
+    """
     import gc
 
     import torch
 
-    from trainer.config import (
-        CheckpointConfig,
-        DataConfig,
-        ModelConfig,
-        OptimConfig,
-        TrainConfig,
-        ValidationConfig,
-    )
-    from trainer.synthetic import first_condition
-    from trainer.train import train
+    from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from trainer.loop import train_loop
+    from trainer.train import TrainResult, build_run
 
     out = WORK / "ours"
     shutil.rmtree(out, ignore_errors=True)
-    cond = first_condition(Path(shards.split("{")[0]) / "00000.tar", WORK / "cond.png")
     cfg = TrainConfig(
         output=str(out),
         data=DataConfig(shards=shards, resolution=512, train_batch_size=batch, num_workers=workers),
-        model=ModelConfig(model=str(model), variant="fp16", gradient_checkpointing=ckpt,
-                          gradient_checkpointing_unet=ckpt_unet),
-        optim=OptimConfig(learning_rate=1e-5, optimizer="adamw8bit", gradient_accumulation_steps=1),
-        checkpoint=CheckpointConfig(checkpointing_steps=10**6),
-        validation=ValidationConfig(validation_steps=10**6, validation_prompt=["a photo"] if validate else [],
-                                    validation_image=[str(cond)] if validate else [],
-                                    num_validation_images=1, num_inference_steps=20),
-        max_train_steps=steps, mixed_precision="fp16", device="cuda", log_every=10, seed=0,
+        model=ModelConfig(model=str(model), variant="fp16", gradient_checkpointing=True, checkpoint_levels=levels,
+                          compile=compile),
+        optim=OptimConfig(learning_rate=1e-5, optimizer="adamw8bit", gradient_accumulation_steps=accum,
+                          merge_micro_batches=merge),
+        checkpoint=CheckpointConfig(checkpointing_steps=10**6), max_train_steps=steps, mixed_precision="fp16",
+        device="cuda", log_every=5, seed=0,
     )
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with GpuMemoryPoller() as poll:
-        result = train(cfg, enable_bar=False)
-    wall = time.perf_counter() - t0
+        run = build_run(cfg, TrainResult(output=out, step=0), enable_bar=False)
+        train_loop(run)
+        torch.cuda.synchronize()
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        if resident_steps:
+            run.loader = resident_batches(run.loader, run.device)
+            run.cfg.max_train_steps += resident_steps
+            train_loop(run)
+            torch.cuda.synchronize()
+        run.log.close()
     records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    return {
-        "steps": result.step, "batch": batch, "wall_s": round(wall, 1), "ckpt": ckpt, "ckpt_unet": ckpt_unet,
-        "samples_per_s": round(steady_rate(records, batch, skip=skip), 2),
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+    rate = steady_rate([r for r in records if r["step"] <= steps], batch * accum, skip=skip)
+    on_gpu = steady_rate(records, batch * accum, skip=steps + 10) if resident_steps else None
+    res = {
+        "steps": steps, "batch": batch, "accum": accum, "merge": merge, "levels": levels, "compile": compile,
+        "wall_s": round(time.perf_counter() - t0, 1), "samples_per_s": round(rate, 2),
+        "resident_samples_per_s": round(on_gpu, 2) if on_gpu else None,
+        "loader_vs_resident": round(rate / on_gpu, 3) if on_gpu else None,
+        "peak_allocated_gib": round(allocated / 2**30, 2), "peak_reserved_gib": round(reserved / 2**30, 2),
         "peak_nvidia_smi_gib": round(poll.peak_mib / 1024, 2), "gpu_util_pct": poll.mean_util(),
-        "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
-        "loss_scale": records[-1]["loss_scale"], "failed_samples": records[-1]["failed_samples"],
-        "validation_grid": str(result.validation_grids[-1]) if result.validation_grids else None,
-        "checkpoint": str(result.checkpoints[-1]) if result.checkpoints else None,
+        "flops_per_sample": run.flops_per_sample, "peak_flops": run.peak_flops,
+        "mfu": round(rate * run.flops_per_sample / run.peak_flops, 4),
+        "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "loss_scale": records[-1]["loss_scale"],
     }
+    del run
+    return res
 
 
-SWEEP = [  # (batch, steps, checkpoint ControlNet, checkpoint UNet)
-    (1, 80, True, True), (4, 80, True, True), (8, 80, True, False), (8, 80, False, False),
-    (16, 60, True, True), (32, 40, True, True),
-]
+PEER_WRAPPER = """import atexit, json, runpy, sys, torch
+atexit.register(lambda: print("PEER_MEMORY " + json.dumps({
+    "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}), flush=True))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
-def run_sweep(model: Path, shards: str, workers: int) -> list[dict]:
-    """Throughput and peak memory over batch sizes and checkpointing choices (no validation)."""
-    rows = []
-    for batch, steps, ckpt, ckpt_unet in SWEEP:
-        try:
-            rows.append(run_ours(model, shards, steps, batch, workers, ckpt, ckpt_unet, validate=False, skip=20))
-        except Exception as e:  # noqa: BLE001 - one failing size (say, out of memory) must not lose the rest
-            rows.append({"batch": batch, "ckpt": ckpt, "ckpt_unet": ckpt_unet, "error": f"{type(e).__name__}: {e}"})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+def run_peer(model: Path, data: Path, workers: int, batch: int, steps: int, accum: int = 1,
+             timeout: float = 400) -> dict:
+    """diffusers' examples/controlnet/train_controlnet.py at the same settings, in a subprocess."""
+    out = WORK / "peer"
+    shutil.rmtree(out, ignore_errors=True)
+    (WORK / "peer_wrap.py").write_text(PEER_WRAPPER)
+    cmd = [sys.executable, str(WORK / "peer_wrap.py"), str(PEER_SCRIPT), f"--pretrained_model_name_or_path={model}",
+           "--variant=fp16", f"--train_data_dir={data}", f"--output_dir={out}", "--resolution=512",
+           f"--train_batch_size={batch}", f"--gradient_accumulation_steps={accum}", "--learning_rate=1e-5",
+           "--mixed_precision=fp16", "--use_8bit_adam", "--gradient_checkpointing", f"--max_train_steps={steps}",
+           "--checkpointing_steps=1000000", f"--dataloader_num_workers={workers}", "--report_to=tensorboard",
+           "--seed=0", "--set_grads_to_none"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    t0 = time.perf_counter()
+    with GpuMemoryPoller() as poll:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": (proc.stdout + proc.stderr)[-3000:]}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for f in out.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f.parent))
+        acc.Reload()
+        if "loss" in acc.Tags().get("scalars", []):
+            events = [{"step": e.step, "time": e.wall_time, "loss": e.value} for e in acc.Scalars("loss")]
+    memory = next((json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                   if line.startswith("PEER_MEMORY ")), {})
+    return {
+        "steps": steps, "batch": batch, "accum": accum, "wall_s": round(wall, 1),
+        "samples_per_s": round(steady_rate(events, batch * accum, skip=10), 2) if events else None,
+        "peak_nvidia_smi_gib": round(poll.peak_mib / 1024, 2), "gpu_util_pct": poll.mean_util(),
+        "last_loss": events[-1]["loss"] if events else None, **memory,
+    }
 
 
 def run_profile(model: Path, shards: str, workers: int) -> None:
@@ -255,39 +322,6 @@ def peer_dataset(shards: str, folder: Path) -> Path:
     return folder
 
 
-def run_peer(model: Path, shards: str, steps: int, batch: int, workers: int, timeout: float) -> dict:
-    """diffusers' examples/controlnet/train_controlnet.py at the same settings, in a subprocess."""
-    data = peer_dataset(shards, WORK / "peer-data")
-    out = WORK / "peer"
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(PEER_SCRIPT), f"--pretrained_model_name_or_path={model}", "--variant=fp16",
-           f"--train_data_dir={data}", f"--output_dir={out}", "--resolution=512", f"--train_batch_size={batch}",
-           "--learning_rate=1e-5", "--mixed_precision=fp16", "--use_8bit_adam", "--gradient_checkpointing",
-           f"--max_train_steps={steps}", "--checkpointing_steps=1000000", f"--dataloader_num_workers={workers}",
-           "--report_to=tensorboard", "--seed=0", "--set_grads_to_none"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    t0 = time.perf_counter()
-    with GpuMemoryPoller() as poll:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"error": (proc.stdout + proc.stderr)[-3000:]}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = []
-    for f in out.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(f.parent))
-        acc.Reload()
-        if "loss" in acc.Tags().get("scalars", []):
-            events = [{"step": e.step, "time": e.wall_time, "loss": e.value} for e in acc.Scalars("loss")]
-    return {
-        "steps": steps, "batch": batch, "wall_s": round(wall, 1),
-        "samples_per_s": round(steady_rate(events, batch, skip=50), 2) if events else None,
-        "peak_nvidia_smi_gib": round(poll.peak_mib / 1024, 2),
-        "last_loss": events[-1]["loss"] if events else None,
-    }
-
-
 def gpu_name() -> str:
     """The card's name, as PyTorch reports it."""
     import torch
@@ -295,71 +329,65 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def sweep_markdown(rows: list[dict] | None, gpu: str = "") -> list[str]:
-    """Table lines for the batch-size / checkpointing sweep, with the time per optimizer step."""
-    if not rows:
-        return []
-    out = ["", f"Our trainer by batch size and gradient checkpointing ({gpu or 'same card'}; 40-80 steps each, "
-           "the first 20 excluded; fp16 + 8-bit AdamW; one micro-batch per optimizer step):", "",
-           "| batch | checkpointing | samples/s | s/step | peak allocated (torch) | peak reserved (torch) "
-           "| peak nvidia-smi | mean GPU utilisation |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        what = "ControlNet + UNet" if r["ckpt"] and r["ckpt_unet"] else "ControlNet only" if r["ckpt"] else "off"
-        if "error" in r:
-            out.append(f"| {r['batch']} | {what} | failed: {r['error'][:80]} | | | | | |")
-        else:
-            out.append(f"| {r['batch']} | {what} | {r['samples_per_s']} | {r['batch'] / r['samples_per_s']:.2f} | "
-                       f"{r['peak_allocated_gib']} GiB | {r['peak_reserved_gib']} GiB | {r['peak_nvidia_smi_gib']} GiB "
-                       f"| {r.get('gpu_util_pct')}% |")
-    ok = [r for r in rows if "error" not in r]
-    if ok:
-        small = min(ok, key=lambda r: r["peak_nvidia_smi_gib"])
-        out += ["", f"Smallest footprint: batch {small['batch']} at {small['peak_nvidia_smi_gib']} GiB on the card "
-                "(reach an effective batch of 32 with --gradient-accumulation-steps). Where the time per step "
-                "barely changes with the batch, the step is bound by per-step host work (launching the kernels "
-                "of ControlNet + UNet forward, backward and recomputation; the optimizer), not by the GPU: larger "
-                "micro-batches are nearly free there. GPU utilisation is nvidia-smi's, sampled every 0.5 s over "
-                "the whole run including model load and the final checkpoint."]
-    return out
+def setting_of(name: str) -> str:
+    """'tutorial' or 'b8' from a case name."""
+    return "tutorial" if "tutorial" in name else "b8"
+
+
+def ours_flags(r: dict) -> str:
+    """The trainer flags a row of ours ran with."""
+    flags = f"--train-batch-size {r['batch']} --gradient-accumulation-steps {r['accum']}"
+    flags += f" --merge-micro-batches {r['merge']}" if r.get("merge", 1) > 1 else ""
+    flags += f" --checkpoint-levels {r['levels']}" if r.get("levels") is not None else ""
+    flags += " --compile" if r.get("compile") else ""
+    return flags
 
 
 def markdown(res: dict) -> str:
     """The RESULTS.md section for a benchmark result dict."""
-    if "ours" not in res:  # a sweep-only run
-        return "\n".join(["## train: sweep (`python -m bench.train_bench --steps 0 --sweep`)", ""]
-                         + sweep_markdown(res.get("sweep"), res["gpu"]))
-    ours, peer = res["ours"], res.get("peer")
+    runs = res["runs"]
+    peers = {setting_of(n): r for n, r in runs.items() if n.startswith("peer") and "error" not in r}
     lines = [
-        "## train: ControlNet on the full SD 1.5 architecture (`make bench-train`)",
+        "## train: ours vs diffusers' train_controlnet.py, full SD 1.5 architecture (`make bench-train`)",
         "",
-        f"Card: **{res['gpu']}**; torch {res['torch']}, diffusers {res['diffusers']}, bitsandbytes {res['bnb']}. "
-        f"512x512, fp16 autocast + GradScaler, 8-bit AdamW, gradient checkpointing, batch {ours['batch']}, "
-        f"random weights from the published SD 1.5 configs, data streamed from WebDataset shards "
-        f"({res['workers']} DataLoader workers). Samples/s exclude the first 50 steps.",
+        f"Card: **{res['gpu']}**; torch {res['torch']}, diffusers {res['diffusers']}, bitsandbytes {res['bnb']}; "
+        f"measured fp16 matmul rate {res['peak_tflops']:.0f} TFLOP/s (the MFU denominator). All rows from one "
+        "process run on one card: 512x512, fp16 autocast + GradScaler, 8-bit AdamW, gradient checkpointing, "
+        "random weights from the published SD 1.5 configs, the same 320 samples (ours: shards precomputed "
+        f"with `python -m trainer precompute`; diffusers: the same images as a parquet dataset), {res['workers']} "
+        "DataLoader workers. Samples/s exclude warm-up (first 20 steps for ours, 10 for diffusers; compiling "
+        "falls in the warm-up). MFU = samples/s x FLOPs per sample (torch.utils.flop_counter on our step, "
+        "recomputation included) / matmul rate; diffusers' MFU uses the FLOPs of our step at the same setting.",
         "",
-        "| trainer | steps | samples/s | peak GPU memory (nvidia-smi) | peak allocated (torch) | last logged loss |",
-        "|---|---|---|---|---|---|",
-        f"| ctrlnet-forge `python -m trainer` | {ours['steps']} | {ours['samples_per_s']} | "
-        f"{ours['peak_nvidia_smi_gib']} GiB | {ours['peak_allocated_gib']} GiB | {ours['last_loss']:.4f} |",
+        "| setting | trainer and flags | samples/s | vs diffusers | peak allocated | peak reserved | MFU |",
+        "|---|---|---|---|---|---|---|",
     ]
-    if peer and "error" not in peer:
-        lines.append(f"| diffusers `examples/controlnet/train_controlnet.py` | {peer['steps']} | "
-                     f"{peer['samples_per_s']} | {peer['peak_nvidia_smi_gib']} GiB | n/a | "
-                     f"{peer['last_loss'] if peer['last_loss'] is None else round(peer['last_loss'], 4)} |")
-        if peer.get("samples_per_s") and ours.get("samples_per_s"):
-            lines += ["", f"Throughput ratio ours / diffusers: **{ours['samples_per_s'] / peer['samples_per_s']:.2f}x**; "
-                      f"peak memory ratio: **{ours['peak_nvidia_smi_gib'] / max(peer['peak_nvidia_smi_gib'], 1e-9):.2f}x**. "
-                      "Our run also checkpoints the UNet (the peer checkpoints only the ControlNet), trading "
-                      "compute for memory."]
-    elif peer:
-        lines += ["", f"Peer run failed: `{peer['error'].strip().splitlines()[-1][:200]}`"]
-    else:
-        lines += ["", "Peer (diffusers' train_controlnet.py) not run this time."]
-    lines += sweep_markdown(res.get("sweep"), res.get("sweep_gpu", res["gpu"]))
+    for name, r in runs.items():
+        if "error" in r:
+            lines.append(f"| {setting_of(name)} | {name}: failed `{r['error'].strip().splitlines()[-1][:120]}` "
+                         "| | | | | |")
+            continue
+        peer = peers.get(setting_of(name))
+        if name.startswith("peer"):
+            ours = [o for n, o in runs.items() if n.startswith("ours") and setting_of(n) == setting_of(name)
+                    and "error" not in o]
+            fps = ours[0]["flops_per_sample"] if ours else None
+            mfu = f"{r['samples_per_s'] * fps / res['peak_flops']:.1%}" if fps and r["samples_per_s"] else "n/a"
+            what = f"diffusers, batch {r['batch']} x accumulation {r['accum']}"
+            ratio = "1.00x"
+        else:
+            what, mfu = f"ours `{ours_flags(r)}`", f"{r['mfu']:.1%}"
+            ratio = f"**{r['samples_per_s'] / peer['samples_per_s']:.2f}x**" if peer and peer.get("samples_per_s") \
+                else "n/a"
+        lines.append(f"| {setting_of(name)} | {what} | {r['samples_per_s']} | {ratio} | "
+                     f"{r.get('peak_allocated_gib', 'n/a')} GiB | {r.get('peak_reserved_gib', 'n/a')} GiB | {mfu} |")
+    lines += ["", "Data loading against batches already on the GPU (the same run continued on 16 resident batches):"]
+    lines += [f"- {n}: loader {r['samples_per_s']} samples/s, resident {r['resident_samples_per_s']}: "
+              f"**{r['loader_vs_resident']:.1%}**" for n, r in runs.items() if r.get("loader_vs_resident")]
+    lines += ["", "Reproduce on your own GPU: put diffusers' `examples/controlnet/train_controlnet.py` at "
+              f"`{PEER_SCRIPT}`, then `python -m bench.train_bench --cases final` (about 10 minutes; "
+              "`--cases explore` runs the eager variants)."]
     lines += [""] + [f"- {n}" for n in res.get("notes", [])] if res.get("notes") else []
-    lines += ["", f"Wall time of our run including model load, a final checkpoint and validation: {ours['wall_s']} s; "
-              f"first/last logged loss {ours['first_loss']:.4f} / {ours['last_loss']:.4f}, "
-              f"final fp16 loss scale {ours['loss_scale']:.0f}, failed samples {ours['failed_samples']}."]
     return "\n".join(lines)
 
 
@@ -370,17 +398,46 @@ def save(res: dict) -> None:
         shutil.copy(WORK / "results.json", Path(os.environ["OUT"]) / "train_results.json")
 
 
+def setup(n_shards: int, workers: int) -> tuple[Path, str, str, Path]:
+    """SD 1.5-shaped model, shards, their precomputed version and the peer's parquet (same samples)."""
+    from trainer.precompute import PrecomputeConfig, precompute
+    from trainer.synthetic import write_shards
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    write_shards(WORK / "shards", n_shards=n_shards, per_shard=64, size=512, seed=0)
+    shards = str(WORK / "shards" / f"{{00000..{n_shards - 1:05d}}}.tar")
+    model = build_sd15(WORK / "sd15")
+    shutil.rmtree(WORK / "pre", ignore_errors=True)
+    precompute(PrecomputeConfig(shards=shards, model=str(model), output=str(WORK / "pre"), device="cuda",
+                                batch_size=32, resolution=512, variant="fp16"))
+    pre = str(WORK / "pre" / f"{{00000..{n_shards - 1:05d}}}.tar")
+    try:
+        peer_data = peer_dataset(shards, WORK / "peer-data")
+    except Exception as e:  # noqa: BLE001 - without `datasets` ours still runs; the peer rows say why not
+        print(f"no peer dataset: {type(e).__name__}: {e}", flush=True)
+        peer_data = None
+    return model, shards, pre, peer_data
+
+
+def run_case(name: str, model: Path, pre: str, peer_data: Path, workers: int, scale: float) -> dict:
+    """One named case of CASES."""
+    spec = dict(CASES[name])
+    kind, steps = spec.pop("kind"), max(30, int(spec.pop("steps") * scale))
+    try:
+        if kind == "peer":
+            return run_peer(model, peer_data, workers, steps=steps, **spec)
+        return run_ours(model, pre, workers, steps=steps, **spec)
+    except Exception as e:  # noqa: BLE001 - one failing case (out of memory, say) must not lose the rest
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or record a saved result) and update bench/RESULTS.md."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--cases", default="final", help=f"a preset ({', '.join(PRESETS)}) or case names joined by ,")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every case's step count")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--shards", type=int, default=4, help="shards of 64 samples of 512x512 to generate")
-    p.add_argument("--peer-steps", type=int, default=150)
-    p.add_argument("--no-peer", action="store_true")
-    p.add_argument("--peer-timeout", type=float, default=300)
-    p.add_argument("--sweep", action="store_true", help="also sweep batch sizes and checkpointing choices")
+    p.add_argument("--shards", type=int, default=5, help="shards of 64 samples of 512x512 to generate")
     p.add_argument("--profile", action="store_true", help="only profile a small-batch step (prints, records nothing)")
     p.add_argument("--record", type=Path, default=None, help="write RESULTS.md from a saved results.json")
     args = p.parse_args(argv)
@@ -393,37 +450,29 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
     import torch
 
-    from trainer.synthetic import write_shards
+    from trainer.metrics import measure_matmul_flops
 
     if not torch.cuda.is_available():
         print("bench-train needs a CUDA GPU", file=sys.stderr)
         return 1
-    WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    write_shards(WORK / "shards", n_shards=args.shards, per_shard=64, size=512, seed=0)
-    shards = str(WORK / "shards" / f"{{00000..{args.shards - 1:05d}}}.tar")
-    model = build_sd15(WORK / "sd15")
+    model, shards, pre, peer_data = setup(args.shards, args.workers)
     print(f"setup {time.perf_counter() - t0:.1f}s", flush=True)
     if args.profile:
         run_profile(model, shards, args.workers)
         return 0
+    peak = measure_matmul_flops(torch.device("cuda"))
     res = {"gpu": gpu_name(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "bnb": bitsandbytes.__version__, "workers": args.workers}
-    if args.steps:
-        res["ours"] = run_ours(model, shards, args.steps, args.batch_size, args.workers)
-        print(json.dumps(res["ours"]), flush=True)
-        save(res)  # the main result is safe before the peer starts
-    if args.steps and not args.no_peer and PEER_SCRIPT.exists():
-        torch.cuda.empty_cache()
-        try:
-            res["peer"] = run_peer(model, shards, args.peer_steps, args.batch_size, args.workers, args.peer_timeout)
-        except Exception as e:  # noqa: BLE001 - the peer must never endanger the main result
-            res["peer"] = {"error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(res["peer"])[:3000], flush=True)
+           "bnb": bitsandbytes.__version__, "workers": args.workers, "peak_flops": peak, "peak_tflops": peak / 1e12,
+           "runs": {}}
+    names = PRESETS.get(args.cases, args.cases.split(","))
+    for name in names:
+        if name.startswith("peer") and not PEER_SCRIPT.exists():
+            res["runs"][name] = {"error": f"no peer script at {PEER_SCRIPT}"}
+            continue
+        res["runs"][name] = run_case(name, model, pre, peer_data, args.workers, args.steps_scale)
+        print(name, json.dumps(res["runs"][name])[:1500], flush=True)
         save(res)
-    if args.sweep:
-        res["sweep"] = run_sweep(model, shards, args.workers)
-    save(res)
     update_section("train", markdown(res))
     print(markdown(res))
     return 0

@@ -14,7 +14,7 @@ on ties); for others it does not, which is why the kernel follows the tree and n
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -148,8 +148,9 @@ CHUNK = 256  # pixels per inner pass: small enough for L1, long enough for SIMD 
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _remap_chunk(pixels, lo, hi, pal, out, r, g, b, limit, best, best_d) -> None:
-    """Remap pixels[lo:hi] into out, column-wise so every inner loop is a branch-free SIMD loop."""
+def _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d) -> None:
+    """IM's palette index of pixels[lo:hi] into best[:hi-lo], column-wise so every inner loop is
+    a branch-free SIMD loop."""
     n = hi - lo
     for q in range(n):
         r[q], g[q], b[q] = pixels[lo + q, 0], pixels[lo + q, 1], pixels[lo + q, 2]
@@ -177,9 +178,27 @@ def _remap_chunk(pixels, lo, hi, pal, out, r, g, b, limit, best, best_d) -> None
             take = (((r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb)) < limit[q]) & (d <= best_d[q])
             best_d[q] = d if take else best_d[q]
             best[q] = i if take else best[q]
-    for q in range(n):
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _remap_chunk(pixels, lo, hi, pal, out, r, g, b, limit, best, best_d) -> None:
+    """Remap pixels[lo:hi] into out (RGB colours)."""
+    _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d)
+    for q in range(hi - lo):
         j = best[q]
         out[lo + q, 0], out[lo + q, 1], out[lo + q, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
+
+
+@njit(nogil=True, cache=True)
+def _index_serial(pixels, pal, out) -> None:
+    """Palette index (into `pal`) of each of the (N, 3) pixels into the (N,) uint8 `out`."""
+    r, g, b = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
+    limit, best, best_d = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
+    for lo in range(0, pixels.shape[0], CHUNK):
+        hi = min(pixels.shape[0], lo + CHUNK)
+        _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d)
+        for q in range(hi - lo):
+            out[lo + q] = best[q]
 
 
 @njit(nogil=True, cache=True)
@@ -259,10 +278,39 @@ def grayscale(rgb: np.ndarray) -> np.ndarray:
 # registry: a conditioner is any (H, W, 3) uint8 -> (H, W, 3) uint8 function
 
 
+def remap_indices(rgb: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, colours): the remap of `rgb` as an (H, W) uint8 index into a (K, 3) uint8 table.
+
+    colours[indices] equals remap_palette(rgb, palette) pixel for pixel; a palette PNG stores the
+    pair as it is (bench/RESULTS.md: 2-bit PNG of a 3-colour map, several times cheaper than RGB).
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
+    pal = tree_order(palette)
+    out = np.empty(rgb.shape[0] * rgb.shape[1], np.uint8)
+    _index_serial(np.ascontiguousarray(rgb).reshape(-1, 3), pal, out)
+    return out.reshape(rgb.shape[:2]), pal.astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PaletteConditioner:
+    """The default: nearest palette colour as ImageMagick's -remap picks it (pickles for Ray)."""
+
+    palette: np.ndarray
+    """parse_palette() of the --palette spec."""
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """The map as (H, W, 3) RGB."""
+        return remap_palette(rgb, self.palette)
+
+    def indexed(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The map as (indices, colours), ready for a palette PNG."""
+        return remap_indices(rgb, self.palette)
+
+
 def _palette_conditioner(palette: str) -> Conditioner:
     """The default: nearest palette colour as ImageMagick's -remap picks it."""
-    # functools.partial of a module function pickles plainly, so it can travel to Ray workers.
-    return functools.partial(remap_palette, palette=parse_palette(palette))
+    return PaletteConditioner(parse_palette(palette))
 
 
 def _grayscale_conditioner(palette: str) -> Conditioner:

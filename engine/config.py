@@ -69,9 +69,11 @@ class ImageConfig:
     """Decompression-bomb guard: images declaring more pixels are rejected before decoding."""
     jpeg_quality: int = 95
     """Quality of the written KEY.jpg."""
-    resize_filter: str = "lanczos"
-    """Downscaling filter of the crop: lanczos (sharpest), bicubic, bilinear or box (area average,
-    as img2dataset's OpenCV INTER_AREA; about 2.7x cheaper than lanczos)."""
+    resize_filter: str = "bilinear"
+    """Downscaling filter of the crop: bilinear (OpenCV, after a power-of-2 DCT scaling: closer to
+    a full-resolution Lanczos crop than the old M/8 + Lanczos path, at a tenth of its CPU),
+    bicubic, box (area average, as img2dataset's OpenCV INTER_AREA) or lanczos (Pillow).
+    Quality and costs: bench/RESULTS.md."""
     conditioner: str = "palette"
     """Which conditioning map to compute (engine/condition.py's CONDITIONERS)."""
     palette: str = "black,gray50,white"
@@ -164,6 +166,9 @@ class EngineConfig:
     """Column holding the caption; default finds TEXT/caption case-insensitively."""
     progress: bool = True
     """Show a live progress bar on stderr."""
+    local_roots: tuple[str, ...] = ()
+    """Folders whose files may be read when a row's URL is a plain path or file:// URL
+    (engine/local.py); empty: such rows are invalid_url and nothing local is ever read."""
     fetch: FetchConfig = field(default_factory=FetchConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)

@@ -1,16 +1,24 @@
-"""Crop: the shorter side resized to `size` (Lanczos by default), then a center square.
+"""Crop: the shorter side resized to `size` (bilinear by default), then a center square.
 
-Resizing only the center square of the source (Pillow's `box`) gives the same pixels as
-"resize, then crop" without ever resizing the discarded margins.
+Only the center square of the source is resized, which gives the same pixels as "resize, then
+crop" without ever resizing the discarded margins. After the decoder's DCT scaling the remaining
+factor is at most 2 (decode.jpeg_scale): there OpenCV's SIMD resize of the square does the
+job in about a tenth of Pillow's time; larger factors (other formats, huge JPEGs) go through
+Pillow, whose filters widen with the factor and so do not alias.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from . import outcomes as O
 from .decode import Rejected
+
+# Workers already use every core (one shard task per core); OpenCV's own threads would only
+# compete with them and hide their CPU time from the per-thread stage clocks.
+cv2.setNumThreads(1)
 
 # Pillow's antialiasing filters, best quality first; `box` is area averaging, like OpenCV's
 # INTER_AREA that img2dataset uses. Costs on 512 crops: bench/RESULTS.md (engine section).
@@ -20,6 +28,12 @@ FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "box": Image.Resampling.BOX,
 }
+# The same filters in OpenCV, used up to CV2_MAX_FACTOR. Lanczos is left to Pillow: OpenCV's
+# 8x8 Lanczos is no faster than Pillow's. Quality and cost: bench/RESULTS.md (stage choices).
+CV2_FILTERS = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "box": cv2.INTER_AREA}
+CV2_MAX_FACTOR = 2.0
+"""Largest downscale factor OpenCV takes (what a power-of-2 DCT scaling leaves): its kernels
+keep a fixed support, which aliases little up to here."""
 
 
 def center_box(width: int, height: int) -> tuple[float, float, float, float]:
@@ -29,15 +43,23 @@ def center_box(width: int, height: int) -> tuple[float, float, float, float]:
     return left, top, left + side, top + side
 
 
-def center_crop(rgb: np.ndarray, size: int, resample: str = "lanczos") -> np.ndarray:
+def center_crop(rgb: np.ndarray, size: int, resample: str = "bilinear") -> np.ndarray:
     """A (size, size, 3) uint8 center crop, downscaled with `resample` (FILTERS); never upscaled."""
     height, width = rgb.shape[:2]
-    if min(width, height) < size:
+    side = min(width, height)
+    if side < size:
         raise Rejected(O.TOO_SMALL, f"decoded {width}x{height} below crop size {size}")
-    box = center_box(width, height)
     if width == height == size:
         return np.ascontiguousarray(rgb)
-    # reducing_gap: a box-filter pre-reduction for big ratios, then Lanczos; quality stays
-    # indistinguishable from plain Lanczos at a fraction of the cost.
-    out = Image.fromarray(rgb).resize((size, size), FILTERS[resample], box=box, reducing_gap=3.0)
+    if resample in CV2_FILTERS and side <= CV2_MAX_FACTOR * size:
+        # Whole-pixel offsets (at most half a source pixel off Pillow's fractional box).
+        top, left = (height - side) // 2, (width - side) // 2
+        square = rgb[top:top + side, left:left + side]
+        if side == size:
+            return np.ascontiguousarray(square)
+        return cv2.resize(square, (size, size), interpolation=CV2_FILTERS[resample])
+    # reducing_gap: a box-filter pre-reduction for big ratios, then the filter; quality stays
+    # indistinguishable from the plain filter at a fraction of the cost.
+    out = Image.fromarray(rgb).resize((size, size), FILTERS[resample], box=center_box(width, height),
+                                      reducing_gap=3.0)
     return np.asarray(out)

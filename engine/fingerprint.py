@@ -43,7 +43,8 @@ OPERATIONAL = {
 
 # Flags that are not "--" + the field's name with dashes (engine/cli.py), and whether they are
 # the negation of the field (a boolean given as --no-... or --ignore-...).
-FLAGS = {"fetch.respect_optout": ("--ignore-optout", True), "dedup.enabled": ("--no-dedup", True)}
+FLAGS = {"fetch.respect_optout": ("--ignore-optout", True), "dedup.enabled": ("--no-dedup", True),
+         "local_roots": ("--local-root", False)}
 
 
 class RunMismatch(ValueError):

@@ -14,10 +14,12 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from . import card
 from . import dedup as D
 from . import fingerprint as F
 from . import outcomes as O
@@ -64,7 +67,8 @@ class Progress:
 
 
 class LocalRunner:
-    """Runs shards one after another in this process; same interface as RayRunner."""
+    """Runs shards on threads of this process (no Ray start: ~2 s less fixed cost); same interface
+    as RayRunner."""
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -81,16 +85,35 @@ class LocalRunner:
         """The dedup index as plain objects."""
         return D.DedupClient(self.index, lambda s, m, *a: getattr(s, m)(*a)) if self.index else None
 
+    def attempts(self, shard: Shard, claim, report) -> dict:
+        """One shard, retried up to `max_retries` times like the Ray runner's; the last status."""
+        for _ in range(self.cfg.max_retries + 1):
+            status = process_shard(shard, self.cfg, claim, report, {"host": socket.gethostname()})
+            if status["ok"]:
+                break
+        return status
+
     def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
-        """Process every shard in turn, a failed one up to `max_retries` more times."""
+        """Process `workers` shards at once on threads of this process (the CPU stages release the
+        GIL), a failed one up to `max_retries` more times; statuses go to `on_done` on this thread."""
         client = self.client()
-        origin = {"host": socket.gethostname()}
-        for shard in shards:
-            for _ in range(self.cfg.max_retries + 1):
-                status = process_shard(shard, self.cfg, client.claim if client else None, progress.add, origin)
-                if status["ok"]:
-                    break
-            on_done(status)
+        claim = client.claim if client else None
+        lock = threading.Lock()
+
+        def report(rows: int, written: int) -> None:
+            with lock:
+                progress.add(rows, written)
+
+        with ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="shard") as pool:
+            running: set = set()
+            for shard in shards:
+                if len(running) >= self.cfg.workers:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        on_done(future.result())
+                running.add(pool.submit(self.attempts, shard, claim, report))
+            for future in as_completed(running):
+                on_done(future.result())
 
 
 class RayRunner:
@@ -468,4 +491,5 @@ def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) 
             write_json(result, out / "stats.json")
         except OSError as exc:  # the shards are safe; only this summary is missing
             result["unsaved"] = f"could not write {out / 'stats.json'}: {exc}"
+        card.write_card(out, cfg, result)  # README.md: features for datasets.load_dataset(OUTPUT), counts
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import resource
 import time
 import traceback
 from collections import Counter
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import dedup as D
+from . import local
 from . import outcomes as O
 from .caption import clean_caption, storable
 from .condition import make_conditioner
@@ -28,7 +30,16 @@ from .decode import Rejected, decode
 from .fetch import fetch, make_session
 from .plan import Shard, prefilter
 from .quality import colorfulness
-from .write import ShardWriteError, TarShard, encode_jpeg, encode_png, publish_shard, shard_name
+from .schema import input_kinds, sample_json, shard_kinds
+from .write import (
+    ShardWriteError,
+    TarShard,
+    encode_indexed_png,
+    encode_jpeg,
+    encode_png,
+    publish_shard,
+    shard_name,
+)
 
 Report = Callable[[int, int], None]  # (rows finished, samples written) since the last call
 Claim = Callable[[list], list]       # dedup claims -> verdicts, blocking (engine/dedup.py)
@@ -67,19 +78,45 @@ def jsonable(value):
     return value
 
 
-def prepare(body: bytes, cfg: EngineConfig, conditioner) -> Prepared:
-    """The CPU stages for one body; raises Rejected for an unusable image."""
-    image = decode(body, cfg.image)
+STAGES = ("decode", "hashes", "resize", "remap", "png", "jpeg")
+"""The CPU stages of prepare(), in order; their thread CPU time goes to the shard's stats."""
+
+
+def prepare(body: bytes, cfg: EngineConfig, conditioner, cpu: dict | None = None) -> Prepared:
+    """The CPU stages for one body; raises Rejected for an unusable image.
+
+    `cpu` (stage -> seconds) gets each stage's thread CPU time added: cheap (a clock read per
+    stage), so always on; bench/engine_bench.py prints it per image.
+    """
+    clock = StageClock(cpu)
+    image = clock.lap("decode", decode(body, cfg.image))
     hashes = None
     if cfg.dedup.enabled:
-        hashes = (D.content_hash(body), D.pixel_hash(image.rgb), D.phash(image.rgb))
-    crop = center_crop(image.rgb, cfg.image.image_size, cfg.image.resize_filter)
+        hashes = clock.lap("hashes", (D.content_hash(body), D.pixel_hash(image.rgb), D.phash(image.rgb)))
+    crop = clock.lap("resize", center_crop(image.rgb, cfg.image.image_size, cfg.image.resize_filter))
     threshold = cfg.filters.min_colorfulness
     if threshold is not None and (score := colorfulness(crop)) < threshold:
         raise Rejected(O.LOW_COLOR, f"colourfulness {score:.1f} below {threshold}")
-    cond = conditioner(crop)
-    return Prepared(encode_jpeg(crop, cfg.image.jpeg_quality), encode_png(cond),
-                    image.width, image.height, image.format, hashes)
+    indexed = getattr(conditioner, "indexed", None)  # palette maps go straight to a palette PNG
+    cond = clock.lap("remap", indexed(crop) if indexed else conditioner(crop))
+    png = clock.lap("png", encode_indexed_png(*cond) if indexed else encode_png(cond))
+    jpg = clock.lap("jpeg", encode_jpeg(crop, cfg.image.jpeg_quality))
+    return Prepared(jpg, png, image.width, image.height, image.format, hashes)
+
+
+class StageClock:
+    """Adds the thread CPU time since the previous lap to a stage's total."""
+
+    def __init__(self, totals: dict | None):
+        self.totals, self.last = totals, time.thread_time()
+
+    def lap(self, stage: str, value):
+        """Charge the time since the last lap to `stage`; returns `value` (so calls nest inline)."""
+        now = time.thread_time()
+        if self.totals is not None:
+            self.totals[stage] = self.totals.get(stage, 0.0) + now - self.last
+        self.last = now
+        return value
 
 
 class ClaimBatcher:
@@ -90,6 +127,7 @@ class ClaimBatcher:
         self.max_batch, self.max_wait = max_batch, max_wait
         self.pending: list[tuple[D.Claim, asyncio.Future]] = []
         self.timer: asyncio.TimerHandle | None = None
+        self.cpu = 0.0  # thread CPU seconds of the claim calls (the shard's "claims" stage)
 
     async def submit(self, item: D.Claim):
         """The verdict for one claim, once its batch has been answered."""
@@ -110,11 +148,19 @@ class ClaimBatcher:
         if batch:
             asyncio.ensure_future(self._send(batch))
 
+    def _timed_claim(self, items: list) -> list:
+        """The claim call, its CPU time counted."""
+        start = time.thread_time()
+        try:
+            return self.claim(items)
+        finally:
+            self.cpu += time.thread_time() - start
+
     async def _send(self, batch) -> None:
         """One blocking call on a thread; its verdicts (or its error) go to each waiting claim."""
         try:
             verdicts = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.claim, [item for item, _ in batch])
+                self.executor, self._timed_claim, [item for item, _ in batch])
             for (_, future), verdict in zip(batch, verdicts, strict=True):
                 future.set_result(verdict)
         except Exception as exc:  # noqa: BLE001 -- the index failing fails these rows, not the loop
@@ -134,6 +180,7 @@ class ShardRun:
         self.records: list[dict | None] = [None] * len(self.rows)
         self.out = Path(cfg.output)
         self.conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
+        self.kinds = shard_kinds(input_kinds(tuple(cfg.inputs), cfg.url_col, cfg.caption_col), shard.table.schema)
         self.cpu = ThreadPoolExecutor(2, thread_name_prefix="cpu")
         self.io = ThreadPoolExecutor(1, thread_name_prefix="io")  # one thread: tar writes stay ordered
         self.claims = ClaimBatcher(claim, self.io) if claim and cfg.dedup.enabled else None
@@ -141,6 +188,9 @@ class ShardRun:
         self.examples: dict[str, str] = {}
         self.done = self.written = self.reported_done = self.reported_written = 0
         self.bytes = 0
+        self.cpu_s: dict[str, float] = {}  # CPU seconds by stage (prepare's STAGES and cpu_ms())
+        # thread CPU clocks, not the process's: shards of the local runner share one process
+        self.cpu_start, self.wall_start = time.thread_time(), time.time()
 
     def key(self, index: int) -> str:
         """This shard's key for row `index`."""
@@ -158,14 +208,13 @@ class ShardRun:
     def meta(self, index: int, prep: Prepared, caption: str) -> dict:
         """The sample's KEY.json: url, sizes, source row, hashes and every kept parquet column."""
         row = self.rows[index]
-        extra = {k: jsonable(v) for k, v in row.items() if k not in ("url", "caption")}
-        meta = {"key": self.key(index), "url": row.get("url"), "caption": storable(row.get("caption")),
+        meta = {"key": self.key(index), "url": row.get("url"), "caption": row.get("caption"),
                 "caption_clean": caption, "width": prep.width, "height": prep.height,
                 "format": prep.format, "shard": self.shard.shard_id, "row": self.shard.first_row + index}
         if prep.hashes:
             meta.update(content_hash=f"{prep.hashes[0]:016x}", pixel_hash=f"{prep.hashes[1]:016x}",
                         phash=f"{prep.hashes[2]:016x}")
-        return {**extra, **meta}
+        return sample_json(row, self.kinds, meta)  # every field in every sample, one type each
 
     async def dedup(self, index: int, prep: Prepared) -> tuple[str, str] | None:
         """(outcome, owner key) when the index already holds this image, else None."""
@@ -186,6 +235,9 @@ class ShardRun:
     def screen(self, index: int) -> tuple[str, str] | None:
         """Outcome and reason for a row dropped before download (metadata, empty caption)."""
         row = self.rows[index]
+        url = row.get("url")
+        if self.cfg.local_roots and isinstance(url, str) and url.strip() and local.is_local(url.strip()):
+            row = {**row, "url": local.PLACEHOLDER_URL}  # the path itself is checked by local.read
         dropped = prefilter(row, self.cfg.image, self.cfg.filters, self.cfg.fetch.allow_private_network)
         if dropped is None and self.cfg.filters.drop_empty_captions and not clean_caption(row.get("caption")):
             dropped = O.EMPTY_CAPTION, "caption empty after cleaning"
@@ -193,19 +245,27 @@ class ShardRun:
 
     async def download(self, index: int, session) -> None:
         """Fetch, then run the CPU stages on a worker thread, then keep or drop the image."""
-        got = await fetch(session, self.rows[index]["url"].strip(), self.cfg.fetch)
+        url = self.rows[index]["url"].strip()
+        if self.cfg.local_roots and local.is_local(url):
+            got = await asyncio.get_running_loop().run_in_executor(
+                None, local.read, url, self.cfg.local_roots, self.cfg.fetch.max_bytes)
+        else:
+            got = await fetch(session, url, self.cfg.fetch)
         fetched = {"http_status": got.status, "seconds": got.seconds}
         if got.outcome:
             return self.finish(index, got.outcome, got.reason, **fetched)
         self.bytes += len(got.body)
         fetched["bytes"] = len(got.body)
+        stages: dict[str, float] = {}
         try:
             prep = await asyncio.get_running_loop().run_in_executor(
-                self.cpu, prepare, got.body, self.cfg, self.conditioner)
+                self.cpu, prepare, got.body, self.cfg, self.conditioner, stages)
         except Rejected as rej:
             return self.finish(index, rej.outcome, rej.reason, **fetched)
         finally:
             got.body = None
+            for stage, seconds in stages.items():  # merged on the loop thread: no lock needed
+                self.cpu_s[stage] = self.cpu_s.get(stage, 0.0) + seconds
         await self.keep(index, prep, fetched)
 
     async def keep(self, index: int, prep: Prepared, fetched: dict) -> None:
@@ -257,12 +317,14 @@ class ShardRun:
         """All rows at once; the semaphore decides how many are really in flight."""
         gate = asyncio.Semaphore(self.cfg.fetch.concurrency)
         ticker = asyncio.ensure_future(self.ticker())
+        loop_start = time.thread_time()
         try:
             async with make_session(self.cfg.fetch) as session:
                 await asyncio.gather(*(self.row(i, session, gate) for i in range(len(self.rows))))
         finally:
             ticker.cancel()
             self.tick()
+            self.cpu_s["fetch"] = time.thread_time() - loop_start
 
     def stats(self, seconds: float) -> dict:
         """The shard's NNNNN.stats.json."""
@@ -274,8 +336,24 @@ class ShardRun:
             "seconds": round(seconds, 3), "images_per_s": round(self.written / seconds, 2) if seconds else 0.0,
             "duplicate_clusters": [{"owner": k, "count": n, "example_url": self.examples[k]}
                                    for k, n in self.clusters.most_common(20)],
+            "cpu_ms": self.cpu_ms(),
+            # when the shard ran (epoch s) and its process's peak RSS: throughput and memory over a run
+            "window": [round(self.wall_start, 3), round(time.time(), 3)],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             **self.origin,
         }
+
+    def cpu_ms(self) -> dict:
+        """CPU milliseconds of this shard by stage: prepare's STAGES, fetch (the event loop: HTTP,
+        parsing, records), claims (dedup calls), tar (the writer thread), other (the shard's own
+        thread outside the loop: set-up, parquet, stats), and their total. What the process does
+        besides (imports, Ray's threads) is the run's fixed cost, measured by bench/engine_bench.py."""
+        cpu = dict(self.cpu_s)
+        cpu["claims"] = self.claims.cpu if self.claims else 0.0
+        cpu["tar"] = max(0.0, cpu.pop("io", 0.0) - cpu["claims"])
+        cpu["other"] = max(0.0, time.thread_time() - self.cpu_start - cpu.get("fetch", 0.0))
+        cpu["total"] = sum(cpu.values())
+        return {k: round(1000 * v, 1) for k, v in cpu.items()}
 
     def execute(self) -> dict:
         """Process every row, then check and publish tar, parquet and (last) stats; an I/O error
@@ -285,6 +363,7 @@ class ShardRun:
         try:
             try:
                 asyncio.run(self.run())
+                self.cpu_s["io"] = self.io.submit(time.thread_time).result()  # the writer thread's CPU
             finally:  # queued tar writes end before the tar is closed or removed
                 self.cpu.shutdown(wait=True, cancel_futures=True)
                 self.io.shutdown(wait=True, cancel_futures=True)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -55,6 +56,19 @@ def encode_png(cond: np.ndarray) -> bytes:
     im = Image.fromarray(np.ascontiguousarray(cond[..., 0]) if gray else cond, "L" if gray else "RGB")
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=1)  # maps of few colours compress well even at level 1
+    return buf.getvalue()
+
+
+def encode_indexed_png(indices: np.ndarray, colors: np.ndarray) -> bytes:
+    """(H, W) palette indices + (K, 3) colours -> palette PNG (mode P, 2-bit for up to 4 colours).
+
+    Decodes to the same RGB pixels as encode_png(colors[indices]) (Pillow's convert("RGB"),
+    webdataset's rgb8) at a fraction of the bytes and CPU.
+    """
+    im = Image.frombuffer("P", (indices.shape[1], indices.shape[0]), np.ascontiguousarray(indices), "raw", "P", 0, 1)
+    im.putpalette(np.ascontiguousarray(colors, np.uint8).tobytes(), "RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)  # Pillow picks the bit depth from the palette size
     return buf.getvalue()
 
 
@@ -125,6 +139,27 @@ class ShardWriteError(RuntimeError):
     pending), since turning it into per-row errors would keep a tar missing `ok` samples."""
 
 
+class SampleTarWriter:
+    """The tar members webdataset.TarWriter writes (KEY.EXT, sorted by EXT, mode 0444), written
+    with the standard library: webdataset imports torch, about 2.3 CPU-s per worker process."""
+
+    def __init__(self, stream):
+        self.tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: dict) -> None:
+        """Append one sample: {"__key__": KEY, EXT: bytes, ...}."""
+        key, now = sample["__key__"], time.time()
+        for ext in sorted(k for k in sample if k != "__key__"):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(sample[ext]), now, 0o444
+            info.uname = info.gname = "bigdata"
+            self.tar.addfile(info, io.BytesIO(sample[ext]))
+
+    def close(self) -> None:
+        """Write the end-of-archive blocks (the stream stays open)."""
+        self.tar.close()
+
+
 class TarShard:
     """A tar being written under a temporary name; `commit` (or `publish_shard`) renames it into place.
 
@@ -132,13 +167,9 @@ class TarShard:
     so no row is counted `ok` after the tar stopped growing."""
 
     def __init__(self, final: Path):
-        # Imported here: webdataset imports torch (seconds and hundreds of MB), which only the
-        # processes that write tars should pay for, not the driver or the index actors.
-        import webdataset as wds
-
         self.final, self.tmp = final, tmp_path(final)
         self.stream = open(self.tmp, "wb")
-        self.writer = wds.TarWriter(self.stream, encoder=False)
+        self.writer = SampleTarWriter(self.stream)
         self.count = 0
         self.broken: str | None = None
 

@@ -21,9 +21,11 @@ def test_jpeg_is_downscaled_in_dct_domain_but_covers_target(astronaut):
     out = decode(encode(big, quality=92), CFG)
     assert (out.width, out.height, out.format) == (2400, 1600, "jpeg")
     assert out.rgb.shape[0] >= 512 and out.rgb.shape[0] < 1600  # scaled, but never below the crop
-    assert jpeg_scale(2400, 1600, 512) == (3, 8)
-    assert jpeg_scale(600, 600, 512) == (7, 8)
+    # power-of-2 scales only (the SIMD ones): 1600 -> 800, never 600 (3/8)
+    assert jpeg_scale(2400, 1600, 512) == (1, 2)
+    assert jpeg_scale(600, 600, 512) == (1, 1)
     assert jpeg_scale(512, 700, 512) == (1, 1)
+    assert jpeg_scale(4096, 5000, 512) == (1, 8) and jpeg_scale(4088, 5000, 512) == (1, 4)
 
 
 @pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("WEBP", {"quality": 90}), ("BMP", {}), ("TIFF", {})])
@@ -41,7 +43,7 @@ def test_exif_rotated_jpeg_comes_out_upright(astronaut):
     out = decode(data, CFG)
     assert (out.width, out.height) == (600, 800)
     h, w = out.rgb.shape[:2]
-    assert (h, w) == (700, 525)  # DCT-scaled by 7/8: still covers the 512 crop
+    assert (h, w) == (800, 600)  # not DCT-scaled: 1/2 (the next power of 2) would fall below the 512 crop
     assert mean_abs(out.rgb, scaled(upright, w, h)) < 4
 
 

@@ -364,7 +364,7 @@ def test_ray_tasks_racing_through_actor_shards_keep_exactly_one(groups):
     ray = pytest.importorskip("ray")
     items = [c for g in groups for c in g]
     random.Random(0).shuffle(items)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")  # never join another run's cluster
     try:
         # threaded actors, as the engine should run them: searches in parallel, claims atomic by the lock
         actors = [ray.remote(D.DedupShard).options(num_cpus=0, max_concurrency=4).remote() for _ in range(3)]

@@ -130,3 +130,19 @@ def test_cuda_out_of_memory_prints_the_flags_that_lower_memory(assets, tmp_path,
         torch.cuda.empty_cache()
     err = capsys.readouterr().err
     assert code == 4 and "CUDA ran out of memory" in err and "--train-batch-size 32" in err
+
+
+def test_cuda_precomputed_merged_compiled_run(assets, tmp_path):
+    """Precomputed shards, merged micro-batches, selective checkpointing and torch.compile on CUDA; mfu logged."""
+    from trainer.precompute import PrecomputeConfig, precompute
+
+    precompute(PrecomputeConfig(shards=assets["shards"], model=str(assets["model"]), output=str(tmp_path / "pre"),
+                                device="cuda", resolution=64))
+    cfg = config(assets, tmp_path / "run", steps=4, checkpoint_levels=1, compile=True)
+    cfg.data.shards = str(tmp_path / "pre" / "{00000..00001}.tar")
+    cfg.data.train_batch_size, cfg.optim.merge_micro_batches = 2, 2
+    result = train(cfg, enable_bar=False)
+    records = log(tmp_path / "run")
+    assert result.step == 4 and all(r["loss"] < 10 for r in records)
+    assert all(0 < r["mfu"] < 1 for r in records)
+    print("precomputed + merged + compiled:", [(round(r["loss"], 4), round(r["mfu"], 5)) for r in records])

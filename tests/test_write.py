@@ -67,3 +67,25 @@ def test_rows_parquet_keeps_lone_surrogate_free_text(tmp_path):
                tmp_path / "00000.parquet")
     t = pq.read_table(tmp_path / "00000.parquet")
     assert t.column("outcome").to_pylist() == ["ok"] and t.num_rows == 1
+
+
+@pytest.mark.parametrize("palette", ["black,gray50,white", "red,#0a0b0c,navy,yellow,white", "black"])
+def test_palette_png_decodes_to_the_remapped_pixels_everywhere(astronaut, palette):
+    import io
+
+    from PIL import Image
+
+    from engine.condition import make_conditioner
+    from engine.write import encode_indexed_png
+    from trainer.data import load_pair
+
+    crop = scaled(astronaut, 512, 512)
+    cond = make_conditioner("palette", palette)
+    png = encode_indexed_png(*cond.indexed(crop))
+    expected = cond(crop)
+    assert Image.open(io.BytesIO(png)).mode == "P"
+    assert np.array_equal(wds.autodecode.imagehandler("rgb8")("cond.png", png), expected)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), expected)
+    _, trainer_cond = load_pair({"jpg": encode_jpeg(crop, 95), "cond.png": png}, 512)
+    assert np.array_equal(trainer_cond, expected)
+    assert len(png) < len(encode_png(expected))

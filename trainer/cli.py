@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the UNet's decoder half (the original's sd_locked=False)")
     g.add_argument("--only-mid-control", dest="model.only_mid_control", action="store_true",
                    help="feed only the middle-block residual to the UNet (the original's only_mid_control)")
+    g.add_argument("--checkpoint-levels", dest="model.checkpoint_levels", type=int, default=None,
+                   help="checkpoint only the blocks at this many highest resolutions (default: all)")
+    g.add_argument("--compile", dest="model.compile", action="store_true",
+                   help="torch.compile the ControlNet and UNet (minutes of compiling at start)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--learning-rate", dest="optim.learning_rate", type=float, default=1e-5)
     g.add_argument("--decoder-learning-rate", dest="optim.decoder_learning_rate", type=float, default=None,
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-epsilon", dest="optim.adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max-grad-norm", dest="optim.max_grad_norm", type=float, default=1.0)
     g.add_argument("--gradient-accumulation-steps", dest="optim.gradient_accumulation_steps", type=int, default=8)
+    g.add_argument("--merge-micro-batches", dest="optim.merge_micro_batches", type=int, default=1,
+                   help="run this many accumulated micro-batches as one pass (same math, more memory)")
     g.add_argument("--lr-scheduler", dest="optim.lr_scheduler", choices=LR_SCHEDULERS, default="constant")
     g.add_argument("--lr-warmup-steps", dest="optim.lr_warmup_steps", type=int, default=0)
     g = p.add_argument_group("checkpoints")
@@ -137,12 +143,16 @@ def memory_advice(cfg: TrainConfig) -> str:
 
 
 def subcommand(argv: list[str] | None) -> int | None:
-    """Run `python -m trainer generate ...` and return its status; None when argv is a training run."""
+    """Run `python -m trainer generate|precompute ...` and return its status; None for a training run."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["generate"]:
         from trainer.generate import main as generate_main
 
         return generate_main(argv[1:])
+    if argv[:1] == ["precompute"]:  # VAE latents and caption embeddings once: see trainer.precompute
+        from trainer.precompute import main as precompute_main
+
+        return precompute_main(argv[1:])
     return None
 
 

@@ -71,8 +71,15 @@ class ModelConfig:
     """Train the UNet's decoder half too (the original ControlNet's sd_locked=False)."""
     only_mid_control: bool = False
     """Feed only the ControlNet's middle-block residual into the UNet (the original's only_mid_control)."""
+    checkpoint_levels: int | None = None
+    """With --gradient-checkpointing, recompute only the blocks at this many of the highest resolutions
+    (where activations are largest; SD 1.5 has 4 levels), keep the rest; default: every level."""
+    compile: bool = False
+    """torch.compile the ControlNet and the UNet (minutes of compiling at start; pays on long CUDA runs)."""
 
     def __post_init__(self) -> None:
+        if self.checkpoint_levels is not None and self.checkpoint_levels < 0:
+            raise ValueError("--checkpoint-levels must be 0 or more")
         if not self.model:
             raise ValueError("no model given: pass --model runwayml/stable-diffusion-v1-5 or a diffusers folder")
         if Path(self.model).suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
@@ -103,6 +110,10 @@ class OptimConfig:
     """Gradients are clipped to this global norm; 0 turns clipping off."""
     gradient_accumulation_steps: int = 8
     """Micro-batches per optimizer step (effective batch = train batch size x this; 32+ trains better)."""
+    merge_micro_batches: int = 1
+    """Run this many micro-batches of an accumulation as one forward/backward pass: the same samples,
+    random draws and mean loss (same math), fewer passes, more activation memory. Divides
+    --gradient-accumulation-steps."""
     lr_scheduler: str = "constant"
     """Shape after warmup: constant, constant_with_warmup (same), linear (to 0) or cosine (to 0)."""
     lr_warmup_steps: int = 0
@@ -115,6 +126,9 @@ class OptimConfig:
             raise ValueError(f"--lr-scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("--gradient-accumulation-steps must be at least 1")
+        if self.merge_micro_batches < 1 or self.gradient_accumulation_steps % self.merge_micro_batches:
+            raise ValueError("--merge-micro-batches must be a divisor of --gradient-accumulation-steps "
+                             f"({self.gradient_accumulation_steps}), got {self.merge_micro_batches}")
         if self.learning_rate <= 0:
             raise ValueError("--learning-rate must be positive")
         if self.decoder_learning_rate is None:

@@ -15,16 +15,21 @@ Samples that fail to decode are replaced by another sample of the same batch and
 whose samples all fail is dropped and counted, and --max-failed-batches such batches in a row stop the
 run with an error naming the shard and the member (a shard set without cond.png never spins).
 Members are decoded under the engine's decoding policy (engine/imagepolicy.py): only JPEG, PNG,
-WebP, GIF, BMP and TIFF, pixel count checked from the header; PostScript, PDF and the rest are refused. A batch may instead carry precomputed `latents` and
-`encoder_hidden_states`; the loop uses those when present (see trainer.objective.encode_batch).
+WebP, GIF, BMP and TIFF, pixel count checked from the header; PostScript, PDF and the rest are refused.
+
+Shards written by `python -m trainer precompute` (a `precompute.json` beside them) are detected and
+streamed as `latent_mean`, `latent_std` and `encoder_hidden_states` instead of pixels and token ids;
+caption dropout then swaps in the empty prompt's stored embedding (trainer.objective.encode_batch).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +39,7 @@ from webdataset.tariterators import tarfile_samples
 
 from engine.imagepolicy import Rejected, open_image
 from trainer.config import DataConfig
+from trainer.precompute import EMBED_KEY, EMPTY_FILE, LATENT_KEY, META_FILE, npy_load
 
 IMAGE_KEY, COND_KEY, TEXT_KEY = "jpg", "cond.png", "txt"
 
@@ -118,6 +124,29 @@ def load_pair(sample: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     return resize_crop(image, resolution, Image.BILINEAR), resize_crop(cond, resolution, Image.NEAREST)
 
 
+def precomputed_meta(pattern: str, resolution: int) -> dict | None:
+    """precompute.json beside the first shard (local paths only), checked against --resolution; else None."""
+    first = expand_shards(pattern)[0].removeprefix("file:")
+    meta_path = Path(first).parent / META_FILE
+    if first.startswith("pipe:") or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta["resolution"] != resolution:
+        raise ValueError(f"the shards were precomputed at {meta['resolution']} px: pass --resolution "
+                         f"{meta['resolution']}, or precompute again with --resolution {resolution}")
+    meta["empty_prompt"] = np.load(meta_path.parent / EMPTY_FILE, allow_pickle=False)
+    return meta
+
+
+def load_precomputed(sample: dict, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Latent [mean, std] (fp16), caption embedding (fp16) and RGB map of a precomputed sample."""
+    latent, embed = npy_load(sample[LATENT_KEY]), npy_load(sample[EMBED_KEY])
+    cond = np.asarray(decode_member(sample, COND_KEY), dtype=np.uint8)
+    if latent.ndim != 4 or latent.shape[0] != 2 or cond.shape[:2] != (resolution, resolution):
+        raise ValueError(f"precomputed sample {sample.get('__key__')} does not match --resolution {resolution}")
+    return latent, embed, cond
+
+
 def resize_crop(img: Image.Image, size: int, resample: int) -> np.ndarray:
     """Shorter side to `size`, then a center crop; the map uses NEAREST so palette values stay exact."""
     w, h = img.size
@@ -144,6 +173,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.cfg, self.tokenizer, self.seed, self.start = cfg, tokenizer, seed, start
         self.urls = expand_shards(cfg.shards)
         self._last_failure = ""  # the latest undecodable sample: shard URL, member, reason
+        self.meta = precomputed_meta(cfg.shards, cfg.resolution)
 
     def _raw(self, handler: _Counter) -> Iterator[tuple[int, int, int, dict]]:
         """(global index, epoch, offset-after, raw sample) from the start position onwards."""
@@ -188,30 +218,51 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _collate(self, members, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
         """Decode one batch's samples and stack them; failed samples are replaced and counted."""
+        if not self.meta and any(LATENT_KEY in sample for _, sample in members):
+            raise RuntimeError(f"{self.cfg.shards!r} holds precomputed samples but no {META_FILE} was found beside "
+                               "the first shard: pass the local shard paths that `python -m trainer precompute` wrote")
         decoded, failed = [], 0
         for index, sample in members:
             try:
-                img, cond = load_pair(sample, self.cfg.resolution)
+                item = self._decode(sample, index)
             except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped, by design
                 failed += 1
                 self._last_failure = f"{sample.get('__url__', '?')}: {exc} (sample {sample.get('__key__', '?')})"
                 continue
-            decoded.append((img, cond, caption_of(sample, index, self.seed, self.cfg.proportion_empty_prompts)))
+            decoded.append(item)
         if not decoded:
             return None
         while len(decoded) < len(members):  # keep batches full so every step sees the same count
             decoded.append(decoded[len(decoded) % max(1, len(members) - failed)])
+        batch = self._stack_precomputed(decoded) if self.meta else self._stack(decoded)
+        return batch | {"failed": torch.tensor(failed + read_errors), "position": torch.tensor([b + 1, epoch, offset])}
+
+    def _decode(self, sample: dict, index: int) -> tuple:
+        """One sample's arrays and (possibly dropped) caption; raises when it cannot be decoded."""
+        text = caption_of(sample, index, self.seed, self.cfg.proportion_empty_prompts)
+        if self.meta:
+            latent, embed, cond = load_precomputed(sample, self.cfg.resolution)
+            return latent, cond, self.meta["empty_prompt"] if text == "" else embed
+        img, cond = load_pair(sample, self.cfg.resolution)
+        return img, cond, text
+
+    def _stack(self, decoded: list[tuple]) -> dict:
+        """Pixels in [-1, 1], maps in [0, 1], token ids."""
         imgs = torch.from_numpy(np.stack([d[0] for d in decoded])).permute(0, 3, 1, 2)
         conds = torch.from_numpy(np.stack([d[1] for d in decoded])).permute(0, 3, 1, 2)
         ids = self.tokenizer([d[2] for d in decoded], max_length=self.tokenizer.model_max_length,
                              padding="max_length", truncation=True, return_tensors="pt").input_ids
-        return {
-            "pixel_values": imgs.float().div(127.5).sub(1.0),
-            "conditioning_pixel_values": conds.float().div(255.0),
-            "input_ids": ids,
-            "failed": torch.tensor(failed + read_errors),
-            "position": torch.tensor([b + 1, epoch, offset]),
-        }
+        return {"pixel_values": imgs.float().div(127.5).sub(1.0), "conditioning_pixel_values": conds.float().div(255.0),
+                "input_ids": ids}
+
+    @staticmethod
+    def _stack_precomputed(decoded: list[tuple]) -> dict:
+        """Latent mean and std (fp16), maps as uint8 (a quarter of the bytes to pin and copy; scaled to [0, 1]
+        on the device by trainer.objective), caption embeddings (fp16)."""
+        latents = torch.from_numpy(np.stack([d[0] for d in decoded]))
+        conds = torch.from_numpy(np.stack([d[1] for d in decoded])).permute(0, 3, 1, 2)
+        return {"latent_mean": latents[:, 0], "latent_std": latents[:, 1], "conditioning_pixel_values": conds,
+                "encoder_hidden_states": torch.from_numpy(np.stack([d[2] for d in decoded]))}
 
 
 def _worker_init(_: int) -> None:

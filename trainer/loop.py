@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
-from trainer.metrics import RunLog, gpu_memory_gb
+from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models
 from trainer.objective import Objective, step_loss
 from trainer.optim import lr_factor, set_lr
@@ -66,6 +67,12 @@ class Run:
     weight_dtype: torch.dtype
     params: list[torch.nn.Parameter]
     base_lrs: list[float]
+    step_models: Models | None = None
+    """The models the training step calls (compiled ones with --compile); default: `models`."""
+    peak_flops: float | None = None
+    """Dense fp16 matmul FLOP/s measured on this device at start (CUDA only): the MFU denominator."""
+    flops_per_sample: float | None = None
+    """FLOPs of forward + backward (recomputation included) per sample, counted on the first pass."""
     stop: StopSignal = field(default_factory=StopSignal)
     on_checkpoint: Callable[[Run], None] = lambda run: None
     on_validation: Callable[[Run], None] = lambda run: None
@@ -82,24 +89,62 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("position", "failed")}
 
 
+def next_pass(run: Run, batches, merge: int) -> dict:
+    """The next `merge` micro-batches, concatenated on the host; the data position follows the last one."""
+    st, parts = run.state, [next(batches) for _ in range(merge)]
+    for batch in parts:
+        st.batches, st.epoch, st.offset = batch["position"].tolist()  # CPU tensor: no device sync
+        st.failed_samples += int(batch["failed"])
+    if merge == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("position", "failed")}
+
+
+def pass_loss(run: Run, batch: dict, merge: int, passes: int) -> torch.Tensor:
+    """Forward and backward of one pass (compiled models with --compile); FLOPs counted before the first."""
+    if run.flops_per_sample is None:
+        run.flops_per_sample = count_flops(run, batch, merge)
+    with run.autocast():
+        loss = step_loss(run.step_models or run.models, run.objective, to_device(batch, run.device), run.generator,
+                         run.cfg.model.only_mid_control, chunks=merge)
+    run.scaler.scale(loss / passes).backward()
+    return loss.detach()
+
+
+def count_flops(run: Run, batch: dict, merge: int) -> float:
+    """FLOPs per sample of forward + backward (recomputation included) on the eager models.
+
+    A dry pass over the first sample of the batch (per-sample FLOPs do not depend on the batch size;
+    one sample keeps the pass's memory small) on a copy of the generator, its gradients dropped: the
+    run itself is untouched (counting inside the real pass changes its kernels' dispatch and would
+    break bitwise resume).
+    """
+    gen = torch.Generator(device=run.generator.device)
+    gen.set_state(run.generator.get_state())
+    one = {k: v[:1] for k, v in batch.items() if k not in ("position", "failed")}
+    with FlopCounterMode(display=False) as counter:
+        with run.autocast():
+            loss = step_loss(run.models, run.objective, to_device(one, run.device), gen,
+                             run.cfg.model.only_mid_control)
+        loss.backward()
+    for p in run.params:
+        p.grad = None
+    return float(counter.get_total_flops())
+
+
 def train_loop(run: Run) -> TrainState:
     """Optimise until max_train_steps or a stop signal; checkpoint and validate on schedule."""
     cfg, st = run.cfg, run.state
-    accum = cfg.optim.gradient_accumulation_steps
+    merge = cfg.optim.merge_micro_batches
+    passes = cfg.optim.gradient_accumulation_steps // merge
     batches = iter(run.loader)
     loss_sum = torch.zeros((), device=run.device)
     nonfinite = torch.zeros((), dtype=torch.int32, device=run.device)
     while st.step < cfg.max_train_steps and run.stop.requested is None:
         set_lr(run.optimizer, run.base_lrs, lr_factor(st.step, cfg.optim, cfg.max_train_steps))
-        for _ in range(accum):
-            batch = next(batches)
-            st.batches, st.epoch, st.offset = batch["position"].tolist()  # CPU tensor: no device sync
-            st.failed_samples += int(batch["failed"])
-            with run.autocast():
-                loss = step_loss(run.models, run.objective, to_device(batch, run.device), run.generator,
-                                 cfg.model.only_mid_control)
-            run.scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach()
+        for _ in range(passes):
+            loss = pass_loss(run, next_pass(run, batches, merge), merge, passes)
+            loss_sum += loss * merge  # the log averages over micro-batches
             nonfinite += (~torch.isfinite(loss)).int()
         run.scaler.unscale_(run.optimizer)
         if cfg.optim.max_grad_norm > 0:
@@ -132,7 +177,8 @@ def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
     scalars = {
         "loss": loss_sum.item() / max(1, steps * cfg.optim.gradient_accumulation_steps),
         "lr": run.optimizer.param_groups[0]["lr"],
-        "samples_per_s": run.log.rate(st.step, samples_per_step),
+        "samples_per_s": (rate := run.log.rate(st.step, samples_per_step)),
+        "mfu": mfu(rate, run.flops_per_sample, run.peak_flops),
         "gpu_mem_gb": gpu_memory_gb(run.device),
         "loss_scale": float(run.scaler.get_scale()),
         "failed_samples": st.failed_samples,

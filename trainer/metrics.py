@@ -37,7 +37,8 @@ class RunLog:
         self.jsonl.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+                if v is not None:  # mfu is None off CUDA
+                    self.tb.add_scalar(f"train/{k}", v, step)
         self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
 
     def advance(self, n: int = 1) -> None:
@@ -78,3 +79,27 @@ def gpu_memory_gb(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
     return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def measure_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
+    """Dense fp16 matmul FLOP/s of this CUDA device (mean of `reps` products after warm-up); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.float16)
+    b = torch.randn(n, n, device=device, dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3)
+
+
+def mfu(samples_per_s: float, flops_per_sample: float | None, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the measured matmul rate (None without a rate)."""
+    if not flops_per_sample or not peak_flops:
+        return None
+    return samples_per_s * flops_per_sample / peak_flops

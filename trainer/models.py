@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from trainer.config import ModelConfig
+from trainer.quiet import loading
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_COND_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet default, for a VAE that downsamples 8x
@@ -49,6 +50,7 @@ def load_weights(cls, source: str, flag: str, **kw):
             f"or convert it once with save_pretrained(..., safe_serialization=True). Cause: {exc}"[:900]) from None
 
 
+@loading()
 def load_frozen(cfg: ModelConfig) -> tuple:
     """UNet, VAE, text encoder, tokenizer and noise scheduler from a diffusers folder, hub id or one file."""
     from trainer.single_file import is_single_file
@@ -83,13 +85,27 @@ def decoder_modules(unet: UNet2DConditionModel) -> list[torch.nn.Module]:
     return [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
 
 
-def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> None:
+def drop_encoders(models: Models) -> None:
+    """For precomputed shards: free the VAE encoder; the text encoder stays on the CPU in fp32.
+
+    Validation still needs the VAE decoder on the device and encodes its few prompts on the CPU.
+    """
+    models.vae.encoder = None
+    models.vae.quant_conv = None
+    models.text_encoder.to("cpu", dtype=torch.float32)
+
+
+def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype,
+            precomputed: bool = False) -> None:
     """Freeze, cast and place the models; switch on SDPA attention and gradient checkpointing."""
+    if precomputed:
+        drop_encoders(models)
     for m in (models.unet, models.vae, models.text_encoder):
         m.requires_grad_(False)
-        m.to(device, dtype=weight_dtype)
+        if not (precomputed and m is models.text_encoder):
+            place(m, device, weight_dtype)
         m.eval()
-    models.controlnet.to(device, dtype=torch.float32)
+    place(models.controlnet, device, torch.float32)
     models.controlnet.train()
     models.controlnet.requires_grad_(True)
     if cfg.unlock_decoder:
@@ -104,14 +120,48 @@ def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype
         if cfg.gradient_checkpointing_unet:
             # the frozen UNet keeps activations too: gradients flow through it back to the residuals
             models.unet.enable_gradient_checkpointing()
+        if cfg.checkpoint_levels is not None:
+            keep_low_levels(models, cfg.checkpoint_levels)
 
 
-def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
-    """Load, build and prepare every model of a run."""
+def resolution_levels(models: Models) -> list[tuple[int, torch.nn.Module]]:
+    """(level, block) pairs of the ControlNet and UNet; level 0 is the full latent resolution."""
+    n = len(models.unet.down_blocks)
+    pairs = [(i, b) for i, b in enumerate(models.controlnet.down_blocks)]
+    pairs += [(n - 1 - j, b) for j, b in enumerate(models.unet.up_blocks)]
+    pairs += [(n - 1, models.controlnet.mid_block), (n - 1, models.unet.mid_block)]
+    return pairs
+
+
+def keep_low_levels(models: Models, levels: int) -> None:
+    """Keep checkpointing only in blocks at the `levels` highest resolutions (where activations are largest)."""
+    for level, block in resolution_levels(models):
+        if level >= levels:
+            for m in block.modules():
+                if hasattr(m, "gradient_checkpointing"):
+                    m.gradient_checkpointing = False
+
+
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a model to `device` in `dtype`. diffusers' `.to(dtype)` warns on every cast ("should be kept in
+    float32: []"), even of a model with no module to keep in float32; such a model is cast by torch's own
+    Module.to, which is what diffusers' then calls. The UNet is loaded in fp32 and cast after (not loaded
+    in `dtype`) so that the ControlNet copied from it starts from its fp32 weights, as in diffusers' script."""
+    if model.dtype == dtype:
+        model.to(device)
+    elif getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "is_quantized", False):
+        model.to(device, dtype=dtype)  # diffusers' own checks and notice apply
+    else:
+        torch.nn.Module.to(model, device, dtype=dtype)
+
+
+def load_models(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype,
+                precomputed: bool = False) -> Models:
+    """Load, build and prepare every model of a run (without the encoders on the device when precomputed)."""
     unet, vae, text_encoder, tokenizer, scheduler = load_frozen(cfg)
     controlnet = build_controlnet(cfg, unet, vae)
     models = Models(unet, vae, text_encoder, tokenizer, scheduler, controlnet)
-    prepare(models, cfg, device, weight_dtype)
+    prepare(models, cfg, device, weight_dtype, precomputed)
     return models
 
 
@@ -130,6 +180,7 @@ def decoder_state(models: Models) -> dict[str, torch.Tensor]:
     return {k: v for k, v in models.unet.state_dict().items() if k.startswith(names)}
 
 
+@loading()
 def load_base_pipeline(pipeline_class, model: str, **kwargs):
     """A diffusers pipeline of the base model (diffusers folder, hub id or one .safetensors), no safety checker."""
     from trainer import single_file

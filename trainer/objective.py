@@ -14,19 +14,42 @@ from trainer.models import Models
 
 
 @torch.no_grad()
-def encode_batch(models: Models, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (VAE sample x scaling factor) and text embeddings; precomputed ones pass through."""
+def encode_inputs(models: Models, batch: dict) -> tuple[tuple | torch.Tensor, torch.Tensor]:
+    """What is known before any random draw: the latent distribution (mean, std) or ready latents, and the text."""
     dtype = models.vae.dtype
-    if "latents" in batch:
-        latents = batch["latents"].to(dtype)
+    if "latent_mean" in batch:
+        dist = (batch["latent_mean"].to(dtype), batch["latent_std"].to(dtype))
+    elif "latents" in batch:
+        dist = batch["latents"].to(dtype)
     else:
-        dist = models.vae.encode(batch["pixel_values"].to(dtype)).latent_dist
-        latents = dist.sample(generator=generator) * models.vae.config.scaling_factor
+        posterior = models.vae.encode(batch["pixel_values"].to(dtype)).latent_dist
+        dist = (posterior.mean, posterior.std)
     if "encoder_hidden_states" in batch:
-        text = batch["encoder_hidden_states"].to(models.text_encoder.dtype)
+        text = batch["encoder_hidden_states"].to(dtype)  # the frozen parts' dtype (the text encoder may sit on the CPU)
     else:
         text = models.text_encoder(batch["input_ids"], return_dict=False)[0]
-    return latents, text
+    return dist, text
+
+
+@torch.no_grad()
+def sample_latents(models: Models, dist: tuple | torch.Tensor, rows: slice, generator: torch.Generator):
+    """Latents of some rows: mean + std * eps, drawn exactly as diffusers' `latent_dist.sample(generator)`."""
+    if isinstance(dist, torch.Tensor):
+        return dist[rows]
+    mean, std = dist[0][rows], dist[1][rows]
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps) * models.vae.config.scaling_factor
+
+
+def encode_batch(models: Models, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (VAE sample x scaling factor) and text embeddings of a whole batch.
+
+    Precomputed shards carry the latent distribution (`latent_mean`, `latent_std`) and the caption
+    embeddings; they are sampled with the same random numbers as on-the-fly encoding, so training on
+    them follows the on-the-fly run.
+    """
+    dist, text = encode_inputs(models, batch)
+    return sample_latents(models, dist, slice(None), generator), text
 
 
 class Objective:
@@ -69,9 +92,22 @@ def controlnet_loss(models: Models, objective: Objective, latents, text, cond, n
 
 
 def step_loss(models: Models, objective: Objective, batch: dict, generator: torch.Generator,
-              only_mid_control: bool = False) -> torch.Tensor:
-    """The loss of one micro-batch: encode, draw noise and timesteps, predict, compare."""
-    latents, text = encode_batch(models, batch, generator)
-    noise, t = objective.draw(latents, generator)
-    cond = batch["conditioning_pixel_values"].to(latents.dtype)
+              only_mid_control: bool = False, chunks: int = 1) -> torch.Tensor:
+    """The loss of one pass: encode, draw noise and timesteps, predict, compare.
+
+    A pass may hold `chunks` micro-batches of an accumulation (trainer.loop merges them when asked):
+    the random draws are then made chunk by chunk, in the order separate micro-batches make them
+    (latent sample, noise, timesteps), so the pass sees exactly the numbers those would have seen and,
+    chunks being equal in size, the mean loss is the mean of theirs.
+    """
+    dist, text = encode_inputs(models, batch)
+    n = batch["conditioning_pixel_values"].shape[0]
+    size = n // chunks
+    drawn = []
+    for k in range(chunks):
+        latents = sample_latents(models, dist, slice(k * size, (k + 1) * size), generator)
+        drawn.append((latents, *objective.draw(latents, generator)))
+    latents, noise, t = (torch.cat(x) if chunks > 1 else x[0] for x in zip(*drawn, strict=True))
+    cond = batch["conditioning_pixel_values"]
+    cond = cond.to(latents.dtype) / 255 if cond.dtype == torch.uint8 else cond.to(latents.dtype)  # uint8: precomputed
     return controlnet_loss(models, objective, latents, text, cond, noise, t, only_mid_control)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.quiet import loading
+
 # Three VAE levels: latents are a quarter of the image size (SD's VAE: an eighth), so 64 px -> 16.
 TINY_VAE_CHANNELS = (16, 32, 32)
 # The random encoder's posterior means have a std of about 0.145 on photos: scale latents to unit variance.
@@ -67,6 +69,7 @@ def tiny_unet_config() -> dict:
     )
 
 
+@loading()
 def build_tiny_model(folder: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Write a tiny SD-style diffusers folder with random weights to `folder`; return its path."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,11 @@ import torch
 
 from trainer.checkpoint import TrainState, load_checkpoint, prune, resolve_resume, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import Position, build_loader
+from trainer.data import Position, build_loader, precomputed_meta
 from trainer.export import export_final
 from trainer.loop import Run, StopSignal, train_loop
-from trainer.metrics import RunLog
-from trainer.models import DTYPES, decoder_state, load_models, param_groups
+from trainer.metrics import RunLog, measure_matmul_flops
+from trainer.models import DTYPES, Models, decoder_state, load_models, param_groups
 from trainer.objective import Objective
 from trainer.optim import build_optimizer, build_scaler
 from trainer.plots import write_loss_png, write_progress_png
@@ -52,7 +53,10 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True) ->
     weight_dtype = DTYPES[cfg.mixed_precision]
     output = Path(cfg.output)
     torch.manual_seed(cfg.seed)
-    models = load_models(cfg.model, device, weight_dtype)
+    meta = precomputed_meta(cfg.data.shards, cfg.data.resolution)
+    models = load_models(cfg.model, device, weight_dtype, precomputed=meta is not None)
+    if meta is not None:
+        check_precomputed(meta, models, cfg.model.model)
     groups = param_groups(models, cfg.model, cfg.optim.learning_rate, cfg.optim.decoder_learning_rate)
     optimizer = build_optimizer(groups, cfg.optim)
     scaler = build_scaler(cfg.mixed_precision, device)
@@ -74,7 +78,22 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True) ->
         log=RunLog(output, state.step, cfg.max_train_steps, enable_bar), device=device, weight_dtype=weight_dtype,
         params=[p for g in groups for p in g["params"]], base_lrs=[g["lr"] for g in groups],
         on_checkpoint=lambda run: _checkpoint(run, result), on_validation=lambda run: _validate(run, result),
+        step_models=compiled(models) if cfg.model.compile else None, peak_flops=measure_matmul_flops(device),
     )
+
+
+def check_precomputed(meta: dict, models: Models, model: str) -> None:
+    """Precomputed latents and embeddings must fit the UNet being trained; the error says what to redo."""
+    unet = models.unet.config
+    if meta["latent_channels"] != unet.in_channels or meta["text_dim"] != unet.cross_attention_dim:
+        raise ValueError(f"the shards were precomputed with {meta['model']} ({meta['latent_channels']} latent channels, "
+                         f"{meta['text_dim']}-d text) but --model {model} expects {unet.in_channels} and "
+                         f"{unet.cross_attention_dim}: run `python -m trainer precompute --model {model}` again")
+
+
+def compiled(models: Models) -> Models:
+    """The same models with the ControlNet and UNet wrapped by torch.compile (weights shared)."""
+    return dataclasses.replace(models, controlnet=torch.compile(models.controlnet), unet=torch.compile(models.unet))
 
 
 def _checkpoint(run: Run, result: TrainResult) -> None:

@@ -68,6 +68,15 @@ def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
 
 
 @torch.no_grad()
+def embed_prompt(models: Models, prompt: str, device: torch.device) -> torch.Tensor:
+    """A prompt's text embedding, computed wherever the text encoder lives (the CPU for precomputed runs)."""
+    enc = models.text_encoder
+    ids = models.tokenizer([prompt], max_length=models.tokenizer.model_max_length, padding="max_length",
+                           truncation=True, return_tensors="pt").input_ids.to(enc.device)
+    return enc(ids, return_dict=False)[0].to(device)
+
+
+@torch.no_grad()
 def run_validation(models: Models, cfg: ValidationConfig, step: int, out_dir: Path, resolution: int,
                    device: torch.device, weight_dtype: torch.dtype, seed: int,
                    only_mid_control: bool = False) -> dict:
@@ -86,13 +95,16 @@ def run_validation(models: Models, cfg: ValidationConfig, step: int, out_dir: Pa
                 cond = load_condition(image_path, resolution)
                 row = [cond]
                 gen = torch.Generator(device=device).manual_seed(seed)
-                images = pipe(prompt, cond, num_inference_steps=cfg.num_inference_steps, generator=gen,
+                text, empty = embed_prompt(models, prompt, device), embed_prompt(models, "", device)
+                images = pipe(prompt_embeds=text, negative_prompt_embeds=empty, image=cond,
+                              num_inference_steps=cfg.num_inference_steps, generator=gen,
                               height=resolution, width=resolution,
                               num_images_per_prompt=cfg.num_validation_images).images
                 named = [(f"p{i}_s{k}", im) for k, im in enumerate(images)]
                 if cfg.guess_mode:
                     gen = torch.Generator(device=device).manual_seed(seed)
-                    guess = pipe("", cond, num_inference_steps=cfg.num_inference_steps, generator=gen,
+                    guess = pipe(prompt_embeds=empty, negative_prompt_embeds=empty, image=cond,
+                                 num_inference_steps=cfg.num_inference_steps, generator=gen,
                                  height=resolution, width=resolution, guess_mode=True, guidance_scale=3.0).images
                     named.append((f"p{i}_guess", guess[0]))
                 for name, im in named:
