@@ -48,7 +48,7 @@ def resolve(url: str, roots: tuple[str, ...]) -> Path:
         real = Path(os.path.realpath(candidate))
         if any(real == root or real.is_relative_to(root) for root in real_roots):
             return real
-    raise ValueError(f"{raw} is outside every --local-root")
+    raise ValueError(f"{raw} is outside the input folders and every --local-root")
 
 
 def read(url: str, roots: tuple[str, ...], max_bytes: int) -> FetchResult:
