@@ -24,11 +24,14 @@ def _opt(parser, *names: str, **kw) -> None:
 def shards_parser(sub) -> None:
     """Options of `shards`; every default comes from engine/config.py."""
     f, i, d, r = FetchConfig(), ImageConfig(), DedupConfig(), EngineConfig(inputs=("x",), output="x")
-    p = sub.add_parser("shards", help="parquet of URLs + captions -> WebDataset shards",
+    p = sub.add_parser("shards", help="parquet of URLs + captions, or a folder of images -> WebDataset shards",
                        description="Download, validate, dedup, crop and condition the images of LAION-style "
                                    "parquet files into WebDataset tar shards. Rerun the same command to resume.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="parquet files or folders of them")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="parquet files or folders of them (URLs); or your own images: a folder (recursive, "
+                        "captions from same-stem .txt files), a glob ('photos/**/*.jpg'), or a CSV/JSONL "
+                        "list of path,caption (paths relative to the list's folder)")
     _opt(p, "--output", "--output-folder", required=True, help="folder for the shards and stats")
     g = p.add_argument_group("work")
     _opt(g, "--workers", "--processes-count", type=int, default=r.workers, help="shard tasks at once (cores)")

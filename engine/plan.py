@@ -155,8 +155,11 @@ def check_url(url: object) -> str | None:
         host = parts.hostname
     except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 host
         return f"unparsable url: {exc}"
+    if parts.scheme.lower() == "file" or url.strip().startswith("/"):
+        return "a local file: read only inside --local-root DIR (or give its folder as INPUT)"
     if parts.scheme.lower() not in ("http", "https"):
-        return f"unsupported scheme {parts.scheme!r}" if parts.scheme else "not an absolute url"
+        return f"unsupported scheme {parts.scheme!r}" if parts.scheme else \
+            "not an absolute url (a local path? --local-root DIR reads it, or give its folder as INPUT)"
     if not host:
         return "no host in url"
     return None

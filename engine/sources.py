@@ -30,6 +30,8 @@ PATH_NAMES = ("path", "file", "file_name", "filename", "image", "image_path", "f
 """Column names of a local file list's path column, after plan.URL_NAMES (any case)."""
 MAX_CAPTION_BYTES = 1 << 20  # a .txt larger than this is not a caption (a log, a dump): ignored
 GLOB_CHARS = set("*?[")
+METADATA = ("metadata.jsonl", "metadata.csv")
+"""A folder holding one of these is read as that list (file_name, text), as datasets' imagefolder does."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,12 @@ def _expand_one(item: str) -> list[Input]:
     """The Inputs one INPUT names: a folder, a file or a glob."""
     p = Path(item)
     if p.is_dir():
-        parquet = sorted(p.rglob("*.parquet"))
+        parquet = _walk(p, (".parquet",))
         if parquet:  # a folder of parquet keeps its meaning: URL lists
             return [Input("parquet", f, f.name) for f in parquet]
+        listed = [p / n for n in METADATA if (p / n).is_file()]
+        if listed:  # Hugging Face imagefolder's layout: the list names the images and their captions
+            return [_file_input(listed[0])]
         images = list_images(p)
         if not images:
             raise FileNotFoundError(f"input folder {item!r} holds no parquet files and no images "
@@ -121,14 +126,21 @@ def list_images(root: Path) -> list[Path]:
     """Image files under `root` (recursive, sorted by relative path). Hidden entries are skipped, and
     so are symlinked folders (never followed) and engine output folders (their run.json says so)."""
     root = root.absolute()
+    return sorted(_walk(root, tuple(IMAGE_EXTS), hidden=False), key=lambda f: _rel(f, root))
+
+
+def _walk(root: Path, exts: tuple[str, ...], hidden: bool = True) -> list[Path]:
+    """Files under `root` ending in `exts` (any case), sorted, outside engine output folders: shards
+    written into a folder inside the input (their .parquet, preview .png) must not become input."""
     found = []
     for folder, dirs, files in os.walk(root):
         if folder != str(root) and "run.json" in files:
-            dirs[:] = []  # shards made into a folder inside the input: not input
+            dirs[:] = []
             continue
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTS]
-    return sorted(found, key=lambda f: _rel(f, root))
+        dirs[:] = sorted(d for d in dirs if hidden or not d.startswith("."))
+        found += [Path(folder, f) for f in files
+                  if (hidden or not f.startswith(".")) and f.lower().endswith(exts)]
+    return sorted(found)
 
 
 def caption_file(image: Path) -> Path:

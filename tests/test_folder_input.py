@@ -128,10 +128,23 @@ def test_parquet_of_paths_needs_a_root_and_fingerprints_folders(photos, tmp_path
     out = tmp_path / "out"
     assert shards(str(tmp_path / "paths.parquet"), "--output", str(out), "--local-root", str(photos)) == 0
     assert run_rows(out).column("outcome").to_pylist() == [O.OK, O.OK]
+    without = tmp_path / "without"
+    assert shards(str(tmp_path / "paths.parquet"), "--output", str(without)) == 0
+    assert all("--local-root" in r for r in run_rows(without).column("reason").to_pylist())
     described = sources.describe(sources.expand([str(photos)])[0])
     assert described["rows"] == 5 and described["name"] == "photos"
     os.utime(photos / "a_astronaut.jpg")  # touching a file is not a change; its size is what counts
     assert sources.describe(sources.expand([str(photos)])[0]) == described
+
+
+def test_an_imagefolder_with_metadata_jsonl(photos, tmp_path):
+    folder = tmp_path / "hf"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "x.jpg").write_bytes((photos / "a_astronaut.jpg").read_bytes())
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "train/x.jpg", "text": "from metadata"}) + "\n")
+    out = tmp_path / "out"
+    assert shards(str(folder), "--output", str(out)) == 0
+    assert [s["txt"] for s in samples(out).values()] == ["from metadata"]
 
 
 def test_inputs_that_name_nothing_are_refused(tmp_path, capsys):
