@@ -47,7 +47,7 @@ class Shard:
 
 def list_inputs(inputs: tuple[str, ...] | list[str]) -> list[Path]:
     """Each input's file (a group of images: its folder); order is sorted and therefore reproducible."""
-    return [i.path for i in sources.expand(inputs)]
+    return [i.path for i in sources.expand(inputs, files=False)]
 
 
 def find_column(names: list[str], wanted: str | None, candidates: tuple[str, ...]) -> str | None:

@@ -52,15 +52,16 @@ class Input:
         return {"images": self.path, "csv": self.path.parent, "jsonl": self.path.parent}.get(self.kind)
 
 
-def expand(inputs) -> list[Input]:
-    """Every INPUT as Inputs, in the order given, each folder and glob in sorted order."""
-    found = [i for item in inputs for i in _expand_one(str(item))]
+def expand(inputs, files: bool = True) -> list[Input]:
+    """Every INPUT as Inputs, in the order given, each folder and glob in sorted order; without
+    `files`, a folder of images is not listed (what kind each input is, cheaply)."""
+    found = [i for item in inputs for i in _expand_one(str(item), files)]
     if not found:
         raise FileNotFoundError(f"no parquet, CSV/JSONL or image files in {list(inputs)}")
     return found
 
 
-def _expand_one(item: str) -> list[Input]:
+def _expand_one(item: str, files: bool = True) -> list[Input]:
     """The Inputs one INPUT names: a folder, a file or a glob."""
     p = Path(item)
     if p.is_dir():
@@ -70,6 +71,8 @@ def _expand_one(item: str) -> list[Input]:
         listed = [p / n for n in METADATA if (p / n).is_file()]
         if listed:  # Hugging Face imagefolder's layout: the list names the images and their captions
             return [_file_input(listed[0])]
+        if not files:
+            return [Input("images", p.absolute(), p.absolute().name or item)]
         images = list_images(p)
         if not images:
             raise FileNotFoundError(f"input folder {item!r} holds no parquet files and no images "
@@ -178,6 +181,14 @@ def batches(inp: Input, batch_rows: int, url_col: str | None = None) -> Iterator
                  pa.array([read_caption(f, inp.path) for f in chunk], pa.string())], names=["url", "caption"])
         return
     yield from read_table(inp, url_col).to_batches(max_chunksize=batch_rows)
+
+
+def table_schema(path: Path, url_col: str | None) -> pa.Schema | None:
+    """The schema a CSV/JSONL list's rows get (engine/schema.py types KEY.json by it), None if unreadable."""
+    try:
+        return read_table(_file_input(path), url_col).schema
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
 
 
 def records(inp: Input) -> list[dict]:

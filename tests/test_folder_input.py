@@ -107,19 +107,24 @@ def test_a_list_of_relative_paths_and_captions(photos, tmp_path, kind):
     else:
         listing.write_text("".join(json.dumps({"path": p, "text": c, "score": i}) + "\n" for i, (p, c) in
                                    enumerate(rows)) + "not json\n")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "rocket.jpg").write_bytes(encode(scaled(photo("rocket"), 600, 560)))
+    (tmp_path / "more" / "rocket.txt").write_text("a rocket")
     out = tmp_path / "out"
+    args = (str(tmp_path / "more" / "*.jpg"), str(listing), "--output", str(out), "--shard-size", "1")
     try:
-        assert shards(str(listing), "--output", str(out)) == 0
-        again = shards(str(listing), "--output", str(out))  # resumes: nothing left to do
+        assert shards(*args) == 0
+        again = shards(*args)  # resumes: nothing left to do
     finally:
         listing.unlink()
     assert again == 0
     got = run_rows(out)
-    want = [O.OK, O.OK, O.INVALID_URL, O.OK, O.HTTP_ERROR] + ([O.INVALID_URL] if kind == "jsonl" else [])
+    want = [O.OK, O.OK, O.OK, O.INVALID_URL, O.OK, O.HTTP_ERROR] + ([O.INVALID_URL] if kind == "jsonl" else [])
     assert got.column("outcome").to_pylist() == want
-    assert "outside" in got.column("reason").to_pylist()[2]
+    assert "outside" in got.column("reason").to_pylist()[3]
+    # the list's score column is in every KEY.json, with one type, also in the glob's shard that has none
     metas = sorted((s["json"]["score"], s["txt"]) for s in samples(out).values())
-    assert metas == [(0, "first"), (1, "second, with a comma"), (3, "abs")]
+    assert metas == [(-1, "a rocket"), (0, "first"), (1, "second, with a comma"), (3, "abs")]
 
 
 def test_parquet_of_paths_needs_a_root_and_fingerprints_folders(photos, tmp_path):
