@@ -33,7 +33,7 @@ def to_path(url: str) -> str:
     if parts.scheme.lower() == "file":
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"file URL names another host: {parts.netloc!r}")
-        return unquote(parts.path)
+        return unquote(parts.path, errors="surrogateescape")  # a name of non-UTF-8 bytes stays those bytes
     return url
 
 

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow as pa
 
@@ -177,10 +178,21 @@ def batches(inp: Input, batch_rows: int, url_col: str | None = None) -> Iterator
         for start in range(0, len(inp.files), batch_rows):
             chunk = inp.files[start:start + batch_rows]
             yield pa.RecordBatch.from_arrays(
-                [pa.array([str(f) for f in chunk], pa.string()),
+                [pa.array([url_of(f) for f in chunk], pa.string()),
                  pa.array([read_caption(f, inp.path) for f in chunk], pa.string())], names=["url", "caption"])
         return
     yield from read_table(inp, url_col).to_batches(max_chunksize=batch_rows)
+
+
+def url_of(path: Path) -> str:
+    """A file's row URL: its absolute path, or a file:// URL when the name is not UTF-8 (bytes that
+    Arrow's strings cannot hold; engine/local.py decodes them back)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(text))
 
 
 def table_schema(path: Path, url_col: str | None) -> pa.Schema | None:

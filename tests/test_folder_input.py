@@ -86,12 +86,17 @@ def test_a_folder_becomes_shards_with_every_row_counted(photos, tmp_path):
 
 
 def test_a_glob_reads_only_its_matches(photos, tmp_path):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    with open(os.fsencode(odd) + b"/\xff caf\xc3\xa9.jpg", "wb") as f:  # a name that is not UTF-8
+        f.write(encode(scaled(photo("rocket"), 600, 560)))
     out = tmp_path / "out"
-    assert shards(str(photos / "**" / "*.png"), str(photos / "a_*.jpg"), "--output", str(out)) == 0
+    assert shards(str(photos / "**" / "*.png"), str(photos / "a_*.jpg"), str(odd / "*.jpg"), "--output", str(out)) == 0
     rows = run_rows(out)
-    assert [Path(u).name for u in rows.column("url").to_pylist()] == ["coffee.png", "a_astronaut.jpg"]
-    assert rows.column("outcome").to_pylist() == [O.OK, O.OK]
-    assert sorted(s["txt"] for s in samples(out).values()) == ["a cup of coffee", "an astronaut in a white suit"]
+    urls = rows.column("url").to_pylist()
+    assert [Path(u).name for u in urls] == ["coffee.png", "a_astronaut.jpg", "%FF%20caf%C3%A9.jpg"]
+    assert urls[2].startswith("file://") and rows.column("outcome").to_pylist() == [O.OK, O.OK, O.OK]
+    assert sorted(s["txt"] for s in samples(out).values()) == ["", "a cup of coffee", "an astronaut in a white suit"]
 
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
