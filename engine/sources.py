@@ -214,6 +214,8 @@ def read_table(inp: Input, url_col: str | None = None) -> pa.Table:
     from .plan import URL_NAMES, find_column  # plan imports this module
 
     rows = records(inp)
+    if not rows:  # a header alone, or an empty file: no rows, no error
+        return pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())})
     names = list(dict.fromkeys(k for r in rows for k in r if isinstance(k, str)))
     url = find_column(names, url_col, URL_NAMES + PATH_NAMES)
     if url is None:
@@ -230,9 +232,13 @@ def _csv_records(path: Path) -> list[dict]:
     """A CSV's rows as dicts of strings (a short row's missing cells None; extra cells dropped)."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         text = f.read().lstrip("\ufeff")
-    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-    return [{k: v for k, v in r.items() if k is not None}
-            for r in csv.DictReader(io.StringIO(text), dialect=dialect)]
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))  # long captions exist; 128 KiB by default
+    reader = csv.DictReader(io.StringIO(text), dialect="excel-tab" if path.suffix.lower() == ".tsv" else "excel")
+    try:
+        rows = [{k: v for k, v in r.items() if k is not None} for r in reader]
+    except csv.Error as exc:  # a message naming the file, not a traceback
+        raise ValueError(f"{path}: not a readable CSV: {exc}") from exc
+    return rows
 
 
 def _jsonl_records(path: Path) -> list[dict]:

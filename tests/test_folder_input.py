@@ -162,6 +162,9 @@ def test_inputs_that_name_nothing_are_refused(tmp_path, capsys):
     assert shards(str(tmp_path / "empty"), "--output", str(tmp_path / "o1")) == 2
     assert shards(str(tmp_path / "nothing*.jpg"), "--output", str(tmp_path / "o2")) == 2
     assert "no parquet files and no images" in capsys.readouterr().err
+    (tmp_path / "header.csv").write_text("path,caption\n")  # a list of nothing: zero rows, not an error
+    assert shards(str(tmp_path / "header.csv"), "--output", str(tmp_path / "o3")) == 0
+    assert json.loads((tmp_path / "o3" / "stats.json").read_text())["rows"] == 0
 
 
 @pytest.mark.slow
