@@ -25,8 +25,8 @@ def shards_parser(sub) -> None:
     """Options of `shards`; every default comes from engine/config.py."""
     f, i, d, r = FetchConfig(), ImageConfig(), DedupConfig(), EngineConfig(inputs=("x",), output="x")
     p = sub.add_parser("shards", help="parquet of URLs + captions, or a folder of images -> WebDataset shards",
-                       description="Download, validate, dedup, crop and condition the images of LAION-style "
-                                   "parquet files into WebDataset tar shards. Rerun the same command to resume.",
+                       description="Download (or read from disk), validate, dedup, crop and condition the images of LAION-style "
+                                   "parquet files, or your own folder of images, into WebDataset tar shards. Rerun the same command to resume.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="parquet files or folders of them (URLs); or your own images: a folder (recursive, "
@@ -43,7 +43,8 @@ def shards_parser(sub) -> None:
     _opt(g, "--caption-col", default=None, help="caption column (default: TEXT/caption, any case)")
     _opt(g, "--no-progress", action="store_true", help="no live progress bar")
     _opt(g, "--local-root", action="append", default=[], metavar="DIR",
-         help="read rows whose URL is a path or file:// URL inside DIR from disk (repeatable; default: never)")
+         help="read rows whose URL is a path or file:// URL inside DIR from disk (repeatable; default: only "
+              "inside a folder or glob given as INPUT and a CSV/JSONL list's folder)")
     g = p.add_argument_group("download")
     _opt(g, "--concurrency", "--thread-count", type=int, default=f.concurrency, help="downloads in flight per worker")
     _opt(g, "--timeout", type=float, default=f.timeout, help="seconds per request, body included")
