@@ -170,8 +170,9 @@ def test_inputs_that_name_nothing_are_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_folder_through_ray(photos, tmp_path):
     out = tmp_path / "out"
-    assert main(["shards", str(photos), "--output", str(out), "--no-progress", "--min-image-size", "256", "--image-size", "256",
-                 "--workers", "1"]) == 0
-    assert sorted(run_rows(out).column("outcome").to_pylist()) == sorted([O.OK] * 3 + [O.INVALID_URL] + [
-        run_rows(out).column("outcome").to_pylist()[2]])
-    assert len(samples(out)) == 3
+    assert main(["shards", str(photos), "--output", str(out), "--no-progress", "--min-image-size", "256",
+                 "--image-size", "256", "--workers", "1", "--shard-size", "2"]) == 0
+    outcomes = run_rows(out).column("outcome").to_pylist()
+    assert len(outcomes) == 5 and outcomes.count(O.OK) == 3 and outcomes[4] == O.INVALID_URL
+    assert outcomes[2] not in (O.OK, None)  # the broken photo: a decode outcome
+    assert sorted(s["txt"] for s in samples(out).values()) == ["", "a cup of coffee", "an astronaut in a white suit"]
