@@ -24,11 +24,14 @@ def _opt(parser, *names: str, **kw) -> None:
 def shards_parser(sub) -> None:
     """Options of `shards`; every default comes from engine/config.py."""
     f, i, d, r = FetchConfig(), ImageConfig(), DedupConfig(), EngineConfig(inputs=("x",), output="x")
-    p = sub.add_parser("shards", help="parquet of URLs + captions -> WebDataset shards",
-                       description="Download, validate, dedup, crop and condition the images of LAION-style "
-                                   "parquet files into WebDataset tar shards. Rerun the same command to resume.",
+    p = sub.add_parser("shards", help="parquet of URLs + captions, or a folder of images -> WebDataset shards",
+                       description="Download (or read from disk), validate, dedup, crop and condition the images of LAION-style "
+                                   "parquet files, or your own folder of images, into WebDataset tar shards. Rerun the same command to resume.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="parquet files or folders of them")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="parquet files or folders of them (URLs); or your own images: a folder (recursive, "
+                        "captions from same-stem .txt files), a glob ('photos/**/*.jpg'), or a CSV/JSONL "
+                        "list of path,caption (paths relative to the list's folder)")
     _opt(p, "--output", "--output-folder", required=True, help="folder for the shards and stats")
     g = p.add_argument_group("work")
     _opt(g, "--workers", "--processes-count", type=int, default=r.workers, help="shard tasks at once (cores)")
@@ -40,7 +43,8 @@ def shards_parser(sub) -> None:
     _opt(g, "--caption-col", default=None, help="caption column (default: TEXT/caption, any case)")
     _opt(g, "--no-progress", action="store_true", help="no live progress bar")
     _opt(g, "--local-root", action="append", default=[], metavar="DIR",
-         help="read rows whose URL is a path or file:// URL inside DIR from disk (repeatable; default: never)")
+         help="read rows whose URL is a path or file:// URL inside DIR from disk (repeatable; default: only "
+              "inside a folder or glob given as INPUT and a CSV/JSONL list's folder)")
     g = p.add_argument_group("download")
     _opt(g, "--concurrency", "--thread-count", type=int, default=f.concurrency, help="downloads in flight per worker")
     _opt(g, "--timeout", type=float, default=f.timeout, help="seconds per request, body included")

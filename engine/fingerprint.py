@@ -2,7 +2,7 @@
 
 OUTPUT/run.json records, at the first run, every output-affecting setting (every config field,
 by default, except the OPERATIONAL ones below) and the input files (name, size, rows and a hash
-of the parquet footer). A rerun compares itself with it before it touches any file and is refused
+of the parquet footer; a folder or glob of images: its sorted file list's names and sizes hashed). A rerun compares itself with it before it touches any file and is refused
 with a line per differing flag or input: shards cut, cropped, conditioned or filtered otherwise,
 or made from other rows, must never be mixed into one dataset.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from . import sources
 from .config import EngineConfig
-from .plan import list_inputs
 
 RUN_FILE = "run.json"
 
@@ -84,9 +84,14 @@ def footer_hash(path: Path) -> str:
 
 
 def describe_inputs(inputs) -> list[dict]:
-    """Name, size, rows and footer hash of each input parquet, in reading order (footers only)."""
+    """Name, size, rows and footer hash of each input parquet, in reading order (footers only); a
+    folder or glob of images and a CSV/JSONL list as one entry each (engine/sources.py)."""
     described = []
-    for path in list_inputs(inputs):
+    for inp in sources.expand(inputs):
+        if inp.kind != "parquet":
+            described.append(sources.describe(inp))
+            continue
+        path = inp.path
         rows = pq.ParquetFile(path).metadata.num_rows  # raises a clear error for a non-parquet file
         described.append({"name": path.name, "bytes": path.stat().st_size, "rows": rows,
                           "footer": footer_hash(path), "path": str(path.resolve())})

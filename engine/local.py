@@ -33,7 +33,7 @@ def to_path(url: str) -> str:
     if parts.scheme.lower() == "file":
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"file URL names another host: {parts.netloc!r}")
-        return unquote(parts.path)
+        return unquote(parts.path, errors="surrogateescape")  # a name of non-UTF-8 bytes stays those bytes
     return url
 
 
@@ -48,7 +48,7 @@ def resolve(url: str, roots: tuple[str, ...]) -> Path:
         real = Path(os.path.realpath(candidate))
         if any(real == root or real.is_relative_to(root) for root in real_roots):
             return real
-    raise ValueError(f"{raw} is outside every --local-root")
+    raise ValueError(f"{raw} is outside the input folders and every --local-root")
 
 
 def read(url: str, roots: tuple[str, ...], max_bytes: int) -> FetchResult:

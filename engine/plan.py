@@ -1,4 +1,5 @@
-"""Plan: parquet files -> deterministic shards of rows, and the metadata prefilter.
+"""Plan: inputs (parquet, folders or globs of images, CSV/JSONL lists) -> deterministic shards of rows,
+and the metadata prefilter.
 
 Rows are streamed batch by batch (never the whole input in memory) and cut into shards of
 `shard_size` rows in input order, so the same inputs always give the same shard ids and keys.
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import outcomes as O
+from . import sources
 from .config import FilterConfig, ImageConfig
 from .netpolicy import CREDENTIALS, refused_url
 
@@ -38,22 +40,14 @@ class Shard:
     shard_id: int
     first_row: int
     table: pa.Table
+    roots: tuple[str, ...] = ()
+    """Folders the run's inputs name (a folder or glob of images, a CSV/JSONL's folder): their files
+    may be read like those of --local-root (engine/sources.py)."""
 
 
 def list_inputs(inputs: tuple[str, ...] | list[str]) -> list[Path]:
-    """Expand folders into their parquet files; order is sorted and therefore reproducible."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files.extend(sorted(p.rglob("*.parquet")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"input {item!r} is neither a parquet file nor a folder")
-    if not files:
-        raise FileNotFoundError(f"no parquet files in {list(inputs)}")
-    return files
+    """Each input's file (a group of images: its folder); order is sorted and therefore reproducible."""
+    return [i.path for i in sources.expand(inputs, files=False)]
 
 
 def find_column(names: list[str], wanted: str | None, candidates: tuple[str, ...]) -> str | None:
@@ -130,17 +124,26 @@ def iter_shards(inputs, shard_size: int, url_col: str | None = None, caption_col
     pending: list[pa.Table] = []
     pending_rows = 0
     shard_id = 0
-    for path in list_inputs(inputs):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(batch_rows, max(shard_size, 1024))):
-            pending.append(_normalize(batch, url_col, caption_col))
+    found = sources.expand(inputs)
+    roots = sources.roots(found)
+    for inp in found:
+        for batch in _batches(inp, min(batch_rows, max(shard_size, 1024)), url_col):
+            pending.append(_normalize(batch, *((url_col, caption_col) if inp.kind != "images" else ("url", "caption"))))
             pending_rows += batch.num_rows
             while pending_rows >= shard_size:
                 table = pa.concat_tables(pending, promote_options="permissive")
-                yield Shard(shard_id, shard_id * shard_size, table.slice(0, shard_size))
+                yield Shard(shard_id, shard_id * shard_size, table.slice(0, shard_size), roots)
                 rest = table.slice(shard_size)
                 pending, pending_rows, shard_id = [rest], rest.num_rows, shard_id + 1
     if pending_rows:
-        yield Shard(shard_id, shard_id * shard_size, pa.concat_tables(pending, promote_options="permissive"))
+        yield Shard(shard_id, shard_id * shard_size, pa.concat_tables(pending, promote_options="permissive"), roots)
+
+
+def _batches(inp: sources.Input, batch_rows: int, url_col: str | None) -> Iterator[pa.RecordBatch]:
+    """An input's rows, batch by batch: parquet streamed, the others by engine/sources.py."""
+    if inp.kind == "parquet":
+        return pq.ParquetFile(inp.path).iter_batches(batch_size=batch_rows)
+    return sources.batches(inp, batch_rows, url_col)
 
 
 def check_url(url: object) -> str | None:
@@ -152,8 +155,11 @@ def check_url(url: object) -> str | None:
         host = parts.hostname
     except ValueError as exc:  # e.g. an unclosed "[" of an IPv6 host
         return f"unparsable url: {exc}"
+    if parts.scheme.lower() == "file" or url.strip().startswith("/"):
+        return "a local file: read only inside --local-root DIR (or give its folder as INPUT)"
     if parts.scheme.lower() not in ("http", "https"):
-        return f"unsupported scheme {parts.scheme!r}" if parts.scheme else "not an absolute url"
+        return f"unsupported scheme {parts.scheme!r}" if parts.scheme else \
+            "not an absolute url (a local path? --local-root DIR reads it, or give its folder as INPUT)"
     if not host:
         return "no host in url"
     return None

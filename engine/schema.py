@@ -71,7 +71,29 @@ def input_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str |
         for field in schema:
             if field.name not in skip and field.name.lower() not in RESERVED:
                 kinds[field.name] = merge(kinds.get(field.name), kind_of(field.type))
+    kinds.update(_list_kinds(inputs, url_col, caption_col, kinds))
     return kinds
+
+
+def _list_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str | None,
+                kinds: dict[str, str]) -> dict[str, str]:
+    """Kinds of the columns of CSV/JSONL inputs (engine/sources.py), merged with `kinds`, so that
+    shards holding only rows of other inputs write those columns too."""
+    from .plan import CAPTION_NAMES, URL_NAMES, find_column, list_inputs
+    from .sources import PATH_NAMES, TABLE_EXTS, table_schema
+
+    merged: dict[str, str] = {}
+    for path in (p for p in list_inputs(inputs) if p.suffix.lower() in TABLE_EXTS and p.is_file()):
+        schema = table_schema(path, url_col)
+        names = schema.names if schema else []
+        try:
+            skip = {find_column(names, url_col, URL_NAMES + PATH_NAMES), find_column(names, caption_col, CAPTION_NAMES)}
+        except KeyError:
+            continue  # a column flag this list lacks: the plan names it when it reads the list
+        for field in schema or []:
+            if field.name not in skip and field.name.lower() not in RESERVED:
+                merged[field.name] = merge(merged.get(field.name, kinds.get(field.name)), kind_of(field.type))
+    return merged
 
 
 def shard_kinds(run_kinds: dict[str, str], schema: pa.Schema) -> dict[str, str]:

@@ -180,6 +180,7 @@ class ShardRun:
         self.records: list[dict | None] = [None] * len(self.rows)
         self.out = Path(cfg.output)
         self.conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
+        self.roots = tuple(cfg.local_roots) + tuple(shard.roots)  # --local-root and the folders named as input
         self.kinds = shard_kinds(input_kinds(tuple(cfg.inputs), cfg.url_col, cfg.caption_col), shard.table.schema)
         self.cpu = ThreadPoolExecutor(2, thread_name_prefix="cpu")
         self.io = ThreadPoolExecutor(1, thread_name_prefix="io")  # one thread: tar writes stay ordered
@@ -236,7 +237,7 @@ class ShardRun:
         """Outcome and reason for a row dropped before download (metadata, empty caption)."""
         row = self.rows[index]
         url = row.get("url")
-        if self.cfg.local_roots and isinstance(url, str) and url.strip() and local.is_local(url.strip()):
+        if self.roots and isinstance(url, str) and url.strip() and local.is_local(url.strip()):
             row = {**row, "url": local.PLACEHOLDER_URL}  # the path itself is checked by local.read
         dropped = prefilter(row, self.cfg.image, self.cfg.filters, self.cfg.fetch.allow_private_network)
         if dropped is None and self.cfg.filters.drop_empty_captions and not clean_caption(row.get("caption")):
@@ -246,9 +247,9 @@ class ShardRun:
     async def download(self, index: int, session) -> None:
         """Fetch, then run the CPU stages on a worker thread, then keep or drop the image."""
         url = self.rows[index]["url"].strip()
-        if self.cfg.local_roots and local.is_local(url):
+        if self.roots and local.is_local(url):
             got = await asyncio.get_running_loop().run_in_executor(
-                None, local.read, url, self.cfg.local_roots, self.cfg.fetch.max_bytes)
+                None, local.read, url, self.roots, self.cfg.fetch.max_bytes)
         else:
             got = await fetch(session, url, self.cfg.fetch)
         fetched = {"http_status": got.status, "seconds": got.seconds}
