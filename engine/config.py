@@ -147,7 +147,8 @@ class EngineConfig:
     """A whole run: inputs, output, the stages' configs and how the work is spread."""
 
     inputs: tuple[str, ...]
-    """Parquet files or folders of them, read in sorted order."""
+    """Parquet files or folders of them, folders or globs of images, or CSV/JSONL lists of path,caption
+    (engine/sources.py), read in sorted order."""
     output: str
     """Folder for NNNNN.tar / .parquet / .stats.json and the run's stats.json."""
     shard_size: int = 10_000
