@@ -9,11 +9,13 @@ skipped and counted in the footer.
 from __future__ import annotations
 
 import glob
-import io
 import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
+
+from .decode import decode_full
+from .imagepolicy import DEFAULT_MAX_PIXELS, Rejected
 
 CELL = 160  # pixels per image side
 TEXT_LINES = 3
@@ -45,11 +47,11 @@ def read_samples(paths: list[str], limit: int) -> tuple[list[dict], int]:
     samples, skipped = [], 0
     for sample in tarfile_samples([{"url": p} for p in paths]):
         image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        try:
-            image = Image.open(io.BytesIO(sample[image_key])).convert("RGB")
+        try:  # shards may come from anywhere: the engine's decoding policy (formats, pixel limit)
+            image = Image.fromarray(decode_full(sample[image_key], DEFAULT_MAX_PIXELS))
             cond = sample.get("cond.png")
-            cond = Image.open(io.BytesIO(cond)).convert("RGB") if cond else None
-        except (KeyError, OSError, ValueError, SyntaxError):
+            cond = Image.fromarray(decode_full(cond, DEFAULT_MAX_PIXELS)) if cond else None
+        except (KeyError, Rejected, OSError, ValueError, SyntaxError):
             skipped += 1
             continue
         caption = sample.get("txt", b"").decode("utf-8", "replace")

@@ -203,7 +203,7 @@ def load_controlnet(path: Path, dtype):
         from trainer.export import load_single_file_controlnet
 
         return load_single_file_controlnet(path, dtype=dtype)
-    return ControlNetModel.from_pretrained(path, dtype=dtype)
+    return ControlNetModel.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never unpickle .bin
 
 
 def load_pipeline(model: str, controlnet, dtype):

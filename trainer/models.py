@@ -188,7 +188,7 @@ def load_base_pipeline(pipeline_class, model: str, **kwargs):
     kwargs.update(safety_checker=None, requires_safety_checker=False)
     if single_file.is_single_file(model):
         return single_file.load_pipeline(pipeline_class, model, **kwargs)
-    return pipeline_class.from_pretrained(model, **kwargs)
+    return pipeline_class.from_pretrained(model, use_safetensors=True, **kwargs)  # never unpickle .bin
 
 
 def load_frozen_single_file(path: str) -> tuple:

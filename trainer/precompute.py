@@ -80,19 +80,32 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def load_encoders(cfg: PrecomputeConfig) -> tuple:
+    """VAE, text encoder and tokenizer through the trainer's loaders: .safetensors only; a diffusers
+    folder, a hub id or one original-layout file (which holds the UNet too)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from trainer.models import load_frozen_single_file, load_weights
+    from trainer.single_file import is_single_file
+
+    if is_single_file(cfg.model):
+        _, vae, text_encoder, tokenizer, _ = load_frozen_single_file(cfg.model)
+        return vae, text_encoder, tokenizer
+    kw = dict(revision=cfg.revision, variant=cfg.variant)
+    return (load_weights(AutoencoderKL, cfg.model, "--model", subfolder="vae", **kw),
+            load_weights(CLIPTextModel, cfg.model, "--model", subfolder="text_encoder", **kw),
+            CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", revision=cfg.revision))
+
+
 class Encoders:
     """The VAE encoder and text encoder in fp32 (fp16 on CUDA), with a cache of caption embeddings."""
 
     def __init__(self, cfg: PrecomputeConfig, device: torch.device) -> None:
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        kw, dtype = dict(revision=cfg.revision), torch.float16 if device.type == "cuda" else torch.float32
-        self.tokenizer = CLIPTokenizer.from_pretrained(cfg.model, subfolder="tokenizer", **kw)
-        self.text_encoder = CLIPTextModel.from_pretrained(cfg.model, subfolder="text_encoder", variant=cfg.variant,
-                                                          **kw).to(device, dtype).eval()
-        self.vae = AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", variant=cfg.variant,
-                                                 **kw).to(device, dtype).eval()
+        vae, text_encoder, self.tokenizer = load_encoders(cfg)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.text_encoder = text_encoder.to(device, dtype).eval()
+        self.vae = vae.to(device, dtype).eval()
         self.device, self.dtype = device, dtype
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
