@@ -51,6 +51,11 @@ def gs_marker(tmp_path, monkeypatch) -> Path:
     (shim / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
     (shim / "gs").chmod(0o755)
     monkeypatch.setenv("PATH", f"{shim}{os.pathsep}{os.environ['PATH']}")
+    # engine.imagepolicy switches Pillow's Ghostscript hook off process-wide; switch it back on here so
+    # these tests prove that the format allowlist alone keeps PostScript away from gs.
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
     return marker
 
 
@@ -93,6 +98,25 @@ def test_trainer_refuses_postscript_stored_as_jpg_and_cond_png(tmp_path, gs_mark
     with pytest.raises(ShardDataError) as e:
         next(iter(build_loader(cfg, tokenizer, 0, Position(), False)))
     assert "00007.tar" in str(e.value) and "refused (unsupported_format" in str(e.value)
+    assert not gs_marker.exists(), f"Ghostscript was started: {gs_marker.read_text()}"
+    assert not (tmp_path / "ps-wrote-this").exists()
+
+
+def test_preview_skips_postscript_members(tmp_path, gs_marker):
+    """`python -m engine preview` over a shard of disguised PostScript: skipped and counted, gs never runs."""
+    from engine.preview import read_samples as preview_samples
+
+    write_shards(tmp_path / "src", n_shards=1, per_shard=4, size=40)
+    bodies = list(postscript(tmp_path / "ps-wrote-this").values())
+    with tarfile.open(tmp_path / "src" / "00000.tar") as src, tarfile.open(tmp_path / "00001.tar", "w") as dst:
+        for i, m in enumerate(src.getmembers()):
+            data = src.extractfile(m).read()
+            if m.name.endswith(".jpg") and i < 8:  # the first two samples' images are PostScript
+                data = bodies[i % len(bodies)]
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    samples, skipped = preview_samples([str(tmp_path / "00001.tar")], limit=10)
+    assert skipped == 2 and len(samples) == 2
     assert not gs_marker.exists(), f"Ghostscript was started: {gs_marker.read_text()}"
     assert not (tmp_path / "ps-wrote-this").exists()
 
