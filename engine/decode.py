@@ -60,7 +60,7 @@ def exif_orientation(data: bytes) -> int:
     if b"Exif\x00\x00" not in data[:65536]:
         return 1
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:  # sniffed JPEG: no other plugin
             value = im.getexif().get(0x0112, 1)
         return value if value in range(1, 9) else 1
     except Exception:  # noqa: BLE001 -- a broken EXIF block must not cost the image

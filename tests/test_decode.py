@@ -168,9 +168,11 @@ def test_gif_frame_beyond_the_logical_screen_counts(astronaut):
     assert decode(bytes(data), CFG).rgb.shape == (600, 600, 3)
 
 
-def test_pillow_limit_stays_on_and_follows_max_pixels():
+def test_pillow_limit_stays_on_and_follows_max_pixels(monkeypatch):
     """Pillow's own bomb guard is never switched off; a decode sets it to that run's --max-pixels."""
     from engine.imagepolicy import open_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored for later tests
 
     assert Image.MAX_IMAGE_PIXELS is not None
     small = encode(Image.new("RGB", (700, 700)), "PNG")

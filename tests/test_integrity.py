@@ -274,7 +274,9 @@ def test_a_write_error_at_a_random_byte_fails_the_shard_and_the_rerun_redoes_it(
     rerun without the limit ends exactly as the uninterrupted run."""
     seed = int(os.environ.get("INTEGRITY_SEED", random.SystemRandom().randrange(1 << 30)))
     largest = max(p.stat().st_size for p in reference.glob("*.tar"))
-    limit = random.Random(seed).randrange(4096, largest)
+    # at least twice the run's stats.json, which is written last and must land for the checks below
+    floor = max(4096, 2 * (reference / "stats.json").stat().st_size)
+    limit = random.Random(seed).randrange(floor, largest)
     print(f"INTEGRITY_SEED={seed}: files limited to {limit} bytes (largest tar {largest})")
 
     def limited():
