@@ -440,7 +440,10 @@ def lock_output(out: Path):
 def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> dict:
     """Make (or finish) the shards of `cfg`; returns and writes the run's stats.json."""
     # Absolute before the config travels: a Ray worker's working folder is not the driver's.
-    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output))
+    # Inputs and --local-root are read by workers too (lists, image files), so they go absolute as well.
+    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output),
+                              inputs=tuple(os.path.abspath(p) for p in cfg.inputs),
+                              local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
     out = Path(cfg.output)
     usable_output(out)
     with lock_output(out):
