@@ -70,8 +70,9 @@ class ImageConfig:
     jpeg_quality: int = 95
     """Quality of the written KEY.jpg."""
     resize_filter: str = "bilinear"
-    """Downscaling filter of the crop: bilinear (OpenCV, after a power-of-2 DCT scaling: closer to
-    a full-resolution Lanczos crop than the old M/8 + Lanczos path, at a tenth of its CPU),
+    """Downscaling filter of the crop: bilinear (OpenCV, after a power-of-2 DCT scaling: against a full-resolution
+    Lanczos crop, PSNR 44.6 dB mean / 36.1 dB worst 5% vs 47.7 / 31.0 for the old M/8 + Lanczos path,
+    at a tenth of its CPU),
     bicubic, box (area average, as img2dataset's OpenCV INTER_AREA) or lanczos (Pillow).
     Quality and costs: bench/RESULTS.md."""
     conditioner: str = "palette"

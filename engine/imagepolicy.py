@@ -94,7 +94,7 @@ def peak_factor(fmt: str) -> float:
 
 
 def check_pixels(width: int, height: int, max_pixels: int, fmt: str = "") -> None:
-    """Reject a declared size above the pixel limit (the decompression-bomb guard), WebP counting double."""
+    """Reject a declared size above the pixel limit (the decompression-bomb guard), a WebP pixel counting 2.5."""
     cost = COST.get(fmt, 1)
     if width * height * cost > max_pixels:
         share = f"{int(max_pixels / cost)} pixels ({fmt}: --max-pixels / {cost})" if cost > 1 else f"{max_pixels} pixels"

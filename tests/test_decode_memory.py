@@ -95,7 +95,7 @@ def test_peak_memory_of_a_decode_at_the_pixel_limit(tmp_path, kind):
 
 
 def test_images_over_the_limit_are_refused_without_decoding(tmp_path):
-    """One pixel row over the limit is refused from the header (WebP counting double)."""
+    """One pixel row over the limit is refused from the header (a WebP pixel counting 2.5)."""
     path = tmp_path / "over.png"
     path.write_bytes(encode(Image.fromarray(gradient(4001)[:, :4000].copy()), "PNG", compress_level=1))
     got = peak_of_decode(path)

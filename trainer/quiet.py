@@ -1,7 +1,7 @@
 """A quiet console: no library notice a user cannot act on, no progress bar for what takes no time.
 
-Each fix is as narrow as its cause. Casts are done the way diffusers asks (dtype at load, see
-trainer/models.py). Loading bars of diffusers and transformers are switched off only while models
+Each fix is as narrow as its cause. Casts of models with nothing to keep in float32 go through torch's own
+Module.to (diffusers' cast warns on every call; trainer/models.py `place`). Loading bars of diffusers and transformers are switched off only while models
 load (`loading`); the hub's download bars stay. One transformers notice is dropped (`_NoTorchvision`).
 """
 
