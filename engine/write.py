@@ -77,13 +77,6 @@ def tmp_path(final: Path) -> Path:
     return final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Flush `tmp` to disk and rename it to `final` atomically."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def fsync_dir(folder: Path) -> None:
     """Flush a folder's entries (its renames) to disk, so a done marker never outlives its data."""
     fd = os.open(folder, os.O_RDONLY)
