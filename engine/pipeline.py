@@ -30,7 +30,6 @@ from . import outcomes as O
 from .config import EngineConfig
 from .counter import ProgressCounter
 from .plan import Shard, iter_shards
-from .shard import process_shard
 from .write import fsync_dir, remove_stale_tmp, shard_name, tar_problem, write_json
 
 PENDING = "pending"  # rows of shards that are not complete (failed or interrupted): rerun to finish
@@ -81,6 +80,8 @@ class LocalRunner:
 
     def attempts(self, shard: Shard, claim, report) -> dict:
         """One shard, retried up to `max_retries` times like the Ray runner's; the last status."""
+        from .shard import process_shard  # here, not at the top: the Ray driver never needs it
+
         for _ in range(self.cfg.max_retries + 1):
             status = process_shard(shard, self.cfg, claim, report)
             if status["ok"]:
@@ -126,11 +127,13 @@ class RayRunner:
             self.owns_ray = True
         else:
             self.owns_ray = False
-        self.progress_actor = ray.remote(ProgressCounter).options(num_cpus=0).remote()
         # Threaded actors: searches run in parallel; the shard's own lock keeps claims atomic.
-        self.index = [ray.remote(D.DedupShard).options(num_cpus=0, max_concurrency=8)
-                      .remote(self.cfg.dedup.near_distance)
-                      for _ in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
+        # The first index shard also counts progress: every actor is a process of its own.
+        self.index = [ray.remote(IndexAndCounter if i == 0 else D.DedupShard)
+                      .options(num_cpus=0, max_concurrency=8).remote(self.cfg.dedup.near_distance)
+                      for i in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
+        self.progress_actor = self.index[0] if self.index else \
+            ray.remote(ProgressCounter).options(num_cpus=0).remote()
         return self
 
     def __exit__(self, *exc):
@@ -176,6 +179,26 @@ class RayRunner:
             raise
 
 
+class IndexAndCounter(D.DedupShard):
+    """A dedup index shard that is also the progress counter: one Ray worker process less per run
+    (each costs ~1-2 CPU-s of imports and a second of start-up)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.counter = ProgressCounter()
+        self.counter_lock = threading.Lock()  # the actor is threaded (max_concurrency)
+
+    def add(self, rows: int, written: int) -> None:
+        """Count what a task finished."""
+        with self.counter_lock:
+            self.counter.add(rows, written)
+
+    def take(self) -> tuple[int, int]:
+        """The counts since the last take, and reset."""
+        with self.counter_lock:
+            return self.counter.take()
+
+
 def _ray_call(actor, method: str, *args):
     """How the dedup client calls an index actor from inside a task."""
     return ray.get(getattr(actor, method).remote(*args))
@@ -183,6 +206,8 @@ def _ray_call(actor, method: str, *args):
 
 def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor) -> dict:
     """The Ray task body: one shard, progress sent to the driver's counter actor."""
+    from .shard import process_shard  # imported in the worker only, not by the driver
+
     return process_shard(shard, cfg, client.claim if client else None,
                          lambda rows, written: progress_actor.add.remote(rows, written))
 
