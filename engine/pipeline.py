@@ -34,7 +34,6 @@ from . import outcomes as O
 from .config import EngineConfig
 from .counter import ProgressCounter
 from .plan import Shard, iter_shards
-from .shard import process_shard
 from .write import fsync_dir, remove_stale_tmp, shard_name, tar_problem, write_json
 
 PENDING = "pending"  # rows of shards that are not complete (failed or interrupted): rerun to finish
@@ -87,6 +86,8 @@ class LocalRunner:
 
     def attempts(self, shard: Shard, claim, report) -> dict:
         """One shard, retried up to `max_retries` times like the Ray runner's; the last status."""
+        from .shard import process_shard  # here, not at the top: the Ray driver never needs it
+
         for _ in range(self.cfg.max_retries + 1):
             status = process_shard(shard, self.cfg, claim, report, {"host": socket.gethostname()})
             if status["ok"]:
@@ -141,11 +142,14 @@ class RayRunner:
         else:
             self.owns_ray = False
         here = driver_node()
-        self.progress_actor = ray.remote(ProgressCounter).options(num_cpus=0, scheduling_strategy=here).remote()
         # Threaded actors: searches run in parallel; the shard's own lock keeps claims atomic.
-        self.index = [ray.remote(D.DedupShard).options(num_cpus=0, max_concurrency=8, scheduling_strategy=here)
+        # The first index shard also counts progress: every actor is a process of its own.
+        self.index = [ray.remote(IndexAndCounter if i == 0 else D.DedupShard)
+                      .options(num_cpus=0, max_concurrency=8, scheduling_strategy=here)
                       .remote(self.cfg.dedup.near_distance)
-                      for _ in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
+                      for i in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
+        self.progress_actor = self.index[0] if self.index else \
+            ray.remote(ProgressCounter).options(num_cpus=0, scheduling_strategy=here).remote()
         try:
             write_token(Path(self.cfg.output), self.token)
             check_shared_output(self.cfg.output, self.token)
@@ -277,6 +281,26 @@ def check_shared_output(output: str, token: str) -> None:
             "Lustre...) at the same path on every node and give that path")
 
 
+class IndexAndCounter(D.DedupShard):
+    """A dedup index shard that is also the progress counter: one Ray worker process less per run
+    (each costs ~1-2 CPU-s of imports and a second of start-up)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.counter = ProgressCounter()
+        self.counter_lock = threading.Lock()  # the actor is threaded (max_concurrency)
+
+    def add(self, rows: int, written: int) -> None:
+        """Count what a task finished."""
+        with self.counter_lock:
+            self.counter.add(rows, written)
+
+    def take(self) -> tuple[int, int]:
+        """The counts since the last take, and reset."""
+        with self.counter_lock:
+            return self.counter.take()
+
+
 def _ray_call(actor, method: str, *args):
     """How the dedup client calls an index actor from inside a task."""
     return ray.get(getattr(actor, method).remote(*args))
@@ -290,6 +314,8 @@ def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor, token: 
         return {"shard": shard.shard_id, "ok": False,
                 "error": f"{host} does not see the driver's --output {cfg.output}: mount the shared folder there"}
     origin = {"host": host, "node_id": ray.get_runtime_context().get_node_id()}
+    from .shard import process_shard  # imported in the worker only, not by the driver
+
     return process_shard(shard, cfg, client.claim if client else None,
                          lambda rows, written: progress_actor.add.remote(rows, written), origin)
 
