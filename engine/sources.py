@@ -303,8 +303,13 @@ def _absolute(value: str | None, folder: Path) -> str | None:
 
 
 def roots(inputs: list[Input]) -> tuple[str, ...]:
-    """The folders the inputs name, whose files their rows may read (sorted, no repeats)."""
-    return tuple(sorted({str(r) for i in inputs if (r := i.root()) is not None}))
+    """The folders the inputs name, whose files their rows may read (sorted, no repeats). The file
+    system's root is refused: it would let any row of any input (a downloaded URL list too) read any file."""
+    found = {r for i in inputs if (r := i.root()) is not None}
+    if any(r.parent == r for r in found):
+        raise ValueError("an INPUT makes the whole file system readable (a glob or file directly under /): "
+                         "name a folder below it")
+    return tuple(sorted(str(r) for r in found))
 
 
 def describe(inp: Input) -> dict:

@@ -176,3 +176,14 @@ def test_a_folder_through_ray(photos, tmp_path):
     assert len(outcomes) == 5 and outcomes.count(O.OK) == 3 and outcomes[4] == O.INVALID_URL
     assert outcomes[2] not in (O.OK, None)  # the broken photo: a decode outcome
     assert sorted(s["txt"] for s in samples(out).values()) == ["", "a cup of coffee", "an astronaut in a white suit"]
+
+
+def test_an_input_rooted_at_the_file_system_root_is_refused(tmp_path):
+    """A glob directly under / would make every file readable by any row: refused, a folder below is fine."""
+    from pathlib import Path
+
+    from engine import sources
+
+    with pytest.raises(ValueError, match="whole file system"):
+        sources.roots([sources.Input("images", Path("/"), "/*.jpg")])
+    assert sources.roots([sources.Input("csv", tmp_path / "list.csv", "list.csv")]) == (str(tmp_path),)
