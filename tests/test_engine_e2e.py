@@ -77,13 +77,13 @@ def local_run(corpus, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(params=["local", "ray"])
+@pytest.fixture(params=["local", "ray", "processes"])
 def any_run(request, corpus, tmp_path):
-    """The shared local run, and a fresh run on a real local Ray."""
+    """The shared local run, and fresh runs on a real local Ray and on worker processes."""
     if request.param == "local":
         return request.getfixturevalue("local_run")
     out = tmp_path / "shards"
-    run(engine_cfg(corpus.parquet, out, runner="ray"))
+    run(engine_cfg(corpus.parquet, out, runner=request.param))
     return out
 
 
