@@ -1,4 +1,4 @@
-"""The whole engine against the sample corpus on a real loopback server, local and Ray runners.
+"""The whole engine against the sample corpus on a real loopback server, local, process-pool and Ray runners.
 
 Every row of the corpus carries the outcome the engine must give it; shards are read back with
 webdataset's own reader and with `tar -tf`; a SIGKILLed run resumes to the same keys.
