@@ -1,6 +1,6 @@
 """Whole-process-tree CPU seconds and wall seconds of small engine runs (issue 10's overhead).
 
-    python -m bench.overhead [--n 300] [--workers 2] [--repeat 2] [--runner ray local] [-- ENGINE ARGS]
+    python -m bench.overhead [--n 300] [--workers 2] [--repeat 2] [--runner ray processes local] [-- ENGINE ARGS]
 
 Runs `python -m engine shards` on the first N rows of bench.engine_bench's cached corpus served on
 loopback, and on a 1-row list (fixed cost, less a bare `python -c pass`); prints CPU and wall."""

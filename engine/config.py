@@ -159,7 +159,8 @@ class EngineConfig:
     ray_address: str | None = None
     """Join this Ray cluster ('auto' or host:port); default starts a local Ray."""
     runner: str = "ray"
-    """'ray' (default) or 'local' (in-process, one shard after another; for debugging)."""
+    """'ray' (default), 'processes' (worker processes of this machine, no Ray: less fixed cost) or
+    'local' (threads of this process, one GIL)."""
     max_retries: int = 2
     """Times the driver resubmits a shard whose task died (the task itself never raises)."""
     url_col: str | None = None
@@ -187,8 +188,8 @@ class EngineConfig:
             raise ValueError("--near-distance must be within 0..16 (0 keeps exact duplicates out only)")
         if self.dedup.index_shards < 1:
             raise ValueError("--index-shards must be at least 1")
-        if self.runner not in ("ray", "local"):
-            raise ValueError("--runner must be 'ray' or 'local'")
+        if self.runner not in ("ray", "local", "processes"):
+            raise ValueError("--runner must be 'ray', 'processes' or 'local'")
 
     def to_dict(self) -> dict:
         """Plain dict for stats.json and logs."""

@@ -491,6 +491,15 @@ def start_run(cfg: EngineConfig, out: Path) -> tuple[int, dict[int, dict]]:
     return rows, done
 
 
+def make_runner(cfg: EngineConfig):
+    """The --runner: Ray tasks, worker processes of this machine, or threads of this process."""
+    if cfg.runner == "processes":
+        from .procs import ProcessRunner
+
+        return ProcessRunner(cfg)
+    return RayRunner(cfg) if cfg.runner == "ray" else LocalRunner(cfg)
+
+
 def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) -> dict:
     """`run` once the output folder is ours."""
     rows, done = start_run(cfg, out)
@@ -509,7 +518,7 @@ def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) 
 
     start = time.monotonic()
     try:
-        with (RayRunner(cfg) if cfg.runner == "ray" else LocalRunner(cfg)) as runner:
+        with make_runner(cfg) as runner:
             rebuild_index(runner.client(), out, dict(done))
             runner.run(todo, progress, finished)
     finally:

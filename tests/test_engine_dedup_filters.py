@@ -92,13 +92,14 @@ def check_one_per_group(out: Path, group_of: list[tuple[int, str]]) -> dict[int,
     return got
 
 
-def test_duplicates_across_shards_and_ray_workers_are_written_once(dup_corpus, tmp_path):
+@pytest.mark.parametrize("runner", ["ray", "processes"])
+def test_duplicates_across_shards_and_ray_workers_are_written_once(dup_corpus, tmp_path, runner):
     parquet, group_of = dup_corpus
     n_groups = max(g for g, _ in group_of) + 1
     out = tmp_path / "out"
-    # two index actors: claims of one group race across actors too (the three-phase path)
+    # two index shards: claims of one group race across shards too (the three-phase path)
     run(EngineConfig(inputs=(str(parquet),), output=str(out), shard_size=n_groups, workers=2, fetch=FAST,
-                     progress=False, runner="ray", dedup=DedupConfig(index_shards=2)))
+                     progress=False, runner=runner, dedup=DedupConfig(index_shards=2)))
     check_one_per_group(out, group_of)
 
 

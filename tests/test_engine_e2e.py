@@ -1,4 +1,4 @@
-"""The whole engine against the sample corpus on a real loopback server, local and Ray runners.
+"""The whole engine against the sample corpus on a real loopback server, local, process-pool and Ray runners.
 
 Every row of the corpus carries the outcome the engine must give it; shards are read back with
 webdataset's own reader and with `tar -tf`; a SIGKILLed run resumes to the same keys.
@@ -77,13 +77,13 @@ def local_run(corpus, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(params=["local", "ray"])
+@pytest.fixture(params=["local", "ray", "processes"])
 def any_run(request, corpus, tmp_path):
-    """The shared local run, and a fresh run on a real local Ray."""
+    """The shared local run, and fresh runs on a real local Ray and on worker processes."""
     if request.param == "local":
         return request.getfixturevalue("local_run")
     out = tmp_path / "shards"
-    run(engine_cfg(corpus.parquet, out, runner="ray"))
+    run(engine_cfg(corpus.parquet, out, runner=request.param))
     return out
 
 
@@ -153,11 +153,12 @@ def engine_cmd(parquet: Path, out: Path, *extra: str) -> list[str]:
             "--no-progress", "--allow-private-network", *extra]
 
 
-def test_sigkill_midway_then_rerun_gives_the_same_keys(corpus, local_run, tmp_path):
-    """Kill the whole Ray run (driver and workers) once some shards are done, then rerun; the keys
+@pytest.mark.parametrize("runner", ["ray", "processes"])
+def test_sigkill_midway_then_rerun_gives_the_same_keys(corpus, local_run, tmp_path, runner):
+    """Kill the whole run (driver and workers) once some shards are done, then rerun; the keys
     must equal those of an uninterrupted run (the shared in-process one)."""
     whole, killed = local_run, tmp_path / "killed"
-    proc = subprocess.Popen(engine_cmd(corpus.parquet, killed), start_new_session=True,
+    proc = subprocess.Popen(engine_cmd(corpus.parquet, killed, "--runner", runner), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(killed.glob("*.stats.json"))) < 2:
@@ -170,11 +171,34 @@ def test_sigkill_midway_then_rerun_gives_the_same_keys(corpus, local_run, tmp_pa
     for tar in killed.glob("[0-9]*.tar"):
         with tarfile.open(tar) as t:  # a tar with a final name is always whole
             t.getmembers()
-    rerun = subprocess.run(engine_cmd(corpus.parquet, killed), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(engine_cmd(corpus.parquet, killed, "--runner", runner), capture_output=True, text=True,
+                           timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     check_run(killed, corpus.parquet)
     assert set(read_samples(killed)) == set(read_samples(whole))
     assert not list(killed.glob("*.tmp"))
+
+
+def test_a_sigkilled_worker_fails_only_its_shard_which_is_retried(corpus, local_run, tmp_path):
+    """`--runner processes`: SIGKILL one worker process mid-shard; its shard is retried on a fresh
+    worker and the run finishes with every row's outcome and the keys of an uninterrupted run."""
+    import psutil
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(engine_cmd(corpus.parquet, out, "--runner", "processes"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    workers: list = []
+    while time.monotonic() < deadline and not (workers and list(out.glob("*.tmp"))):
+        # the fork server is the driver's child; workers are its children
+        workers = [w for c in psutil.Process(proc.pid).children() for w in c.children()]
+        time.sleep(0.02)
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "failed (worker process died (signal 9)); retrying" in err
+    check_run(out, corpus.parquet)
+    assert set(read_samples(out)) == set(read_samples(local_run))
 
 
 def test_cli_condition_writes_maps_at_the_images_own_size(tmp_path, astronaut):
@@ -201,20 +225,28 @@ def test_cli_help_and_bad_flags():
     assert res.returncode == 2 and "--image-size" in res.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(corpus, local_run, tmp_path):
-    """SIGINT (Ctrl-C) midway: exit 130 promptly, no temporary files, complete shards kept."""
+@pytest.mark.parametrize("runner", ["ray", "processes"])
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(corpus, local_run, tmp_path, runner):
+    """SIGINT (Ctrl-C) midway: exit 130 promptly, no temporary files, complete shards kept, and no
+    worker process of this runner left behind."""
+    import psutil
+
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(engine_cmd(corpus.parquet, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(engine_cmd(corpus.parquet, out, "--runner", runner), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(out.glob("*.stats.json")):
         time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
+    if runner == "processes":  # Ray's own daemons take their time; ours must be gone with the driver
+        assert children and not psutil.wait_procs(children, timeout=10)[1]
     assert "rerun the same command" in err
     assert not list(out.glob("*.tmp"))
-    rerun = subprocess.run(engine_cmd(corpus.parquet, out), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(engine_cmd(corpus.parquet, out, "--runner", runner), capture_output=True, text=True,
+                           timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     check_run(out, corpus.parquet)
     assert set(read_samples(out)) == set(read_samples(local_run))

@@ -1,0 +1,240 @@
+"""`--runner processes`: shards on worker processes of this machine, no Ray.
+
+Each worker is a forkserver child (the heavy imports happen once, in the fork server, not per
+worker) holding one pipe to the driver. The driver's loop hands a worker one shard at a time and
+answers its messages on that pipe: dedup calls (served by the driver's own DedupShard objects, so
+claims stay global and atomic across workers), progress counts, and the shard's status. Because a
+worker holds exactly one shard, a worker that dies (SIGKILL, OOM) fails only that shard, which is
+retried on a fresh worker like any failed attempt. Workers ignore Ctrl-C (the driver decides), are
+killed when the driver stops, and end themselves if the driver disappears.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import wait
+from typing import TYPE_CHECKING
+
+from . import dedup as D
+from .config import EngineConfig
+from .plan import Shard
+from .write import shard_name
+
+if TYPE_CHECKING:  # not imported for real: pipeline imports Ray, which no worker needs
+    from .pipeline import Progress
+
+PRELOAD = ["engine.procs", "engine.shard"]  # imported once by the fork server; every worker forks with it loaded
+STOP_GRACE_S = 5.0  # seconds a worker has to leave after the run's last shard before it is killed
+
+
+def _context():
+    """The forkserver context with the shard stages preloaded (never fork: the driver has threads)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+class Worker:
+    """One worker process, its pipe, and the shard it holds (with that shard's attempt number)."""
+
+    def __init__(self, ctx, cfg: EngineConfig):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, cfg, os.getpid()), daemon=True,
+                                name="shard-worker")
+        self.proc.start()
+        child.close()  # the driver keeps only its end: the worker's death shows as EOF here
+        self.job: tuple[Shard, int] | None = None
+
+    def stop(self, grace: float) -> None:
+        """Ask the worker to leave, wait up to `grace` seconds, then kill it."""
+        if grace > 0 and self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(grace)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+class ProcessRunner:
+    """Runs shards on `workers` processes of this machine; same interface as RayRunner."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.index = [D.DedupShard(cfg.dedup.near_distance) for _ in range(cfg.dedup.index_shards)] \
+            if cfg.dedup.enabled else []
+        self.workers: list[Worker] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop(grace=0)
+        return False
+
+    def client(self) -> D.DedupClient | None:
+        """The dedup index as plain objects of the driver (the resume rebuild loads it here)."""
+        return D.DedupClient(self.index, lambda s, m, *a: getattr(s, m)(*a)) if self.index else None
+
+    def _stop(self, grace: float) -> None:
+        """End every worker (killed at once when grace is 0), before the driver tidies .tmp files."""
+        workers, self.workers = self.workers, []
+        for w in workers:
+            w.stop(grace)
+
+    def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
+        """Keep every worker busy with one shard until each shard has a status; failed ones retried."""
+        ctx = _context()
+        todo: deque[tuple[Shard, int]] = deque()
+        shards = iter(shards)
+        try:
+            while True:
+                self._assign(ctx, shards, todo)
+                busy = [w for w in self.workers if w.job]
+                if not busy:
+                    break
+                ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=1.0))
+                for w in busy:
+                    if w.conn in ready or w.proc.sentinel in ready:
+                        self._serve(ctx, w, progress, on_done, todo)
+            self._stop(grace=STOP_GRACE_S)
+        except BaseException:
+            self._stop(grace=0)  # Ctrl-C, SIGTERM: kill now; the pipeline then removes their .tmp files
+            raise
+
+    def _assign(self, ctx, shards: Iterator[Shard], todo: deque) -> None:
+        """Give each idle worker a shard (retries first), starting workers up to `workers`."""
+        while True:
+            idle = next((w for w in self.workers if not w.job), None)
+            if idle is None and len(self.workers) >= self.cfg.workers:
+                return
+            job = todo.popleft() if todo else next(((s, 1) for s in shards), None)
+            if job is None:
+                return
+            if idle is None:
+                idle = Worker(ctx, self.cfg)
+                self.workers.append(idle)
+            idle.job = job
+            try:
+                idle.conn.send(job[0])
+            except OSError:  # died before it got its shard: the loop sees it dead and retries
+                pass
+
+    def _serve(self, ctx, w: Worker, progress: Progress, on_done: Callable[[dict], None], todo: deque) -> None:
+        """Answer what worker `w` sent; a dead worker fails its shard and is replaced."""
+        try:
+            while w.job and w.conn.poll():
+                self._answer(w, w.conn.recv(), progress, on_done, todo)
+            dead = not w.proc.is_alive()
+        except (EOFError, OSError):
+            dead = True
+        if dead:
+            job, w.job = w.job, None
+            w.stop(grace=0)
+            self.workers.remove(w)
+            if job:
+                code = w.proc.exitcode
+                why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                self._finish(job, {"shard": job[0].shard_id, "ok": False,
+                                   "error": f"worker process died ({why})"}, on_done, todo)
+
+    def _answer(self, w: Worker, msg: tuple, progress: Progress, on_done: Callable[[dict], None],
+                todo: deque) -> None:
+        """One message: a dedup call (answered), progress counts, or the shard's status."""
+        kind = msg[0]
+        if kind == "call":
+            _, index, method, args = msg
+            try:
+                w.conn.send(("ok", getattr(self.index[index], method)(*args)))
+            except Exception as exc:  # noqa: BLE001 -- the worker's shard fails with it, the driver lives
+                w.conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        elif kind == "progress":
+            progress.add(msg[1], msg[2])
+        elif kind == "done":
+            job, w.job = w.job, None
+            self._finish(job, msg[1], on_done, todo)
+
+    def _finish(self, job: tuple[Shard, int], status: dict, on_done: Callable[[dict], None], todo: deque) -> None:
+        """A shard's status: retried while attempts remain (like the Ray runner), else handed on."""
+        shard, attempt = job
+        if not status["ok"] and attempt <= self.cfg.max_retries:
+            print(f"shard {shard_name(shard.shard_id)} attempt {attempt} failed "
+                  f"({status.get('error', '')[:200]}); retrying", file=sys.stderr)
+            todo.appendleft((shard, attempt + 1))
+        else:
+            on_done(status)
+
+
+class DriverError(RuntimeError):
+    """The driver could not answer a dedup call."""
+
+
+def _worker_main(conn, cfg: EngineConfig, driver_pid: int) -> None:
+    """A worker's life: shards from the pipe until told to stop (None) or the driver is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the driver decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_driver(driver_pid)
+    from .shard import process_shard
+
+    lock = threading.Lock()  # one request and its answer at a time on the pipe
+
+    def ask(index: int, method: str, *args):
+        with lock:
+            conn.send(("call", index, method, args))
+            kind, value = conn.recv()
+        if kind != "ok":
+            raise DriverError(f"dedup index: {value}")
+        return value
+
+    def report(rows: int, written: int) -> None:
+        with lock:
+            conn.send(("progress", rows, written))
+
+    n = cfg.dedup.index_shards if cfg.dedup.enabled else 0
+    client = D.DedupClient(range(n), ask, parallel=False) if n else None
+    origin = {"host": socket.gethostname(), "pid": os.getpid()}
+    while (shard := _next(conn)) is not None:
+        status = process_shard(shard, cfg, client.claim if client else None, report, origin)
+        with lock:
+            conn.send(("done", status))
+
+
+def _next(conn) -> Shard | None:
+    """The next shard, or None when the driver says stop or has gone."""
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def _die_with_driver(driver_pid: int) -> None:
+    """Make sure this worker never outlives the driver: the kernel's parent-death signal where
+    there is one (Linux), and a watch on the driver's pid for the fork server's children."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(driver_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="driver-watch", daemon=True).start()
