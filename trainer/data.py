@@ -183,6 +183,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._last_failure = ""  # the latest undecodable sample: shard URL, member, reason
         self.meta = precomputed_meta(cfg.shards, cfg.resolution)
 
+    def samples_after(self, batches: int) -> int:
+        """Global samples consumed once the stream's position says `batches` (dropped batches included)."""
+        return self.first + (batches - self.start.batches) * self.cfg.train_batch_size * self.world
+
     def _raw(self, handler: _Counter) -> Iterator[tuple[int, int, int, dict]]:
         """(global index, epoch, offset-after, raw sample) from the start position onwards."""
         index = self.first
@@ -243,9 +247,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             decoded.append(decoded[len(decoded) % max(1, len(members) - failed)])
         decoded = decoded[:len(members)]
         batch = self._stack_precomputed(decoded) if self.meta else self._stack(decoded)
-        samples = self.first + (b - self.start.batches + 1) * len(group)
-        return batch | {"failed": torch.tensor(failed + read_errors),
-                        "position": torch.tensor([b + 1, epoch, offset, samples])}
+        return batch | {"failed": torch.tensor(failed + read_errors), "position": torch.tensor([b + 1, epoch, offset])}
 
     def _decode_all(self, members) -> tuple[list[tuple], int]:
         """The samples that decode, and how many did not."""

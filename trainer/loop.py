@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
+from trainer.data import ShardStream
 from trainer.distributed import World, agree_stop, all_sum, no_sync
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models
@@ -76,6 +77,8 @@ class Run:
     """FLOPs of forward + backward (recomputation included) per sample, counted on the first pass."""
     stop: StopSignal = field(default_factory=StopSignal)
     world: World = field(default_factory=World)
+    stream: ShardStream | None = None
+    """The loader's dataset: converts the stream's batch count into global samples."""
     """This process among the torchrun processes (one process: rank 0 of 1)."""
     on_checkpoint: Callable[[Run], None] = lambda run: None
     on_validation: Callable[[Run], None] = lambda run: None
@@ -96,8 +99,10 @@ def next_pass(run: Run, batches, merge: int) -> dict:
     """The next `merge` micro-batches, concatenated on the host; the data position follows the last one."""
     st, parts = run.state, [next(batches) for _ in range(merge)]
     for batch in parts:
-        st.batches, st.epoch, st.offset, st.samples = batch["position"].tolist()  # CPU tensor: no device sync
+        st.batches, st.epoch, st.offset = batch["position"].tolist()  # CPU tensor: no device sync
         st.failed_samples += int(batch["failed"])
+    if run.stream is not None:  # the position in global samples: a resume on any number of processes
+        st.samples = run.stream.samples_after(st.batches)
     if merge == 1:
         return parts[0]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("position", "failed")}

@@ -88,7 +88,7 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True,
         params=[p for g in groups for p in g["params"]], base_lrs=[g["lr"] for g in groups],
         on_checkpoint=lambda run: _checkpoint(run, result), on_validation=lambda run: _validate(run, result),
         step_models=compiled(step_models) if cfg.model.compile else (step_models if world.size > 1 else None),
-        peak_flops=measure_matmul_flops(device), world=world,
+        peak_flops=measure_matmul_flops(device), world=world, stream=loader.dataset,
     )
 
 
