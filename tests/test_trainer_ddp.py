@@ -127,3 +127,12 @@ def test_two_processes_train_like_one_with_the_doubled_batch(assets, tmp_path):
     assert "effective batch 16 = batch 2 x accumulation 4 x 2 process(es)" in proc.stdout
     state = json.loads((tmp_path / "two" / "checkpoint-2" / "state.json").read_text())
     assert state["samples"] == 32  # 2 steps x 16 samples, counted globally
+    # one process resumes the two processes' run: it continues at global sample 32 (8 samples a step now)
+    resume = single_config(assets, tmp_path / "two")
+    resume.data.train_batch_size, resume.checkpoint.resume, resume.max_train_steps = 2, "latest", 3
+    resume.optim.lr_scheduler, resume.optim.lr_warmup_steps = "constant", 0
+    train(resume, enable_bar=False)
+    after = json.loads((tmp_path / "two" / "checkpoint-3" / "state.json").read_text())
+    stream = ShardStream(data_config(assets, 2), assets["tokenizer"], 3)
+    expected = take(stream, 20)[-1]["position"].tolist()  # after 40 samples in one process from the start
+    assert after["samples"] == 40 and [after["epoch"], after["offset"]] == expected[1:]
