@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,21 @@ def test_resume_on_another_world_size_continues_at_the_same_sample(assets):
     for k in range(3):  # global batch k of the resumed pair == one-process batch 3 + k
         got = torch.cat([ranks[0][k]["pixel_values"], ranks[1][k]["pixel_values"]])
         assert torch.equal(whole[3 + k]["pixel_values"], got)
+
+
+def test_a_rank_whose_share_fails_borrows_from_the_global_batch(tmp_path, assets):
+    """Odd samples lack cond.png: rank 1 of 2 (batch 1) takes rank 0's sample and counts it, so ranks stay in step."""
+    write_shards(tmp_path / "src", n_shards=1, per_shard=8, size=40)
+    with tarfile.open(tmp_path / "src" / "00000.tar") as src, tarfile.open(tmp_path / "00000.tar", "w") as dst:
+        for m in src.getmembers():
+            if not (m.name.endswith(".cond.png") and int(m.name[:10]) % 2):
+                dst.addfile(m, io.BytesIO(src.extractfile(m).read()))
+    data = DataConfig(shards=str(tmp_path / "00000.tar"), resolution=32, train_batch_size=1, shuffle_buffer=1,
+                      max_failed_batches=1)
+    ranks = [take(ShardStream(data, assets["tokenizer"], 0, rank=r, world=2), 6) for r in range(2)]
+    for b0, b1 in zip(*ranks, strict=True):
+        assert torch.equal(b0["pixel_values"], b1["pixel_values"]) and torch.equal(b0["position"], b1["position"])
+        assert (int(b0["failed"]), int(b1["failed"])) == (0, 1)
 
 
 def single_config(assets, output: Path) -> TrainConfig:

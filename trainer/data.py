@@ -205,7 +205,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        handler, bs, gbs = _Counter(), self.cfg.train_batch_size, self.cfg.train_batch_size * self.world
+        handler, gbs = _Counter(), self.cfg.train_batch_size * self.world
         members: list[tuple[int, dict]] = []
         empty, limit = 0, -(-self.cfg.max_failed_batches // nw)  # each worker sees 1/nw of the batches
         for index, epoch, offset, sample in self._raw(handler):
@@ -225,7 +225,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 elif empty >= limit:
                     raise ShardDataError(
                         f"{self._last_failure}; no sample decoded in {empty * nw} batches in a row "
-                        f"({empty * nw * bs} samples; --max-failed-batches {self.cfg.max_failed_batches}): "
+                        f"({empty * nw * gbs} samples; --max-failed-batches {self.cfg.max_failed_batches}): "
                         "check that the shards hold KEY.jpg and KEY.cond.png images")
 
     def _collate(self, group, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
