@@ -78,6 +78,8 @@ class Run:
     stop: StopSignal = field(default_factory=StopSignal)
     world: World = field(default_factory=World)
     stream: ShardStream | None = None
+    failed_synced: int = 0
+    """failed_samples as of the last sum over the ranks (trainer.loop.sync_failed)."""
     """The loader's dataset: converts the stream's batch count into global samples."""
     """This process among the torchrun processes (one process: rank 0 of 1)."""
     on_checkpoint: Callable[[Run], None] = lambda run: None
@@ -183,6 +185,7 @@ def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
     steps = st.step - run.log.last_step
     samples_per_step = effective_batch(run)
     all_sum(run.world, loss_sum, nonfinite)  # every rank stops on NaN alike; the loss is the global mean
+    sync_failed(run)
     bad = int(nonfinite.item())
     if bad:
         raise NonFiniteLossError(
@@ -206,3 +209,12 @@ def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
 def effective_batch(run: Run) -> int:
     """Samples per optimizer step over all processes: per-rank batch x accumulation x world size."""
     return run.cfg.data.train_batch_size * run.cfg.optim.gradient_accumulation_steps * run.world.size
+
+
+def sync_failed(run: Run) -> None:
+    """Under torchrun, failed_samples becomes the count of all ranks (each adds its failures since the last sum)."""
+    if run.world.size == 1:
+        return
+    delta = torch.tensor(run.state.failed_samples - run.failed_synced, device=run.device)
+    all_sum(run.world, delta)
+    run.state.failed_samples = run.failed_synced = run.failed_synced + int(delta.item())

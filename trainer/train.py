@@ -14,7 +14,7 @@ from trainer.config import TrainConfig
 from trainer.data import Position, build_loader, precomputed_meta
 from trainer.distributed import World, barrier, init, shutdown, world_from_env, wrap
 from trainer.export import export_final
-from trainer.loop import Run, StopSignal, effective_batch, train_loop
+from trainer.loop import Run, StopSignal, effective_batch, sync_failed, train_loop
 from trainer.metrics import RunLog, SilentLog, measure_matmul_flops
 from trainer.models import DTYPES, Models, decoder_state, load_models, param_groups
 from trainer.objective import Objective
@@ -89,6 +89,7 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True,
         on_checkpoint=lambda run: _checkpoint(run, result), on_validation=lambda run: _validate(run, result),
         step_models=compiled(step_models) if cfg.model.compile else (step_models if world.size > 1 else None),
         peak_flops=measure_matmul_flops(device), world=world, stream=loader.dataset,
+        failed_synced=state.failed_samples,
     )
 
 
@@ -110,6 +111,7 @@ def _checkpoint(run: Run, result: TrainResult) -> None:
     """Save a checkpoint of the current step and prune old ones (rank 0; the other ranks wait)."""
     cfg = run.cfg
     path = Path(cfg.output) / f"checkpoint-{run.state.step}"
+    sync_failed(run)
     if run.world.main:
         decoder = decoder_state(run.models) if cfg.model.unlock_decoder else None
         path = save_checkpoint(Path(cfg.output), run.state, run.models.controlnet, run.optimizer, run.scaler,
