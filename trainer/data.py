@@ -291,13 +291,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def _worker_init(_: int) -> None:
-    """Workers ignore Ctrl-C and SIGTERM: the main process decides when to stop (after saving a checkpoint).
-
-    torchrun forwards SIGTERM to each rank's whole process group, workers included; a worker killed by it
-    would crash the rank before it saves. Workers still end with their parent (DataLoader's watchdog).
-    """
+    """Workers ignore Ctrl-C: the main process decides when to stop (after saving a checkpoint)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_memory: bool, rank: int = 0,
