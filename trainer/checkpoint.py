@@ -40,6 +40,8 @@ class TrainState:
     epoch: int = 0
     offset: int = 0
     failed_samples: int = 0
+    samples: int | None = None
+    """Global samples consumed, all processes together (None from checkpoints that predate it)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -232,7 +234,7 @@ def save_checkpoint(output: Path, state: TrainState, controlnet, optimizer, scal
     tensors = {k: v.cpu() for k, v in tensors.items()} | rng_tensors(generator)
     save_file(tensors, str(tmp / "training_state.safetensors"))
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    doc = {"step": state.step, "batches": state.batches, "epoch": state.epoch, "offset": state.offset,
+    doc = {"step": state.step, "batches": state.batches, "epoch": state.epoch, "offset": state.offset, "samples": state.samples,
            "failed_samples": state.failed_samples, "extra": state.extra, "scaler": scaler.state_dict(),
            "optimizer": skeleton, "config": config, "files": files}
     _write_synced(tmp / STATE_FILE, json.dumps(doc, indent=1))
@@ -268,7 +270,7 @@ def load_checkpoint(path: Path, controlnet, optimizer, scaler, generator, unet=N
     scaler.load_state_dict(doc["scaler"])
     restore_rng(tensors, generator)
     return TrainState(step=doc["step"], batches=doc["batches"], epoch=doc["epoch"], offset=doc["offset"],
-                      failed_samples=doc.get("failed_samples", 0), extra=doc.get("extra", {}))
+                      failed_samples=doc.get("failed_samples", 0), samples=doc.get("samples"), extra=doc.get("extra", {}))
 
 
 def _to_param_devices(sd: dict, optimizer) -> dict:

@@ -8,7 +8,10 @@ The stream is defined independently of the number of DataLoader workers, so a ru
 * sample i belongs to batch i // batch_size; every worker reads the same raw stream (reading tar
   bytes is cheap) but decodes only the batches it owns, round-robin in the order the DataLoader
   asks for them;
-* caption drop for sample i uses a generator seeded by (seed, i).
+* caption drop for sample i uses a generator seeded by (seed, i);
+* under torchrun (trainer.distributed) a global batch is world x batch_size consecutive samples, and
+  rank r of W decodes only sample j of it with j % W == r; the position is counted in global samples,
+  so a resume on another number of processes continues at the same sample.
 
 A resume restarts the epoch it stopped in and skips the samples already used without decoding them.
 Samples that fail to decode are replaced by another sample of the same batch and counted; a batch
@@ -51,6 +54,8 @@ class Position:
     batches: int = 0
     epoch: int = 0
     offset: int = 0
+    samples: int | None = None
+    """Global samples consumed (all ranks); None in checkpoints older than it: batches x batch size."""
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -168,16 +173,23 @@ def caption_of(sample: dict, index: int, seed: int, p_empty: float) -> str:
 class ShardStream(torch.utils.data.IterableDataset):
     """Infinite stream of collated batches (dicts of tensors) from WebDataset shards."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, seed: int, start: Position = Position()):
+    def __init__(self, cfg: DataConfig, tokenizer, seed: int, start: Position = Position(), rank: int = 0,
+                 world: int = 1):
         super().__init__()
         self.cfg, self.tokenizer, self.seed, self.start = cfg, tokenizer, seed, start
+        self.rank, self.world = rank, world
+        self.first = start.samples if start.samples is not None else start.batches * cfg.train_batch_size
         self.urls = expand_shards(cfg.shards)
         self._last_failure = ""  # the latest undecodable sample: shard URL, member, reason
         self.meta = precomputed_meta(cfg.shards, cfg.resolution)
 
+    def samples_after(self, batches: int) -> int:
+        """Global samples consumed once the stream's position says `batches` (dropped batches included)."""
+        return self.first + (batches - self.start.batches) * self.cfg.train_batch_size * self.world
+
     def _raw(self, handler: _Counter) -> Iterator[tuple[int, int, int, dict]]:
         """(global index, epoch, offset-after, raw sample) from the start position onwards."""
-        index = self.start.batches * self.cfg.train_batch_size
+        index = self.first
         epoch, skip = self.start.epoch, self.start.offset
         while True:
             n = 0
@@ -193,19 +205,19 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        handler, bs, first = _Counter(), self.cfg.train_batch_size, self.start.batches
+        handler, gbs = _Counter(), self.cfg.train_batch_size * self.world
         members: list[tuple[int, dict]] = []
         empty, limit = 0, -(-self.cfg.max_failed_batches // nw)  # each worker sees 1/nw of the batches
         for index, epoch, offset, sample in self._raw(handler):
-            b = index // bs
-            if (b - first) % nw != wid:
+            k = (index - self.first) // gbs  # global batches since the start
+            if k % nw != wid:
                 continue
             members.append((index, sample))
-            if len(members) == bs:
-                # every worker reads the same tar stream, so only worker 0 reports read errors
-                read_errors = handler.errors if wid == 0 else 0
+            if len(members) == gbs:
+                # every worker and rank reads the same tar stream, so only one of them reports read errors
+                read_errors = handler.errors if wid == 0 and self.rank == 0 else 0
                 handler.errors = 0
-                batch = self._collate(members, read_errors, epoch, offset, b)
+                batch = self._collate(members, read_errors, epoch, offset, self.start.batches + k)
                 members = []
                 empty = 0 if batch is not None else empty + 1
                 if batch is not None:
@@ -213,14 +225,32 @@ class ShardStream(torch.utils.data.IterableDataset):
                 elif empty >= limit:
                     raise ShardDataError(
                         f"{self._last_failure}; no sample decoded in {empty * nw} batches in a row "
-                        f"({empty * nw * bs} samples; --max-failed-batches {self.cfg.max_failed_batches}): "
+                        f"({empty * nw * gbs} samples; --max-failed-batches {self.cfg.max_failed_batches}): "
                         "check that the shards hold KEY.jpg and KEY.cond.png images")
 
-    def _collate(self, members, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
-        """Decode one batch's samples and stack them; failed samples are replaced and counted."""
-        if not self.meta and any(LATENT_KEY in sample for _, sample in members):
+    def _collate(self, group, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
+        """Decode this rank's share of one global batch and stack it; failed samples are replaced and counted.
+
+        A rank whose whole share fails borrows from the rest of the global batch (in order), so ranks stay in
+        step: a global batch is dropped only when all of it fails, which every rank then finds alike.
+        """
+        if not self.meta and any(LATENT_KEY in sample for _, sample in group):
             raise RuntimeError(f"{self.cfg.shards!r} holds precomputed samples but no {META_FILE} was found beside "
                                "the first shard: pass the local shard paths that `python -m trainer precompute` wrote")
+        members = group[self.rank::self.world]
+        decoded, failed = self._decode_all(members)
+        if not decoded and self.world > 1:
+            decoded, _ = self._decode_all([m for j, m in enumerate(group) if j % self.world != self.rank])
+        if not decoded:
+            return None
+        while len(decoded) < len(members):  # keep batches full so every step sees the same count
+            decoded.append(decoded[len(decoded) % max(1, len(members) - failed)])
+        decoded = decoded[:len(members)]
+        batch = self._stack_precomputed(decoded) if self.meta else self._stack(decoded)
+        return batch | {"failed": torch.tensor(failed + read_errors), "position": torch.tensor([b + 1, epoch, offset])}
+
+    def _decode_all(self, members) -> tuple[list[tuple], int]:
+        """The samples that decode, and how many did not."""
         decoded, failed = [], 0
         for index, sample in members:
             try:
@@ -230,12 +260,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self._last_failure = f"{sample.get('__url__', '?')}: {exc} (sample {sample.get('__key__', '?')})"
                 continue
             decoded.append(item)
-        if not decoded:
-            return None
-        while len(decoded) < len(members):  # keep batches full so every step sees the same count
-            decoded.append(decoded[len(decoded) % max(1, len(members) - failed)])
-        batch = self._stack_precomputed(decoded) if self.meta else self._stack(decoded)
-        return batch | {"failed": torch.tensor(failed + read_errors), "position": torch.tensor([b + 1, epoch, offset])}
+        return decoded, failed
 
     def _decode(self, sample: dict, index: int) -> tuple:
         """One sample's arrays and (possibly dropped) caption; raises when it cannot be decoded."""
@@ -270,9 +295,10 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_memory: bool):
-    """DataLoader over a ShardStream; batches arrive in stream order whatever the worker count."""
-    stream = ShardStream(cfg, tokenizer, seed, start)
+def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_memory: bool, rank: int = 0,
+                 world: int = 1):
+    """DataLoader over a ShardStream (this rank's share); batches arrive in stream order whatever the worker count."""
+    stream = ShardStream(cfg, tokenizer, seed, start, rank, world)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
         worker_init_fn=_worker_init if cfg.num_workers else None,

@@ -13,6 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
+from trainer.data import ShardStream
+from trainer.distributed import World, agree_stop, all_sum, no_sync
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models
 from trainer.objective import Objective, step_loss
@@ -74,6 +76,12 @@ class Run:
     flops_per_sample: float | None = None
     """FLOPs of forward + backward (recomputation included) per sample, counted on the first pass."""
     stop: StopSignal = field(default_factory=StopSignal)
+    world: World = field(default_factory=World)
+    stream: ShardStream | None = None
+    failed_synced: int = 0
+    """failed_samples as of the last sum over the ranks (trainer.loop.sync_failed)."""
+    """The loader's dataset: converts the stream's batch count into global samples."""
+    """This process among the torchrun processes (one process: rank 0 of 1)."""
     on_checkpoint: Callable[[Run], None] = lambda run: None
     on_validation: Callable[[Run], None] = lambda run: None
 
@@ -95,19 +103,26 @@ def next_pass(run: Run, batches, merge: int) -> dict:
     for batch in parts:
         st.batches, st.epoch, st.offset = batch["position"].tolist()  # CPU tensor: no device sync
         st.failed_samples += int(batch["failed"])
+    if run.stream is not None:  # the position in global samples: a resume on any number of processes
+        st.samples = run.stream.samples_after(st.batches)
     if merge == 1:
         return parts[0]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("position", "failed")}
 
 
-def pass_loss(run: Run, batch: dict, merge: int, passes: int) -> torch.Tensor:
-    """Forward and backward of one pass (compiled models with --compile); FLOPs counted before the first."""
+def pass_loss(run: Run, batch: dict, merge: int, passes: int, sync: bool = True) -> torch.Tensor:
+    """Forward and backward of one pass (compiled models with --compile); FLOPs counted before the first.
+
+    Under torchrun the gradients are all-reduced only when `sync` (the last pass of an optimizer step).
+    """
     if run.flops_per_sample is None:
         run.flops_per_sample = count_flops(run, batch, merge)
-    with run.autocast():
-        loss = step_loss(run.step_models or run.models, run.objective, to_device(batch, run.device), run.generator,
-                         run.cfg.model.only_mid_control, chunks=merge)
-    run.scaler.scale(loss / passes).backward()
+    models = run.step_models or run.models
+    with no_sync(models, not sync):
+        with run.autocast():
+            loss = step_loss(models, run.objective, to_device(batch, run.device), run.generator,
+                             run.cfg.model.only_mid_control, chunks=merge, share=(run.world.rank, run.world.size))
+        run.scaler.scale(loss / passes).backward()
     return loss.detach()
 
 
@@ -125,7 +140,7 @@ def count_flops(run: Run, batch: dict, merge: int) -> float:
     with FlopCounterMode(display=False) as counter:
         with run.autocast():
             loss = step_loss(run.models, run.objective, to_device(one, run.device), gen,
-                             run.cfg.model.only_mid_control)
+                             run.cfg.model.only_mid_control)  # run.models: never the DDP wrappers
         loss.backward()
     for p in run.params:
         p.grad = None
@@ -142,8 +157,8 @@ def train_loop(run: Run) -> TrainState:
     nonfinite = torch.zeros((), dtype=torch.int32, device=run.device)
     while st.step < cfg.max_train_steps and run.stop.requested is None:
         set_lr(run.optimizer, run.base_lrs, lr_factor(st.step, cfg.optim, cfg.max_train_steps))
-        for _ in range(passes):
-            loss = pass_loss(run, next_pass(run, batches, merge), merge, passes)
+        for i in range(passes):
+            loss = pass_loss(run, next_pass(run, batches, merge), merge, passes, sync=i == passes - 1)
             loss_sum += loss * merge  # the log averages over micro-batches
             nonfinite += (~torch.isfinite(loss)).int()
         run.scaler.unscale_(run.optimizer)
@@ -153,6 +168,7 @@ def train_loop(run: Run) -> TrainState:
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         st.step += 1
+        run.stop.requested = agree_stop(run.world, run.stop.requested, run.device)
         run.log.advance()
         if st.step % cfg.log_every == 0 or st.step == cfg.max_train_steps:
             log_step(run, loss_sum, nonfinite)
@@ -167,7 +183,9 @@ def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
     """The one host sync: mean loss since the last log, lr, throughput, memory; stop on NaN/inf."""
     cfg, st = run.cfg, run.state
     steps = st.step - run.log.last_step
-    samples_per_step = cfg.data.train_batch_size * cfg.optim.gradient_accumulation_steps
+    samples_per_step = effective_batch(run)
+    all_sum(run.world, loss_sum, nonfinite)  # every rank stops on NaN alike; the loss is the global mean
+    sync_failed(run)
     bad = int(nonfinite.item())
     if bad:
         raise NonFiniteLossError(
@@ -175,13 +193,28 @@ def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
             f"{st.step}; those updates were skipped, not trained on. Resume from the last checkpoint "
             f"(--resume latest) with a lower --learning-rate, or --mixed-precision bf16 / no instead of fp16.")
     scalars = {
-        "loss": loss_sum.item() / max(1, steps * cfg.optim.gradient_accumulation_steps),
+        "loss": loss_sum.item() / max(1, steps * cfg.optim.gradient_accumulation_steps * run.world.size),
         "lr": run.optimizer.param_groups[0]["lr"],
         "samples_per_s": (rate := run.log.rate(st.step, samples_per_step)),
         "mfu": mfu(rate, run.flops_per_sample, run.peak_flops),
         "gpu_mem_gb": gpu_memory_gb(run.device),
         "loss_scale": float(run.scaler.get_scale()),
         "failed_samples": st.failed_samples,
+        "effective_batch": samples_per_step,
     }
     run.log.log(st.step, scalars)
     loss_sum.zero_()
+
+
+def effective_batch(run: Run) -> int:
+    """Samples per optimizer step over all processes: per-rank batch x accumulation x world size."""
+    return run.cfg.data.train_batch_size * run.cfg.optim.gradient_accumulation_steps * run.world.size
+
+
+def sync_failed(run: Run) -> None:
+    """Under torchrun, failed_samples becomes the count of all ranks (each adds its failures since the last sum)."""
+    if run.world.size == 1:
+        return
+    delta = torch.tensor(run.state.failed_samples - run.failed_synced, device=run.device)
+    all_sum(run.world, delta)
+    run.state.failed_samples = run.failed_synced = run.failed_synced + int(delta.item())

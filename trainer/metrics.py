@@ -57,6 +57,25 @@ class RunLog:
             self.tb.close()
 
 
+class SilentLog(RunLog):
+    """The log of a torchrun rank other than 0: keeps the step clock for the throughput, writes nothing."""
+
+    def __init__(self, output: Path, start_step: int, total_steps: int, enable_bar: bool = False) -> None:
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Rank 0 writes the record."""
+
+    def advance(self, n: int = 1) -> None:
+        """No progress bar."""
+
+    def note(self, text: str) -> None:
+        """Rank 0 prints."""
+
+    def close(self) -> None:
+        """Nothing open."""
+
+
 def _drop_records_after(path: Path, step: int) -> None:
     """Keep only the records of steps up to `step` (all of them gone for a fresh start at 0)."""
     if not path.exists():

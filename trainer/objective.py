@@ -32,12 +32,13 @@ def encode_inputs(models: Models, batch: dict) -> tuple[tuple | torch.Tensor, to
 
 
 @torch.no_grad()
-def sample_latents(models: Models, dist: tuple | torch.Tensor, rows: slice, generator: torch.Generator):
+def sample_latents(models: Models, dist: tuple | torch.Tensor, rows: slice, generator: torch.Generator,
+                   share: tuple[int, int] = (0, 1)):
     """Latents of some rows: mean + std * eps, drawn exactly as diffusers' `latent_dist.sample(generator)`."""
     if isinstance(dist, torch.Tensor):
         return dist[rows]
     mean, std = dist[0][rows], dist[1][rows]
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = randn_share(mean.shape, generator, mean.device, mean.dtype, share)
     return (mean + std * eps) * models.vae.config.scaling_factor
 
 
@@ -52,6 +53,13 @@ def encode_batch(models: Models, batch: dict, generator: torch.Generator) -> tup
     return sample_latents(models, dist, slice(None), generator), text
 
 
+def randn_share(shape, generator: torch.Generator, device, dtype, share: tuple[int, int]) -> torch.Tensor:
+    """Rank r of W's rows (r, r + W, ...) of normal draws for the global batch (W x rows): each process of a
+    torchrun run draws what one process with the whole global batch would, and keeps its own samples."""
+    rank, world = share
+    return torch.randn((shape[0] * world, *shape[1:]), generator=generator, device=device, dtype=dtype)[rank::world]
+
+
 class Objective:
     """Noise, timesteps, noisy latents and the target of a DDPM-style noise scheduler."""
 
@@ -62,10 +70,13 @@ class Objective:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r} in the scheduler config")
 
-    def draw(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gaussian noise like the latents, and one uniform timestep per sample."""
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        t = torch.randint(0, self.num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+    def draw(self, latents: torch.Tensor, generator: torch.Generator,
+             share: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian noise like the latents, and one uniform timestep per sample (this rank's rows of the global draw)."""
+        rank, world = share
+        noise = randn_share(latents.shape, generator, latents.device, latents.dtype, share)
+        t = torch.randint(0, self.num_timesteps, (latents.shape[0] * world,), generator=generator,
+                          device=latents.device)[rank::world]
         return noise, t
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -92,21 +103,22 @@ def controlnet_loss(models: Models, objective: Objective, latents, text, cond, n
 
 
 def step_loss(models: Models, objective: Objective, batch: dict, generator: torch.Generator,
-              only_mid_control: bool = False, chunks: int = 1) -> torch.Tensor:
+              only_mid_control: bool = False, chunks: int = 1, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """The loss of one pass: encode, draw noise and timesteps, predict, compare.
 
     A pass may hold `chunks` micro-batches of an accumulation (trainer.loop merges them when asked):
     the random draws are then made chunk by chunk, in the order separate micro-batches make them
     (latent sample, noise, timesteps), so the pass sees exactly the numbers those would have seen and,
-    chunks being equal in size, the mean loss is the mean of theirs.
+    chunks being equal in size, the mean loss is the mean of theirs. `share` = (rank, world) under torchrun:
+    the draws cover the global batch and this rank keeps its rows (trainer.objective.randn_share).
     """
     dist, text = encode_inputs(models, batch)
     n = batch["conditioning_pixel_values"].shape[0]
     size = n // chunks
     drawn = []
     for k in range(chunks):
-        latents = sample_latents(models, dist, slice(k * size, (k + 1) * size), generator)
-        drawn.append((latents, *objective.draw(latents, generator)))
+        latents = sample_latents(models, dist, slice(k * size, (k + 1) * size), generator, share)
+        drawn.append((latents, *objective.draw(latents, generator, share)))
     latents, noise, t = (torch.cat(x) if chunks > 1 else x[0] for x in zip(*drawn, strict=True))
     cond = batch["conditioning_pixel_values"]
     cond = cond.to(latents.dtype) / 255 if cond.dtype == torch.uint8 else cond.to(latents.dtype)  # uint8: precomputed

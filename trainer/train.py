@@ -12,9 +12,10 @@ import torch
 from trainer.checkpoint import TrainState, load_checkpoint, prune, resolve_resume, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Position, build_loader, precomputed_meta
+from trainer.distributed import World, barrier, init, shutdown, world_from_env, wrap
 from trainer.export import export_final
-from trainer.loop import Run, StopSignal, train_loop
-from trainer.metrics import RunLog, measure_matmul_flops
+from trainer.loop import Run, StopSignal, effective_batch, sync_failed, train_loop
+from trainer.metrics import RunLog, SilentLog, measure_matmul_flops
 from trainer.models import DTYPES, Models, decoder_state, load_models, param_groups
 from trainer.objective import Objective
 from trainer.optim import build_optimizer, build_scaler
@@ -45,9 +46,11 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True) -> Run:
+def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True,
+              world: World | None = None) -> Run:
     """Models, optimizer, scaler and generator; state restored from --resume; then the data stream."""
-    device = resolve_device(cfg.device)
+    world = world or World()
+    device = init(world, resolve_device(cfg.device))
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("fp16 training needs CUDA: pass --mixed-precision no (or bf16) on the CPU")
     weight_dtype = DTYPES[cfg.mixed_precision]
@@ -62,23 +65,31 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True) ->
     scaler = build_scaler(cfg.mixed_precision, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     state = TrainState()
-    prune(output, None)  # stale temporary folders of a crashed save
+    if world.main:
+        prune(output, None)  # stale temporary folders of a crashed save
+    barrier(world)
     ckpt = resolve_resume(cfg.checkpoint.resume, output)
     if ckpt is not None:
         unet = models.unet if cfg.model.unlock_decoder else None
         state = load_checkpoint(ckpt, models.controlnet, optimizer, scaler, generator, unet=unet, config=cfg.to_dict())
-        print(f"resumed from {ckpt} at step {state.step}", flush=True)
-    elif cfg.checkpoint.resume:
+        if world.main:
+            print(f"resumed from {ckpt} at step {state.step}", flush=True)
+    elif cfg.checkpoint.resume and world.main:
         print(f"--resume {cfg.checkpoint.resume}: no complete checkpoint in {output}, starting fresh", flush=True)
     loader = build_loader(cfg.data, models.tokenizer, cfg.seed,
-                          Position(state.batches, state.epoch, state.offset), pin_memory=device.type == "cuda")
+                          Position(state.batches, state.epoch, state.offset, state.samples),
+                          pin_memory=device.type == "cuda", rank=world.rank, world=world.size)
+    log = (RunLog(output, state.step, cfg.max_train_steps, enable_bar) if world.main
+           else SilentLog(output, state.step, cfg.max_train_steps))
+    step_models = wrap(models, world, device, cfg.model.only_mid_control, cfg.model.unlock_decoder)
     return Run(
         cfg=cfg, models=models, objective=Objective(models.noise_scheduler), optimizer=optimizer, scaler=scaler,
-        generator=generator, loader=loader, state=state,
-        log=RunLog(output, state.step, cfg.max_train_steps, enable_bar), device=device, weight_dtype=weight_dtype,
+        generator=generator, loader=loader, state=state, log=log, device=device, weight_dtype=weight_dtype,
         params=[p for g in groups for p in g["params"]], base_lrs=[g["lr"] for g in groups],
         on_checkpoint=lambda run: _checkpoint(run, result), on_validation=lambda run: _validate(run, result),
-        step_models=compiled(models) if cfg.model.compile else None, peak_flops=measure_matmul_flops(device),
+        step_models=compiled(step_models) if cfg.model.compile else (step_models if world.size > 1 else None),
+        peak_flops=measure_matmul_flops(device), world=world, stream=loader.dataset,
+        failed_synced=state.failed_samples,
     )
 
 
@@ -97,21 +108,28 @@ def compiled(models: Models) -> Models:
 
 
 def _checkpoint(run: Run, result: TrainResult) -> None:
-    """Save a checkpoint of the current step and prune old ones."""
+    """Save a checkpoint of the current step and prune old ones (rank 0; the other ranks wait)."""
     cfg = run.cfg
-    decoder = decoder_state(run.models) if cfg.model.unlock_decoder else None
-    path = save_checkpoint(Path(cfg.output), run.state, run.models.controlnet, run.optimizer, run.scaler,
-                           run.generator, cfg.to_dict(), decoder=decoder)
-    prune(Path(cfg.output), cfg.checkpoint.checkpoints_total_limit)
-    write_loss_png(Path(cfg.output))
+    path = Path(cfg.output) / f"checkpoint-{run.state.step}"
+    sync_failed(run)
+    if run.world.main:
+        decoder = decoder_state(run.models) if cfg.model.unlock_decoder else None
+        path = save_checkpoint(Path(cfg.output), run.state, run.models.controlnet, run.optimizer, run.scaler,
+                               run.generator, cfg.to_dict(), decoder=decoder)
+        prune(Path(cfg.output), cfg.checkpoint.checkpoints_total_limit)
+        write_loss_png(Path(cfg.output))
+        run.log.note(f"saved {path}")
+    barrier(run.world)
     result.checkpoints.append(path)
-    run.log.note(f"saved {path}")
 
 
 def _validate(run: Run, result: TrainResult) -> None:
-    """Write the validation images of the current step (when prompts were given)."""
+    """Write the validation images of the current step (when prompts were given; rank 0, the others wait)."""
     cfg = run.cfg
     if not cfg.validation.validation_prompt:
+        return
+    if not run.world.main:
+        barrier(run.world)
         return
     out = run_validation(run.models, cfg.validation, run.state.step, Path(cfg.output) / "validation",
                          cfg.data.resolution, run.device, run.weight_dtype, cfg.seed, cfg.model.only_mid_control)
@@ -119,17 +137,21 @@ def _validate(run: Run, result: TrainResult) -> None:
     write_progress_png(Path(cfg.output))
     if out["all_black"]:
         run.log.note(f"warning: validation images of step {run.state.step} are all black")
+    barrier(run.world)
 
 
 def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
     """Train a ControlNet as configured; return what was written where."""
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
-    resolved = json.dumps(cfg.to_dict(), indent=2)
-    print(f"resolved config:\n{resolved}", flush=True)
-    (output / "train_config.json").write_text(resolved)
+    output, world = Path(cfg.output), world_from_env()
+    if world.main:
+        output.mkdir(parents=True, exist_ok=True)
+        resolved = json.dumps(cfg.to_dict(), indent=2)
+        print(f"resolved config:\n{resolved}", flush=True)
+        (output / "train_config.json").write_text(resolved)
     result = TrainResult(output=output, step=0, log=output / "train_log.jsonl")
-    run = build_run(cfg, result, enable_bar)
+    run = build_run(cfg, result, enable_bar and world.main, world)
+    run.log.note(f"effective batch {effective_batch(run)} = batch {cfg.data.train_batch_size} x accumulation "
+                 f"{cfg.optim.gradient_accumulation_steps} x {world.size} process(es)")
     try:
         with StopSignal() as stop:
             run.stop = stop
@@ -140,10 +162,13 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
                 _checkpoint(run, result)
             if state.step % cfg.validation.validation_steps != 0:
                 _validate(run, result)
-            result.controlnet = export_final(run.models, output, cfg.model.unlock_decoder,
-                                             cfg.checkpoint.export_format)
+            if world.main:
+                result.controlnet = export_final(run.models, output, cfg.model.unlock_decoder,
+                                                 cfg.checkpoint.export_format)
+            barrier(world)
     finally:
         run.log.close()
+    shutdown(world)
     result.last_loss = _last_loss(output / "train_log.jsonl")
     return result
 

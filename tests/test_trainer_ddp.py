@@ -1,0 +1,155 @@
+"""Several processes: torchrun with gloo on the CPU trains like one process with the global batch."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.config import (
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    ValidationConfig,
+)
+from trainer.data import Position, ShardStream
+from trainer.synthetic import write_shards
+from trainer.tiny import build_tiny_model, build_tiny_tokenizer
+from trainer.train import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Shards (15 samples an epoch) and a tiny model."""
+    root = tmp_path_factory.mktemp("ddp")
+    write_shards(root / "shards", n_shards=3, per_shard=5, size=48, cond_mode="L")
+    return {"shards": str(root / "shards" / "{00000..00002}.tar"), "model": build_tiny_model(root / "model"),
+            "tokenizer": build_tiny_tokenizer(root / "tok")}
+
+
+def data_config(assets, batch: int) -> DataConfig:
+    """The shards at 32 px with a small shuffle buffer."""
+    return DataConfig(shards=assets["shards"], resolution=32, train_batch_size=batch, shuffle_buffer=4,
+                      proportion_empty_prompts=0.5)
+
+
+def take(stream: ShardStream, n: int) -> list[dict]:
+    """The first n batches of a stream."""
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_ranks_split_each_global_batch(assets):
+    """Rank r of 2 gets rows r, r+2 of the one-process batch of 4: every sample once, captions alike."""
+    tok = assets["tokenizer"]
+    whole = take(ShardStream(data_config(assets, 4), tok, 7), 5)  # 20 samples: crosses an epoch
+    ranks = [take(ShardStream(data_config(assets, 2), tok, 7, rank=r, world=2), 5) for r in range(2)]
+    for b, batch in enumerate(whole):
+        for r in range(2):
+            for key in ("pixel_values", "conditioning_pixel_values", "input_ids"):
+                assert torch.equal(batch[key][r::2], ranks[r][b][key]), (b, r, key)
+            assert torch.equal(batch["position"], ranks[r][b]["position"])  # global batches, epoch, offset
+
+
+def test_resume_on_another_world_size_continues_at_the_same_sample(assets):
+    """A position in global samples (here 6: not a whole global batch of 4) is the same data for 1 or 2 processes."""
+    tok = assets["tokenizer"]
+    one = ShardStream(data_config(assets, 2), tok, 7)
+    whole = take(one, 6)
+    pos = whole[2]["position"].tolist()  # after samples 0..5
+    start = Position(batches=pos[0], epoch=pos[1], offset=pos[2], samples=one.samples_after(pos[0]))
+    assert start.samples == 6
+    ranks = [take(ShardStream(data_config(assets, 1), tok, 7, start, rank=r, world=2), 3) for r in range(2)]
+    for k in range(3):  # global batch k of the resumed pair == one-process batch 3 + k
+        got = torch.cat([ranks[0][k]["pixel_values"], ranks[1][k]["pixel_values"]])
+        assert torch.equal(whole[3 + k]["pixel_values"], got)
+
+
+def test_a_rank_whose_share_fails_borrows_from_the_global_batch(tmp_path, assets):
+    """Odd samples lack cond.png: rank 1 of 2 (batch 1) takes rank 0's sample and counts it, so ranks stay in step."""
+    write_shards(tmp_path / "src", n_shards=1, per_shard=8, size=40)
+    with tarfile.open(tmp_path / "src" / "00000.tar") as src, tarfile.open(tmp_path / "00000.tar", "w") as dst:
+        for m in src.getmembers():
+            if not (m.name.endswith(".cond.png") and int(m.name[:10]) % 2):
+                dst.addfile(m, io.BytesIO(src.extractfile(m).read()))
+    data = DataConfig(shards=str(tmp_path / "00000.tar"), resolution=32, train_batch_size=1, shuffle_buffer=1,
+                      max_failed_batches=1)
+    ranks = [take(ShardStream(data, assets["tokenizer"], 0, rank=r, world=2), 6) for r in range(2)]
+    for b0, b1 in zip(*ranks, strict=True):
+        assert torch.equal(b0["pixel_values"], b1["pixel_values"]) and torch.equal(b0["position"], b1["position"])
+        assert (int(b0["failed"]), int(b1["failed"])) == (0, 1)
+
+
+def single_config(assets, output: Path) -> TrainConfig:
+    """One process, batch 4, 4 accumulation steps, fp32 AdamW on the CPU."""
+    return TrainConfig(
+        output=str(output), data=data_config(assets, 4), model=ModelConfig(model=str(assets["model"])),
+        optim=OptimConfig(learning_rate=1e-3, optimizer="adamw", gradient_accumulation_steps=4),
+        checkpoint=CheckpointConfig(checkpointing_steps=1000), validation=ValidationConfig(validation_steps=1000),
+        max_train_steps=2, mixed_precision="no", device="cpu", log_every=1, seed=3)
+
+
+def torchrun(assets, output: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 -m trainer` with batch 2 per process (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
+           "--shards", assets["shards"], "--model", str(assets["model"]), "--output", str(output),
+           "--resolution", "32", "--train-batch-size", "2", "--shuffle-buffer", "4",
+           "--proportion-empty-prompts", "0.5", "--learning-rate", "1e-3", "--optimizer", "adamw",
+           "--gradient-accumulation-steps", "4", "--lr-scheduler", "constant", "--lr-warmup-steps", "0",
+           "--checkpointing-steps", "1000", "--validation-steps", "1000", "--mixed-precision", "no",
+           "--device", "cpu", "--log-every", "1", "--seed", "3", "--no-progress", *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_doubled_batch(assets, tmp_path):
+    """2 gloo processes x batch 2 end with the weights of 1 process x batch 4.
+
+    4 accumulation micro-batches merged in pairs: 2 passes a step, the first under no_sync.
+    """
+    cfg = single_config(assets, tmp_path / "one")
+    cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps = "constant", 0
+    train(cfg, enable_bar=False)
+    proc = torchrun(assets, tmp_path / "two", ["--max-train-steps", "2", "--merge-micro-batches", "2"])
+    one = load_file(str(tmp_path / "one" / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    start = load_file(str(Path(assets["model"]) / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert one.keys() == two.keys()
+    # Not bitwise: the all-reduce sums in another order than one batch's mean, and Adam magnifies the last
+    # bits of near-zero gradients. The gap is measured against how far training moved the weights
+    # (about 3e-4 of it here; a wrong split of samples or noise makes it of order 1).
+    gap = torch.cat([(two[k] - one[k]).flatten() for k in one]).norm()
+    moved = torch.cat([(one[k] - start[k]).flatten() for k in one if k in start]).norm()
+    assert moved > 0.1 and gap < 2e-3 * moved, (gap, moved)
+    logs = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    ones = [json.loads(line) for line in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2] and all(r["effective_batch"] == 16 for r in logs)
+    for a, b in zip(logs, ones, strict=True):  # the logged loss is the mean over both processes
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert "effective batch 16 = batch 2 x accumulation 4 x 2 process(es)" in proc.stdout
+    state = json.loads((tmp_path / "two" / "checkpoint-2" / "state.json").read_text())
+    assert state["samples"] == 32  # 2 steps x 16 samples, counted globally
+    # one process resumes the two processes' run: it continues at global sample 32 (8 samples a step now)
+    resume = single_config(assets, tmp_path / "two")
+    resume.data.train_batch_size, resume.checkpoint.resume, resume.max_train_steps = 2, "latest", 3
+    resume.optim.lr_scheduler, resume.optim.lr_warmup_steps = "constant", 0
+    train(resume, enable_bar=False)
+    after = json.loads((tmp_path / "two" / "checkpoint-3" / "state.json").read_text())
+    stream = ShardStream(data_config(assets, 2), assets["tokenizer"], 3)
+    expected = take(stream, 20)[-1]["position"].tolist()  # after 40 samples in one process from the start
+    assert after["samples"] == 40 and [after["epoch"], after["offset"]] == expected[1:]

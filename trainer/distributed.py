@@ -1,0 +1,112 @@
+"""Several processes (`torchrun --nproc_per_node=N -m trainer ...`): process group, DDP wrapping, agreement.
+
+One process per device. torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) starts
+a process group: NCCL on CUDA, gloo on the CPU. Every rank draws the random numbers of the whole global
+batch and keeps its own rows (trainer.objective), and reads its share of every global batch
+(trainer.data), so N processes with batch B train exactly like one process with batch N x B. Rank 0
+alone writes checkpoints, logs, validation images and the export; the others wait at a barrier.
+Without torchrun's environment nothing here starts anything and the run is the single-process one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    """Global rank; rank 0 writes everything."""
+    size: int = 1
+    """Number of processes (torchrun's WORLD_SIZE)."""
+    local_rank: int = 0
+    """Rank on this host: the CUDA device index."""
+
+    @property
+    def main(self) -> bool:
+        """True on the process that writes files."""
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """The world torchrun describes in the environment (one process when it does not)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(world: World, device: torch.device) -> torch.device:
+    """Start the process group (nccl on CUDA, gloo on the CPU); the device of this rank."""
+    if world.size == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def shutdown(world: World) -> None:
+    """Leave the process group (all ranks together)."""
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if world.size > 1:
+        dist.barrier()
+
+
+def wrap(models, world: World, device: torch.device, only_mid_control: bool, unlock_decoder: bool):
+    """The models with the trained ones (ControlNet; UNet with --unlock-decoder) in DDP; weights shared.
+
+    With --only-mid-control the down-block residuals are zeroed, so their weights get no gradient:
+    DDP must then look for unused parameters.
+    """
+    if world.size == 1:
+        return models
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = {"controlnet": DistributedDataParallel(models.controlnet, device_ids=ids,
+                                                 find_unused_parameters=only_mid_control)}
+    if unlock_decoder:
+        ddp["unet"] = DistributedDataParallel(models.unet, device_ids=ids, find_unused_parameters=True)
+    return dataclasses.replace(models, **ddp)
+
+
+def no_sync(models, skip: bool):
+    """DDP's no_sync on every wrapped model when `skip` (accumulation micro-steps): no all-reduce there."""
+    stack = contextlib.ExitStack()
+    if skip:
+        for m in (models.controlnet, models.unet):
+            m = getattr(m, "_orig_mod", m)  # under torch.compile
+            if isinstance(m, DistributedDataParallel):
+                stack.enter_context(m.no_sync())
+    return stack
+
+
+def all_sum(world: World, *tensors: torch.Tensor) -> None:
+    """Sum tensors over the ranks, in place."""
+    if world.size > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def agree_stop(world: World, requested: int | None, device: torch.device) -> int | None:
+    """A stop signal seen by any rank stops all of them at the same step (else they hang in an all-reduce)."""
+    if world.size == 1:
+        return requested
+    flag = torch.tensor(requested or 0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
