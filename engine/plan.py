@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import outcomes as O
-from . import sources
+from . import schema, sources
 from .config import FilterConfig, ImageConfig
 from .netpolicy import CREDENTIALS, refused_url
 
@@ -43,6 +43,9 @@ class Shard:
     roots: tuple[str, ...] = ()
     """Folders the run's inputs name (a folder or glob of images, a CSV/JSONL's folder): their files
     may be read like those of --local-root (engine/sources.py)."""
+    kinds: dict[str, str] = field(default_factory=dict)
+    """One JSON kind per input column of the whole run (engine/schema.py), worked out once by the
+    driver: workers on other nodes need not see the inputs, and every shard writes a column alike."""
 
 
 def list_inputs(inputs: tuple[str, ...] | list[str]) -> list[Path]:
@@ -126,17 +129,18 @@ def iter_shards(inputs, shard_size: int, url_col: str | None = None, caption_col
     shard_id = 0
     found = sources.expand(inputs)
     roots = sources.roots(found)
+    kinds = schema.input_kinds(tuple(str(i) for i in inputs), url_col, caption_col)
     for inp in found:
         for batch in _batches(inp, min(batch_rows, max(shard_size, 1024)), url_col):
             pending.append(_normalize(batch, *((url_col, caption_col) if inp.kind != "images" else ("url", "caption"))))
             pending_rows += batch.num_rows
             while pending_rows >= shard_size:
                 table = pa.concat_tables(pending, promote_options="permissive")
-                yield Shard(shard_id, shard_id * shard_size, table.slice(0, shard_size), roots)
+                yield Shard(shard_id, shard_id * shard_size, table.slice(0, shard_size), roots, kinds)
                 rest = table.slice(shard_size)
                 pending, pending_rows, shard_id = [rest], rest.num_rows, shard_id + 1
     if pending_rows:
-        yield Shard(shard_id, shard_id * shard_size, pa.concat_tables(pending, promote_options="permissive"), roots)
+        yield Shard(shard_id, shard_id * shard_size, pa.concat_tables(pending, promote_options="permissive"), roots, kinds)
 
 
 def _batches(inp: sources.Input, batch_rows: int, url_col: str | None) -> Iterator[pa.RecordBatch]:

@@ -53,7 +53,8 @@ def merge(a: str | None, b: str) -> str:
 @functools.lru_cache(maxsize=8)
 def input_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str | None) -> dict[str, str]:
     """Kind of every column of the parquet inputs (the URL and caption columns excepted), merged over
-    all files, so every shard of a run writes a column alike. Read once per process (footers only)."""
+    all files, so every shard of a run writes a column alike. Worked out by the driver (plan.iter_shards,
+    card.py: cached), footers and list headers only; shards carry the result to the workers."""
     from .plan import CAPTION_NAMES, URL_NAMES, find_column, list_inputs
 
     kinds: dict[str, str] = {}

@@ -30,7 +30,7 @@ from .decode import Rejected, decode
 from .fetch import fetch, make_session
 from .plan import Shard, prefilter
 from .quality import colorfulness
-from .schema import input_kinds, sample_json, shard_kinds
+from .schema import sample_json, shard_kinds
 from .write import (
     ShardWriteError,
     TarShard,
@@ -181,7 +181,7 @@ class ShardRun:
         self.out = Path(cfg.output)
         self.conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
         self.roots = tuple(cfg.local_roots) + tuple(shard.roots)  # --local-root and the folders named as input
-        self.kinds = shard_kinds(input_kinds(tuple(cfg.inputs), cfg.url_col, cfg.caption_col), shard.table.schema)
+        self.kinds = shard_kinds(shard.kinds, shard.table.schema)
         self.cpu = ThreadPoolExecutor(2, thread_name_prefix="cpu")
         self.io = ThreadPoolExecutor(1, thread_name_prefix="io")  # one thread: tar writes stay ordered
         self.claims = ClaimBatcher(claim, self.io) if claim and cfg.dedup.enabled else None
