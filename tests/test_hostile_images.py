@@ -80,19 +80,23 @@ def test_engine_refuses_postscript_and_pdf_served_as_jpeg(tmp_path, gs_marker, a
     assert len(read_samples(out)) == 1
 
 
+def disguised_shard(tmp_path, name: str, bodies: list[bytes], replace) -> str:
+    """A real shard of 4 synthetic samples whose members chosen by `replace(index, name)` hold `bodies`."""
+    write_shards(tmp_path / "src", n_shards=1, per_shard=4, size=40)
+    with tarfile.open(tmp_path / "src" / "00000.tar") as src, tarfile.open(tmp_path / name, "w") as dst:
+        for i, m in enumerate(src.getmembers()):
+            data = bodies[i % len(bodies)] if replace(i, m.name) else src.extractfile(m).read()
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    return str(tmp_path / name)
+
+
 @pytest.mark.timeout(120)
 def test_trainer_refuses_postscript_stored_as_jpg_and_cond_png(tmp_path, gs_marker):
     """A shard whose .jpg / .cond.png members hold PostScript: refused, counted, then the named error."""
-    write_shards(tmp_path / "src", n_shards=1, per_shard=4, size=40)
     bodies = list(postscript(tmp_path / "ps-wrote-this").values())
-    with tarfile.open(tmp_path / "src" / "00000.tar") as src, tarfile.open(tmp_path / "00007.tar", "w") as dst:
-        for i, m in enumerate(src.getmembers()):
-            data = src.extractfile(m).read()
-            if m.name.endswith((".jpg", ".cond.png")):
-                data = bodies[i % len(bodies)]
-            m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
-    cfg = DataConfig(shards=str(tmp_path / "00007.tar"), resolution=32, train_batch_size=2, num_workers=0,
+    shard = disguised_shard(tmp_path, "00007.tar", bodies, lambda i, name: name.endswith((".jpg", ".cond.png")))
+    cfg = DataConfig(shards=shard, resolution=32, train_batch_size=2, num_workers=0,
                      shuffle_buffer=1, max_failed_batches=3)
     tokenizer = build_tiny_tokenizer(tmp_path / "tok")
     with pytest.raises(ShardDataError) as e:
@@ -106,16 +110,10 @@ def test_preview_skips_postscript_members(tmp_path, gs_marker):
     """`python -m engine preview` over a shard of disguised PostScript: skipped and counted, gs never runs."""
     from engine.preview import read_samples as preview_samples
 
-    write_shards(tmp_path / "src", n_shards=1, per_shard=4, size=40)
     bodies = list(postscript(tmp_path / "ps-wrote-this").values())
-    with tarfile.open(tmp_path / "src" / "00000.tar") as src, tarfile.open(tmp_path / "00001.tar", "w") as dst:
-        for i, m in enumerate(src.getmembers()):
-            data = src.extractfile(m).read()
-            if m.name.endswith(".jpg") and i < 8:  # the first two samples' images are PostScript
-                data = bodies[i % len(bodies)]
-            m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
-    samples, skipped = preview_samples([str(tmp_path / "00001.tar")], limit=10)
+    # the first two samples' images are PostScript
+    shard = disguised_shard(tmp_path, "00001.tar", bodies, lambda i, name: name.endswith(".jpg") and i < 8)
+    samples, skipped = preview_samples([shard], limit=10)
     assert skipped == 2 and len(samples) == 2
     assert not gs_marker.exists(), f"Ghostscript was started: {gs_marker.read_text()}"
     assert not (tmp_path / "ps-wrote-this").exists()
