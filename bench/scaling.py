@@ -41,6 +41,19 @@ def local_list(folder: Path, rows: int, out: Path) -> Path:
     return out
 
 
+def ensure_corpus(work: Path, n: int) -> Path:
+    """The laion-profile corpus of `n` images under `work` (built once), its files in the page cache."""
+    folder = work / f"corpus-{n}"
+    if not (folder / "BUILT").exists():
+        t = time.perf_counter()
+        corpus.build_corpus(folder, "http://127.0.0.1:0", n_images=n, profile="laion", seed=0)
+        (folder / "BUILT").write_text(f"{time.perf_counter() - t:.1f} s\n")
+        print(f"built {n} images in {time.perf_counter() - t:.0f} s", flush=True)
+    for f in (folder / "files").iterdir():
+        f.read_bytes()  # page cache warm: the runs measure the engine, not the disk
+    return folder
+
+
 def shard_stats(out: Path) -> list[dict]:
     """Every shard's stats file."""
     return [json.loads(p.read_text()) for p in sorted(out.glob("[0-9]*.stats.json"))]
@@ -99,14 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.add_record:
         update_section("engine-scaling", render(json.loads(a.add_record.read_text())))
         return
-    folder = a.work / f"corpus-{a.n}"
-    if not (folder / "BUILT").exists():
-        t = time.perf_counter()
-        corpus.build_corpus(folder, "http://127.0.0.1:0", n_images=a.n, profile="laion", seed=0)
-        (folder / "BUILT").write_text(f"{time.perf_counter() - t:.1f} s\n")
-        print(f"built {a.n} images in {time.perf_counter() - t:.0f} s", flush=True)
-    for f in (folder / "files").iterdir():
-        f.read_bytes()  # page cache warm: the runs measure the engine, not the disk
+    folder = ensure_corpus(a.work, a.n)
     results = []
     for workers in [int(w) for w in a.workers.split(",")]:
         rows = a.per_worker * workers if a.cycle else min(a.n, a.per_worker * workers)
