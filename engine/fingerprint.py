@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import sources
+from . import sources, storage
 from .config import EngineConfig
 
 RUN_FILE = "run.json"
@@ -27,6 +27,7 @@ RUN_FILE = "run.json"
 OPERATIONAL = {
     "inputs": "compared by content (name, size, rows), not by the path typed",
     "output": "the folder itself; moving it keeps its shards valid",
+    "s3_endpoint": "where the object store is reached, not what is stored",
     "workers": "how many shards run at once; each shard is written by one task alone",
     "ray_address": "where the tasks run; the same shard function either way",
     "runner": "in-process or Ray; the same shard function either way",
@@ -104,14 +105,16 @@ def fingerprint(cfg: EngineConfig) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def load(output: Path) -> dict | None:
-    """The folder's recorded fingerprint, or None when it has none (a first run, or a folder made
-    before fingerprints existed)."""
-    path = output / RUN_FILE
-    if not path.exists():
+def load(output) -> dict | None:
+    """The folder's (or object store's, engine/storage.py) recorded fingerprint, or None when it has
+    none (a first run, or a folder made before fingerprints existed)."""
+    store = storage.as_store(output)
+    path = f"{store.url}/{RUN_FILE}"
+    data = store.read(RUN_FILE)
+    if data is None:
         return None
     try:
-        recorded = json.loads(path.read_text())
+        recorded = json.loads(data)
         if isinstance(recorded.get("settings"), dict) and isinstance(recorded.get("inputs"), list):
             return recorded
     except (OSError, ValueError, AttributeError):
