@@ -157,7 +157,8 @@ class ObjectStore:
                     endpoint_override=endpoint, connect_timeout=5, request_timeout=30,
                     retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
             else:  # gs:// (endpoint: a GCS emulator's host:port)
-                self.fs = pafs.GcsFileSystem(endpoint_override=endpoint, scheme="http" if endpoint else "https")
+                self.fs = pafs.GcsFileSystem(endpoint_override=endpoint and endpoint.split("://")[-1],
+                                             scheme="http" if endpoint else "https")
         except (OSError, ValueError) as exc:
             raise OutputError(f"--output {url}: {_one_line(exc)}") from None
         self.root = rest.rstrip("/")
