@@ -195,8 +195,8 @@ class EngineConfig:
             raise ValueError("--index-shards must be at least 1")
         if self.runner not in ("ray", "local", "processes"):
             raise ValueError("--runner must be 'ray', 'processes' or 'local'")
-        if self.s3_endpoint and not str(self.output).startswith(("s3://", "gs://", "gcs://")):
-            raise ValueError("--s3-endpoint is for an object store --output (s3://bucket/prefix); drop it or give one")
+        if self.s3_endpoint and not any(str(p).startswith(("s3://", "gs://", "gcs://")) for p in (self.output, *self.inputs)):
+            raise ValueError("--s3-endpoint is for an object store --output or INPUT (s3://bucket/prefix); drop it or give one")
 
     def to_dict(self) -> dict:
         """Plain dict for stats.json and logs."""

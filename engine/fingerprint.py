@@ -75,9 +75,9 @@ def settings(cfg: EngineConfig) -> dict:
 
 
 def footer_hash(path: Path) -> str:
-    """A short hash of a parquet file's footer (schema, row groups, column statistics): a cheap
-    stand-in for its contents, read without the data."""
-    with open(path, "rb") as f:
+    """A short hash of a parquet file's (or object's) footer (schema, row groups, column statistics):
+    a cheap stand-in for its contents, read without the data."""
+    with (open(path, "rb") if not storage.is_url(path) else storage.readable(path)) as f:
         f.seek(-8, 2)
         length = int.from_bytes(f.read(4), "little")
         f.seek(-8 - length, 2)
@@ -92,10 +92,10 @@ def describe_inputs(inputs) -> list[dict]:
         if inp.kind != "parquet":
             described.append(sources.describe(inp))
             continue
-        path = inp.path
-        rows = pq.ParquetFile(path).metadata.num_rows  # raises a clear error for a non-parquet file
-        described.append({"name": path.name, "bytes": path.stat().st_size, "rows": rows,
-                          "footer": footer_hash(path), "path": str(path.resolve())})
+        path = inp.path  # a Path, or an object's URL (engine/storage.py)
+        rows = pq.ParquetFile(storage.readable(path)).metadata.num_rows  # a clear error for a non-parquet file
+        described.append({"name": inp.name, "bytes": storage.input_size(path), "rows": rows, "footer": footer_hash(path),
+                          "path": path if storage.is_url(path) else str(path.resolve())})
     return described
 
 

@@ -448,8 +448,9 @@ def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> di
     # Absolute before the config travels: a Ray worker's working folder is not the driver's.
     # Inputs and --local-root are read by workers too (lists, image files), so they go absolute as well.
     cfg = dataclasses.replace(cfg, output=S.absolute(cfg.output),
-                              inputs=tuple(os.path.abspath(p) for p in cfg.inputs),
+                              inputs=tuple(S.absolute(p) for p in cfg.inputs),
                               local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
+    S.input_endpoint = cfg.s3_endpoint  # for s3:// inputs, which only this driver reads
     store = S.store_of(cfg)  # a folder or an object store (engine/storage.py)
     with store.lock():
         return _run(cfg, store, on_shard)

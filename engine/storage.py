@@ -386,3 +386,53 @@ def lock_output(out: Path):
         handle.close()
         raise RuntimeError(f"another run is writing to {out}; wait for it or choose another --output") from None
     return handle
+
+
+# Inputs: parquet objects read by the driver alone (shards carry their rows to the workers).
+input_endpoint: str | None = None  # --s3-endpoint of the run reading its inputs (pipeline.run sets it)
+
+
+def _parent(url: str) -> tuple[ObjectStore, str]:
+    """The store holding an object URL, and the object's name in it."""
+    parent, _, name = str(url).rstrip("/").rpartition("/")
+    return open_output(parent, input_endpoint), name
+
+
+def list_parquet(url: str) -> list[str]:
+    """The parquet objects an INPUT URL names: itself, or every *.parquet directly under the prefix."""
+    if not url.lower().endswith(".parquet") and not url.endswith("/"):
+        url += "/"
+    try:
+        if not url.endswith("/"):
+            store, name = _parent(url)
+            if store.size(name) is None:
+                raise FileNotFoundError(f"input {url}: no such object")
+            return [url]
+        store = open_output(url.rstrip("/"), input_endpoint)
+        found = [f"{store.url}/{n}" for n in store.names("*.parquet")]
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise FileNotFoundError(f"input {url}: {_one_line(exc)} (check --s3-endpoint and the credentials)") from None
+    if not found:
+        raise FileNotFoundError(f"input {url}: no .parquet objects under it (only parquet inputs may be URLs)")
+    return found
+
+
+def readable(path):
+    """What pyarrow reads an input from: a local path as it is, an object URL opened for random access."""
+    if not is_url(path):
+        return path
+    store, name = _parent(path)
+    return store.open(name)
+
+
+def input_size(path) -> int:
+    """An input's size in bytes (a local file or an object)."""
+    if not is_url(path):
+        return Path(path).stat().st_size
+    store, name = _parent(path)
+    size = store.size(name)
+    if size is None:
+        raise FileNotFoundError(f"input {path}: no such object")
+    return size

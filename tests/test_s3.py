@@ -1,4 +1,4 @@
-"""Output to an S3-compatible server started here (moto's server mode on 127.0.0.1), through the
+"""Output to (and parquet input from) an S3-compatible server started here (moto's server mode on 127.0.0.1), through the
 same checks as a local folder: the samples of a local run, read back with webdataset's own reader;
 a SIGKILLed run resumed without rewriting a done shard or losing a row; a rerun with other flags
 refused; a bad endpoint or bucket a one-line error; the single-writer lease.
@@ -84,8 +84,11 @@ def local_reference(corpus, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_a_run_into_s3_gives_the_samples_of_a_local_run(corpus, s3, local_reference, tmp_path, capsys):
     endpoint, client = s3
-    stats = run(engine_cfg(corpus.parquet, "s3://bucket/first", runner="local", s3_endpoint=endpoint))
+    client.upload_file(str(corpus.parquet), "bucket", "in/corpus.parquet")  # the input is read from the store too
+    stats = run(engine_cfg("s3://bucket/in/", "s3://bucket/first", runner="local", s3_endpoint=endpoint))
     names = objects(client, "first")
+    assert json.loads(client.get_object(Bucket="bucket", Key="first/run.json")["Body"].read())["inputs"][0]["path"] \
+        == "s3://bucket/in/corpus.parquet"
     assert {"run.json", "stats.json", "README.md"} <= set(names)
     assert S.LEASE not in names and ".driver-token" not in names and not [n for n in names if n.endswith(".tmp")]
     got = download(client, "first", tmp_path / "got")
@@ -98,7 +101,8 @@ def test_a_run_into_s3_gives_the_samples_of_a_local_run(corpus, s3, local_refere
            ".download_fileobj('bucket', sys.argv[1], sys.stdout.buffer)\" first/{}")
     tars = [url.format(n) for n in sorted(names) if n.endswith(".tar")]
     assert {s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)} == set(read_samples(local_reference))
-    # a rerun into the finished store (the CLI, in this process) changes no shard object and is accepted
+    # a rerun into the finished store (the CLI, in this process; the same input as a local file) changes
+    # no shard object and is accepted
     from engine.cli import main
 
     assert main(s3_cmd(corpus.parquet, "first", endpoint, "--runner", "local")[3:]) == 0
