@@ -231,7 +231,8 @@ def ray_init_args(cfg: EngineConfig) -> dict:
         return {"address": "local", "num_cpus": cfg.workers}
     package = str(Path(__file__).resolve().parent)
     return {"address": cfg.ray_address,
-            "runtime_env": {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]}}
+            "runtime_env": {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"],
+                            **S.credentials_env(cfg)}}
 
 
 def driver_node() -> NodeAffinitySchedulingStrategy:

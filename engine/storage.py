@@ -36,6 +36,7 @@ LEASE_TTL_S = 60.0  # a lease not renewed for this long, by a driver on another 
 RENEW_S = 10.0  # how often the holder renews it
 SETTLE_S = 1.0  # wait after writing a lease before reading it back: the last of two racing writers wins
 MARKER = "[0-9][0-9][0-9][0-9][0-9]*.stats.json"
+AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 class OutputError(ValueError):
@@ -348,6 +349,15 @@ def open_output(output: str | os.PathLike, endpoint: str | None = None):
         if key not in _STORES:
             _STORES[key] = ObjectStore(str(output), endpoint)
         return _STORES[key]
+
+
+def credentials_env(cfg) -> dict:
+    """Ray runtime_env entries carrying the driver's AWS_* variables to every worker, when the run
+    has an s3:// output (each node uploads its own shards); empty otherwise or when none is set."""
+    if not str(cfg.output).startswith("s3://"):
+        return {}
+    found = {k: os.environ[k] for k in AWS_VARS if os.environ.get(k)}
+    return {"env_vars": found} if found else {}
 
 
 def store_of(cfg) -> LocalStore | ObjectStore:

@@ -26,30 +26,6 @@ from engine.pipeline import run
 from .conftest import run_rows
 from .test_engine_e2e import check_run, engine_cfg, engine_cmd, read_samples
 
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on a free loopback port; yields (endpoint URL, boto3 client). The AWS
-    variables are set for this process and every engine subprocess."""
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in AWS_ENV}
-    os.environ.update(AWS_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="bucket")
-    yield endpoint, client
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
 
 def objects(client, prefix: str) -> dict[str, tuple[int, str]]:
     """name -> (size, ETag) of every object under bucket/prefix/ (an object store's listing)."""
