@@ -318,8 +318,9 @@ def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor, token: 
     whose --output is not the driver's folder (a node that joined without the shared filesystem)."""
     host = socket.gethostname()
     if not sees_token(S.store_of(cfg), token):
+        fix = "check its --s3-endpoint and credentials there" if S.is_url(cfg.output) else "mount the shared folder there"
         return {"shard": shard.shard_id, "ok": False,
-                "error": f"{host} does not see the driver's --output {cfg.output}: mount the shared folder there"}
+                "error": f"{host} does not see the driver's --output {cfg.output}: {fix}"}
     origin = {"host": host, "node_id": ray.get_runtime_context().get_node_id()}
     from .shard import process_shard  # imported in the worker only, not by the driver
 
