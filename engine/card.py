@@ -9,25 +9,26 @@ It is a summary, not a shard file: resume (pipeline.completed) and the run finge
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import yaml
 
-from . import schema
+from . import schema, storage
 from .config import EngineConfig
-from .write import shard_name, stage
+from .write import shard_name
 
 CARD = "README.md"
 SHARDS = "[0-9]*.tar"  # the shard tars; every other file of the folder is not part of the dataset
 
 
-def first_sample_json(out: Path) -> dict | None:
-    """KEY.json of the first sample of the first tar holding one (every sample has the same fields)."""
-    for tar in sorted(out.glob(SHARDS)):
+def first_sample_json(out) -> dict | None:
+    """KEY.json of the first sample of the first tar holding one (every sample has the same fields);
+    `out` a folder or a Store (engine/storage.py), whose tars are streamed from their start only."""
+    store = storage.as_store(out)
+    for tar in store.names(SHARDS):
         try:
-            with tarfile.open(tar) as t:
+            with store.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as t:
                 for member in t:
                     if member.name.endswith(".json"):
                         return json.loads(t.extractfile(member).read())
@@ -36,7 +37,7 @@ def first_sample_json(out: Path) -> dict | None:
     return None
 
 
-def json_features(cfg: EngineConfig, out: Path) -> dict[str, str]:
+def json_features(cfg: EngineConfig, out) -> dict[str, str]:
     """KEY.json's fields and dtypes: from a written sample, else (no sample yet) from the inputs."""
     sample = first_sample_json(out)
     if sample is not None:
@@ -96,11 +97,13 @@ as null. `content_hash`, `pixel_hash` and `phash` are `""` when dedup was off (`
 """
 
 
-def write_card(out: Path, cfg: EngineConfig, stats: dict) -> None:
-    """Atomically (re)write OUTPUT/README.md; a failure is reported in `stats`, the shards stay valid."""
+def write_card(out, cfg: EngineConfig, stats: dict) -> None:
+    """Atomically (re)write OUTPUT/README.md (`out` a folder or a Store); a failure is reported in
+    `stats`, the shards stay valid."""
+    store = storage.as_store(out)
     try:
-        meta = yaml.safe_dump(front_matter(json_features(cfg, out)), sort_keys=False, allow_unicode=True)
-        text = f"---\n{meta}---\n\n{prose(cfg, stats, sorted(out.glob(SHARDS)))}"
-        os.replace(stage(out / CARD, lambda tmp: tmp.write_text(text, encoding="utf-8")), out / CARD)
+        meta = yaml.safe_dump(front_matter(json_features(cfg, store)), sort_keys=False, allow_unicode=True)
+        text = f"---\n{meta}---\n\n{prose(cfg, stats, [Path(n) for n in store.names(SHARDS)])}"
+        store.write(CARD, text.encode("utf-8"))
     except OSError as exc:
-        stats.setdefault("unsaved", f"could not write {out / CARD}: {exc}")
+        stats.setdefault("unsaved", f"could not write {store.url}/{CARD}: {exc}")

@@ -32,13 +32,17 @@ def shards_parser(sub) -> None:
                    help="parquet files or folders of them (URLs); or your own images: a folder (recursive, "
                         "captions from same-stem .txt files), a glob ('photos/**/*.jpg'), or a CSV/JSONL "
                         "list of path,caption (paths relative to the list's folder)")
-    _opt(p, "--output", "--output-folder", required=True, help="folder for the shards and stats")
+    _opt(p, "--output", "--output-folder", required=True,
+         help="folder for the shards and stats, or an object store: s3://bucket/prefix (or gs://bucket/prefix)")
     g = p.add_argument_group("work")
     _opt(g, "--workers", "--processes-count", type=int, default=r.workers, help="shard tasks at once (cores)")
     _opt(g, "--shard-size", "--number-sample-per-shard", type=int, default=r.shard_size, help="input rows per shard")
     _opt(g, "--ray-address", default=None, help="join this Ray cluster ('auto' or host:port); default: local Ray")
     _opt(g, "--runner", choices=["ray", "local", "processes"], default=r.runner,
          help="'processes': worker processes of this machine, no Ray start; 'local': threads of this process (one machine)")
+    _opt(g, "--s3-endpoint", default=None, metavar="URL",
+         help="S3-compatible server for an s3:// --output (e.g. http://minio:9000); credentials from "
+              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws; default: AWS")
     _opt(g, "--shard-retries", type=int, default=r.max_retries, help="resubmissions of a shard whose task died")
     _opt(g, "--url-col", default=None, help="URL column (default: URL/url, any case)")
     _opt(g, "--caption-col", default=None, help="caption column (default: TEXT/caption, any case)")
@@ -87,6 +91,7 @@ def config_from_args(a: argparse.Namespace) -> EngineConfig:
         inputs=tuple(a.inputs), output=a.output, shard_size=a.shard_size, workers=a.workers,
         ray_address=a.ray_address, runner=a.runner, max_retries=a.shard_retries, url_col=a.url_col,
         caption_col=a.caption_col, progress=not a.no_progress, local_roots=tuple(a.local_root),
+        s3_endpoint=a.s3_endpoint,
         fetch=FetchConfig(concurrency=a.concurrency, timeout=a.timeout, connect_timeout=a.connect_timeout,
                           retries=a.retries, max_bytes=a.max_bytes, max_redirects=a.max_redirects,
                           user_agent=a.user_agent, respect_optout=not a.ignore_optout,
@@ -131,7 +136,7 @@ def run_shards(a: argparse.Namespace) -> int:
         print("\ninterrupted: complete shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
     print(summary(stats))
-    print(f"shards in {Path(cfg.output).resolve()}")
+    print(f"shards in {cfg.output if '://' in cfg.output else Path(cfg.output).resolve()}")
     if stats["outcomes"].get(O.BLOCKED_ADDRESS):
         print(f"{stats['outcomes'][O.BLOCKED_ADDRESS]} rows point at non-public addresses (blocked_address); "
               "--allow-private-network fetches them", file=sys.stderr)

@@ -151,7 +151,8 @@ class EngineConfig:
     """Parquet files or folders of them, folders or globs of images, or CSV/JSONL lists of path,caption
     (engine/sources.py), read in sorted order."""
     output: str
-    """Folder for NNNNN.tar / .parquet / .stats.json and the run's stats.json."""
+    """Folder for NNNNN.tar / .parquet / .stats.json and the run's stats.json, or an object store URL
+    (s3://bucket/prefix, gs://bucket/prefix) the shards are uploaded to (engine/storage.py)."""
     shard_size: int = 10_000
     """Input rows per shard (img2dataset's --number_sample_per_shard)."""
     workers: int = field(default_factory=usable_cores)
@@ -169,6 +170,10 @@ class EngineConfig:
     """Column holding the caption; default finds TEXT/caption case-insensitively."""
     progress: bool = True
     """Show a live progress bar on stderr."""
+    s3_endpoint: str | None = None
+    """Endpoint URL of an S3-compatible server for an s3:// --output (MinIO, Ceph, R2, ...: e.g.
+    http://minio:9000); default: AWS. Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    or ~/.aws, on every node that writes shards."""
     local_roots: tuple[str, ...] = ()
     """Folders whose files may be read when a row's URL is a plain path or file:// URL
     (engine/local.py); empty: such rows are invalid_url and nothing local is ever read."""
@@ -190,6 +195,8 @@ class EngineConfig:
             raise ValueError("--index-shards must be at least 1")
         if self.runner not in ("ray", "local", "processes"):
             raise ValueError("--runner must be 'ray', 'processes' or 'local'")
+        if self.s3_endpoint and not any(str(p).startswith(("s3://", "gs://", "gcs://")) for p in (self.output, *self.inputs)):
+            raise ValueError("--s3-endpoint is for an object store --output or INPUT (s3://bucket/prefix); drop it or give one")
 
     def to_dict(self) -> dict:
         """Plain dict for stats.json and logs."""

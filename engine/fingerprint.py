@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import sources
+from . import sources, storage
 from .config import EngineConfig
 
 RUN_FILE = "run.json"
@@ -27,6 +27,7 @@ RUN_FILE = "run.json"
 OPERATIONAL = {
     "inputs": "compared by content (name, size, rows), not by the path typed",
     "output": "the folder itself; moving it keeps its shards valid",
+    "s3_endpoint": "where the object store is reached, not what is stored",
     "workers": "how many shards run at once; each shard is written by one task alone",
     "ray_address": "where the tasks run; the same shard function either way",
     "runner": "in-process or Ray; the same shard function either way",
@@ -74,9 +75,9 @@ def settings(cfg: EngineConfig) -> dict:
 
 
 def footer_hash(path: Path) -> str:
-    """A short hash of a parquet file's footer (schema, row groups, column statistics): a cheap
-    stand-in for its contents, read without the data."""
-    with open(path, "rb") as f:
+    """A short hash of a parquet file's (or object's) footer (schema, row groups, column statistics):
+    a cheap stand-in for its contents, read without the data."""
+    with (open(path, "rb") if not storage.is_url(path) else storage.readable(path)) as f:
         f.seek(-8, 2)
         length = int.from_bytes(f.read(4), "little")
         f.seek(-8 - length, 2)
@@ -91,10 +92,10 @@ def describe_inputs(inputs) -> list[dict]:
         if inp.kind != "parquet":
             described.append(sources.describe(inp))
             continue
-        path = inp.path
-        rows = pq.ParquetFile(path).metadata.num_rows  # raises a clear error for a non-parquet file
-        described.append({"name": path.name, "bytes": path.stat().st_size, "rows": rows,
-                          "footer": footer_hash(path), "path": str(path.resolve())})
+        path = inp.path  # a Path, or an object's URL (engine/storage.py)
+        rows = pq.ParquetFile(storage.readable(path)).metadata.num_rows  # a clear error for a non-parquet file
+        described.append({"name": inp.name, "bytes": storage.input_size(path), "rows": rows, "footer": footer_hash(path),
+                          "path": path if storage.is_url(path) else str(path.resolve())})
     return described
 
 
@@ -104,14 +105,16 @@ def fingerprint(cfg: EngineConfig) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def load(output: Path) -> dict | None:
-    """The folder's recorded fingerprint, or None when it has none (a first run, or a folder made
-    before fingerprints existed)."""
-    path = output / RUN_FILE
-    if not path.exists():
+def load(output) -> dict | None:
+    """The folder's (or object store's, engine/storage.py) recorded fingerprint, or None when it has
+    none (a first run, or a folder made before fingerprints existed)."""
+    store = storage.as_store(output)
+    path = f"{store.url}/{RUN_FILE}"
+    data = store.read(RUN_FILE)
+    if data is None:
         return None
     try:
-        recorded = json.loads(path.read_text())
+        recorded = json.loads(data)
         if isinstance(recorded.get("settings"), dict) and isinstance(recorded.get("inputs"), list):
             return recorded
     except (OSError, ValueError, AttributeError):

@@ -9,7 +9,6 @@ rest, after checking (engine/fingerprint.py) that it is the same run: same setti
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import socket
@@ -31,10 +30,12 @@ from . import card
 from . import dedup as D
 from . import fingerprint as F
 from . import outcomes as O
+from . import storage as S
 from .config import EngineConfig
 from .counter import ProgressCounter
 from .plan import Shard, iter_shards
-from .write import fsync_dir, remove_stale_tmp, shard_name, tar_problem, write_json
+from .storage import OutputError, lock_output, usable_output  # noqa: F401 -- moved there, still importable here
+from .write import shard_name, tar_problem
 
 PENDING = "pending"  # rows of shards that are not complete (failed or interrupted): rerun to finish
 TOKEN_FILE = ".driver-token"  # this run's random token: a task writes only where it finds it (same folder)
@@ -151,15 +152,15 @@ class RayRunner:
         self.progress_actor = self.index[0] if self.index else \
             ray.remote(ProgressCounter).options(num_cpus=0, scheduling_strategy=here).remote()
         try:
-            write_token(Path(self.cfg.output), self.token)
-            check_shared_output(self.cfg.output, self.token)
+            write_token(S.store_of(self.cfg), self.token)
+            check_shared_output(S.store_of(self.cfg), self.token)
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc):
-        (Path(self.cfg.output) / TOKEN_FILE).unlink(missing_ok=True)
+        S.store_of(self.cfg).delete(TOKEN_FILE)
         if self.owns_ray:
             ray.shutdown()
         return False
@@ -230,7 +231,8 @@ def ray_init_args(cfg: EngineConfig) -> dict:
         return {"address": "local", "num_cpus": cfg.workers}
     package = str(Path(__file__).resolve().parent)
     return {"address": cfg.ray_address,
-            "runtime_env": {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]}}
+            "runtime_env": {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"],
+                            **S.credentials_env(cfg)}}
 
 
 def driver_node() -> NodeAffinitySchedulingStrategy:
@@ -238,25 +240,26 @@ def driver_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def write_token(out: Path, token: str) -> None:
-    """Leave this run's token in --output, where tasks look for it before writing."""
-    write_json({"token": token, "host": socket.gethostname()}, out / TOKEN_FILE)
+def write_token(out, token: str) -> None:
+    """Leave this run's token in --output (a folder or a Store), where tasks look for it before writing."""
+    S.as_store(out).write_json(TOKEN_FILE, {"token": token, "host": socket.gethostname()})
 
 
-def sees_token(output: str, token: str) -> bool:
-    """Whether `output` on this machine is the driver's folder (holds this run's token)."""
+def sees_token(output, token: str) -> bool:
+    """Whether `output` on this machine is the driver's folder or store (holds this run's token)."""
     try:
-        return json.loads((Path(output) / TOKEN_FILE).read_text()).get("token") == token
+        return json.loads(S.as_store(output).read(TOKEN_FILE) or b"").get("token") == token
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def _probe(output: str, token: str) -> tuple[str, bool]:
+def _probe(output, token: str) -> tuple[str, bool]:
     """Ray task on one node: (its host name, whether it sees the driver's --output)."""
-    return socket.gethostname(), sees_token(output, token) and os.access(output, os.W_OK | os.X_OK)
+    store = S.as_store(output)
+    return socket.gethostname(), sees_token(store, token) and (store.remote or os.access(store.url, os.W_OK | os.X_OK))
 
 
-def check_shared_output(output: str, token: str) -> None:
+def check_shared_output(output, token: str) -> None:
     """Refuse to start when a live node cannot write to the driver's --output folder."""
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     if len(nodes) < 2:
@@ -274,9 +277,13 @@ def check_shared_output(output: str, token: str) -> None:
             continue  # the node left the cluster meanwhile: it runs no shard
         if not ok:
             blind.append(f"{host} (node {node[:12]})")
+    if blind and S.as_store(output).remote:
+        raise OutputError(f"--output {S.as_store(output).url} cannot be read from {', '.join(blind)}: every node "
+                          "uploads its own shards, so each needs the endpoint reachable and the credentials "
+                          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws) the driver has")
     if blind:
         raise OutputError(
-            f"--output {output} is not the driver's folder on {', '.join(blind)}: on a Ray cluster every "
+            f"--output {S.as_store(output).url} is not the driver's folder on {', '.join(blind)}: on a Ray cluster every "
             "node writes its shards straight into --output, so mount one shared filesystem (NFS, CephFS, "
             "Lustre...) at the same path on every node and give that path")
 
@@ -310,9 +317,10 @@ def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor, token: 
     """The Ray task body: one shard, progress sent to the driver's counter actor; refused on a node
     whose --output is not the driver's folder (a node that joined without the shared filesystem)."""
     host = socket.gethostname()
-    if not sees_token(cfg.output, token):
+    if not sees_token(S.store_of(cfg), token):
+        fix = "check its --s3-endpoint and credentials there" if S.is_url(cfg.output) else "mount the shared folder there"
         return {"shard": shard.shard_id, "ok": False,
-                "error": f"{host} does not see the driver's --output {cfg.output}: mount the shared folder there"}
+                "error": f"{host} does not see the driver's --output {cfg.output}: {fix}"}
     origin = {"host": host, "node_id": ray.get_runtime_context().get_node_id()}
     from .shard import process_shard  # imported in the worker only, not by the driver
 
@@ -328,39 +336,41 @@ def _result(ref, shard: Shard) -> dict:
         return {"shard": shard.shard_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def completed(output: Path) -> dict[int, dict]:
-    """Stats of every complete shard in `output` whose files agree with them, by shard id."""
+def completed(output) -> dict[int, dict]:
+    """Stats of every complete shard in `output` (a folder or a Store) whose files agree with them, by shard id."""
     done = {}
-    for path in output.glob("[0-9][0-9][0-9][0-9][0-9]*.stats.json"):
+    output = S.as_store(output)
+    for name in output.names(S.MARKER):
         try:
-            stats = json.loads(path.read_text())
-            if path.name == f"{shard_name(int(stats['shard']))}.stats.json" and trusted(output, stats):
+            stats = json.loads(output.read(name) or b"")
+            if name == f"{shard_name(int(stats['shard']))}.stats.json" and trusted(output, stats):
                 done[int(stats["shard"])] = stats
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError):
             continue  # unreadable means not done; the shard is redone
     return done
 
 
-def trusted(output: Path, stats: dict) -> bool:
+def trusted(output, stats: dict) -> bool:
     """Whether a shard's tar, parquet and stats agree: sizes, rows and `ok` keys (no image read).
 
     Shards written before the stats held file sizes get their tar's member list checked instead."""
-    name = shard_name(int(stats["shard"]))
-    tar, parquet = output / f"{name}.tar", output / f"{name}.parquet"
+    name, output = shard_name(int(stats["shard"])), S.as_store(output)
+    tar, parquet = f"{name}.tar", f"{name}.parquet"
     outcomes = stats["outcomes"]
     if sum(outcomes.values()) != stats["rows"] or outcomes.get(O.OK, 0) != stats["written"]:
         return False
-    if not (tar.is_file() and parquet.is_file()):
-        return False
-    sizes = {"tar_bytes": tar.stat().st_size, "parquet_bytes": parquet.stat().st_size}
-    if any(stats.get(k, n) != n for k, n in sizes.items()):
+    sizes = {"tar_bytes": output.size(tar), "parquet_bytes": output.size(parquet)}
+    if None in sizes.values() or any(stats.get(k, n) != n for k, n in sizes.items()):
         return False
     legacy = "tar_bytes" not in stats
-    table = pq.read_table(parquet, columns=["key", "outcome"] if legacy else ["outcome"])
+    if legacy and output.local(tar) is None:
+        return False  # no object store held shards before the stats recorded sizes
+    with output.open(parquet) as f:
+        table = pq.read_table(f, columns=["key", "outcome"] if legacy else ["outcome"])
     ok = pc.fill_null(pc.equal(table.column("outcome"), O.OK), False)
     if table.num_rows != stats["rows"] or (pc.sum(ok).as_py() or 0) != stats["written"]:
         return False
-    return not legacy or tar_problem(tar, table.filter(ok).column("key").to_pylist()) is None
+    return not legacy or tar_problem(output.local(tar), table.filter(ok).column("key").to_pylist()) is None
 
 
 def check_compatible(cfg: EngineConfig, done: dict[int, dict]) -> None:
@@ -387,22 +397,24 @@ def check_plan(cfg: EngineConfig, done: dict[int, dict], rows: int) -> None:
                 f"{first}: the folder was made from other inputs; rerun with those or choose another --output")
 
 
-def check_rerun(cfg: EngineConfig, out: Path, now: dict, done: dict[int, dict], rows: int) -> None:
+def check_rerun(cfg: EngineConfig, out, now: dict, done: dict[int, dict], rows: int) -> None:
     """Refuse, before any file is touched, a rerun that would mix its shards with another run's."""
     recorded = F.load(out)
     if recorded is not None:
-        F.check(out, recorded, now)
+        F.check(S.as_store(out).url, recorded, now)
     else:  # made before run.json existed: the fields the shards' stats hold
         check_compatible(cfg, done)
     check_plan(cfg, done, rows)
 
 
-def rebuild_index(client: D.DedupClient | None, output: Path, done: dict[int, dict]) -> int:
+def rebuild_index(client: D.DedupClient | None, output, done: dict[int, dict]) -> int:
     """Reload the hashes of images already written, so a resumed run stays duplicate-free."""
     if client is None or not done:
         return 0
-    # Streamed: millions of hashes never sit in a Python list at once.
-    return client.load(D.iter_rebuild_items([output / f"{shard_name(i)}.parquet" for i in sorted(done)]))
+    output = S.as_store(output)
+    # Streamed: millions of hashes never sit in a Python list at once, nor open files.
+    return client.load(D.iter_rebuild_items(output.local(n) or output.open(n)
+                                            for n in (f"{shard_name(i)}.parquet" for i in sorted(done))))
 
 
 def totals(cfg: EngineConfig, rows: int, done: dict[int, dict], failures: list[dict], seconds: float,
@@ -433,50 +445,20 @@ def totals(cfg: EngineConfig, rows: int, done: dict[int, dict], failures: list[d
     }
 
 
-class OutputError(ValueError):
-    """--output cannot hold the shards: a file, a path under a file, or a folder not writable."""
-
-
-def usable_output(out: Path) -> None:
-    """Create the output folder if needed; a clear OutputError naming --output when it cannot be used."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--output {out} is a file, not a folder: choose a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"--output {out} cannot be created: {exc.strerror or exc}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"--output {out} is not writable by this user: choose another folder")
-
-
-def lock_output(out: Path):
-    """Hold an exclusive lock on the output folder (released by the OS even on SIGKILL)."""
-    try:  # opened without truncating: an existing .lock is left exactly as it is
-        handle = os.fdopen(os.open(out / ".lock", os.O_WRONLY | os.O_CREAT, 0o644), "w")
-    except OSError as exc:
-        raise OutputError(f"--output {out} is not writable: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise RuntimeError(f"another run is writing to {out}; wait for it or choose another --output") from None
-    return handle
-
-
 def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> dict:
     """Make (or finish) the shards of `cfg`; returns and writes the run's stats.json."""
     # Absolute before the config travels: a Ray worker's working folder is not the driver's.
     # Inputs and --local-root are read by workers too (lists, image files), so they go absolute as well.
-    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output),
-                              inputs=tuple(os.path.abspath(p) for p in cfg.inputs),
+    cfg = dataclasses.replace(cfg, output=S.absolute(cfg.output),
+                              inputs=tuple(S.absolute(p) for p in cfg.inputs),
                               local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
-    out = Path(cfg.output)
-    usable_output(out)
-    with lock_output(out):
-        return _run(cfg, out, on_shard)
+    S.input_endpoint = cfg.s3_endpoint  # for s3:// inputs, which only this driver reads
+    store = S.store_of(cfg)  # a folder or an object store (engine/storage.py)
+    with store.lock():
+        return _run(cfg, store, on_shard)
 
 
-def start_run(cfg: EngineConfig, out: Path) -> tuple[int, dict[int, dict]]:
+def start_run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore) -> tuple[int, dict[int, dict]]:
     """Check that this run may write into `out` (nothing is changed if not), then record it.
 
     Returns the input rows and the done shards."""
@@ -484,10 +466,9 @@ def start_run(cfg: EngineConfig, out: Path) -> tuple[int, dict[int, dict]]:
     rows = sum(d["rows"] for d in now["inputs"])
     done = completed(out)
     check_rerun(cfg, out, now, done, rows)
-    if not (out / F.RUN_FILE).exists():
-        write_json(now, out / F.RUN_FILE)
-        fsync_dir(out)
-    remove_stale_tmp(out)
+    if out.read(F.RUN_FILE) is None:
+        out.write_json(F.RUN_FILE, now)
+    out.tidy()
     return rows, done
 
 
@@ -500,7 +481,7 @@ def make_runner(cfg: EngineConfig):
     return RayRunner(cfg) if cfg.runner == "ray" else LocalRunner(cfg)
 
 
-def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) -> dict:
+def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callable[[dict], None] | None) -> dict:
     """`run` once the output folder is ours."""
     rows, done = start_run(cfg, out)
     todo = (s for s in iter_shards(cfg.inputs, cfg.shard_size, cfg.url_col, cfg.caption_col)
@@ -523,11 +504,11 @@ def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) 
             runner.run(todo, progress, finished)
     finally:
         progress.close()
-        remove_stale_tmp(out)
+        out.tidy()
         result = totals(cfg, rows, done, failures, time.monotonic() - start, progress.written)
         try:
-            write_json(result, out / "stats.json")
+            out.write_json("stats.json", result)
         except OSError as exc:  # the shards are safe; only this summary is missing
-            result["unsaved"] = f"could not write {out / 'stats.json'}: {exc}"
+            result["unsaved"] = f"could not write {out.url}/stats.json: {exc}"
         card.write_card(out, cfg, result)  # README.md: features for datasets.load_dataset(OUTPUT), counts
     return result

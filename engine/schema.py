@@ -20,6 +20,7 @@ import numbers
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .caption import storable
 
 STRING, INT, FLOAT, BOOL = "string", "int64", "float64", "bool"  # the kinds, named as datasets' dtypes
@@ -59,12 +60,12 @@ def input_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str |
 
     kinds: dict[str, str] = {}
     try:
-        paths = [p for p in list_inputs(inputs) if p.suffix.lower() == ".parquet"]
+        paths = [p for p in list_inputs(inputs) if str(p).lower().endswith(".parquet")]  # a URL is a str
     except (OSError, ValueError):
         return kinds  # inputs the plan reads otherwise: each shard's Arrow types decide (shard_kinds)
     for path in paths:
         try:
-            schema = pq.read_schema(path)
+            schema = pq.read_schema(storage.readable(path))
         except (OSError, pa.ArrowException):
             continue
         names = schema.names
@@ -84,7 +85,8 @@ def _list_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str |
     from .sources import PATH_NAMES, TABLE_EXTS, table_schema
 
     merged: dict[str, str] = {}
-    for path in (p for p in list_inputs(inputs) if p.suffix.lower() in TABLE_EXTS and p.is_file()):
+    for path in (p for p in list_inputs(inputs)
+                 if not storage.is_url(p) and p.suffix.lower() in TABLE_EXTS and p.is_file()):
         schema = table_schema(path, url_col)
         names = schema.names if schema else []
         try:

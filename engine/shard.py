@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import dedup as D
 from . import local
@@ -31,6 +30,7 @@ from .fetch import fetch, make_session
 from .plan import Shard, prefilter
 from .quality import colorfulness
 from .schema import sample_json, shard_kinds
+from .storage import store_of
 from .write import (
     ShardWriteError,
     TarShard,
@@ -178,7 +178,7 @@ class ShardRun:
         self.origin = origin or {}  # where the shard was made (host, Ray node id), kept in its stats
         self.rows = shard.table.to_pylist()
         self.records: list[dict | None] = [None] * len(self.rows)
-        self.out = Path(cfg.output)
+        self.store = store_of(cfg)  # the output folder, or an object store it is uploaded to (engine/storage.py)
         self.conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
         self.roots = tuple(cfg.local_roots) + tuple(shard.roots)  # --local-root and the folders named as input
         self.kinds = shard_kinds(shard.kinds, shard.table.schema)
@@ -359,8 +359,10 @@ class ShardRun:
     def execute(self) -> dict:
         """Process every row, then check and publish tar, parquet and (last) stats; an I/O error
         anywhere fails the whole shard and leaves no temporary behind."""
-        start = time.monotonic()
-        self.tar = TarShard(self.out / f"{shard_name(self.shard.shard_id)}.tar")
+        start, name = time.monotonic(), shard_name(self.shard.shard_id)
+        staging = self.store.stage_shard()  # built where publish_shard renames into place; uploaded from there
+        self.out = staging.folder
+        self.tar = TarShard(self.out / f"{name}.tar")
         try:
             try:
                 asyncio.run(self.run())
@@ -372,10 +374,14 @@ class ShardRun:
             for i in missing:  # cannot happen by construction; guards the "counts add up" promise
                 self.finish(i, O.ERROR, "row lost")
             ok_keys = [r["key"] for r in self.records if r["outcome"] == O.OK]
-            return publish_shard(self.tar, self.records, self.stats(time.monotonic() - start), ok_keys)
+            stats = publish_shard(self.tar, self.records, self.stats(time.monotonic() - start), ok_keys)
+            staging.commit(name)  # object store: tar, parquet, then the marker; a folder: in place already
+            return stats
         except BaseException:
             self.tar.abort()
             raise
+        finally:
+            staging.close()
 
 
 def process_shard(shard: Shard, cfg: EngineConfig, claim: Claim | None = None,

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from . import local
+from . import local, storage
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 TABLE_EXTS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -50,6 +50,8 @@ class Input:
 
     def root(self) -> Path | None:
         """The folder whose files this input may read (None: only --local-root ones)."""
+        if self.kind == "parquet":  # its path may be an object's URL (a str)
+            return None
         return {"images": self.path, "csv": self.path.parent, "jsonl": self.path.parent}.get(self.kind)
 
 
@@ -63,7 +65,9 @@ def expand(inputs, files: bool = True) -> list[Input]:
 
 
 def _expand_one(item: str, files: bool = True) -> list[Input]:
-    """The Inputs one INPUT names: a folder, a file or a glob."""
+    """The Inputs one INPUT names: a folder, a file or a glob; or parquet objects of a store (a URL)."""
+    if storage.is_url(item):  # path: the object's URL (a str), read by the driver only (engine/storage.py)
+        return [Input("parquet", url, url.rsplit("/", 1)[-1]) for url in storage.list_parquet(item)]
     p = Path(item)
     if p.is_dir():
         parquet = _walk(p, (".parquet",))

@@ -24,6 +24,7 @@ from engine.config import DedupConfig, EngineConfig, FetchConfig
 from engine.pipeline import PENDING, OutputError, check_shared_output, completed, run, write_token
 
 from .conftest import run_rows
+from .test_s3 import download, objects
 
 pytestmark = pytest.mark.slow
 FAST = FetchConfig(timeout=1.5, connect_timeout=1.0, retries=1, backoff=0.05, max_bytes=8 * 1024 * 1024,
@@ -174,6 +175,21 @@ def kill_a_node_during(cluster, config) -> dict:
     stats = run(config, on_shard=kill_after_first)
     assert killed.is_set()
     return stats
+
+
+def test_each_node_uploads_its_own_shards_to_an_object_store(cluster, corpus, s3, tmp_path):
+    """An s3:// --output needs no shared folder: tasks on both nodes upload their shards (the AWS
+    variables travel in the runtime_env), which match a one-node run's."""
+    endpoint, client = s3
+    rows = pq.read_metadata(corpus.parquet).num_rows
+    stats = run(cfg(corpus.parquet, "s3://bucket/cluster", cluster.address, s3_endpoint=endpoint))
+    got = download(client, "cluster", tmp_path / "got")
+    one = run(cfg(corpus.parquet, tmp_path / "one", None))
+    assert stats["outcomes"] == one["outcomes"] and PENDING not in stats["outcomes"]
+    assert set(shard_nodes(got).values()) == node_ids(cluster)
+    assert ok_keys(got) == ok_keys(tmp_path / "one")
+    check_whole(got, rows)
+    assert not {".driver-token", ".lock.json"} & set(objects(client, "cluster"))
 
 
 def test_a_node_that_does_not_see_the_output_is_named(cluster, tmp_path):

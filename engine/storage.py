@@ -1,0 +1,448 @@
+"""Storage: where a run's files live, a local folder or an object store, behind one small interface.
+
+`open_output(output, endpoint)` gives a Store: a LocalStore for a folder, an ObjectStore for
+`s3://bucket/prefix` (and `gs://bucket/prefix`) through pyarrow.fs, already a dependency: its S3
+and GCS file systems read and write parquet natively, take an endpoint (S3-compatible servers) and
+find credentials as the AWS/Google SDKs do (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an
+instance role; gcloud credentials). fsspec would add s3fs/gcsfs and their aiohttp/botocore stack.
+
+The pipeline asks a Store for: the done markers, small files (run.json, stats.json, README.md, the
+lease) read and written whole, a shard's parquet, and a staging folder for each shard. On disk a
+shard is built and renamed into place in the output folder itself (engine/write.py). On an object
+store it is built the same way in a local temporary folder, then uploaded: tar and parquet first,
+the NNNNN.stats.json marker last; an object store has no rename, but a single object appears whole
+or not at all, so a marker still vouches only for files already there, and resume checks their
+sizes against it as on disk (pipeline.trusted). The single-writer rule is a lease object
+(LEASE): see ObjectStore.lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+SCHEMES = ("s3://", "gs://", "gcs://")
+LEASE = ".lock.json"  # an object store's single-writer lease (a local folder has a flock on .lock)
+LEASE_TTL_S = 60.0  # a lease not renewed for this long, by a driver on another host, is stale
+RENEW_S = 10.0  # how often the holder renews it
+SETTLE_S = 1.0  # wait after writing a lease before reading it back: the last of two racing writers wins
+MARKER = "[0-9][0-9][0-9][0-9][0-9]*.stats.json"
+AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+class OutputError(ValueError):
+    """--output cannot hold the shards: a file, a path under a file, a folder not writable, or an
+    object store that cannot be reached."""
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names an object store rather than a local path."""
+    return str(path).startswith(SCHEMES)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (a Ray worker's working folder is not the driver's); URLs as given."""
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def _dump(obj: dict) -> bytes:
+    """JSON as every file of the output is written."""
+    return json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode("utf-8")
+
+
+class LocalStore:
+    """A local (or shared-filesystem) folder: files are staged and renamed into place, then flushed."""
+
+    remote = False
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.url = str(self.folder)
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Sorted names of the files directly in the folder matching the glob `pattern`."""
+        return sorted(p.name for p in self.folder.glob(pattern) if p.is_file())
+
+    def read(self, name: str) -> bytes | None:
+        """A file's bytes, None when it does not exist."""
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def size(self, name: str) -> int | None:
+        """A file's size, None when it is not a file."""
+        path = self.folder / name
+        return path.stat().st_size if path.is_file() else None
+
+    def open(self, name: str):
+        """A file opened for reading (parquet reads seek in it)."""
+        return open(self.folder / name, "rb")
+
+    def local(self, name: str) -> Path | None:
+        """The file's path on this machine (None on an object store)."""
+        return self.folder / name
+
+    def write(self, name: str, data: bytes) -> None:
+        """Atomically (re)write a small file and flush the folder."""
+        from .write import fsync_dir, stage
+
+        final = self.folder / name
+        os.replace(stage(final, lambda tmp: tmp.write_bytes(data)), final)
+        fsync_dir(self.folder)
+
+    def write_json(self, name: str, obj: dict) -> None:
+        """Atomically write a JSON file."""
+        self.write(name, _dump(obj))
+
+    def delete(self, name: str) -> None:
+        """Remove a file (gone already: nothing to do)."""
+        (self.folder / name).unlink(missing_ok=True)
+
+    def tidy(self) -> int:
+        """Delete temporaries left by killed runs; how many."""
+        from .write import remove_stale_tmp
+
+        return remove_stale_tmp(self.folder)
+
+    def stage_shard(self) -> Staging:
+        """Where a shard is built: the folder itself (engine/write.py renames the files into place)."""
+        return Staging(self, self.folder, None)
+
+    def lock(self):
+        """The folder created if needed and locked for this run alone (flock on .lock)."""
+        usable_output(self.folder)
+        return lock_output(self.folder)
+
+
+class Staging:
+    """One shard's local build folder and, on an object store, its upload: files first, marker last."""
+
+    def __init__(self, store, folder: Path, lease: str | None):
+        self.store, self.folder, self.lease = store, folder, lease
+
+    def commit(self, name: str) -> None:
+        """Upload the shard `name` built in the folder (on disk it is in place already)."""
+        if self.store.remote:
+            self.store.upload_shard(self.folder, name, self.lease)
+
+    def close(self) -> None:
+        """Remove a temporary build folder and whatever is left in it."""
+        if self.store.remote:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class ObjectStore:
+    """`s3://bucket/prefix` or `gs://bucket/prefix` through pyarrow.fs; every object is put whole."""
+
+    remote = True
+
+    def __init__(self, url: str, endpoint: str | None = None):
+        import pyarrow.fs as pafs
+
+        self.url = url.rstrip("/")
+        scheme, _, rest = self.url.partition("://")
+        self.bucket = rest.split("/", 1)[0]
+        try:
+            if scheme == "s3":
+                self.fs = pafs.S3FileSystem(
+                    endpoint_override=endpoint, connect_timeout=5, request_timeout=30,
+                    retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+            else:  # gs:// (endpoint: a GCS emulator's host:port)
+                self.fs = pafs.GcsFileSystem(endpoint_override=endpoint and endpoint.split("://")[-1],
+                                             scheme="http" if endpoint else "https")
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"--output {url}: {_one_line(exc)}") from None
+        self.root = rest.rstrip("/")
+
+    def _key(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Sorted names of the objects directly under the prefix matching the glob `pattern`."""
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(n for i in infos if i.type == pafs.FileType.File
+                      and fnmatch.fnmatchcase(n := i.base_name, pattern))
+
+    def read(self, name: str) -> bytes | None:
+        """An object's bytes, None when it does not exist."""
+        try:
+            with self.fs.open_input_stream(self._key(name)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def size(self, name: str) -> int | None:
+        """An object's size, None when there is none."""
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(self._key(name))
+        return info.size if info.type == pafs.FileType.File else None
+
+    def open(self, name: str):
+        """An object opened for random-access reads (parquet footers, column chunks)."""
+        return self.fs.open_input_file(self._key(name))
+
+    def local(self, name: str) -> Path | None:
+        """None: objects have no path on this machine."""
+        return None
+
+    def write(self, name: str, data: bytes) -> None:
+        """Put one object whole (it is visible only once complete)."""
+        with self.fs.open_output_stream(self._key(name)) as f:
+            f.write(data)
+
+    def write_json(self, name: str, obj: dict) -> None:
+        """Put a JSON object."""
+        self.write(name, _dump(obj))
+
+    def delete(self, name: str) -> None:
+        """Remove an object (gone already: nothing to do). Asked first, as pyarrow puts an empty
+        "prefix/" folder marker after every delete."""
+        if self.size(name) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(self._key(name))
+
+    def tidy(self) -> int:
+        """Nothing to tidy: an interrupted upload leaves no object (the staging folders are local)."""
+        return 0
+
+    def stage_shard(self) -> Staging:
+        """A fresh local folder to build one shard in, with the lease it will be uploaded under."""
+        lease = json.loads(self.read(LEASE) or b"{}").get("run")
+        return Staging(self, Path(tempfile.mkdtemp(prefix="ctrlnet-shard-")), lease)
+
+    def upload_shard(self, folder: Path, name: str, lease: str | None) -> None:
+        """Upload NNNNN.tar and .parquet, then the .stats.json marker, if this run still holds the lease."""
+        from .write import ShardWriteError
+
+        marker = f"{name}.stats.json"
+        try:
+            self.delete(marker)  # a marker left by an untrusted earlier attempt goes before its files change
+            for ext in (".tar", ".parquet"):
+                self._upload(folder / f"{name}{ext}", f"{name}{ext}")
+            holder = json.loads(self.read(LEASE) or b"{}").get("run")
+            if holder != lease:
+                raise ShardWriteError(f"shard {name}: another run ({holder}) took over {self.url}; not marked done")
+            self._upload(folder / marker, marker)
+        except OSError as exc:
+            raise ShardWriteError(f"uploading shard {name} to {self.url}: {_one_line(exc)}") from exc
+
+    def _upload(self, path: Path, name: str) -> None:
+        """Stream a local file into one object (multipart for big tars; the object appears at the end)."""
+        with open(path, "rb") as src, self.fs.open_output_stream(self._key(name)) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+    def check(self) -> None:
+        """A clear OutputError when the bucket cannot be reached, read or written."""
+        import pyarrow.fs as pafs
+
+        try:
+            info = self.fs.get_file_info(self.bucket)
+            if info.type != pafs.FileType.Directory:
+                raise OutputError(f"--output {self.url}: bucket {self.bucket} does not exist; create it first")
+            self.names(".none")
+        except OSError as exc:
+            raise OutputError(f"--output {self.url}: {_one_line(exc)} (check --s3-endpoint and the "
+                              "credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws)") from None
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the lease object LEASE for this run, renewed every RENEW_S seconds.
+
+        Object stores have no flock, and pyarrow cannot send a conditional put (If-None-Match), so:
+        a lease held by a live run (same host: its process is alive; another host: renewed within
+        LEASE_TTL_S) refuses this run; else this run writes its own, waits SETTLE_S and reads it
+        back (of two racing runs the last writer wins, the other stops). Every shard reads the
+        lease again before its marker, so a run that lost it never marks a shard done."""
+        self.check()
+        lease = self._take()
+        stop = threading.Event()
+        renew = threading.Thread(target=self._renew, args=(lease, stop), daemon=True, name="lease")
+        renew.start()
+        try:
+            yield lease
+        finally:
+            stop.set()
+            renew.join()
+            with contextlib.suppress(OSError):
+                if json.loads(self.read(LEASE) or b"{}").get("run") == lease["run"]:
+                    self.delete(LEASE)
+
+    def _take(self) -> dict:
+        """Write this run's lease unless a live run holds one; refuse when another run wins the race."""
+        held = self._holder()
+        if held:
+            raise RuntimeError(f"another run ({held}) is writing to {self.url}; wait for it or choose another "
+                               f"--output (a lease of a run on another host expires {LEASE_TTL_S:.0f} s after "
+                               f"its last renewal; delete {self.url}/{LEASE} if that run is gone)")
+        lease = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()}
+        self.write_json(LEASE, lease)
+        time.sleep(SETTLE_S)
+        now = json.loads(self.read(LEASE) or b"{}")
+        if now.get("run") != lease["run"]:
+            raise RuntimeError(f"another run ({now.get('host')} pid {now.get('pid')}) started writing to "
+                               f"{self.url} at the same moment; wait for it or choose another --output")
+        return lease
+
+    def _holder(self) -> str | None:
+        """'host pid N' of a live run holding the lease, None when there is none or it is stale."""
+        try:
+            held = json.loads(self.read(LEASE) or b"{}")
+        except ValueError:
+            return None  # a torn or foreign lease object cannot hold anyone out
+        if not held.get("run"):
+            return None
+        if held.get("host") == socket.gethostname():
+            alive = _pid_alive(int(held.get("pid", 0)))
+        else:
+            alive = time.time() - float(held.get("renewed", 0)) < LEASE_TTL_S
+        return f"{held.get('host')} pid {held.get('pid')}" if alive else None
+
+    def _renew(self, lease: dict, stop: threading.Event) -> None:
+        """Rewrite the lease's time while the run lasts (a failed renewal is retried at the next)."""
+        while not stop.wait(RENEW_S):
+            with contextlib.suppress(OSError):
+                if json.loads(self.read(LEASE) or b"{}").get("run") == lease["run"]:
+                    self.write_json(LEASE, {**lease, "renewed": time.time()})
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host has this id."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _one_line(exc: BaseException) -> str:
+    """An SDK's error message on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+_STORES: dict[tuple, object] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def open_output(output: str | os.PathLike, endpoint: str | None = None):
+    """The Store of an --output: an ObjectStore for a URL, else a LocalStore (one per process each)."""
+    if not is_url(output):
+        return LocalStore(output)
+    with _STORES_LOCK:  # one S3 client per process: the shards of a worker share it
+        key = (str(output), endpoint)
+        if key not in _STORES:
+            _STORES[key] = ObjectStore(str(output), endpoint)
+        return _STORES[key]
+
+
+def credentials_env(cfg) -> dict:
+    """Ray runtime_env entries carrying the driver's AWS_* variables to every worker, when the run
+    has an s3:// output (each node uploads its own shards); empty otherwise or when none is set."""
+    if not str(cfg.output).startswith("s3://"):
+        return {}
+    found = {k: os.environ[k] for k in AWS_VARS if os.environ.get(k)}
+    return {"env_vars": found} if found else {}
+
+
+def store_of(cfg) -> LocalStore | ObjectStore:
+    """The Store of an EngineConfig's --output."""
+    return open_output(cfg.output, getattr(cfg, "s3_endpoint", None))
+
+
+def as_store(out) -> LocalStore | ObjectStore:
+    """A Store as given, or the LocalStore of a folder path."""
+    return out if isinstance(out, (LocalStore, ObjectStore)) else open_output(out)
+
+
+def usable_output(out: Path) -> None:
+    """Create the output folder if needed; a clear OutputError naming --output when it cannot be used."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output {out} is a file, not a folder: choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--output {out} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"--output {out} is not writable by this user: choose another folder")
+
+
+def lock_output(out: Path):
+    """Hold an exclusive lock on the output folder (released by the OS even on SIGKILL)."""
+    import fcntl
+
+    try:  # opened without truncating: an existing .lock is left exactly as it is
+        handle = os.fdopen(os.open(out / ".lock", os.O_WRONLY | os.O_CREAT, 0o644), "w")
+    except OSError as exc:
+        raise OutputError(f"--output {out} is not writable: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RuntimeError(f"another run is writing to {out}; wait for it or choose another --output") from None
+    return handle
+
+
+# Inputs: parquet objects read by the driver alone (shards carry their rows to the workers).
+input_endpoint: str | None = None  # --s3-endpoint of the run reading its inputs (pipeline.run sets it)
+
+
+def _parent(url: str) -> tuple[ObjectStore, str]:
+    """The store holding an object URL, and the object's name in it."""
+    parent, _, name = str(url).rstrip("/").rpartition("/")
+    return open_output(parent, input_endpoint), name
+
+
+def list_parquet(url: str) -> list[str]:
+    """The parquet objects an INPUT URL names: itself, or every *.parquet directly under the prefix."""
+    if not url.lower().endswith(".parquet") and not url.endswith("/"):
+        url += "/"
+    try:
+        if not url.endswith("/"):
+            store, name = _parent(url)
+            if store.size(name) is None:
+                raise FileNotFoundError(f"input {url}: no such object")
+            return [url]
+        store = open_output(url.rstrip("/"), input_endpoint)
+        found = [f"{store.url}/{n}" for n in store.names("*.parquet")]
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise FileNotFoundError(f"input {url}: {_one_line(exc)} (check --s3-endpoint and the credentials)") from None
+    if not found:
+        raise FileNotFoundError(f"input {url}: no .parquet objects under it (only parquet inputs may be URLs)")
+    return found
+
+
+def readable(path):
+    """What pyarrow reads an input from: a local path as it is, an object URL opened for random access."""
+    if not is_url(path):
+        return path
+    store, name = _parent(path)
+    return store.open(name)
+
+
+def input_size(path) -> int:
+    """An input's size in bytes (a local file or an object)."""
+    if not is_url(path):
+        return Path(path).stat().st_size
+    store, name = _parent(path)
+    size = store.size(name)
+    if size is None:
+        raise FileNotFoundError(f"input {path}: no such object")
+    return size

@@ -1,0 +1,182 @@
+"""Output to (and parquet input from) an S3-compatible server started here (moto's server mode on 127.0.0.1), through the
+same checks as a local folder: the samples of a local run, read back with webdataset's own reader;
+a SIGKILLed run resumed without rewriting a done shard or losing a row; a rerun with other flags
+refused; a bad endpoint or bucket a one-line error; the single-writer lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from engine import storage as S
+from engine.pipeline import run
+
+from .conftest import run_rows
+from .test_engine_e2e import check_run, engine_cfg, engine_cmd, read_samples
+
+
+def objects(client, prefix: str) -> dict[str, tuple[int, str]]:
+    """name -> (size, ETag) of every object under bucket/prefix/ (an object store's listing)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="bucket", Prefix=prefix + "/")
+    found = {o["Key"].removeprefix(prefix + "/"): (o["Size"], o["ETag"]) for p in pages for o in p.get("Contents", [])}
+    return {k: v for k, v in found.items() if k}  # "": the empty folder marker pyarrow puts after a delete
+
+
+def download(client, prefix: str, folder: Path) -> Path:
+    """Every object under bucket/prefix/ into `folder` (to read it as a local run's folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in objects(client, prefix):
+        client.download_file("bucket", f"{prefix}/{name}", str(folder / name))
+    return folder
+
+
+def s3_cmd(parquet: Path, prefix: str, endpoint: str, *extra: str) -> list[str]:
+    """The engine CLI into s3://bucket/prefix (the e2e tests' flags)."""
+    cmd = engine_cmd(parquet, Path("unused"), "--s3-endpoint", endpoint, *extra)
+    cmd[cmd.index("unused")] = f"s3://bucket/{prefix}"
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def local_reference(corpus, tmp_path_factory) -> Path:
+    """An in-process run of the corpus into a local folder, to compare the object store's with."""
+    out = tmp_path_factory.mktemp("s3ref") / "shards"
+    run(engine_cfg(corpus.parquet, out, runner="local"))
+    return out
+
+
+@pytest.mark.slow
+def test_a_run_into_s3_gives_the_samples_of_a_local_run(corpus, s3, local_reference, tmp_path, capsys):
+    endpoint, client = s3
+    client.upload_file(str(corpus.parquet), "bucket", "in/corpus.parquet")  # the input is read from the store too
+    stats = run(engine_cfg("s3://bucket/in/", "s3://bucket/first", runner="local", s3_endpoint=endpoint))
+    names = objects(client, "first")
+    assert json.loads(client.get_object(Bucket="bucket", Key="first/run.json")["Body"].read())["inputs"][0]["path"] \
+        == "s3://bucket/in/corpus.parquet"
+    assert {"run.json", "stats.json", "README.md"} <= set(names)
+    assert S.LEASE not in names and ".driver-token" not in names and not [n for n in names if n.endswith(".tmp")]
+    got = download(client, "first", tmp_path / "got")
+    check_run(got, corpus.parquet)
+    assert stats["outcomes"] == json.loads((local_reference / "stats.json").read_text())["outcomes"]
+    assert set(read_samples(got)) == set(read_samples(local_reference))
+    assert run_rows(got).column("key").to_pylist() == run_rows(local_reference).column("key").to_pylist()
+    # webdataset streams the tars straight from the store as well (how a trainer reads them)
+    url = (f"pipe:{sys.executable} -c \"import boto3,sys; boto3.client('s3', endpoint_url='{endpoint}')"
+           ".download_fileobj('bucket', sys.argv[1], sys.stdout.buffer)\" first/{}")
+    tars = [url.format(n) for n in sorted(names) if n.endswith(".tar")]
+    assert {s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)} == set(read_samples(local_reference))
+    # a rerun into the finished store (the CLI, in this process; the same input as a local file) changes
+    # no shard object and is accepted
+    from engine.cli import main
+
+    assert main(s3_cmd(corpus.parquet, "first", endpoint, "--runner", "local")[3:]) == 0
+    after = objects(client, "first")
+    assert {n: v for n, v in after.items() if n[0].isdigit()} == {n: v for n, v in names.items() if n[0].isdigit()}
+    # another output-affecting flag is refused as on disk, and nothing is changed
+    capsys.readouterr()
+    assert main(s3_cmd(corpus.parquet, "first", endpoint, "--runner", "local", "--palette", "black,white")[3:]) == 2
+    assert "--palette: black,gray50,white was used, now black,white" in capsys.readouterr().err
+    assert objects(client, "first") == after
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_into_s3_resumes_without_rewriting_or_losing_anything(corpus, s3, local_reference):
+    endpoint, client = s3
+    proc = subprocess.Popen(s3_cmd(corpus.parquet, "killed", endpoint, "--runner", "processes"),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and sum(n.endswith(".stats.json") for n in objects(client, "killed")) < 2:
+        time.sleep(0.2)  # each look is a listing the server answers on this process's CPU
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = {n: v for n, v in objects(client, "killed").items() if n[0].isdigit()}
+    markers = {n for n in at_kill if n.endswith(".stats.json")}
+    total = len(list(local_reference.glob("[0-9]*.stats.json")))
+    assert 0 < len(markers) < total, "the kill must land midway"
+    assert S.LEASE in objects(client, "killed")  # the killed driver's lease: stale (dead process), taken over
+    rerun = subprocess.run(s3_cmd(corpus.parquet, "killed", endpoint, "--runner", "processes"),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = objects(client, "killed")
+    for marker in markers:  # a shard done at the kill is never written again
+        name = marker.removesuffix(".stats.json")
+        for part in (marker, f"{name}.tar", f"{name}.parquet"):
+            assert after[part] == at_kill[part], part
+    got = download(client, "killed", Path(str(local_reference) + "-killed"))
+    check_run(got, corpus.parquet)
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in got.glob("[0-9]*.tar")), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) and set(keys) == set(read_samples(local_reference))
+    assert S.LEASE not in after
+
+
+def test_a_bad_endpoint_or_bucket_is_one_clear_line(s3, tmp_path, capsys):
+    from engine.cli import main
+
+    endpoint, _ = s3
+    pq.write_table(pa.table({"URL": ["http://example.com/a.jpg"], "TEXT": ["a"]}), tmp_path / "in.parquet")
+    for out, flags, says in (("s3://bucket/x", ["--s3-endpoint", "http://127.0.0.1:1"], "Could not connect"),
+                             ("s3://no-such-bucket/x", ["--s3-endpoint", endpoint], "bucket no-such-bucket does not exist"),
+                             (str(tmp_path / "local"), ["--s3-endpoint", endpoint], "--s3-endpoint is for")):
+        code = main(["shards", str(tmp_path / "in.parquet"), "--output", out, "--runner", "local", "--no-progress", *flags])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and says in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "local").exists()
+
+
+def test_the_lease_keeps_a_second_writer_out_and_a_dead_ones_lease_is_taken_over(s3, monkeypatch):
+    endpoint, client = s3
+    monkeypatch.setattr(S, "SETTLE_S", 0.05)
+    store = S.ObjectStore("s3://bucket/leased", endpoint)
+    with store.lock() as lease:
+        with pytest.raises(RuntimeError, match="another run .* is writing to s3://bucket/leased"):
+            with S.ObjectStore("s3://bucket/leased", endpoint).lock():
+                pass
+        # a run on another host that renewed its lease just now holds the store too
+        store.write_json(S.LEASE, {**lease, "run": "theirs", "host": "elsewhere", "pid": 1, "renewed": time.time()})
+        with pytest.raises(RuntimeError, match="elsewhere pid 1"):
+            S.ObjectStore("s3://bucket/leased", endpoint)._take()
+    assert S.LEASE in objects(client, "leased")  # not ours any more: left alone on the way out
+    # ... but not once its lease is older than LEASE_TTL_S, nor when it was this host's and its process is gone
+    for stale in ({"host": "elsewhere", "pid": 1, "renewed": time.time() - S.LEASE_TTL_S - 1},
+                  {"host": socket.gethostname(), "pid": 2**22 + 7, "renewed": time.time()}):
+        store.write_json(S.LEASE, {"run": "old", **stale})
+        with store.lock() as lease:
+            assert json.loads(store.read(S.LEASE))["run"] == lease["run"] != "old"
+    assert S.LEASE not in objects(client, "leased")
+
+
+def test_a_shard_is_not_marked_done_once_another_run_holds_the_lease(s3, tmp_path):
+    from engine.write import ShardWriteError
+
+    endpoint, client = s3
+    store = S.ObjectStore("s3://bucket/takeover", endpoint)
+    store.write_json(S.LEASE, {"run": "first"})
+    staging = store.stage_shard()
+    for ext, data in ((".tar", b"t" * 10), (".parquet", b"p" * 5), (".stats.json", b"{}")):
+        (staging.folder / f"00000{ext}").write_bytes(data)
+    store.write_json(S.LEASE, {"run": "second"})
+    with pytest.raises(ShardWriteError, match="another run"):
+        staging.commit("00000")
+    staging.close()
+    assert not staging.folder.exists()
+    assert "00000.stats.json" not in objects(client, "takeover")
+    staging = store.stage_shard()  # the holder's own shard goes through, marker included
+    for ext, data in ((".tar", b"t" * 10), (".parquet", b"p" * 5), (".stats.json", b"{}")):
+        (staging.folder / f"00000{ext}").write_bytes(data)
+    staging.commit("00000")
+    staging.close()
+    assert objects(client, "takeover")["00000.tar"][0] == 10 and "00000.stats.json" in objects(client, "takeover")
+
