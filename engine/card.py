@@ -9,15 +9,15 @@ It is a summary, not a shard file: resume (pipeline.completed) and the run finge
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import yaml
 
 from . import schema
+from .atomic import write_text_atomic
 from .config import EngineConfig
-from .write import shard_name, stage
+from .write import shard_name
 
 CARD = "README.md"
 SHARDS = "[0-9]*.tar"  # the shard tars; every other file of the folder is not part of the dataset
@@ -101,6 +101,6 @@ def write_card(out: Path, cfg: EngineConfig, stats: dict) -> None:
     try:
         meta = yaml.safe_dump(front_matter(json_features(cfg, out)), sort_keys=False, allow_unicode=True)
         text = f"---\n{meta}---\n\n{prose(cfg, stats, sorted(out.glob(SHARDS)))}"
-        os.replace(stage(out / CARD, lambda tmp: tmp.write_text(text, encoding="utf-8")), out / CARD)
+        write_text_atomic(out / CARD, text)
     except OSError as exc:
         stats.setdefault("unsaved", f"could not write {out / CARD}: {exc}")

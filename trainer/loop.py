@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from trainer.config import TrainConfig
 from trainer.data import ShardStream
 from trainer.distributed import World, agree_stop, all_sum, no_sync
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
-from trainer.models import Models
+from trainer.models import Models, autocast
 from trainer.objective import Objective, step_loss
 from trainer.optim import lr_factor, set_lr
 
@@ -87,9 +86,7 @@ class Run:
 
     def autocast(self):
         """Autocast to the low-precision dtype; nothing in fp32 runs."""
-        if self.weight_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+        return autocast(self.device, self.weight_dtype)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
