@@ -24,7 +24,7 @@ from trainer.data import ShardStream, load_pair
 from trainer.precompute import PrecomputeConfig, npy_load, precompute
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_model
-from trainer.train import TrainResult, build_run, train
+from trainer.train import build_run, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 RES = 32
@@ -124,7 +124,7 @@ def test_training_on_precomputed_shards_matches_on_the_fly(assets, tmp_path):
 def test_precomputed_run_keeps_encoders_off_the_device(assets, tmp_path):
     """The loader detects precomputed shards; the VAE encoder is gone and the text encoder stays on the CPU."""
     cfg = config(assets, assets["pre"], tmp_path / "r")
-    run = build_run(cfg, TrainResult(output=tmp_path / "r", step=0), enable_bar=False)
+    run = build_run(cfg, enable_bar=False)
     assert run.models.vae.encoder is None and run.models.text_encoder.device.type == "cpu"
     batch = next(iter(run.loader))
     assert {"latent_mean", "latent_std", "encoder_hidden_states"} <= batch.keys() and "pixel_values" not in batch
@@ -168,4 +168,4 @@ def test_precomputed_for_another_model_is_refused(assets, tmp_path):
     (tmp_path / "pre" / "precompute.json").write_text(json.dumps(meta | {"text_dim": 768}))
     cfg = config(assets, str(tmp_path / "pre" / "{00000..00001}.tar"), tmp_path / "r")
     with pytest.raises(ValueError, match="precompute --model"):
-        build_run(cfg, TrainResult(output=tmp_path / "r", step=0), enable_bar=False)
+        build_run(cfg, enable_bar=False)

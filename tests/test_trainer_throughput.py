@@ -19,7 +19,7 @@ from trainer.config import (
 from trainer.loop import train_loop
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_model
-from trainer.train import TrainResult, build_run, train
+from trainer.train import build_run, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -58,7 +58,7 @@ def first_step_grads(assets, output, **kw) -> list[torch.Tensor]:
     from trainer.loop import next_pass, pass_loss
 
     cfg = config(assets, output, **kw)
-    r = build_run(cfg, TrainResult(output=output, step=0), enable_bar=False)
+    r = build_run(cfg, enable_bar=False)
     batches, merge = iter(r.loader), cfg.optim.merge_micro_batches
     passes = cfg.optim.gradient_accumulation_steps // merge
     for _ in range(passes):
@@ -90,7 +90,7 @@ def test_flops_are_counted_once_per_sample(assets, tmp_path):
     per_sample = []
     for batch in (1, 2):
         cfg = config(assets, tmp_path / f"f{batch}", batch=batch, accum=2, steps=1)
-        r = build_run(cfg, TrainResult(output=tmp_path / f"f{batch}", step=0), enable_bar=False)
+        r = build_run(cfg, enable_bar=False)
         train_loop(r)
         r.log.close()
         per_sample.append(r.flops_per_sample)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,6 +18,9 @@ from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models, autocast
 from trainer.objective import Objective, step_loss
 from trainer.optim import lr_factor, set_lr
+
+if TYPE_CHECKING:  # trainer.schedule imports this module
+    from trainer.schedule import Checkpointer, Validator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,6 +71,10 @@ class Run:
     weight_dtype: torch.dtype
     params: list[torch.nn.Parameter]
     base_lrs: list[float]
+    checkpoints: Checkpointer
+    """When to save a checkpoint, and the saving (trainer.schedule)."""
+    validation: Validator
+    """When to draw validation images, and the drawing (trainer.schedule)."""
     step_models: Models | None = None
     """The models the training step calls (compiled ones with --compile); default: `models`."""
     peak_flops: float | None = None
@@ -76,13 +83,11 @@ class Run:
     """FLOPs of forward + backward (recomputation included) per sample, counted on the first pass."""
     stop: StopSignal = field(default_factory=StopSignal)
     world: World = field(default_factory=World)
+    """This process among the torchrun processes (one process: rank 0 of 1)."""
     stream: ShardStream | None = None
+    """The loader's dataset: converts the stream's batch count into global samples."""
     failed_synced: int = 0
     """failed_samples as of the last sum over the ranks (trainer.loop.sync_failed)."""
-    """The loader's dataset: converts the stream's batch count into global samples."""
-    """This process among the torchrun processes (one process: rank 0 of 1)."""
-    on_checkpoint: Callable[[Run], None] = lambda run: None
-    on_validation: Callable[[Run], None] = lambda run: None
 
     def autocast(self):
         """Autocast to the low-precision dtype; nothing in fp32 runs."""
@@ -145,7 +150,7 @@ def count_flops(run: Run, batch: dict, merge: int) -> float:
 
 
 def train_loop(run: Run) -> TrainState:
-    """Optimise until max_train_steps or a stop signal; checkpoint and validate on schedule."""
+    """Optimise until max_train_steps or a stop signal; checkpoint and validate when their schedules say."""
     cfg, st = run.cfg, run.state
     merge = cfg.optim.merge_micro_batches
     passes = cfg.optim.gradient_accumulation_steps // merge
@@ -169,10 +174,11 @@ def train_loop(run: Run) -> TrainState:
         run.log.advance()
         if st.step % cfg.log_every == 0 or st.step == cfg.max_train_steps:
             log_step(run, loss_sum, nonfinite)
-        if st.step % cfg.checkpoint.checkpointing_steps == 0 or run.stop.requested is not None:
-            run.on_checkpoint(run)
-        if st.step % cfg.validation.validation_steps == 0 and run.stop.requested is None:
-            run.on_validation(run)
+        stopping = run.stop.requested is not None
+        if run.checkpoints.due(st.step, stopping):
+            run.checkpoints.save(run)
+        if run.validation.due(st.step, stopping):
+            run.validation.draw(run)
     return st
 
 
