@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.config import (
-    CheckpointConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from trainer.config import TrainConfig
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_model
 
@@ -24,17 +17,19 @@ def tiny_assets(root: Path, n_shards: int, per_shard: int, size: int, **shard_kw
 
 
 def tiny_config(assets: dict, output: Path, *, steps: int, seed: int = 3, shards: str | None = None,
-                data: dict | None = None, model: dict | None = None, optim: dict | None = None,
-                checkpoint: dict | None = None, validation: dict | None = None, **top) -> TrainConfig:
+                **changes) -> TrainConfig:
     """A short fp32 CPU run at 32 px with AdamW at 1e-3, logging every step, no checkpoint or validation on
-    schedule; each dict overrides fields of its section, `top` the run's own (device, mixed_precision...)."""
-    return TrainConfig(
-        output=str(output),
-        data=DataConfig(**{"shards": shards or assets["shards"], "resolution": 32, "train_batch_size": 2,
-                           "num_workers": 0, "shuffle_buffer": 4, **(data or {})}),
-        model=ModelConfig(**{"model": str(assets["model"]), **(model or {})}),
-        optim=OptimConfig(**{"learning_rate": 1e-3, "optimizer": "adamw", **(optim or {})}),
-        checkpoint=CheckpointConfig(**{"checkpointing_steps": 1000, **(checkpoint or {})}),
-        validation=ValidationConfig(**{"validation_steps": 1000, **(validation or {})}),
-        **{"max_train_steps": steps, "mixed_precision": "no", "device": "cpu", "log_every": 1, "seed": seed, **top},
-    )
+    schedule. `changes`: a dict per section (data=, model=, ...) updates its fields; other keys the run's own."""
+    run = {
+        "output": str(output),
+        "data": {"shards": shards or assets["shards"], "resolution": 32, "train_batch_size": 2, "num_workers": 0,
+                 "shuffle_buffer": 4},
+        "model": {"model": str(assets["model"])},
+        "optim": {"learning_rate": 1e-3, "optimizer": "adamw"},
+        "checkpoint": {"checkpointing_steps": 1000},
+        "validation": {"validation_steps": 1000},
+        "max_train_steps": steps, "mixed_precision": "no", "device": "cpu", "log_every": 1, "seed": seed,
+    }
+    for key, value in changes.items():
+        run[key] = {**run[key], **value} if isinstance(run.get(key), dict) else value
+    return TrainConfig.from_dict(run)
