@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,9 +18,6 @@ from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models, autocast
 from trainer.objective import Objective, step_loss
 from trainer.optim import lr_factor, set_lr
-
-if TYPE_CHECKING:  # trainer.schedule imports this module
-    from trainer.schedule import Checkpointer, Validator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,6 +51,16 @@ class StopSignal:
             signal.signal(s, h)
 
 
+class Scheduled(Protocol):
+    """What the loop asks after every step: trainer.schedule's Checkpointer and Validator."""
+
+    def due(self, step: int, stopping: bool) -> bool:
+        """Whether to write at this step (`stopping`: a stop signal was seen)."""
+
+    def write(self, run: Run) -> object:
+        """Write what this step needs (a checkpoint, validation images)."""
+
+
 @dataclass
 class Run:
     """What the loop touches; built by trainer.train.build_run."""
@@ -71,10 +78,10 @@ class Run:
     weight_dtype: torch.dtype
     params: list[torch.nn.Parameter]
     base_lrs: list[float]
-    checkpoints: Checkpointer
-    """When to save a checkpoint, and the saving (trainer.schedule)."""
-    validation: Validator
-    """When to draw validation images, and the drawing (trainer.schedule)."""
+    checkpoints: Scheduled
+    """When to save a checkpoint, and the saving (trainer.schedule.Checkpointer)."""
+    validation: Scheduled
+    """When to draw validation images, and the drawing (trainer.schedule.Validator)."""
     step_models: Models | None = None
     """The models the training step calls (compiled ones with --compile); default: `models`."""
     peak_flops: float | None = None
@@ -176,9 +183,9 @@ def train_loop(run: Run) -> TrainState:
             log_step(run, loss_sum, nonfinite)
         stopping = run.stop.requested is not None
         if run.checkpoints.due(st.step, stopping):
-            run.checkpoints.save(run)
+            run.checkpoints.write(run)
         if run.validation.due(st.step, stopping):
-            run.validation.draw(run)
+            run.validation.write(run)
     return st
 
 

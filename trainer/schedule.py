@@ -1,8 +1,9 @@
 """What a run writes besides training, and when: a Checkpointer and a Validator that own their schedule.
 
-After every optimizer step the loop asks each `due(step, stopping)` and, if so, has it write; once
-the loop ends without a stop signal, train() calls `finish`, which writes the last step unless the
-schedule just did. Rank 0 writes; the other ranks wait at a barrier, so all leave together.
+After every optimizer step the loop asks each `due(step, stopping)` and, if so, calls its `write`
+(trainer.loop.Scheduled is all the loop knows of them); once the loop ends without a stop signal,
+train() calls `finish`, which writes the last step unless the schedule just did. Rank 0 writes;
+the other ranks wait at a barrier, so all leave together.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Checkpointer:
         """Every --checkpointing-steps, and at a stop signal (the run then resumes where it stopped)."""
         return step % self.every == 0 or stopping
 
-    def save(self, run: Run) -> Path:
+    def write(self, run: Run) -> Path:
         """Checkpoint the current step and prune old ones (rank 0 writes; the others wait)."""
         path = self.output / f"checkpoint-{run.state.step}"
         sync_failed(run)  # the checkpoint holds every rank's failed samples
@@ -83,7 +84,7 @@ class Checkpointer:
     def finish(self, run: Run) -> Path | None:
         """The last step's checkpoint (unless just saved), then the final export; its folder on rank 0."""
         if self.last_step != run.state.step:
-            self.save(run)
+            self.write(run)
         folder = None
         if run.world.main:
             folder = export_final(run.models, self.output, run.cfg.model.unlock_decoder,
@@ -117,7 +118,7 @@ class Validator:
         """Every --validation-steps, unless stopping (the checkpoint comes first)."""
         return self.enabled and step % self.every == 0 and not stopping
 
-    def draw(self, run: Run) -> None:
+    def write(self, run: Run) -> None:
         """Write the current step's images (rank 0 draws; the others wait)."""
         if run.world.main:
             cfg = run.cfg
@@ -133,4 +134,4 @@ class Validator:
     def finish(self, run: Run) -> None:
         """The last step's images, unless just drawn."""
         if self.enabled and self.last_step != run.state.step:
-            self.draw(run)
+            self.write(run)
