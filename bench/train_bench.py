@@ -162,7 +162,7 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
 
     from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
     from trainer.loop import train_loop
-    from trainer.train import TrainResult, build_run
+    from trainer.train import build_run
 
     out = WORK / "ours"
     shutil.rmtree(out, ignore_errors=True)
@@ -181,7 +181,7 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with GpuMemoryPoller() as poll:
-        run = build_run(cfg, TrainResult(output=out, step=0), enable_bar=False)
+        run = build_run(cfg, enable_bar=False)
         train_loop(run)
         torch.cuda.synchronize()
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
@@ -265,7 +265,7 @@ def run_profile(model: Path, shards: str, workers: int) -> None:
     from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
     from trainer.data import Position, build_loader
     from trainer.loop import train_loop
-    from trainer.train import TrainResult, build_run
+    from trainer.train import build_run
 
     for batch in (1, 8):
         dc = DataConfig(shards=shards, resolution=512, train_batch_size=batch, num_workers=workers)
@@ -286,7 +286,7 @@ def run_profile(model: Path, shards: str, workers: int) -> None:
         optim=OptimConfig(optimizer="adamw8bit", gradient_accumulation_steps=1),
         checkpoint=CheckpointConfig(checkpointing_steps=10**6), max_train_steps=10, mixed_precision="fp16",
         device="cuda", log_every=1000)
-    run = build_run(cfg, TrainResult(output=WORK / "profile", step=0), enable_bar=False)
+    run = build_run(cfg, enable_bar=False)
     train_loop(run)
     torch.cuda.synchronize()
     run.cfg.max_train_steps = 30

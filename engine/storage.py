@@ -94,10 +94,9 @@ class LocalStore:
 
     def write(self, name: str, data: bytes) -> None:
         """Atomically (re)write a small file and flush the folder."""
-        from .write import fsync_dir, stage
+        from .atomic import fsync_dir, write_atomic
 
-        final = self.folder / name
-        os.replace(stage(final, lambda tmp: tmp.write_bytes(data)), final)
+        write_atomic(self.folder / name, lambda tmp: tmp.write_bytes(data))
         fsync_dir(self.folder)
 
     def write_json(self, name: str, obj: dict) -> None:

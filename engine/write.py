@@ -8,15 +8,12 @@ renames. Any failure on the way fails the whole shard (ShardWriteError), leaving
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import tarfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .atomic import TMP_SUFFIX, fsync_dir, stage, tmp_path, write_atomic
 from .decode import turbojpeg
 
-TMP_SUFFIX = ".tmp"
 SAMPLE_MEMBERS = ("cond.png", "jpg", "json", "txt")  # the members TarShard.write gives every key
 # Per-row parquet schema: fixed columns first, so shards concatenate cleanly.
 ROW_SCHEMA = pa.schema([
@@ -72,38 +69,6 @@ def encode_indexed_png(indices: np.ndarray, colors: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def tmp_path(final: Path) -> Path:
-    """A unique temporary sibling of `final` (two attempts at one shard never share one)."""
-    return final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (its renames) to disk, so a done marker never outlives its data."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some network and FUSE file systems cannot flush a folder; their renames are as durable as
-        # they make them, and failing every shard there would help no one.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def stage(final: Path, write: Callable[[Path], object]) -> Path:
-    """Write a flushed temporary sibling of `final` with `write`; nothing is left if that fails."""
-    tmp = tmp_path(final)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 def _dump(obj: dict) -> str:
     """JSON as every file of the output folder is written."""
     return json.dumps(obj, indent=2, ensure_ascii=False, default=str)
@@ -111,7 +76,7 @@ def _dump(obj: dict) -> str:
 
 def write_json(obj: dict, final: Path) -> None:
     """Atomically write a JSON file."""
-    os.replace(stage(final, lambda tmp: tmp.write_text(_dump(obj))), final)
+    write_atomic(final, lambda tmp: tmp.write_text(_dump(obj)))
 
 
 def _rows_table(rows: list[dict]) -> pa.Table:
@@ -122,7 +87,7 @@ def _rows_table(rows: list[dict]) -> pa.Table:
 def write_rows(rows: list[dict], final: Path) -> None:
     """Atomically write the per-row parquet (one row per input row)."""
     table = _rows_table(rows)
-    os.replace(stage(final, lambda tmp: pq.write_table(table, tmp)), final)
+    write_atomic(final, lambda tmp: pq.write_table(table, tmp))
 
 
 class ShardWriteError(RuntimeError):

@@ -14,17 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.config import (
-    CheckpointConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from tests.trainer_helpers import tiny_assets, tiny_config
+from trainer.config import DataConfig, TrainConfig
 from trainer.data import Position, ShardStream
 from trainer.synthetic import write_shards
-from trainer.tiny import build_tiny_model, build_tiny_tokenizer
+from trainer.tiny import build_tiny_tokenizer
 from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,9 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def assets(tmp_path_factory):
     """Shards (15 samples an epoch) and a tiny model."""
     root = tmp_path_factory.mktemp("ddp")
-    write_shards(root / "shards", n_shards=3, per_shard=5, size=48, cond_mode="L")
-    return {"shards": str(root / "shards" / "{00000..00002}.tar"), "model": build_tiny_model(root / "model"),
-            "tokenizer": build_tiny_tokenizer(root / "tok")}
+    assets = tiny_assets(root, n_shards=3, per_shard=5, size=48, cond_mode="L")
+    return {**assets, "tokenizer": build_tiny_tokenizer(root / "tok")}
 
 
 def data_config(assets, batch: int) -> DataConfig:
@@ -94,11 +87,8 @@ def test_a_rank_whose_share_fails_borrows_from_the_global_batch(tmp_path, assets
 
 def single_config(assets, output: Path) -> TrainConfig:
     """One process, batch 4, 4 accumulation steps, fp32 AdamW on the CPU."""
-    return TrainConfig(
-        output=str(output), data=data_config(assets, 4), model=ModelConfig(model=str(assets["model"])),
-        optim=OptimConfig(learning_rate=1e-3, optimizer="adamw", gradient_accumulation_steps=4),
-        checkpoint=CheckpointConfig(checkpointing_steps=1000), validation=ValidationConfig(validation_steps=1000),
-        max_train_steps=2, mixed_precision="no", device="cpu", log_every=1, seed=3)
+    return tiny_config(assets, output, steps=2, seed=3, optim={"gradient_accumulation_steps": 4},
+                       data={"train_batch_size": 4, "num_workers": 4, "proportion_empty_prompts": 0.5})
 
 
 def torchrun(assets, output: Path, extra: list[str]) -> subprocess.CompletedProcess:

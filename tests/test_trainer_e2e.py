@@ -100,7 +100,7 @@ def test_learns_from_the_conditioning_map(tmp_path):
     """
     from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
     from trainer.objective import controlnet_loss, encode_batch
-    from trainer.train import TrainResult, build_run
+    from trainer.train import build_run
 
     write_shards(tmp_path / "shards", n_shards=2, per_shard=16, size=32, kind="blocks", captions=False)
     model = build_tiny_model(tmp_path / "model", prediction_type="v_prediction")
@@ -134,7 +134,7 @@ def test_learns_from_the_conditioning_map(tmp_path):
 
     from trainer.loop import train_loop
 
-    run = build_run(cfg, TrainResult(output=tmp_path / "out", step=0), enable_bar=False)
+    run = build_run(cfg, enable_bar=False)
     batch = next(iter(run.loader))
     before_true, before_shuffled = losses(run, batch)
     assert before_true == pytest.approx(before_shuffled)  # zero convolutions: the map has no effect yet

@@ -10,16 +10,9 @@ import json
 import pytest
 import torch
 
-from trainer.config import (
-    CheckpointConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    ValidationConfig,
-)
-from trainer.synthetic import first_condition, write_shards
-from trainer.tiny import build_tiny_model
+from tests.trainer_helpers import tiny_assets, tiny_config
+from trainer.config import TrainConfig
+from trainer.synthetic import first_condition
 from trainer.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -29,23 +22,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available()
 def assets(tmp_path_factory):
     """Shards, a tiny model and a validation map."""
     root = tmp_path_factory.mktemp("gpu")
-    write_shards(root / "shards", n_shards=2, per_shard=8, size=64)
-    return {"shards": str(root / "shards" / "{00000..00001}.tar"), "model": build_tiny_model(root / "model"),
-            "cond": first_condition(root / "shards" / "00000.tar", root / "cond.png")}
+    assets = tiny_assets(root, n_shards=2, per_shard=8, size=64)
+    return {**assets, "cond": first_condition(root / "shards" / "00000.tar", root / "cond.png")}
 
 
 def config(assets, output, precision="fp16", optimizer="adamw8bit", steps=6, resume=None, **kw) -> TrainConfig:
     """A short CUDA run with gradient checkpointing and validation at the end."""
-    return TrainConfig(
-        output=str(output),
-        data=DataConfig(shards=assets["shards"], resolution=64, train_batch_size=4, num_workers=2),
-        model=ModelConfig(model=str(assets["model"]), gradient_checkpointing=True, **kw),
-        optim=OptimConfig(learning_rate=1e-4, optimizer=optimizer, gradient_accumulation_steps=2),
-        checkpoint=CheckpointConfig(checkpointing_steps=3, resume=resume),
-        validation=ValidationConfig(validation_steps=1000, validation_prompt=["a photo"],
-                                    validation_image=[str(assets["cond"])], num_validation_images=1,
-                                    num_inference_steps=3),
-        max_train_steps=steps, mixed_precision=precision, device="cuda", log_every=1,
+    return tiny_config(
+        assets, output, steps=steps, seed=0, mixed_precision=precision, device="cuda",
+        data={"resolution": 64, "train_batch_size": 4, "num_workers": 2, "shuffle_buffer": 256},
+        model={"gradient_checkpointing": True, **kw},
+        optim={"learning_rate": 1e-4, "optimizer": optimizer, "gradient_accumulation_steps": 2},
+        checkpoint={"checkpointing_steps": 3, "resume": resume},
+        validation={"validation_prompt": ["a photo"], "validation_image": [str(assets["cond"])],
+                    "num_validation_images": 1, "num_inference_steps": 3},
     )
 
 

@@ -11,20 +11,12 @@ import pytest
 import torch
 from webdataset.tariterators import tarfile_samples
 
+from tests.trainer_helpers import tiny_assets, tiny_config
 from trainer.cli import main as cli_main
-from trainer.config import (
-    CheckpointConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from trainer.config import TrainConfig
 from trainer.data import ShardStream, load_pair
 from trainer.precompute import PrecomputeConfig, npy_load, precompute
-from trainer.synthetic import write_shards
-from trainer.tiny import build_tiny_model
-from trainer.train import TrainResult, build_run, train
+from trainer.train import build_run, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 RES = 32
@@ -34,12 +26,10 @@ RES = 32
 def assets(tmp_path_factory):
     """Two shards of photos, a tiny model, and their precomputed shards."""
     root = tmp_path_factory.mktemp("pre")
-    write_shards(root / "shards", n_shards=2, per_shard=5, size=48)
-    model = build_tiny_model(root / "model")
-    shards = str(root / "shards" / "{00000..00001}.tar")
-    assert cli_main(["precompute", "--shards", shards, "--model", str(model), "--output", str(root / "pre"),
-                     "--device", "cpu", "--batch-size", "3", "--resolution", str(RES)]) == 0
-    return {"root": root, "model": model, "shards": shards, "pre": str(root / "pre" / "{00000..00001}.tar")}
+    assets = tiny_assets(root, n_shards=2, per_shard=5, size=48)
+    assert cli_main(["precompute", "--shards", assets["shards"], "--model", str(assets["model"]), "--output",
+                     str(root / "pre"), "--device", "cpu", "--batch-size", "3", "--resolution", str(RES)]) == 0
+    return {**assets, "root": root, "pre": str(root / "pre" / "{00000..00001}.tar")}
 
 
 def read(path) -> list[dict]:
@@ -96,15 +86,9 @@ def test_rerun_skips_finished_shards_and_counts_bad_samples(assets, tmp_path):
 
 def config(assets, shards, output, seed=5, p_empty=0.5) -> TrainConfig:
     """A short fp32 CPU run, 2 micro-batches of 2 per step, half the captions dropped."""
-    return TrainConfig(
-        output=str(output),
-        data=DataConfig(shards=shards, resolution=RES, train_batch_size=2, num_workers=0, shuffle_buffer=4,
-                        proportion_empty_prompts=p_empty),
-        model=ModelConfig(model=str(assets["model"]), gradient_checkpointing=False),
-        optim=OptimConfig(learning_rate=1e-3, optimizer="adamw", gradient_accumulation_steps=2),
-        checkpoint=CheckpointConfig(checkpointing_steps=1000), validation=ValidationConfig(validation_steps=1000),
-        max_train_steps=4, mixed_precision="no", device="cpu", log_every=1, seed=seed,
-    )
+    return tiny_config(assets, output, shards=shards, steps=4, seed=seed,
+                       data={"resolution": RES, "proportion_empty_prompts": p_empty},
+                       model={"gradient_checkpointing": False}, optim={"gradient_accumulation_steps": 2})
 
 
 def losses(result) -> list[float]:
@@ -124,7 +108,7 @@ def test_training_on_precomputed_shards_matches_on_the_fly(assets, tmp_path):
 def test_precomputed_run_keeps_encoders_off_the_device(assets, tmp_path):
     """The loader detects precomputed shards; the VAE encoder is gone and the text encoder stays on the CPU."""
     cfg = config(assets, assets["pre"], tmp_path / "r")
-    run = build_run(cfg, TrainResult(output=tmp_path / "r", step=0), enable_bar=False)
+    run = build_run(cfg, enable_bar=False)
     assert run.models.vae.encoder is None and run.models.text_encoder.device.type == "cpu"
     batch = next(iter(run.loader))
     assert {"latent_mean", "latent_std", "encoder_hidden_states"} <= batch.keys() and "pixel_values" not in batch
@@ -168,4 +152,4 @@ def test_precomputed_for_another_model_is_refused(assets, tmp_path):
     (tmp_path / "pre" / "precompute.json").write_text(json.dumps(meta | {"text_dim": 768}))
     cfg = config(assets, str(tmp_path / "pre" / "{00000..00001}.tar"), tmp_path / "r")
     with pytest.raises(ValueError, match="precompute --model"):
-        build_run(cfg, TrainResult(output=tmp_path / "r", step=0), enable_bar=False)
+        build_run(cfg, enable_bar=False)

@@ -8,18 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.config import (
-    CheckpointConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from tests.trainer_helpers import tiny_assets, tiny_config
+from trainer.config import ModelConfig, TrainConfig
 from trainer.loop import train_loop
-from trainer.synthetic import write_shards
-from trainer.tiny import build_tiny_model
-from trainer.train import TrainResult, build_run, train
+from trainer.train import build_run, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -27,23 +19,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Shards and a tiny model."""
-    root = tmp_path_factory.mktemp("merge")
-    write_shards(root / "shards", n_shards=2, per_shard=6, size=40)
-    return {"shards": str(root / "shards" / "{00000..00001}.tar"), "model": build_tiny_model(root / "model")}
+    return tiny_assets(tmp_path_factory.mktemp("merge"), n_shards=2, per_shard=6, size=40)
 
 
 def config(assets, output, batch=1, accum=4, merge=1, seed=2, steps=3) -> TrainConfig:
     """A short fp32 CPU run with 8-bit-free AdamW and gradient checkpointing on."""
-    return TrainConfig(
-        output=str(output),
-        data=DataConfig(shards=assets["shards"], resolution=32, train_batch_size=batch, num_workers=0,
-                        shuffle_buffer=4),
-        model=ModelConfig(model=str(assets["model"]), gradient_checkpointing=True),
-        optim=OptimConfig(learning_rate=1e-3, optimizer="adamw", gradient_accumulation_steps=accum,
-                          merge_micro_batches=merge),
-        checkpoint=CheckpointConfig(checkpointing_steps=1000), validation=ValidationConfig(validation_steps=1000),
-        max_train_steps=steps, mixed_precision="no", device="cpu", log_every=1, seed=seed,
-    )
+    return tiny_config(assets, output, steps=steps, seed=seed, data={"train_batch_size": batch},
+                       model={"gradient_checkpointing": True},
+                       optim={"gradient_accumulation_steps": accum, "merge_micro_batches": merge})
 
 
 def run(assets, output, **kw) -> tuple[list[dict], dict]:
@@ -58,7 +41,7 @@ def first_step_grads(assets, output, **kw) -> list[torch.Tensor]:
     from trainer.loop import next_pass, pass_loss
 
     cfg = config(assets, output, **kw)
-    r = build_run(cfg, TrainResult(output=output, step=0), enable_bar=False)
+    r = build_run(cfg, enable_bar=False)
     batches, merge = iter(r.loader), cfg.optim.merge_micro_batches
     passes = cfg.optim.gradient_accumulation_steps // merge
     for _ in range(passes):
@@ -90,7 +73,7 @@ def test_flops_are_counted_once_per_sample(assets, tmp_path):
     per_sample = []
     for batch in (1, 2):
         cfg = config(assets, tmp_path / f"f{batch}", batch=batch, accum=2, steps=1)
-        r = build_run(cfg, TrainResult(output=tmp_path / f"f{batch}", step=0), enable_bar=False)
+        r = build_run(cfg, enable_bar=False)
         train_loop(r)
         r.log.close()
         per_sample.append(r.flops_per_sample)

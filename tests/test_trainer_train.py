@@ -11,18 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.trainer_helpers import tiny_assets, tiny_config
 from trainer.checkpoint import list_checkpoints
-from trainer.config import (
-    CheckpointConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    ValidationConfig,
-)
+from trainer.config import TrainConfig
 from trainer.loop import NonFiniteLossError
-from trainer.synthetic import write_shards
-from trainer.tiny import build_tiny_model
 from trainer.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -32,24 +24,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Shards with grayscale maps, and a tiny model."""
-    root = tmp_path_factory.mktemp("train")
-    write_shards(root / "shards", n_shards=3, per_shard=5, size=48, cond_mode="L")
-    return {"shards": str(root / "shards" / "{00000..00002}.tar"), "model": build_tiny_model(root / "model")}
+    return tiny_assets(tmp_path_factory.mktemp("train"), n_shards=3, per_shard=5, size=48, cond_mode="L")
 
 
 def config(assets, output, steps, workers=0, resume=None, optimizer="adamw", **kw) -> TrainConfig:
     """A small fp32 CPU run; every optimizer step is 2 micro-batches of 2 samples."""
-    return TrainConfig(
-        output=str(output),
-        data=DataConfig(shards=assets["shards"], resolution=32, train_batch_size=2, num_workers=workers,
-                        shuffle_buffer=4),
-        model=ModelConfig(model=str(assets["model"]), gradient_checkpointing=kw.pop("ckpt", False),
-                          unlock_decoder=kw.pop("unlock_decoder", False)),
-        optim=OptimConfig(learning_rate=kw.pop("lr", 1e-3), optimizer=optimizer, gradient_accumulation_steps=2,
-                          lr_scheduler="cosine", lr_warmup_steps=2),
-        checkpoint=CheckpointConfig(checkpointing_steps=kw.pop("every", 3), checkpoints_total_limit=2, resume=resume),
-        validation=ValidationConfig(validation_steps=1000),
-        max_train_steps=steps, mixed_precision="no", device="cpu", log_every=1, seed=kw.pop("seed", 3),
+    return tiny_config(
+        assets, output, steps=steps, seed=kw.pop("seed", 3), data={"num_workers": workers},
+        model={"gradient_checkpointing": kw.pop("ckpt", False), "unlock_decoder": kw.pop("unlock_decoder", False)},
+        optim={"learning_rate": kw.pop("lr", 1e-3), "optimizer": optimizer, "gradient_accumulation_steps": 2,
+               "lr_scheduler": "cosine", "lr_warmup_steps": 2},
+        checkpoint={"checkpointing_steps": kw.pop("every", 3), "checkpoints_total_limit": 2, "resume": resume},
         **kw,
     )
 

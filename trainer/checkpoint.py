@@ -16,7 +16,6 @@ unpickled.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from engine.atomic import publish_dir
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -237,11 +238,8 @@ def save_checkpoint(output: Path, state: TrainState, controlnet, optimizer, scal
     doc = {"step": state.step, "batches": state.batches, "epoch": state.epoch, "offset": state.offset, "samples": state.samples,
            "failed_samples": state.failed_samples, "extra": state.extra, "scaler": scaler.state_dict(),
            "optimizer": skeleton, "config": config, "files": files}
-    _write_synced(tmp / STATE_FILE, json.dumps(doc, indent=1))
-    if final.exists():  # a re-run reaching the same step replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(output)
+    (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1))
+    publish_dir(tmp, final)  # flushed whole, then renamed; a re-run reaching the same step replaces it
     return final
 
 
@@ -289,23 +287,3 @@ def _move(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _move(v, device) for k, v in obj.items()}
     return obj
-
-
-def _write_synced(path: Path, text: str) -> None:
-    """Write and fsync, so the manifest is on disk before the rename that publishes it."""
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engine.atomic import write_atomic, write_dir_atomic
 from trainer.models import Models
 
 EXPORT_FORMATS = ("diffusers", "original")
@@ -103,10 +104,11 @@ def export_final(models: Models, output: Path, unlock_decoder: bool = False, exp
     """Write the final ControlNet (and UNet, when unlocked) under `output`; return the diffusers folder."""
     output = Path(output)
     folder = output / "controlnet"
-    models.controlnet.save_pretrained(folder, safe_serialization=True)
-    save_single_file(models.controlnet, output / "controlnet-fp16.safetensors", export_format)
+    write_dir_atomic(folder, lambda tmp: models.controlnet.save_pretrained(tmp, safe_serialization=True))
+    write_atomic(output / "controlnet-fp16.safetensors",
+                 lambda tmp: save_single_file(models.controlnet, tmp, export_format))
     if unlock_decoder:
-        models.unet.save_pretrained(output / "unet", safe_serialization=True)
+        write_dir_atomic(output / "unet", lambda tmp: models.unet.save_pretrained(tmp, safe_serialization=True))
     return folder
 
 

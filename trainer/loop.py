@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,7 +15,7 @@ from trainer.config import TrainConfig
 from trainer.data import ShardStream
 from trainer.distributed import World, agree_stop, all_sum, no_sync
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
-from trainer.models import Models
+from trainer.models import Models, autocast
 from trainer.objective import Objective, step_loss
 from trainer.optim import lr_factor, set_lr
 
@@ -52,6 +51,16 @@ class StopSignal:
             signal.signal(s, h)
 
 
+class Scheduled(Protocol):
+    """What the loop asks after every step: trainer.schedule's Checkpointer and Validator."""
+
+    def due(self, step: int, stopping: bool) -> bool:
+        """Whether to write at this step (`stopping`: a stop signal was seen)."""
+
+    def write(self, run: Run) -> object:
+        """Write what this step needs (a checkpoint, validation images)."""
+
+
 @dataclass
 class Run:
     """What the loop touches; built by trainer.train.build_run."""
@@ -69,6 +78,10 @@ class Run:
     weight_dtype: torch.dtype
     params: list[torch.nn.Parameter]
     base_lrs: list[float]
+    checkpoints: Scheduled
+    """When to save a checkpoint, and the saving (trainer.schedule.Checkpointer)."""
+    validation: Scheduled
+    """When to draw validation images, and the drawing (trainer.schedule.Validator)."""
     step_models: Models | None = None
     """The models the training step calls (compiled ones with --compile); default: `models`."""
     peak_flops: float | None = None
@@ -77,19 +90,15 @@ class Run:
     """FLOPs of forward + backward (recomputation included) per sample, counted on the first pass."""
     stop: StopSignal = field(default_factory=StopSignal)
     world: World = field(default_factory=World)
+    """This process among the torchrun processes (one process: rank 0 of 1)."""
     stream: ShardStream | None = None
+    """The loader's dataset: converts the stream's batch count into global samples."""
     failed_synced: int = 0
     """failed_samples as of the last sum over the ranks (trainer.loop.sync_failed)."""
-    """The loader's dataset: converts the stream's batch count into global samples."""
-    """This process among the torchrun processes (one process: rank 0 of 1)."""
-    on_checkpoint: Callable[[Run], None] = lambda run: None
-    on_validation: Callable[[Run], None] = lambda run: None
 
     def autocast(self):
         """Autocast to the low-precision dtype; nothing in fp32 runs."""
-        if self.weight_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+        return autocast(self.device, self.weight_dtype)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -148,7 +157,7 @@ def count_flops(run: Run, batch: dict, merge: int) -> float:
 
 
 def train_loop(run: Run) -> TrainState:
-    """Optimise until max_train_steps or a stop signal; checkpoint and validate on schedule."""
+    """Optimise until max_train_steps or a stop signal; checkpoint and validate when their schedules say."""
     cfg, st = run.cfg, run.state
     merge = cfg.optim.merge_micro_batches
     passes = cfg.optim.gradient_accumulation_steps // merge
@@ -172,10 +181,11 @@ def train_loop(run: Run) -> TrainState:
         run.log.advance()
         if st.step % cfg.log_every == 0 or st.step == cfg.max_train_steps:
             log_step(run, loss_sum, nonfinite)
-        if st.step % cfg.checkpoint.checkpointing_steps == 0 or run.stop.requested is not None:
-            run.on_checkpoint(run)
-        if st.step % cfg.validation.validation_steps == 0 and run.stop.requested is None:
-            run.on_validation(run)
+        stopping = run.stop.requested is not None
+        if run.checkpoints.due(st.step, stopping):
+            run.checkpoints.write(run)
+        if run.validation.due(st.step, stopping):
+            run.validation.write(run)
     return st
 
 

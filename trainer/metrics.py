@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine.atomic import write_text_atomic
+
 
 class RunLog:
     """Writes each logged step to output/train_log.jsonl and output/tensorboard/, and drives tqdm."""
@@ -81,7 +83,7 @@ def _drop_records_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    write_text_atomic(path, "".join(line + "\n" for line in keep))  # a crash here keeps the old log
 
 
 def _summary_writer(path: Path, purge_step: int):

@@ -7,6 +7,7 @@ scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,13 @@ from trainer.quiet import loading
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_COND_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet default, for a VAE that downsamples 8x
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to `dtype` on the device (training step and validation alike); none for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.atomic import fsync_file, tmp_path
+
 META_FILE, EMPTY_FILE = "precompute.json", "empty_prompt.npy"
 LATENT_KEY, EMBED_KEY = "latent.npy", "text.npy"
 TEXT_CACHE = 4096  # distinct captions kept; LAION repeats captions mostly within nearby rows
@@ -163,7 +165,7 @@ def encode_batch(enc: Encoders, items: list[tuple[dict, np.ndarray, np.ndarray]]
 
 
 def convert_shard(enc: Encoders, url: str, dest: Path, cfg: PrecomputeConfig) -> dict:
-    """Encode one input shard into `dest` (written as dest.tmp, then renamed); return its counts."""
+    """Encode one input shard into `dest` (written under a temporary name, flushed, renamed); return its counts."""
     import webdataset as wds
     from webdataset.tariterators import tarfile_samples
 
@@ -175,7 +177,7 @@ def convert_shard(enc: Encoders, url: str, dest: Path, cfg: PrecomputeConfig) ->
         counts["read_errors"] += 1
         return True
 
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = tmp_path(dest)
     with wds.TarWriter(str(tmp)) as sink:
         pending: list = []
         for sample in tarfile_samples([{"url": url}], handler=on_error):
@@ -188,6 +190,7 @@ def convert_shard(enc: Encoders, url: str, dest: Path, cfg: PrecomputeConfig) ->
             if len(pending) == cfg.batch_size:
                 _flush(enc, pending, sink, counts)
         _flush(enc, pending, sink, counts)
+    fsync_file(tmp)  # whole on disk before the name that vouches for it
     os.replace(tmp, dest)
     return counts
 

@@ -9,18 +9,16 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import TrainState, load_checkpoint, prune, resolve_resume, save_checkpoint
+from engine.atomic import write_text_atomic
 from trainer.config import TrainConfig
 from trainer.data import Position, build_loader, precomputed_meta
-from trainer.distributed import World, barrier, init, shutdown, world_from_env, wrap
-from trainer.export import export_final
-from trainer.loop import Run, StopSignal, effective_batch, sync_failed, train_loop
+from trainer.distributed import World, init, shutdown, world_from_env, wrap
+from trainer.loop import Run, StopSignal, effective_batch, train_loop
 from trainer.metrics import RunLog, SilentLog, measure_matmul_flops
-from trainer.models import DTYPES, Models, decoder_state, load_models, param_groups
+from trainer.models import DTYPES, Models, load_models, param_groups
 from trainer.objective import Objective
 from trainer.optim import build_optimizer, build_scaler
-from trainer.plots import write_loss_png, write_progress_png
-from trainer.validate import run_validation
+from trainer.schedule import Checkpointer, Validator
 
 
 @dataclass
@@ -46,15 +44,13 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True,
-              world: World | None = None) -> Run:
+def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = None) -> Run:
     """Models, optimizer, scaler and generator; state restored from --resume; then the data stream."""
     world = world or World()
     device = init(world, resolve_device(cfg.device))
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("fp16 training needs CUDA: pass --mixed-precision no (or bf16) on the CPU")
     weight_dtype = DTYPES[cfg.mixed_precision]
-    output = Path(cfg.output)
     torch.manual_seed(cfg.seed)
     meta = precomputed_meta(cfg.data.shards, cfg.data.resolution)
     models = load_models(cfg.model, device, weight_dtype, precomputed=meta is not None)
@@ -64,29 +60,19 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True,
     optimizer = build_optimizer(groups, cfg.optim)
     scaler = build_scaler(cfg.mixed_precision, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    state = TrainState()
-    if world.main:
-        prune(output, None)  # stale temporary folders of a crashed save
-    barrier(world)
-    ckpt = resolve_resume(cfg.checkpoint.resume, output)
-    if ckpt is not None:
-        unet = models.unet if cfg.model.unlock_decoder else None
-        state = load_checkpoint(ckpt, models.controlnet, optimizer, scaler, generator, unet=unet, config=cfg.to_dict())
-        if world.main:
-            print(f"resumed from {ckpt} at step {state.step}", flush=True)
-    elif cfg.checkpoint.resume and world.main:
-        print(f"--resume {cfg.checkpoint.resume}: no complete checkpoint in {output}, starting fresh", flush=True)
+    checkpoints = Checkpointer.of(cfg)
+    state = checkpoints.resume(cfg, world, models, optimizer, scaler, generator)
     loader = build_loader(cfg.data, models.tokenizer, cfg.seed,
                           Position(state.batches, state.epoch, state.offset, state.samples),
                           pin_memory=device.type == "cuda", rank=world.rank, world=world.size)
-    log = (RunLog(output, state.step, cfg.max_train_steps, enable_bar) if world.main
-           else SilentLog(output, state.step, cfg.max_train_steps))
+    log = (RunLog(Path(cfg.output), state.step, cfg.max_train_steps, enable_bar) if world.main
+           else SilentLog(Path(cfg.output), state.step, cfg.max_train_steps))
     step_models = wrap(models, world, device, cfg.model.only_mid_control, cfg.model.unlock_decoder)
     return Run(
         cfg=cfg, models=models, objective=Objective(models.noise_scheduler), optimizer=optimizer, scaler=scaler,
         generator=generator, loader=loader, state=state, log=log, device=device, weight_dtype=weight_dtype,
         params=[p for g in groups for p in g["params"]], base_lrs=[g["lr"] for g in groups],
-        on_checkpoint=lambda run: _checkpoint(run, result), on_validation=lambda run: _validate(run, result),
+        checkpoints=checkpoints, validation=Validator.of(cfg),
         step_models=compiled(step_models) if cfg.model.compile else (step_models if world.size > 1 else None),
         peak_flops=measure_matmul_flops(device), world=world, stream=loader.dataset,
         failed_synced=state.failed_samples,
@@ -107,39 +93,6 @@ def compiled(models: Models) -> Models:
     return dataclasses.replace(models, controlnet=torch.compile(models.controlnet), unet=torch.compile(models.unet))
 
 
-def _checkpoint(run: Run, result: TrainResult) -> None:
-    """Save a checkpoint of the current step and prune old ones (rank 0; the other ranks wait)."""
-    cfg = run.cfg
-    path = Path(cfg.output) / f"checkpoint-{run.state.step}"
-    sync_failed(run)
-    if run.world.main:
-        decoder = decoder_state(run.models) if cfg.model.unlock_decoder else None
-        path = save_checkpoint(Path(cfg.output), run.state, run.models.controlnet, run.optimizer, run.scaler,
-                               run.generator, cfg.to_dict(), decoder=decoder)
-        prune(Path(cfg.output), cfg.checkpoint.checkpoints_total_limit)
-        write_loss_png(Path(cfg.output))
-        run.log.note(f"saved {path}")
-    barrier(run.world)
-    result.checkpoints.append(path)
-
-
-def _validate(run: Run, result: TrainResult) -> None:
-    """Write the validation images of the current step (when prompts were given; rank 0, the others wait)."""
-    cfg = run.cfg
-    if not cfg.validation.validation_prompt:
-        return
-    if not run.world.main:
-        barrier(run.world)
-        return
-    out = run_validation(run.models, cfg.validation, run.state.step, Path(cfg.output) / "validation",
-                         cfg.data.resolution, run.device, run.weight_dtype, cfg.seed, cfg.model.only_mid_control)
-    result.validation_grids.append(out["grid"])
-    write_progress_png(Path(cfg.output))
-    if out["all_black"]:
-        run.log.note(f"warning: validation images of step {run.state.step} are all black")
-    barrier(run.world)
-
-
 def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
     """Train a ControlNet as configured; return what was written where."""
     output, world = Path(cfg.output), world_from_env()
@@ -147,28 +100,23 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
         output.mkdir(parents=True, exist_ok=True)
         resolved = json.dumps(cfg.to_dict(), indent=2)
         print(f"resolved config:\n{resolved}", flush=True)
-        (output / "train_config.json").write_text(resolved)
-    result = TrainResult(output=output, step=0, log=output / "train_log.jsonl")
-    run = build_run(cfg, result, enable_bar and world.main, world)
+        write_text_atomic(output / "train_config.json", resolved)
+    run = build_run(cfg, enable_bar and world.main, world)
     run.log.note(f"effective batch {effective_batch(run)} = batch {cfg.data.train_batch_size} x accumulation "
                  f"{cfg.optim.gradient_accumulation_steps} x {world.size} process(es)")
+    result = TrainResult(output=output, step=0, log=output / "train_log.jsonl")
     try:
         with StopSignal() as stop:
             run.stop = stop
-            state = train_loop(run)
-        result.step, result.stopped_by_signal = state.step, stop.requested
-        if stop.requested is None:
-            if not result.checkpoints or result.checkpoints[-1].name != f"checkpoint-{state.step}":
-                _checkpoint(run, result)
-            if state.step % cfg.validation.validation_steps != 0:
-                _validate(run, result)
-            if world.main:
-                result.controlnet = export_final(run.models, output, cfg.model.unlock_decoder,
-                                                 cfg.checkpoint.export_format)
-            barrier(world)
+            result.step = train_loop(run).step
+        result.stopped_by_signal = stop.requested
+        if stop.requested is None:  # a stopped run saved its checkpoint in the loop, and ends there
+            result.controlnet = run.checkpoints.finish(run)
+            run.validation.finish(run)
     finally:
         run.log.close()
     shutdown(world)
+    result.checkpoints, result.validation_grids = run.checkpoints.saved, run.validation.grids
     result.last_loss = _last_loss(output / "train_log.jsonl")
     return result
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from engine.imagepolicy import open_image
 from trainer.config import ValidationConfig
-from trainer.models import Models
+from trainer.models import Models, autocast
 
 
 def build_pipeline(models: Models) -> StableDiffusionControlNetPipeline:
@@ -86,11 +86,10 @@ def run_validation(models: Models, cfg: ValidationConfig, step: int, out_dir: Pa
     pipe = build_pipeline(models)
     was_training = models.controlnet.training
     models.controlnet.eval()
-    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 \
-        else contextlib.nullcontext()
     rows, paths, means = [], [], []
+    masked = mid_only(models.controlnet) if only_mid_control else contextlib.nullcontext()
     try:
-        with autocast, (mid_only(models.controlnet) if only_mid_control else contextlib.nullcontext()):
+        with autocast(device, weight_dtype), masked:
             for i, (prompt, image_path) in enumerate(cfg.pairs()):
                 cond = load_condition(image_path, resolution)
                 row = [cond]

@@ -1,0 +1,137 @@
+"""What a run writes besides training, and when: a Checkpointer and a Validator that own their schedule.
+
+After every optimizer step the loop asks each `due(step, stopping)` and, if so, calls its `write`
+(trainer.loop.Scheduled is all the loop knows of them); once the loop ends without a stop signal,
+train() calls `finish`, which writes the last step unless the schedule just did. Rank 0 writes;
+the other ranks wait at a barrier, so all leave together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import TrainState, load_checkpoint, prune, resolve_resume, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.distributed import World, barrier
+from trainer.export import export_final
+from trainer.loop import Run, sync_failed
+from trainer.models import Models, decoder_state
+from trainer.plots import write_loss_png, write_progress_png
+from trainer.validate import run_validation
+
+
+@dataclass
+class Checkpointer:
+    """Checkpoints every --checkpointing-steps, at a stop signal and at the end; keeps the newest
+    --checkpoints-total-limit; resumes from --resume; exports the final ControlNet."""
+
+    output: Path
+    every: int
+    """--checkpointing-steps."""
+    keep: int | None
+    """--checkpoints-total-limit (None: keep all)."""
+    saved: list[Path] = field(default_factory=list)
+    """The checkpoints this process saved, oldest first."""
+    last_step: int | None = None
+    """The step of the last one saved (None before the first)."""
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Checkpointer:
+        """The checkpointer a config asks for."""
+        return cls(Path(cfg.output), cfg.checkpoint.checkpointing_steps, cfg.checkpoint.checkpoints_total_limit)
+
+    def resume(self, cfg: TrainConfig, world: World, models: Models, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, generator: torch.Generator) -> TrainState:
+        """Restore the checkpoint --resume names (a fresh state when none); stale temporary folders go first."""
+        if world.main:
+            prune(self.output, None)  # temporary folders of a crashed save
+        barrier(world)
+        ckpt = resolve_resume(cfg.checkpoint.resume, self.output)
+        if ckpt is None:
+            if cfg.checkpoint.resume and world.main:
+                print(f"--resume {cfg.checkpoint.resume}: no complete checkpoint in {self.output}, starting fresh",
+                      flush=True)
+            return TrainState()
+        unet = models.unet if cfg.model.unlock_decoder else None
+        state = load_checkpoint(ckpt, models.controlnet, optimizer, scaler, generator, unet=unet, config=cfg.to_dict())
+        if world.main:
+            print(f"resumed from {ckpt} at step {state.step}", flush=True)
+        return state
+
+    def due(self, step: int, stopping: bool) -> bool:
+        """Every --checkpointing-steps, and at a stop signal (the run then resumes where it stopped)."""
+        return step % self.every == 0 or stopping
+
+    def write(self, run: Run) -> Path:
+        """Checkpoint the current step and prune old ones (rank 0 writes; the others wait)."""
+        path = self.output / f"checkpoint-{run.state.step}"
+        sync_failed(run)  # the checkpoint holds every rank's failed samples
+        if run.world.main:
+            decoder = decoder_state(run.models) if run.cfg.model.unlock_decoder else None
+            path = save_checkpoint(self.output, run.state, run.models.controlnet, run.optimizer, run.scaler,
+                                   run.generator, run.cfg.to_dict(), decoder=decoder)
+            prune(self.output, self.keep)
+            write_loss_png(self.output)
+            run.log.note(f"saved {path}")
+        barrier(run.world)
+        self.saved.append(path)
+        self.last_step = run.state.step
+        return path
+
+    def finish(self, run: Run) -> Path | None:
+        """The last step's checkpoint (unless just saved), then the final export; its folder on rank 0."""
+        if self.last_step != run.state.step:
+            self.write(run)
+        folder = None
+        if run.world.main:
+            folder = export_final(run.models, self.output, run.cfg.model.unlock_decoder,
+                                  run.cfg.checkpoint.export_format)
+        barrier(run.world)
+        return folder
+
+
+@dataclass
+class Validator:
+    """Validation images every --validation-steps and at the end, when --validation-prompt was given."""
+
+    output: Path
+    """Where the images go (OUTPUT/validation)."""
+    every: int
+    """--validation-steps."""
+    enabled: bool
+    """True when there is something to draw (--validation-prompt given)."""
+    grids: list[Path] = field(default_factory=list)
+    """The grids drawn by this process (rank 0), oldest first."""
+    last_step: int | None = None
+    """The step of the last drawing (None before the first)."""
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Validator:
+        """The validator a config asks for."""
+        return cls(Path(cfg.output) / "validation", cfg.validation.validation_steps,
+                   bool(cfg.validation.validation_prompt))
+
+    def due(self, step: int, stopping: bool) -> bool:
+        """Every --validation-steps, unless stopping (the checkpoint comes first)."""
+        return self.enabled and step % self.every == 0 and not stopping
+
+    def write(self, run: Run) -> None:
+        """Write the current step's images (rank 0 draws; the others wait)."""
+        if run.world.main:
+            cfg = run.cfg
+            out = run_validation(run.models, cfg.validation, run.state.step, self.output, cfg.data.resolution,
+                                 run.device, run.weight_dtype, cfg.seed, cfg.model.only_mid_control)
+            self.grids.append(out["grid"])
+            write_progress_png(self.output.parent)
+            if out["all_black"]:
+                run.log.note(f"warning: validation images of step {run.state.step} are all black")
+        barrier(run.world)
+        self.last_step = run.state.step
+
+    def finish(self, run: Run) -> None:
+        """The last step's images, unless just drawn."""
+        if self.enabled and self.last_step != run.state.step:
+            self.write(run)
