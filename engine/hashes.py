@@ -88,24 +88,34 @@ _DCT = np.array([[math.cos(math.pi * (2 * x + 1) * u / (2 * PHASH_SIDE)) for x i
 def _gray_thumbnail(rgb, n):
     """Luma of `rgb` area-averaged onto n x n (exact box weights, any size in, no aliasing).
 
-    Each input row is turned into luma once and added, weighted, into the output rows it overlaps
-    (a vectorised float32 loop); the n x n horizontal binning of those rows is then cheap.
+    Per output row, the input rows wholly inside it are summed as integers (uint8 into uint32, a
+    loop LLVM vectorises) and the at most two rows it shares with a neighbour are added weighted;
+    luma is taken of those sums (it is linear), then the n x n horizontal binning is cheap.
     """
     h, w = rgb.shape[0], rgb.shape[1]
     sy, sx = h / n, w / n
-    flat = rgb.reshape(h, w * 3)  # a constant stride of 3 lets LLVM vectorise the luma loop
-    rows = np.zeros((n, w), np.float32)
-    g = np.empty(w, np.float32)
-    for y in range(h):
+    flat = rgb.reshape(h, w * 3)
+    m = w * 3
+    whole = np.zeros(m, np.uint32)
+    part = np.zeros(m, np.float32)
+    luma = np.empty((n, w), np.float64)
+    for oy in range(n):
+        y0, y1 = oy * sy, (oy + 1) * sy
+        whole[:] = 0
+        part[:] = 0
+        for y in range(int(y0), min(int(math.ceil(y1)), h)):
+            wy = min(y + 1.0, y1) - max(float(y), y0)
+            src = flat[y]
+            if wy == 1.0:
+                for i in range(m):
+                    whole[i] += src[i]
+            elif wy > 0:
+                f = np.float32(wy)
+                for i in range(m):
+                    part[i] += f * np.float32(src[i])
         for x in range(w):
-            g[x] = (np.float32(0.299) * flat[y, 3 * x] + np.float32(0.587) * flat[y, 3 * x + 1]
-                    + np.float32(0.114) * flat[y, 3 * x + 2])
-        for oy in range(int(y / sy), min(int(math.ceil((y + 1) / sy)), n)):
-            wy = np.float32(min(y + 1.0, (oy + 1) * sy) - max(float(y), oy * sy))
-            if wy > 0:
-                r = rows[oy]
-                for x in range(w):
-                    r[x] += wy * g[x]
+            luma[oy, x] = (0.299 * (whole[3 * x] + part[3 * x]) + 0.587 * (whole[3 * x + 1] + part[3 * x + 1])
+                           + 0.114 * (whole[3 * x + 2] + part[3 * x + 2]))
     out = np.empty((n, n), np.float64)
     for ox in range(n):
         x0, x1 = ox * sx, (ox + 1) * sx
@@ -114,7 +124,7 @@ def _gray_thumbnail(rgb, n):
             for x in range(int(x0), min(int(math.ceil(x1)), w)):
                 wx = min(x + 1.0, x1) - max(float(x), x0)
                 if wx > 0:
-                    s += wx * rows[oy, x]
+                    s += wx * luma[oy, x]
             out[oy, ox] = s / (sx * sy)
     return out
 
