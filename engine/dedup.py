@@ -4,74 +4,33 @@
 `ray.remote(DedupShard)`, the process runner serves it from the driver); `DedupClient` routes
 batches of claims to the shards and keeps check-and-insert atomic across them (reserve -> query ->
 finalize; docs/DEDUP.md says why two near duplicates racing through different shards still keep
-exactly one). The hashes are engine/hashes.py's, the Hamming index engine/hamming.py's.
+exactly one). The hashes are engine/hashes.py's, the Hamming index engine/hamming.py's, the
+messages engine/claims.py's.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import xxhash
 
+from .claims import (
+    Answer,
+    Claim,
+    Decision,
+    Ticket,
+    Verdict,
+    iter_rebuild_items,  # noqa: F401 -- pipeline.py's resume calls it from here
+)
 from .hamming import DEFAULT_THRESHOLD, HammingIndex, Snapshot, build_tables, scan
-from .hashes import hamming, phash, to_uint64  # noqa: F401 -- bench/corpus.py imports them from here
+from .hashes import hamming, phash  # noqa: F401 -- bench/corpus.py imports them from here
 from .outcomes import DUPLICATE_EXACT, DUPLICATE_NEAR, NEW
-
-
-class Claim(NamedTuple):
-    """One image asking to be kept: its sample key and its three hashes (unsigned ints)."""
-
-    key: str
-    content: int
-    pixels: int
-    phash: int
-
-
-class Verdict(NamedTuple):
-    """The index's answer: NEW (keep it), or DUPLICATE_EXACT / DUPLICATE_NEAR of `owner_key`."""
-
-    status: str
-    owner_key: str | None = None
-    distance: int | None = None
-
-
-class Ticket(NamedTuple):
-    """A claim on its way through the three phases, with the client's random token for it."""
-
-    token: int
-    key: str
-    content: int
-    pixels: int
-    phash: int
-
-    @property
-    def claim(self) -> Claim:
-        """The claim itself."""
-        return Claim(self.key, self.content, self.pixels, self.phash)
-
-
-class Answer(NamedTuple):
-    """What one shard knows about a ticket (phase 2): its best conflict there, and whether that
-    shard already stores the ticket's own key with the same hash (a retried task)."""
-
-    best: Verdict | None
-    own: bool
-
-
-class Decision(NamedTuple):
-    """The client's word on a reservation (phase 3): keep it, and whether it is already stored."""
-
-    token: int
-    keep: bool
-    stored: bool
 
 
 @dataclass
@@ -434,23 +393,3 @@ class DedupClient:
         for c in chunk:
             parts.setdefault(home_shard(c.key, len(self.shards)), ([],))[0].append(c)
         return sum(self._fan_out(DedupShard.load, parts).values())
-
-
-# ------------------------------------------------------------------------------ resume
-
-HASH_COLUMNS = ("key", "content_hash", "pixel_hash", "phash")
-"""The per-row parquet columns of a written sample that a resumed run reloads into the index."""
-
-
-def iter_rebuild_items(paths: Iterable[str | os.PathLike], batch_size: int = 65_536) -> Iterator[Claim]:
-    """Claims of every written sample (outcome "ok") in per-shard parquet files, streamed."""
-    import pyarrow.parquet as pq
-
-    for path in paths:
-        f = pq.ParquetFile(path)
-        for b in f.iter_batches(batch_size=batch_size, columns=[*HASH_COLUMNS, "outcome"]):
-            cols = b.to_pydict()
-            for key, content, pixels, ph, outcome in zip(*(cols[c] for c in HASH_COLUMNS), cols["outcome"],
-                                                         strict=True):
-                if outcome == "ok" and ph is not None:
-                    yield Claim(key, to_uint64(content), to_uint64(pixels), to_uint64(ph))

@@ -22,11 +22,11 @@ from pathlib import Path
 from . import local
 from . import outcomes as O
 from .caption import clean_caption, storable
+from .claims import Claim as IndexClaim
 from .condition import make_conditioner
 from .config import EngineConfig
 from .crop import center_crop
 from .decode import Rejected, decode
-from .dedup import Claim as IndexClaim
 from .fetch import fetch, make_session
 from .hashes import ImageHashes, image_hashes, to_int64
 from .plan import Shard, prefilter
