@@ -85,17 +85,27 @@ _DCT = np.array([[math.cos(math.pi * (2 * x + 1) * u / (2 * PHASH_SIDE)) for x i
 
 
 @njit(nogil=True, cache=True)
+def _carry(short, whole):
+    """whole += short; short = 0 (the uint16 row sums before they could overflow)."""
+    for i in range(short.shape[0]):
+        whole[i] += short[i]
+        short[i] = 0
+
+
+@njit(nogil=True, cache=True)
 def _gray_thumbnail(rgb, n):
     """Luma of `rgb` area-averaged onto n x n (exact box weights, any size in, no aliasing).
 
-    Per output row, the input rows wholly inside it are summed as integers (uint8 into uint32, a
-    loop LLVM vectorises) and the at most two rows it shares with a neighbour are added weighted;
-    luma is taken of those sums (it is linear), then the n x n horizontal binning is cheap.
+    Per output row, the input rows wholly inside it are summed as integers (uint8 into uint16, 16
+    lanes per vector, carried into uint32 every 257 rows) and the at most two rows it shares with a
+    neighbour are added weighted; luma is taken of those sums (it is linear), then the n x n
+    horizontal binning is cheap. The sums are exact, so the hash is that of the plain box average.
     """
     h, w = rgb.shape[0], rgb.shape[1]
     sy, sx = h / n, w / n
     flat = rgb.reshape(h, w * 3)
     m = w * 3
+    short = np.zeros(m, np.uint16)  # up to 257 rows of 255 fit
     whole = np.zeros(m, np.uint32)
     part = np.zeros(m, np.float32)
     luma = np.empty((n, w), np.float64)
@@ -103,16 +113,22 @@ def _gray_thumbnail(rgb, n):
         y0, y1 = oy * sy, (oy + 1) * sy
         whole[:] = 0
         part[:] = 0
+        rows = 0
         for y in range(int(y0), min(int(math.ceil(y1)), h)):
             wy = min(y + 1.0, y1) - max(float(y), y0)
             src = flat[y]
             if wy == 1.0:
                 for i in range(m):
-                    whole[i] += src[i]
+                    short[i] += np.uint16(src[i])
+                rows += 1
+                if rows == 257:
+                    _carry(short, whole)
+                    rows = 0
             elif wy > 0:
                 f = np.float32(wy)
                 for i in range(m):
                     part[i] += f * np.float32(src[i])
+        _carry(short, whole)
         for x in range(w):
             luma[oy, x] = (0.299 * (whole[3 * x] + part[3 * x]) + 0.587 * (whole[3 * x + 1] + part[3 * x + 1])
                            + 0.114 * (whole[3 * x + 2] + part[3 * x + 2]))
