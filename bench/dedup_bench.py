@@ -29,6 +29,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bench.results import machine_line, update_section
 from engine import dedup as D
+from engine import hashes as H
+from engine.hamming import DEFAULT_THRESHOLD, HammingIndex
 
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "coins",
           "moon", "immunohistochemistry", "grass", "gravel", "brick", "cell", "clock", "page", "text")
@@ -118,16 +120,16 @@ def quality(per_kind: int, crops_per_photo: int, seed: int = 0) -> tuple[str, di
     """Recall per variant kind and false positives over distinct pairs, per threshold."""
     rng = np.random.default_rng(seed)
     photos = [load_photo(n) for n in PHOTOS]
-    originals = np.array([D.phash(p) for p in photos], np.uint64)
+    originals = np.array([H.phash(p) for p in photos], np.uint64)
     by_kind: dict[str, list[int]] = defaultdict(list)
     variant_claims = []
     for i, rgb in enumerate(photos):
         for kind, v in variants(rgb, rng, per_kind):
-            h = D.phash(v)
-            by_kind[kind].append(D.hamming(int(originals[i]), h))
+            h = H.phash(v)
+            by_kind[kind].append(H.hamming(int(originals[i]), h))
             variant_claims.append((kind, h))
     distinct = distinct_images(photos, rng, crops_per_photo)
-    dh = np.array([D.phash(img) for img, _ in distinct], np.uint64)
+    dh = np.array([H.phash(img) for img, _ in distinct], np.uint64)
     boxes = np.array([b for _, b in distinct], np.int64)
     pairs, same_photo = overlap_mask(boxes, 0.3)
     dist = np.bitwise_count(dh[:, None] ^ dh[None, :])
@@ -141,38 +143,32 @@ def quality(per_kind: int, crops_per_photo: int, seed: int = 0) -> tuple[str, di
         fp = float((dist[pairs] <= k).mean())
         fp_same, fp_cross = float((dist[same_photo] <= k).mean()), float((dist[cross] <= k).mean())
         results["thresholds"][k] = {"recall": rec, "fp": fp, "fp_same_photo": fp_same, "fp_cross_photo": fp_cross}
-        mark = " **(default)**" if k == D.DEFAULT_THRESHOLD else ""
+        mark = " **(default)**" if k == DEFAULT_THRESHOLD else ""
         rows.append(f"| {k}{mark} | " + " | ".join(f"{rec[kind]:.3f}" for kind in KINDS) +
                     f" | {100 * fp:.4f}% | {100 * fp_same:.4f}% | {100 * fp_cross:.5f}% |")
 
     # the default threshold through a real shard: the distinct images claimed (what it keeps), then the
     # variants looked up in its index, which must agree with brute force over everything it kept
-    shard = D.DedupShard(D.DEFAULT_THRESHOLD)
+    shard = D.DedupShard(DEFAULT_THRESHOLD)
     kept = shard.claim([D.Claim(f"d{i}", i, i, int(h)) for i, h in enumerate(dh)])
     kept_distinct = sum(v.status == D.NEW for v in kept)
     vh = np.array([h for _, h in variant_claims], np.uint64)
     found = np.zeros(len(vh), bool)
     found[shard.index.search(vh)[:, 0]] = True
     stored = shard.index.phash[: len(shard.index)]
-    brute = (np.bitwise_count(vh[:, None] ^ stored[None, :]) <= D.DEFAULT_THRESHOLD).any(axis=1)
+    brute = (np.bitwise_count(vh[:, None] ^ stored[None, :]) <= DEFAULT_THRESHOLD).any(axis=1)
     caught: dict[str, list[bool]] = defaultdict(list)
     for (kind, _), f in zip(variant_claims, found, strict=True):
         caught[kind].append(bool(f))
     results["index_recall"] = {kind: float(np.mean(c)) for kind, c in caught.items()}
     results["kept_distinct"] = (kept_distinct, len(dh))
-    overlapping = int((np.triu(np.ones(pairs.shape, bool), 1) & ~pairs & (dist <= D.DEFAULT_THRESHOLD)).sum())
-    ok = all(results["thresholds"][D.DEFAULT_THRESHOLD]["recall"][kind] >= 0.95 for kind in REQUIRED) and \
-        results["thresholds"][D.DEFAULT_THRESHOLD]["fp"] <= 0.001
+    overlapping = int((np.triu(np.ones(pairs.shape, bool), 1) & ~pairs & (dist <= DEFAULT_THRESHOLD)).sum())
+    ok = all(results["thresholds"][DEFAULT_THRESHOLD]["recall"][kind] >= 0.95 for kind in REQUIRED) and \
+        results["thresholds"][DEFAULT_THRESHOLD]["fp"] <= 0.001
     results["meets_target"] = ok
 
     n_var = sum(len(v) for v in by_kind.values())
-    cost = {}
-    for side in (512, 768, 1024):  # the short sides turbojpeg's DCT scaling hands over
-        img = np.asarray(Image.fromarray(photos[0]).resize((side * 4 // 3, side)))
-        t = time.perf_counter()
-        for _ in range(50):
-            D.image_hashes(img.tobytes()[: 300_000], img)
-        cost[side] = (time.perf_counter() - t) / 50 * 1000
+    cost = hash_cost(photos, rng)
     md = [
         f"Labelled set from {len(photos)} shipped photos: {n_var} variants ({per_kind} per kind and photo, "
         f"random parameters; PNG once per photo) and {len(distinct)} distinct images (the photos and "
@@ -188,7 +184,7 @@ def quality(per_kind: int, crops_per_photo: int, seed: int = 0) -> tuple[str, di
         "Variant kinds: jpeg = re-encoded at q50-95; rescale = 0.5x-2x (Lanczos) then JPEG; crop = centre "
         "crop removing 0.5-5% of each side; webp q60-95; png lossless; text = a small caption/watermark "
         "(2-4% of the height) drawn on, then JPEG.",
-        f"Through a real `DedupShard` at the default threshold {D.DEFAULT_THRESHOLD}: distinct images kept "
+        f"Through a real `DedupShard` at the default threshold {DEFAULT_THRESHOLD}: distinct images kept "
         f"{kept_distinct}/{len(dh)} (the {len(dh) - kept_distinct} dropped overlap another crop of the "
         f"same photo by IoU >= 0.3, or another photo: {overlapping} overlapping pairs lie within the "
         "threshold); variants looked up in that index (found when any kept image is within it, "
@@ -197,14 +193,36 @@ def quality(per_kind: int, crops_per_photo: int, seed: int = 0) -> tuple[str, di
         f"; index and brute force agree on {int((found == brute).sum())}/{len(vh)} lookups.",
         f"Target (recall >= 0.95 on {', '.join(REQUIRED)}, FP <= 0.1%) at the default: "
         f"{'met' if ok else 'NOT met'}.",
-        "Cost of all three hashes per decoded image (content hash over 300 KB of bytes, pixel hash, "
-        "pHash; one thread, the Numba part releases the GIL): " +
-        ", ".join(f"{side * 4 // 3}x{side}: {ms:.2f} ms" for side, ms in cost.items()) + ".",
+        "CPU-ms per decoded image (time.process_time, one thread; the Numba part releases the GIL), "
+        f"over {cost['n']} LAION-sized copies of the photos (shorter side 512-1024, as the decoder's DCT "
+        f"scaling hands them over, {cost['mpx']:.2f} Mpx mean): content hash (300 KB of bytes) "
+        f"{cost['content']:.3f}, pixel hash {cost['pixels']:.3f}, pHash {cost['phash']:.3f}, all three "
+        f"{cost['all']:.3f}.",
     ]
     return "\n".join(md), results
 
 
 KINDS = ("jpeg", "rescale", "webp", "png", "crop", "text")
+
+
+def hash_cost(photos: list[np.ndarray], rng: np.random.Generator, n: int = 300) -> dict:
+    """CPU-ms per image of each hash over n LAION-sized copies of the photos (first call not timed)."""
+    imgs = []
+    for i in range(n):
+        short, aspect = int(rng.choice([512, 600, 700, 768, 900, 1024])), rng.uniform(1.0, 1.6)
+        size = (int(short * aspect), short) if i % 3 else (short, int(short * aspect))
+        imgs.append(np.asarray(Image.fromarray(photos[i % len(photos)]).resize(size, Image.Resampling.BILINEAR)))
+    bodies = [img.tobytes()[: 300_000] for img in imgs]
+    out = {"n": n, "mpx": float(np.mean([img.shape[0] * img.shape[1] for img in imgs])) / 1e6}
+    for name, fn, args in (("content", H.content_hash, bodies), ("pixels", H.pixel_hash, imgs),
+                           ("phash", H.phash, imgs)):
+        fn(args[0])
+        t = time.process_time()
+        for a in args:
+            fn(a)
+        out[name] = (time.process_time() - t) / n * 1000
+    out["all"] = out["content"] + out["pixels"] + out["phash"]
+    return out
 
 
 # ------------------------------------------------------------------------------------ (b) index
@@ -268,7 +286,7 @@ def bench_local(n_hashes: int, n_shards: int, clients: list[int], seconds: float
         results: list[tuple[int, float]] = []
 
         def run(seed, results=results):
-            client = D.DedupClient(shards, _local_call)
+            client = D.DedupClient(shards)
             results.append(client_loop(client, stored, seconds, batch, seed))
 
         threads = [threading.Thread(target=run, args=(1000 * c + i,)) for i in range(c)]
@@ -307,23 +325,18 @@ def bench_ray(n_hashes: int, n_shards: int, clients: list[int], seconds: float, 
         ray.shutdown()
 
 
-def _local_call(shard, method: str, *args):
-    """The in-process runner's call: a plain method call."""
-    return getattr(shard, method)(*args)
-
-
-def _ray_call(actor, method: str, *args):
-    """The pipeline's call: one blocking actor method call."""
+def _ray_call(actor, method, *args):
+    """The pipeline's call: one blocking actor method call (`method`: a DedupShard method)."""
     import ray
 
-    return ray.get(getattr(actor, method).remote(*args))
+    return ray.get(getattr(actor, method.__name__).remote(*args))
 
 
-def raw_search_rate(n_hashes: int, k: int = D.DEFAULT_THRESHOLD, queries: int = 20_000) -> dict:
+def raw_search_rate(n_hashes: int, k: int = DEFAULT_THRESHOLD, queries: int = 20_000) -> dict:
     """One HammingIndex, no Python per claim: queries/s of the Numba search alone."""
     rng = np.random.default_rng(5)
     h = rng.integers(0, 2**64 - 1, n_hashes, dtype=np.uint64, endpoint=True)
-    index = D.HammingIndex(k)
+    index = HammingIndex(k)
     t = time.perf_counter()
     index.add(h, h, h, [f"{i:010d}" for i in range(n_hashes)])
     index.rebuild()
@@ -346,7 +359,7 @@ def index_section(n_hashes: int, shard_counts: list[int], clients: list[int], ba
         raws.append(raw_search_rate(n))
         print(f"raw index n={n}: {raws[-1]}", flush=True)
     md += ["Raw index (one `HammingIndex`, uniform random hashes, batch search in Numba, threshold "
-           f"{D.DEFAULT_THRESHOLD}: band radii {raws[-1]['radii']}):", "",
+           f"{DEFAULT_THRESHOLD}: band radii {raws[-1]['radii']}):", "",
            "| hashes | build s | bucket bits | searches/s (one core) | bytes per hash |", "|---|---|---|---|---|"]
     for r in raws:
         md.append(f"| {r['n']:,} | {r['build_s']:.1f} | {r['kbits']} | {r['queries_per_s']:,.0f} | "

@@ -50,7 +50,7 @@ def main() -> None:
         simplejpeg = None
     from turbojpeg import TJPF_RGB
 
-    from engine import dedup as D
+    from engine import hashes as D
     from engine.condition import make_conditioner
     from engine.config import ImageConfig
     from engine.crop import center_crop

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from . import sources, storage
 from .config import EngineConfig
+from .hashes import PHASH_VERSION
 
 RUN_FILE = "run.json"
 
@@ -102,7 +103,7 @@ def describe_inputs(inputs) -> list[dict]:
 def fingerprint(cfg: EngineConfig) -> dict:
     """What run.json records for `cfg`."""
     return {"settings": settings(cfg), "inputs": describe_inputs(cfg.inputs),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "phash_version": PHASH_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def load(output) -> dict | None:
@@ -171,7 +172,18 @@ def input_differences(recorded: list[dict], now: list[dict]) -> list[str]:
 def differences(recorded: dict, now: dict) -> list[str]:
     """Every way `now` differs from the recorded fingerprint (empty: the same run)."""
     return setting_differences(recorded["settings"], now["settings"]) + \
-        input_differences(recorded["inputs"], now["inputs"])
+        input_differences(recorded["inputs"], now["inputs"]) + hash_differences(recorded, now)
+
+
+def hash_differences(recorded: dict, now: dict) -> list[str]:
+    """A line when the perceptual hash changed since the folder was made (engine/hashes.py
+    PHASH_VERSION; folders from before it was recorded used version 1): the stored hashes the
+    resumed index reloads could no longer be compared with new ones."""
+    was, is_ = recorded.get("phash_version", 1), now.get("phash_version", PHASH_VERSION)
+    if was == is_ or not now["settings"].get("dedup.enabled", True):
+        return []
+    return [f"perceptual hash: version {was} was used, this engine computes version {is_} "
+            "(finish the run with the engine that began it)"]
 
 
 def check(output: Path, recorded: dict, now: dict) -> None:

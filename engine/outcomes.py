@@ -44,3 +44,6 @@ EMPTY_CAPTION = "empty_caption"              # caption empty after cleaning, wit
 # dedup (engine/dedup.py), across every shard of the run
 DUPLICATE_EXACT = "duplicate_exact"          # same bytes or same decoded pixels as a kept image
 DUPLICATE_NEAR = "duplicate_near"            # perceptual hash within --near-distance of a kept image
+# the dedup index's verdict (engine/dedup.py Verdict.status): the two above, or this one, which is no
+# outcome of its own: the image is kept and its row goes on to "ok"
+NEW = "new"

@@ -83,7 +83,7 @@ class LocalRunner:
 
     def client(self) -> D.DedupClient | None:
         """The dedup index as plain objects."""
-        return D.DedupClient(self.index, lambda s, m, *a: getattr(s, m)(*a)) if self.index else None
+        return D.DedupClient(self.index, D.direct_call) if self.index else None
 
     def attempts(self, shard: Shard, claim, report) -> dict:
         """One shard, retried up to `max_retries` times like the Ray runner's; the last status."""
@@ -308,9 +308,9 @@ class IndexAndCounter(D.DedupShard):
             return self.counter.take()
 
 
-def _ray_call(actor, method: str, *args):
-    """How the dedup client calls an index actor from inside a task."""
-    return ray.get(getattr(actor, method).remote(*args))
+def _ray_call(actor, method, *args):
+    """How the dedup client calls an index actor (`method`: a DedupShard method) from inside a task."""
+    return ray.get(getattr(actor, method.__name__).remote(*args))
 
 
 def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor, token: str) -> dict:

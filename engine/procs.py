@@ -86,7 +86,7 @@ class ProcessRunner:
 
     def client(self) -> D.DedupClient | None:
         """The dedup index as plain objects of the driver (the resume rebuild loads it here)."""
-        return D.DedupClient(self.index, lambda s, m, *a: getattr(s, m)(*a)) if self.index else None
+        return D.DedupClient(self.index, D.direct_call) if self.index else None
 
     def _stop(self, grace: float) -> None:
         """End every worker (killed at once when grace is 0), before the driver tidies .tmp files."""
@@ -155,9 +155,9 @@ class ProcessRunner:
         """One message: a dedup call (answered), progress counts, or the shard's status."""
         kind = msg[0]
         if kind == "call":
-            _, index, method, args = msg
+            _, index, method, args = msg  # method: a DedupShard method (pickled by name), dedup.Call
             try:
-                w.conn.send(("ok", getattr(self.index[index], method)(*args)))
+                w.conn.send(("ok", method(self.index[index], *args)))
             except Exception as exc:  # noqa: BLE001 -- the worker's shard fails with it, the driver lives
                 w.conn.send(("error", f"{type(exc).__name__}: {exc}"))
         elif kind == "progress":
@@ -190,7 +190,7 @@ def _worker_main(conn, cfg: EngineConfig, driver_pid: int) -> None:
 
     lock = threading.Lock()  # one request and its answer at a time on the pipe
 
-    def ask(index: int, method: str, *args):
+    def ask(index: int, method, *args):
         with lock:
             conn.send(("call", index, method, args))
             kind, value = conn.recv()

@@ -18,15 +18,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import dedup as D
 from . import local
 from . import outcomes as O
 from .caption import clean_caption, storable
+from .claims import Claim as IndexClaim
 from .condition import make_conditioner
 from .config import EngineConfig
 from .crop import center_crop
 from .decode import Rejected, decode
 from .fetch import fetch, make_session
+from .hashes import ImageHashes, image_hashes, to_int64
 from .plan import Shard, prefilter
 from .quality import colorfulness
 from .schema import sample_json, shard_kinds
@@ -59,7 +60,7 @@ class Prepared:
     width: int
     height: int
     format: str
-    hashes: tuple[int, int, int] | None
+    hashes: ImageHashes | None
 
 
 def sample_key(shard_id: int, index: int, shard_size: int) -> str:
@@ -90,9 +91,7 @@ def prepare(body: bytes, cfg: EngineConfig, conditioner, cpu: dict | None = None
     """
     clock = StageClock(cpu)
     image = clock.lap("decode", decode(body, cfg.image))
-    hashes = None
-    if cfg.dedup.enabled:
-        hashes = clock.lap("hashes", (D.content_hash(body), D.pixel_hash(image.rgb), D.phash(image.rgb)))
+    hashes = clock.lap("hashes", image_hashes(body, image.rgb)) if cfg.dedup.enabled else None
     crop = clock.lap("resize", center_crop(image.rgb, cfg.image.image_size, cfg.image.resize_filter))
     threshold = cfg.filters.min_colorfulness
     if threshold is not None and (score := colorfulness(crop)) < threshold:
@@ -125,11 +124,11 @@ class ClaimBatcher:
     def __init__(self, claim: Claim, executor: ThreadPoolExecutor, max_batch: int = 64, max_wait: float = 0.1):
         self.claim, self.executor = claim, executor
         self.max_batch, self.max_wait = max_batch, max_wait
-        self.pending: list[tuple[D.Claim, asyncio.Future]] = []
+        self.pending: list[tuple[IndexClaim, asyncio.Future]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.cpu = 0.0  # thread CPU seconds of the claim calls (the shard's "claims" stage)
 
-    async def submit(self, item: D.Claim):
+    async def submit(self, item: IndexClaim):
         """The verdict for one claim, once its batch has been answered."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((item, future))
@@ -179,6 +178,7 @@ class ShardRun:
         self.rows = shard.table.to_pylist()
         self.records: list[dict | None] = [None] * len(self.rows)
         self.store = store_of(cfg)  # the output folder, or an object store it is uploaded to (engine/storage.py)
+        self.captions: list[str | None] = [None] * len(self.rows)  # cleaned once, by caption()
         self.conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
         self.roots = tuple(cfg.local_roots) + tuple(shard.roots)  # --local-root and the folders named as input
         self.kinds = shard_kinds(shard.kinds, shard.table.schema)
@@ -206,6 +206,12 @@ class ShardRun:
         }
         self.done += 1
 
+    def caption(self, index: int) -> str:
+        """Row `index`'s cleaned caption (cleaned on first use: the screen and the writer share it)."""
+        if self.captions[index] is None:
+            self.captions[index] = clean_caption(self.rows[index].get("caption"))
+        return self.captions[index]
+
     def meta(self, index: int, prep: Prepared, caption: str) -> dict:
         """The sample's KEY.json: url, sizes, source row, hashes and every kept parquet column."""
         row = self.rows[index]
@@ -213,8 +219,8 @@ class ShardRun:
                 "caption_clean": caption, "width": prep.width, "height": prep.height,
                 "format": prep.format, "shard": self.shard.shard_id, "row": self.shard.first_row + index}
         if prep.hashes:
-            meta.update(content_hash=f"{prep.hashes[0]:016x}", pixel_hash=f"{prep.hashes[1]:016x}",
-                        phash=f"{prep.hashes[2]:016x}")
+            meta.update(content_hash=f"{prep.hashes.content:016x}", pixel_hash=f"{prep.hashes.pixels:016x}",
+                        phash=f"{prep.hashes.phash:016x}")
         return sample_json(row, self.kinds, meta)  # every field in every sample, one type each
 
     async def dedup(self, index: int, prep: Prepared) -> tuple[str, str] | None:
@@ -222,12 +228,12 @@ class ShardRun:
         if not self.claims or prep.hashes is None:
             return None
         try:
-            verdict = await self.claims.submit(D.Claim(self.key(index), *prep.hashes))
+            verdict = await self.claims.submit(IndexClaim(self.key(index), *prep.hashes))
         except Exception as exc:
             raise IndexUnavailable(f"dedup index failed: {type(exc).__name__}: {exc}") from exc
-        if verdict.status == "new":
+        if verdict.status == O.NEW:
             return None
-        outcome = O.DUPLICATE_EXACT if verdict.status == "duplicate_exact" else O.DUPLICATE_NEAR
+        outcome = verdict.status  # the verdict names are the outcomes' (engine/outcomes.py)
         owner = verdict.owner_key or ""
         self.clusters[owner] += 1
         self.examples.setdefault(owner, self.rows[index].get("url") or "")
@@ -240,7 +246,7 @@ class ShardRun:
         if self.roots and isinstance(url, str) and url.strip() and local.is_local(url.strip()):
             row = {**row, "url": local.PLACEHOLDER_URL}  # the path itself is checked by local.read
         dropped = prefilter(row, self.cfg.image, self.cfg.filters, self.cfg.fetch.allow_private_network)
-        if dropped is None and self.cfg.filters.drop_empty_captions and not clean_caption(row.get("caption")):
+        if dropped is None and self.cfg.filters.drop_empty_captions and not self.caption(index):
             dropped = O.EMPTY_CAPTION, "caption empty after cleaning"
         return dropped
 
@@ -274,13 +280,13 @@ class ShardRun:
         found = {"width": prep.width, "height": prep.height, "format": prep.format, **fetched}
         if prep.hashes:
             # int64 with the hashes' bits: the columns dedup.iter_rebuild_items reads on resume
-            found.update(content_hash=D.to_int64(prep.hashes[0]), pixel_hash=D.to_int64(prep.hashes[1]),
-                         phash=D.to_int64(prep.hashes[2]))
+            found.update(content_hash=to_int64(prep.hashes.content), pixel_hash=to_int64(prep.hashes.pixels),
+                         phash=to_int64(prep.hashes.phash))
         duplicate = await self.dedup(index, prep)
         if duplicate:
             return self.finish(index, duplicate[0], f"duplicate of {duplicate[1]}",
                                duplicate_of=duplicate[1], **found)
-        caption = clean_caption(self.rows[index].get("caption"))
+        caption = self.caption(index)
         await asyncio.get_running_loop().run_in_executor(
             self.io, self.tar.write, self.key(index), prep.jpg, prep.cond_png, caption,
             self.meta(index, prep, caption))

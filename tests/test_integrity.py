@@ -198,6 +198,19 @@ def test_differences_name_each_flag_and_input():
     assert "--palette: not recorded" in F.setting_differences(was["settings"], now["settings"])[1]
 
 
+@pytest.mark.quick
+def test_a_changed_perceptual_hash_is_refused_unless_dedup_is_off():
+    """A resumed index reloads the finished shards' pHashes: another hash version must not mix in."""
+    cfg = EngineConfig(inputs=("x",), output="o")
+    was = {"settings": F.settings(cfg), "inputs": []}  # a folder from before the version was recorded
+    now = {**was, "phash_version": 2}
+    assert F.differences(was, {**was, "phash_version": 1}) == []
+    assert F.differences(was, now) == ["perceptual hash: version 1 was used, this engine computes version 2 "
+                                       "(finish the run with the engine that began it)"]
+    off = F.settings(dataclasses.replace(cfg, dedup=dataclasses.replace(cfg.dedup, enabled=False)))
+    assert F.hash_differences({**was, "settings": off}, {**now, "settings": off}) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line on the loopback corpus
 # ---------------------------------------------------------------------------------------------

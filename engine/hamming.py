@@ -1,0 +1,314 @@
+"""The near-duplicate index: which stored 64-bit hashes lie within Hamming distance k of a query.
+
+Multi-index hashing, no linear scan: the 64 bits are cut into 4 bands of 16 (engine/hashes.py lays
+the pHash bits out for it); two hashes within k differ in at most r_j bits of some band j, where
+sum(r_j + 1) = k + 1, so probing every band's buckets within r_j finds all (docs/DEDUP.md).
+The kernels are Numba and release the GIL, so searches of concurrent claims run in parallel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from .hashes import BAND_STARTS, BAND_WIDTHS, NBANDS
+
+DEFAULT_THRESHOLD = 8
+"""Default near-duplicate distance; bench/dedup_bench.py measured recall and false positives."""
+_STARTS, _WIDTHS = np.array(BAND_STARTS, np.int64), np.array(BAND_WIDTHS, np.int64)
+
+@intrinsic
+def _popcount(typingctx, x):
+    """Set bits of a uint64: LLVM's ctpop, one popcnt instruction (a SWAR version is 30x slower)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _bucket_of(h, start, width, kbits):
+    """The top `kbits` bits of the band [start, start + width) of h: its bucket number."""
+    return np.int64((h >> np.uint64(start + width - kbits)) & np.uint64((1 << kbits) - 1))
+
+
+@njit(nogil=True, cache=True)
+def _build_band(hashes, n, start, width, kbits, offsets, ids, sorted_h):
+    """Counting sort of entries 0..n-1 by bucket into offsets[2^kbits + 1], ids[n] and sorted_h[n]."""
+    nb = 1 << kbits
+    offsets[:] = 0
+    for i in range(n):
+        offsets[_bucket_of(hashes[i], start, width, kbits) + 1] += 1
+    for b in range(nb):
+        offsets[b + 1] += offsets[b]
+    fill = offsets[:-1].copy()
+    for i in range(n):
+        b = _bucket_of(hashes[i], start, width, kbits)
+        ids[fill[b]] = i
+        sorted_h[fill[b]] = hashes[i]
+        fill[b] += 1
+
+
+@njit(nogil=True, cache=True)
+def _ball(base, kb, r, out):
+    """Write every kb-bit value within Hamming distance r of `base` into out; returns how many."""
+    m = 0
+    pos = np.empty(max(r, 1), np.int64)
+    for nflip in range(min(r, kb) + 1):
+        for t in range(nflip):
+            pos[t] = t
+        while True:
+            b = base
+            for t in range(nflip):
+                b ^= np.int64(1) << pos[t]
+            out[m] = b
+            m += 1
+            t = nflip - 1  # advance to the next combination of nflip positions
+            while t >= 0 and pos[t] == kb - nflip + t:
+                t -= 1
+            if t < 0:
+                break
+            pos[t] += 1
+            for u in range(t + 1, nflip):
+                pos[u] = pos[u - 1] + 1
+    return m
+
+
+def ball_size(kb: int, r: int) -> int:
+    """How many kb-bit values lie within distance r of one (probes per band)."""
+    return sum(math.comb(kb, i) for i in range(min(r, kb) + 1))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _count_within(sh, lo, hi, q, uk):
+    """How many of sh[lo:hi] lie within uk of q (no early exit, so LLVM vectorises it)."""
+    c = 0
+    for p in range(lo, hi):
+        c += _popcount(sh[p] ^ q) <= uk
+    return c
+
+
+@njit(nogil=True, cache=True)
+def _search_kernel(queries, k, hashes, n_static, n_total, starts, widths, kbits, radii, offsets, ids, sorted_h,
+                   scratch, out):
+    """Write (query, entry, distance) of every stored hash within k into `out`; returns how many
+    there are (if more than out holds, the caller retries with a bigger one). Probes the bands within
+    their radii, then scans the entries added since the last rebuild; an entry may be reported once
+    per band that finds it.
+
+    offsets: (bands, 2^kbits + 1) bucket starts per band; ids: (bands, n_static) entry ids sorted by
+    bucket; sorted_h: the hashes in the same order, so a bucket is verified with one sequential read.
+    The hot loops only store into a preallocated array: growing one there costs 6x.
+    """
+    cap = out.shape[0]
+    n = 0
+    uk = np.uint64(k)
+    for qi in range(queries.shape[0]):
+        q = queries[qi]
+        if n_static > 0:
+            for j in range(starts.shape[0]):
+                if radii[j] < 0:
+                    continue
+                off, sh, idj = offsets[j], sorted_h[j], ids[j]  # 1-D views: tight inner loop
+                m = _ball(_bucket_of(q, starts[j], widths[j], kbits[j]), kbits[j], radii[j], scratch)
+                for t in range(m):
+                    b = scratch[t]
+                    lo, hi = off[b], off[b + 1]
+                    if _count_within(sh, lo, hi, q, uk) == 0:
+                        continue  # the usual case, decided by a branch-free (SIMD) loop
+                    for p in range(lo, hi):
+                        d = _popcount(sh[p] ^ q)
+                        if d <= uk:
+                            if n < cap:
+                                out[n, 0], out[n, 1], out[n, 2] = qi, idj[p], d
+                            n += 1
+        n = _scan_range(q, qi, uk, hashes, n_static, n_total, out, n)
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _scan_range(q, qi, uk, hashes, lo, hi, out, n):
+    """Append (query, entry, distance) for hashes[lo:hi] within uk of q; returns the new count."""
+    cap = out.shape[0]
+    for i in range(lo, hi):
+        d = _popcount(hashes[i] ^ q)
+        if d <= uk:
+            if n < cap:
+                out[n, 0], out[n, 1], out[n, 2] = qi, i, d
+            n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _scan_kernel(queries, k, hashes, n_total, out):
+    """Like _search_kernel by a plain scan of hashes[:n_total] (the small table of pending claims)."""
+    n = 0
+    uk = np.uint64(k)
+    for qi in range(queries.shape[0]):
+        n = _scan_range(queries[qi], qi, uk, hashes, 0, n_total, out, n)
+    return n
+
+
+def _collect(kernel, *args) -> np.ndarray:
+    """Run a hit-writing kernel, again with a big enough buffer if the first one overflowed."""
+    out = np.empty((256, 3), np.int64)
+    n = kernel(*args, out)
+    if n > len(out):
+        out = np.empty((n, 3), np.int64)
+        kernel(*args, out)
+    return out[:n]
+
+
+def scan(queries: np.ndarray, k: int, hashes: np.ndarray) -> np.ndarray:
+    """Rows (query index, entry, distance) of every hashes[i] within k of a query, by a plain scan."""
+    return _collect(_scan_kernel, np.ascontiguousarray(queries, np.uint64), k, hashes, len(hashes))
+
+
+def band_radii(k: int) -> np.ndarray:
+    """Probe radius per band such that sum(r_j + 1) = k + 1 (pigeonhole: some band is within r_j)."""
+    total = k + 1
+    return np.array([total // NBANDS + (1 if j < total % NBANDS else 0) - 1 for j in range(NBANDS)], np.int64)
+
+
+class Tables(NamedTuple):
+    """Band tables over entries 0..n_static-1; immutable once built (a rebuild makes new ones)."""
+
+    n_static: int
+    kbits: np.ndarray    # (bands,) bucket bits: the top kbits bits of each band
+    offsets: np.ndarray  # (bands, 2^kbits + 1) int32: first position of each bucket
+    ids: np.ndarray      # (bands, n_static) int32: entry ids sorted by bucket
+    sorted: np.ndarray   # (bands, n_static) uint64: their hashes, so a bucket is verified sequentially
+
+
+class Snapshot(NamedTuple):
+    """What a lock-free search reads: the hash array, how many entries count, and the tables."""
+
+    phash: np.ndarray
+    n: int
+    tables: Tables
+
+
+def build_tables(phash: np.ndarray, n: int) -> Tables:
+    """Counting-sort entries 0..n-1 into every band (bucket bits follow the size: ~8-16 per bucket)."""
+    if n >= 2**31:
+        raise ValueError("one index shard holds at most 2^31 hashes; use more --index-shards")
+    kb = int(min(BAND_WIDTHS[-1], max(4, math.ceil(math.log2(max(n, 1))) - 3)))
+    t = Tables(n, np.array([kb] * NBANDS, np.int64), np.zeros((NBANDS, (1 << kb) + 1), np.int32),
+               np.zeros((NBANDS, n), np.int32), np.zeros((NBANDS, n), np.uint64))
+    for j in range(NBANDS):
+        _build_band(phash, n, BAND_STARTS[j], BAND_WIDTHS[j], kb, t.offsets[j], t.ids[j], t.sorted[j])
+    return t
+
+
+class HammingIndex:
+    """Stored hashes with their keys, searchable within Hamming distance `k` without a linear scan.
+
+    Entries are appended to flat numpy arrays and never change. Four band tables (entry ids sorted
+    by bucket, CSR style) cover the entries up to `tables.n_static`; newer ones are scanned directly
+    until there are enough of them to rebuild. Tables are immutable and swapped whole, so a search
+    can run on a snapshot without any lock while claims are inserted and tables rebuilt.
+    """
+
+    def __init__(self, k: int = DEFAULT_THRESHOLD, capacity: int = 1024):
+        if not 0 <= k <= 16:
+            raise ValueError(f"--near-distance must be within 0..16, got {k}")
+        self.k = k
+        self.radii = band_radii(k)
+        self.phash = np.zeros(capacity, np.uint64)
+        self.content = np.zeros(capacity, np.uint64)
+        self.pixels = np.zeros(capacity, np.uint64)
+        self.keys = np.zeros(capacity, "S12")
+        self.n = 0
+        self.tables = build_tables(self.phash, 0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, phash: np.ndarray, content: np.ndarray, pixels: np.ndarray, keys: Sequence[str]) -> int:
+        """Append entries (arrays of uint64, keys as str); returns the id of the first one."""
+        m = len(keys)
+        self._reserve(self.n + m)
+        enc = [key.encode() for key in keys]
+        width = max((len(e) for e in enc), default=0)
+        if width > self.keys.dtype.itemsize:
+            self.keys = self.keys.astype(f"S{width}")
+        s = slice(self.n, self.n + m)
+        self.phash[s], self.content[s], self.pixels[s], self.keys[s] = phash, content, pixels, enc
+        first, self.n = self.n, self.n + m
+        return first
+
+    def _reserve(self, need: int) -> None:
+        """Grow the entry arrays (doubling) to hold `need` entries."""
+        if need <= len(self.phash):
+            return
+        cap = max(need, 2 * len(self.phash))
+        for name in ("phash", "content", "pixels", "keys"):
+            old = getattr(self, name)
+            new = np.zeros(cap, old.dtype)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
+
+    def _delta_limit(self) -> int:
+        """Entries left out of the band tables before a rebuild: ~sqrt(400 n) balances the scan of
+        the recent entries (~0.4 ns each per search) against the rebuild (~160 ns per entry)."""
+        return int(min(262_144, max(4096, math.sqrt(400 * self.n))))
+
+    def needs_rebuild(self, snap: Snapshot | None = None) -> bool:
+        """Whether so many entries lie outside the band tables that searches slow down."""
+        snap = snap or self.snapshot()
+        return snap.n - snap.tables.n_static > self._delta_limit()
+
+    def snapshot(self) -> Snapshot:
+        """The entries and tables as they are now; later inserts and rebuilds leave it intact."""
+        return Snapshot(self.phash, self.n, self.tables)
+
+    def rebuild(self) -> None:
+        """Re-sort the band tables over every entry."""
+        self.install(build_tables(self.phash, self.n))
+
+    def install(self, tables: Tables) -> None:
+        """Use freshly built tables (built from a snapshot, maybe while others kept searching)."""
+        if tables.n_static > self.tables.n_static:
+            self.tables = tables
+
+    def search(self, queries: np.ndarray, snap: Snapshot | None = None) -> np.ndarray:
+        """Rows (query index, entry id, distance) of every entry of `snap` within k, each pair once.
+
+        Without a snapshot: of every entry now, rebuilding the tables first if they lag behind.
+        Safe without the shard's lock: it only reads arrays that are never written below snap.n.
+        """
+        if snap is None:
+            if self.needs_rebuild():
+                self.rebuild()
+            snap = self.snapshot()
+        t = snap.tables
+        scratch = np.empty(ball_size(int(t.kbits.max()), int(self.radii.max())), np.int64)
+        hits = _collect(_search_kernel, np.ascontiguousarray(queries, np.uint64), self.k, snap.phash,
+                        t.n_static, snap.n, _STARTS, _WIDTHS, t.kbits, self.radii, t.offsets, t.ids, t.sorted,
+                        scratch)
+        return np.unique(hits, axis=0) if len(hits) > 1 else hits
+
+    def search_since(self, queries: np.ndarray, start: int) -> np.ndarray:
+        """Like search, over the entries added since a snapshot of `start` entries (a plain scan)."""
+        hits = scan(queries, self.k, self.phash[start: self.n])
+        hits[:, 1] += start
+        return hits
+
+    def key(self, i: int) -> str:
+        """The sample key of entry i."""
+        return self.keys[i].decode()
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (capacity included)."""
+        t = self.tables
+        arrays = [self.phash, self.content, self.pixels, self.keys, t.offsets, t.ids, t.sorted]
+        return sum(a.nbytes for a in arrays)
