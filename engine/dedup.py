@@ -39,8 +39,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-DEFAULT_THRESHOLD = 8
-"""Default near-duplicate distance; bench/dedup_bench.py measured recall and false positives."""
+from .config import DedupConfig
+
+DEFAULT_THRESHOLD = DedupConfig.near_distance
+"""Default near-duplicate distance (--near-distance); bench/dedup_bench.py measured recall and false positives."""
 NEW, DUPLICATE_EXACT, DUPLICATE_NEAR = "new", "duplicate_exact", "duplicate_near"
 U64 = (1 << 64) - 1
 
@@ -391,8 +393,7 @@ class HammingIndex:
     """
 
     def __init__(self, k: int = DEFAULT_THRESHOLD, capacity: int = 1024):
-        if not 0 <= k <= 16:
-            raise ValueError(f"--near-distance must be within 0..16, got {k}")
+        DedupConfig(near_distance=k)  # its one range check, naming --near-distance
         self.k = k
         self.radii = band_radii(k)
         self.phash = np.zeros(capacity, np.uint64)
