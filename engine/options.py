@@ -36,7 +36,7 @@ class Option:
     parse: Callable[[str], typing.Any] | None = None
     """Turns the typed text into the value; default: the field's type."""
     required: bool = False
-    """The flag must be given (listed first in --help)."""
+    """The flag must be given (listed first in --help); implied for a field without a default."""
     positional: bool = False
     """Given without a flag (`shards INPUT...`)."""
     group: str | None = None
@@ -103,6 +103,13 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
+def _required(f: dataclasses.Field) -> bool:
+    """Whether the flag must be given: marked so, or a field without a default (not positional)."""
+    o = option(f)
+    no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    return o.required or (no_default and not o.positional)
+
+
 METAVARS = {int: "N", float: "X"}
 
 
@@ -131,7 +138,7 @@ def _argument(container, f: dataclasses.Field, tp, dest: str, doc: str) -> None:
         return
     if repeat:
         kw.update(action="append", default=None)  # None, not a shared list that append would grow
-    container.add_argument(*names, dest=dest, required=o.required, **kw)
+    container.add_argument(*names, dest=dest, required=_required(f), **kw)
 
 
 def _alias(container, aliases: tuple[str, ...], main: str) -> None:
@@ -155,7 +162,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", ti
         if dataclasses.is_dataclass(tp):
             add_options(parser, tp, f"{prefix}{f.name}.", o.group or f.name, o.only)
             continue
-        _argument(parser if o.required or o.positional else group, f, tp, prefix + f.name, docs.get(f.name, ""))
+        _argument(parser if _required(f) or o.positional else group, f, tp, prefix + f.name, docs.get(f.name, ""))
 
 
 def snake_spellings(parser: argparse.ArgumentParser) -> None:

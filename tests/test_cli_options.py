@@ -19,10 +19,16 @@ from engine import options
 from engine.config import ConditionConfig, DedupConfig, EngineConfig, PreviewConfig
 from trainer.cli import build_parser, config_from_args, main
 from trainer.config import TrainConfig
+from trainer.generate import GenerateConfig
+from trainer.generate import build_parser as generate_parser
+from trainer.precompute import PrecomputeConfig
+from trainer.precompute import build_parser as precompute_parser
 
 pytestmark = pytest.mark.quick
 RECORD = json.loads((Path(__file__).parent / "assets" / "cli_spellings.json").read_text())
-CONFIGS = {"shards": EngineConfig, "condition": ConditionConfig, "preview": PreviewConfig, "trainer": TrainConfig}
+CONFIGS = {"shards": EngineConfig, "condition": ConditionConfig, "preview": PreviewConfig, "trainer": TrainConfig,
+           "generate": GenerateConfig, "precompute": PrecomputeConfig}
+SUBCOMMANDS = {"generate": generate_parser, "precompute": precompute_parser}  # recorded as namespaces
 
 
 def engine_parser() -> argparse.ArgumentParser:
@@ -48,6 +54,8 @@ def parsed(command: str, argv: list[str]) -> dict:
         got = flat(dataclasses.asdict(config_from_args(build_parser().parse_args(argv))))
         got["no_progress"] = not got.pop("progress")  # the record's parser kept it outside the config
         return got
+    if command in SUBCOMMANDS:
+        return flat(vars(SUBCOMMANDS[command]().parse_args(argv)))
     ns = engine_parser().parse_args(argv)
     got = flat(dataclasses.asdict(options.from_args(CONFIGS[command], ns)))
     if command == "condition":  # the record's namespace named the ImageConfig fields bare
@@ -91,6 +99,7 @@ def test_no_spelling_lost():
     subs = engine_parser()._subparsers._group_actions[0].choices
     known = {name: set(p._option_string_actions) for name, p in subs.items()}
     known["trainer"] = set(build_parser()._option_string_actions)
+    known.update({name: set(make()._option_string_actions) for name, make in SUBCOMMANDS.items()})
     flags_used = {(s["command"], a) for s in RECORD["spellings"] for a in s["argv"] if a.startswith("--")}
     assert {(c, a) for c, a in flags_used if a not in known[c]} == set()
 

@@ -10,7 +10,6 @@ a message naming what to use instead.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from engine import options
 from trainer.config import TrainConfig
@@ -75,8 +74,3 @@ class _Refuse(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} (diffusers' train_controlnet.py) does not apply here: {self.advice}")
-
-
-def class_field_docs(source: Path, class_name: str) -> dict[str, str]:
-    """{field: docstring} of one dataclass in a source file (trainer/generate.py's help texts)."""
-    return options.class_field_docs(source, class_name)
