@@ -113,23 +113,28 @@ def _required(f: dataclasses.Field) -> bool:
 METAVARS = {int: "N", float: "X"}
 
 
+def _switch(container, f: dataclasses.Field, dest: str, help_text: str) -> None:
+    """A bool field: `--flag` turns an off one on, a `negate` flag turns an on one off, else `--x/--no-x`."""
+    o, default, names = option(f), _default(f), names_of(f)
+    if o.negate:  # the docstring says what the field turns on
+        help_text = f"Turns off (on by default): {help_text[:1].lower()}{help_text[1:]}"
+    if o.negate or default is False:
+        action = "store_false" if o.negate else "store_true"
+        container.add_argument(*names, dest=dest, action=action, default=default, help=help_text)
+        return
+    container.add_argument(names[0], dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                           help=help_text)
+    _alias(container, names[1:], names[0])
+
+
 def _argument(container, f: dataclasses.Field, tp, dest: str, doc: str) -> None:
     """Add the one argparse argument of a plain field."""
-    o, default, names = option(f), _default(f), names_of(f)
-    elem, repeat = _base(tp)
+    o, (elem, repeat) = option(f), _base(tp)
     help_text = (doc or "").replace("%", "%%")
     if elem is bool:
-        if o.negate or default is False:
-            action = "store_false" if o.negate else "store_true"
-            if o.negate:  # the docstring says what the field turns on
-                help_text = f"Turns off (on by default): {help_text[:1].lower()}{help_text[1:]}"
-            container.add_argument(*names, dest=dest, action=action, default=default, help=help_text)
-            return
-        container.add_argument(names[0], dest=dest, action=argparse.BooleanOptionalAction, default=default,
-                               help=help_text)
-        _alias(container, names[1:], names[0])
+        _switch(container, f, dest, help_text)
         return
-    kw = {"type": o.parse or elem, "default": default, "help": help_text,
+    kw = {"type": o.parse or elem, "default": _default(f), "help": help_text,
           "metavar": o.metavar or (None if o.choices else METAVARS.get(elem, f.name.upper()))}
     if o.choices:
         kw["choices"] = o.choices
@@ -138,7 +143,7 @@ def _argument(container, f: dataclasses.Field, tp, dest: str, doc: str) -> None:
         return
     if repeat:
         kw.update(action="append", default=None)  # None, not a shared list that append would grow
-    container.add_argument(*names, dest=dest, required=_required(f), **kw)
+    container.add_argument(*names_of(f), dest=dest, required=_required(f), **kw)
 
 
 def _alias(container, aliases: tuple[str, ...], main: str) -> None:
