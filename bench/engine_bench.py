@@ -67,7 +67,7 @@ class ToolRun:
 
 def cached_corpus(n: int, seed: int, rebuild: bool = False) -> Path:
     """The laion-profile corpus folder for (n, seed), built on first use."""
-    folder = WORK / f"corpus-laion-v2-{n}-s{seed}"  # v2: bump when corpus.py's generator changes
+    folder = WORK / f"corpus-laion-v2-{n}-s{seed}"  # v2: bump when bench/corpus/'s generator changes
     done = folder / "BUILT"
     if rebuild and folder.exists():
         shutil.rmtree(folder)

@@ -11,100 +11,31 @@ import signal
 import sys
 from pathlib import Path
 
+from . import options
 from . import outcomes as O
-from .config import DedupConfig, EngineConfig, FetchConfig, FilterConfig, ImageConfig
+from .config import ConditionConfig, EngineConfig, PreviewConfig
 
 
-def _opt(parser, *names: str, **kw) -> None:
-    """Add an option under its kebab-case names plus their snake_case spellings."""
-    spelled = list(names) + ["--" + n[2:].replace("-", "_") for n in names if "-" in n[2:]]
-    parser.add_argument(*dict.fromkeys(spelled), **kw)
+def subcommand(sub, name: str, cls: type, **kw) -> argparse.ArgumentParser:
+    """A subcommand whose options are the fields of `cls` (engine/options.py), with img2dataset's
+    snake_case spellings accepted too."""
+    p = sub.add_parser(name, formatter_class=options.HelpFormatter, **kw)
+    options.add_options(p, cls, title="work" if cls is EngineConfig else None)
+    options.snake_spellings(p)
+    return p
 
 
 def shards_parser(sub) -> None:
-    """Options of `shards`; every default comes from engine/config.py."""
-    f, i, d, r = FetchConfig(), ImageConfig(), DedupConfig(), EngineConfig(inputs=("x",), output="x")
-    p = sub.add_parser("shards", help="parquet of URLs + captions, or a folder of images -> WebDataset shards",
-                       description="Download (or read from disk), validate, dedup, crop and condition the images of LAION-style "
-                                   "parquet files, or your own folder of images, into WebDataset tar shards. Rerun the same command to resume.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="parquet files or folders of them (URLs); or your own images: a folder (recursive, "
-                        "captions from same-stem .txt files), a glob ('photos/**/*.jpg'), or a CSV/JSONL "
-                        "list of path,caption (paths relative to the list's folder)")
-    _opt(p, "--output", "--output-folder", required=True,
-         help="folder for the shards and stats, or an object store: s3://bucket/prefix (or gs://bucket/prefix)")
-    g = p.add_argument_group("work")
-    _opt(g, "--workers", "--processes-count", type=int, default=r.workers, help="shard tasks at once (cores)")
-    _opt(g, "--shard-size", "--number-sample-per-shard", type=int, default=r.shard_size, help="input rows per shard")
-    _opt(g, "--ray-address", default=None, help="join this Ray cluster ('auto' or host:port); default: local Ray")
-    _opt(g, "--runner", choices=["ray", "local", "processes"], default=r.runner,
-         help="'processes': worker processes of this machine, no Ray start; 'local': threads of this process (one machine)")
-    _opt(g, "--s3-endpoint", default=None, metavar="URL",
-         help="S3-compatible server for an s3:// --output (e.g. http://minio:9000); credentials from "
-              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws; default: AWS")
-    _opt(g, "--shard-retries", type=int, default=r.max_retries, help="resubmissions of a shard whose task died")
-    _opt(g, "--url-col", default=None, help="URL column (default: URL/url, any case)")
-    _opt(g, "--caption-col", default=None, help="caption column (default: TEXT/caption, any case)")
-    _opt(g, "--no-progress", action="store_true", help="no live progress bar")
-    _opt(g, "--local-root", action="append", default=[], metavar="DIR",
-         help="read rows whose URL is a path or file:// URL inside DIR from disk (repeatable; default: only "
-              "inside a folder or glob given as INPUT and a CSV/JSONL list's folder)")
-    g = p.add_argument_group("download")
-    _opt(g, "--concurrency", "--thread-count", type=int, default=f.concurrency, help="downloads in flight per worker")
-    _opt(g, "--timeout", type=float, default=f.timeout, help="seconds per request, body included")
-    _opt(g, "--connect-timeout", type=float, default=f.connect_timeout, help="seconds to connect")
-    _opt(g, "--retries", type=int, default=f.retries, help="retries after timeouts, connection errors, 429, 5xx")
-    _opt(g, "--max-bytes", type=int, default=f.max_bytes, help="largest body accepted")
-    _opt(g, "--max-redirects", type=int, default=f.max_redirects, help="redirect hops followed")
-    _opt(g, "--user-agent", default=f.user_agent, help="User-Agent header")
-    _opt(g, "--ignore-optout", action="store_true", help="download images whose X-Robots-Tag says noai/noimageai")
-    _opt(g, "--allow-private-network", action="store_true",
-         help="also fetch loopback/private/link-local addresses (default: public addresses only)")
-    g = p.add_argument_group("images")
-    _opt(g, "--image-size", type=int, default=i.image_size, help="side of the square crop (multiple of 64)")
-    _opt(g, "--min-image-size", type=int, default=i.min_image_size, help="smallest shorter side accepted")
-    _opt(g, "--max-aspect-ratio", type=float, default=i.max_aspect_ratio, help="largest long/short side ratio")
-    _opt(g, "--max-pixels", type=int, default=i.max_pixels, help="decompression-bomb guard")
-    _opt(g, "--jpeg-quality", "--encode-quality", type=int, default=i.jpeg_quality, help="quality of KEY.jpg")
-    _opt(g, "--resize-filter", choices=["lanczos", "bicubic", "bilinear", "box"], default=i.resize_filter,
-         help="downscaling filter: bilinear (OpenCV SIMD, cheapest), bicubic, box (area average, "
-              "as img2dataset's INTER_AREA), lanczos (Pillow, about 10x bilinear's CPU)")
-    _opt(g, "--conditioner", default=i.conditioner, help="conditioning map: palette or grayscale")
-    _opt(g, "--palette", default=i.palette, help="palette colours (ImageMagick names or #RRGGBB)")
-    g = p.add_argument_group("filters (all off by default)")
-    _opt(g, "--max-punsafe", type=float, help="drop rows with punsafe above this")
-    _opt(g, "--max-pwatermark", type=float, help="drop rows with pwatermark above this")
-    _opt(g, "--min-aesthetic", type=float, help="drop rows with AESTHETIC_SCORE below this")
-    _opt(g, "--min-similarity", type=float, help="drop rows with CLIP similarity below this")
-    _opt(g, "--min-colorfulness", type=float, help="drop near-grayscale images (try 3; gray is 0, dull colour photos ~5-15)")
-    _opt(g, "--drop-empty-captions", action="store_true", help="drop images whose cleaned caption is empty")
-    g = p.add_argument_group("dedup")
-    _opt(g, "--no-dedup", action="store_true", help="keep duplicates")
-    _opt(g, "--near-distance", type=int, default=d.near_distance, help="perceptual-hash distance of near duplicates")
-    _opt(g, "--index-shards", type=int, default=d.index_shards, help="dedup index actors")
+    """Options of `shards`: the fields of EngineConfig and its parts (engine/config.py)."""
+    subcommand(sub, "shards", EngineConfig,
+               help="parquet of URLs + captions, or a folder of images -> WebDataset shards",
+               description="Download (or read from disk), validate, dedup, crop and condition the images of LAION-style "
+                           "parquet files, or your own folder of images, into WebDataset tar shards. Rerun the same command to resume.")
 
 
 def config_from_args(a: argparse.Namespace) -> EngineConfig:
     """Namespace -> EngineConfig (the dataclasses check the values and name the flag to change)."""
-    return EngineConfig(
-        inputs=tuple(a.inputs), output=a.output, shard_size=a.shard_size, workers=a.workers,
-        ray_address=a.ray_address, runner=a.runner, max_retries=a.shard_retries, url_col=a.url_col,
-        caption_col=a.caption_col, progress=not a.no_progress, local_roots=tuple(a.local_root),
-        s3_endpoint=a.s3_endpoint,
-        fetch=FetchConfig(concurrency=a.concurrency, timeout=a.timeout, connect_timeout=a.connect_timeout,
-                          retries=a.retries, max_bytes=a.max_bytes, max_redirects=a.max_redirects,
-                          user_agent=a.user_agent, respect_optout=not a.ignore_optout,
-                          allow_private_network=a.allow_private_network),
-        image=ImageConfig(image_size=a.image_size, min_image_size=a.min_image_size,
-                          max_aspect_ratio=a.max_aspect_ratio, max_pixels=a.max_pixels,
-                          jpeg_quality=a.jpeg_quality, resize_filter=a.resize_filter,
-                          conditioner=a.conditioner, palette=a.palette),
-        filters=FilterConfig(max_punsafe=a.max_punsafe, max_pwatermark=a.max_pwatermark,
-                             min_aesthetic=a.min_aesthetic, min_similarity=a.min_similarity,
-                             min_colorfulness=a.min_colorfulness, drop_empty_captions=a.drop_empty_captions),
-        dedup=DedupConfig(enabled=not a.no_dedup, near_distance=a.near_distance, index_shards=a.index_shards),
-    )
+    return options.from_args(EngineConfig, a)
 
 
 def summary(stats: dict) -> str:
@@ -150,17 +81,10 @@ def run_shards(a: argparse.Namespace) -> int:
 
 
 def condition_parser(sub) -> None:
-    """Options of `condition`."""
-    i = ImageConfig()
-    p = sub.add_parser("condition", help="write the conditioning map of each image (for inference)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Writes DIR/<name>.png for each IMAGE at the image's own size, no crop, "
-                                   "through the same function the shards use.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    _opt(p, "--output", required=True, help="folder for the maps")
-    _opt(p, "--conditioner", default=i.conditioner, help="palette or grayscale")
-    _opt(p, "--palette", default=i.palette, help="palette colours")
-    _opt(p, "--max-pixels", type=int, default=i.max_pixels, help="decompression-bomb guard")
+    """Options of `condition`: the fields of ConditionConfig."""
+    subcommand(sub, "condition", ConditionConfig, help="write the conditioning map of each image (for inference)",
+               description="Writes DIR/<name>.png for each IMAGE at the image's own size, no crop, "
+                           "through the same function the shards use.")
 
 
 def run_condition(a: argparse.Namespace) -> int:
@@ -169,13 +93,14 @@ def run_condition(a: argparse.Namespace) -> int:
     from .decode import Rejected, decode_full
     from .write import encode_png
 
-    conditioner = make_conditioner(a.conditioner, a.palette)
-    out = Path(a.output)
+    cfg = options.from_args(ConditionConfig, a)
+    conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
+    out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for path in map(Path, a.images):
+    for path in map(Path, cfg.images):
         try:
-            rgb = decode_full(path.read_bytes(), a.max_pixels)  # the engine's formats and pixel limit
+            rgb = decode_full(path.read_bytes(), cfg.image.max_pixels)  # the engine's formats and pixel limit
             (out / f"{path.stem}.png").write_bytes(encode_png(conditioner(rgb)))
             print(out / f"{path.stem}.png")
         except (OSError, ValueError, SyntaxError, Rejected) as exc:
@@ -185,22 +110,18 @@ def run_condition(a: argparse.Namespace) -> int:
 
 
 def preview_parser(sub) -> None:
-    """Options of `preview`."""
-    p = sub.add_parser("preview", help="draw a grid of image / conditioning map / caption from shards",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Reads the first samples of SHARDS (folder, glob or brace pattern such as "
-                                   "'shards/{00000..00003}.tar') with webdataset and draws them into one PNG.")
-    p.add_argument("shards", nargs="+", metavar="SHARDS")
-    _opt(p, "--output", default="preview.png", help="PNG to write")
-    _opt(p, "--samples", type=int, default=16, help="samples to draw")
-    _opt(p, "--columns", type=int, default=4, help="cells per row")
+    """Options of `preview`: the fields of PreviewConfig."""
+    subcommand(sub, "preview", PreviewConfig, help="draw a grid of image / conditioning map / caption from shards",
+               description="Reads the first samples of SHARDS (folder, glob or brace pattern such as "
+                           "'shards/{00000..00003}.tar') with webdataset and draws them into one PNG.")
 
 
 def run_preview(a: argparse.Namespace) -> int:
     """`preview`: one PNG grid of the first samples."""
     from .preview import preview
 
-    result = preview(a.shards, a.output, a.samples, a.columns)
+    cfg = options.from_args(PreviewConfig, a)
+    result = preview(list(cfg.shards), cfg.output, cfg.samples, cfg.columns)
     print(f"{result['output']}: {result['samples']} samples, {result['skipped']} skipped as undecodable")
     return 0
 

@@ -1,9 +1,15 @@
-"""The engine's one typed configuration: every CLI option is a field documented here."""
+"""The engine's one typed configuration: every CLI option is a field documented here.
+
+engine/cli.py derives the command line from these fields (engine/options.py): a field's name, default
+and docstring are its flag, default and --help text; `opt(...)` adds other spellings and choices.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+
+from .options import check_choices, opt
 
 
 def usable_cores() -> int:
@@ -21,7 +27,7 @@ USER_AGENT = "ctrlnet-forge/0.1 (+https://github.com/ctrlnet-forge; image datase
 class FetchConfig:
     """How rows are downloaded (engine/fetch.py)."""
 
-    concurrency: int = 64
+    concurrency: int = field(default=64, metadata=opt("--concurrency", "--thread-count"))
     """Downloads in flight per worker (img2dataset's --thread_count, per process)."""
     timeout: float = 10.0
     """Seconds for one whole request, body included; a server that drips bytes hits this."""
@@ -37,7 +43,7 @@ class FetchConfig:
     """Redirect hops followed (http and https targets only)."""
     user_agent: str = USER_AGENT
     """User-Agent header sent with every request."""
-    respect_optout: bool = True
+    respect_optout: bool = field(default=True, metadata=opt("--ignore-optout", negate=True))
     """Skip images whose X-Robots-Tag says noai or noimageai."""
     allow_private_network: bool = False
     """Also fetch loopback, private, link-local and other non-public addresses (the sample corpus on
@@ -67,16 +73,16 @@ class ImageConfig:
     """Longer side / shorter side above this is rejected."""
     max_pixels: int = 80_000_000
     """Decompression-bomb guard: images declaring more pixels are rejected before decoding."""
-    jpeg_quality: int = 95
+    jpeg_quality: int = field(default=95, metadata=opt("--jpeg-quality", "--encode-quality"))
     """Quality of the written KEY.jpg."""
-    resize_filter: str = "bilinear"
+    resize_filter: str = field(default="bilinear", metadata=opt(choices=("lanczos", "bicubic", "bilinear", "box")))
     """Downscaling filter of the crop: bilinear (OpenCV, after a power-of-2 DCT scaling: against a full-resolution
     Lanczos crop, PSNR 44.6 dB mean / 36.1 dB worst 5% vs 47.7 / 31.0 for the old M/8 + Lanczos path,
     at a tenth of its CPU),
     bicubic, box (area average, as img2dataset's OpenCV INTER_AREA) or lanczos (Pillow).
     Quality and costs: bench/RESULTS.md."""
     conditioner: str = "palette"
-    """Which conditioning map to compute (engine/condition.py's CONDITIONERS)."""
+    """Which conditioning map to compute: palette or grayscale (engine/condition.py's CONDITIONERS)."""
     palette: str = "black,gray50,white"
     """Palette for the palette conditioner: ImageMagick colour names or #RRGGBB, comma separated."""
 
@@ -92,8 +98,7 @@ class ImageConfig:
             )
         if self.max_aspect_ratio < 1:
             raise ValueError("--max-aspect-ratio must be at least 1")
-        if self.resize_filter not in ("lanczos", "bicubic", "bilinear", "box"):
-            raise ValueError("--resize-filter must be one of lanczos, bicubic, bilinear, box")
+        check_choices(self)
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("--jpeg-quality must be within 1..100")
 
@@ -123,7 +128,8 @@ class FilterConfig:
     min_similarity: float | None = None
     """Drop rows whose CLIP similarity column is below this."""
     min_colorfulness: float | None = None
-    """Drop decoded images whose colourfulness (Hasler-Suesstrunk) is below this; ~5 catches grayscale."""
+    """Drop decoded images whose colourfulness (Hasler-Suesstrunk) is below this: gray is 0, dull colour
+    photos ~5-15; try 3."""
     drop_empty_captions: bool = False
     """Drop images whose caption is empty after cleaning (counted as empty_caption)."""
 
@@ -132,7 +138,7 @@ class FilterConfig:
 class DedupConfig:
     """Duplicate removal across all shards of a run (engine/dedup.py)."""
 
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata=opt("--no-dedup", negate=True))
     """Keep each image once: exact (bytes, pixels) and near (perceptual hash) duplicates are dropped."""
     near_distance: int = 8
     """Largest Hamming distance between 64-bit perceptual hashes that still counts as the same image
@@ -142,44 +148,52 @@ class DedupConfig:
     than 16 workers write; every extra actor adds round trips per batch, so raise it only for
     clusters of hundreds of workers."""
 
+    def __post_init__(self):
+        if not 0 <= self.near_distance <= 16:
+            raise ValueError(f"--near-distance must be within 0..16 (0 keeps exact duplicates out only), got {self.near_distance}")
+        if self.index_shards < 1:
+            raise ValueError("--index-shards must be at least 1")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
     """A whole run: inputs, output, the stages' configs and how the work is spread."""
 
-    inputs: tuple[str, ...]
-    """Parquet files or folders of them, folders or globs of images, or CSV/JSONL lists of path,caption
-    (engine/sources.py), read in sorted order."""
-    output: str
+    inputs: tuple[str, ...] = field(metadata=opt(positional=True, metavar="INPUT"))
+    """Parquet files or folders of them (URLs); or your own images: a folder (recursive, captions from
+    same-stem .txt files), a glob ('photos/**/*.jpg', quoted), or a CSV/JSONL list of path,caption (paths
+    relative to the list's folder) (engine/sources.py); read in sorted order."""
+    output: str = field(metadata=opt("--output", "--output-folder", required=True))
     """Folder for NNNNN.tar / .parquet / .stats.json and the run's stats.json, or an object store URL
     (s3://bucket/prefix, gs://bucket/prefix) the shards are uploaded to (engine/storage.py)."""
-    shard_size: int = 10_000
+    shard_size: int = field(default=10_000, metadata=opt("--shard-size", "--number-sample-per-shard"))
     """Input rows per shard (img2dataset's --number_sample_per_shard)."""
-    workers: int = field(default_factory=usable_cores)
+    workers: int = field(default_factory=usable_cores, metadata=opt("--workers", "--processes-count"))
     """Shard tasks running at once (img2dataset's --processes_count)."""
     ray_address: str | None = None
     """Join this Ray cluster ('auto' or host:port); default starts a local Ray."""
-    runner: str = "ray"
+    runner: str = field(default="ray", metadata=opt(choices=("ray", "local", "processes")))
     """'ray' (default), 'processes' (worker processes of this machine, no Ray: less fixed cost) or
     'local' (threads of this process, one GIL)."""
-    max_retries: int = 2
+    max_retries: int = field(default=2, metadata=opt("--shard-retries"))
     """Times the driver resubmits a shard whose task died (the task itself never raises)."""
     url_col: str | None = None
     """Column holding the URL; default finds URL/url case-insensitively."""
     caption_col: str | None = None
     """Column holding the caption; default finds TEXT/caption case-insensitively."""
-    progress: bool = True
+    progress: bool = field(default=True, metadata=opt("--no-progress", negate=True))
     """Show a live progress bar on stderr."""
-    s3_endpoint: str | None = None
-    """Endpoint URL of an S3-compatible server for an s3:// --output (MinIO, Ceph, R2, ...: e.g.
+    s3_endpoint: str | None = field(default=None, metadata=opt(metavar="URL"))
+    """Endpoint URL of an S3-compatible server for an s3:// --output or INPUT (MinIO, Ceph, R2, ...: e.g.
     http://minio:9000); default: AWS. Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
     or ~/.aws, on every node that writes shards."""
-    local_roots: tuple[str, ...] = ()
-    """Folders whose files may be read when a row's URL is a plain path or file:// URL
-    (engine/local.py); empty: such rows are invalid_url and nothing local is ever read."""
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    image: ImageConfig = field(default_factory=ImageConfig)
-    filters: FilterConfig = field(default_factory=FilterConfig)
+    local_roots: tuple[str, ...] = field(default=(), metadata=opt("--local-root", metavar="DIR"))
+    """Folders whose files may be read when a row's URL is a plain path or file:// URL (engine/local.py;
+    repeat the flag for several). The folder of an INPUT folder, glob or CSV/JSONL list is always allowed;
+    other local rows end as invalid_url and nothing else local is ever read."""
+    fetch: FetchConfig = field(default_factory=FetchConfig, metadata=opt(group="download"))
+    image: ImageConfig = field(default_factory=ImageConfig, metadata=opt(group="images"))
+    filters: FilterConfig = field(default_factory=FilterConfig, metadata=opt(group="filters (all off by default)"))
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
     def __post_init__(self):
@@ -189,15 +203,36 @@ class EngineConfig:
             raise ValueError("--shard-size must be within 1..10,000,000")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
-        if not 0 <= self.dedup.near_distance <= 16:
-            raise ValueError("--near-distance must be within 0..16 (0 keeps exact duplicates out only)")
-        if self.dedup.index_shards < 1:
-            raise ValueError("--index-shards must be at least 1")
-        if self.runner not in ("ray", "local", "processes"):
-            raise ValueError("--runner must be 'ray', 'processes' or 'local'")
+        check_choices(self)
         if self.s3_endpoint and not any(str(p).startswith(("s3://", "gs://", "gcs://")) for p in (self.output, *self.inputs)):
             raise ValueError("--s3-endpoint is for an object store --output or INPUT (s3://bucket/prefix); drop it or give one")
 
     def to_dict(self) -> dict:
         """Plain dict for stats.json and logs."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ConditionConfig:
+    """`python -m engine condition`: the conditioning map of each image, as the shards' would be."""
+
+    images: tuple[str, ...] = field(metadata=opt(positional=True, metavar="IMAGE"))
+    """Images to write the map of (any format the engine decodes)."""
+    output: str = field(metadata=opt(required=True))
+    """Folder for the maps: DIR/<image name>.png at the image's own size, no crop."""
+    image: ImageConfig = field(default_factory=ImageConfig,
+                               metadata=opt(group="map", only=("conditioner", "palette", "max_pixels")))
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """`python -m engine preview`: a grid of image / conditioning map / caption from shards."""
+
+    shards: tuple[str, ...] = field(metadata=opt(positional=True, metavar="SHARDS"))
+    """Shard folders, globs or brace patterns such as 'shards/{00000..00003}.tar'."""
+    output: str = "preview.png"
+    """PNG to write."""
+    samples: int = 16
+    """Samples to draw (the first ones of the shards)."""
+    columns: int = 4
+    """Cells per row."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import sources, storage
+from . import options, sources, storage
 from .config import EngineConfig
 from .hashes import PHASH_VERSION
 
@@ -43,10 +43,9 @@ OPERATIONAL = {
     "dedup.index_shards": "how the dedup index is spread over actors; the same verdicts",
 }
 
-# Flags that are not "--" + the field's name with dashes (engine/cli.py), and whether they are
-# the negation of the field (a boolean given as --no-... or --ignore-...).
-FLAGS = {"fetch.respect_optout": ("--ignore-optout", True), "dedup.enabled": ("--no-dedup", True),
-         "local_roots": ("--local-root", False)}
+# Each setting's flag, and whether the flag is the negation of the field (a boolean given as
+# --no-... or --ignore-...): from the config's field metadata, as engine/cli.py's parser is.
+FLAGS = options.flags(EngineConfig)
 
 
 class RunMismatch(ValueError):

@@ -17,10 +17,11 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .config import DedupConfig
 from .hashes import BAND_STARTS, BAND_WIDTHS, NBANDS
 
-DEFAULT_THRESHOLD = 8
-"""Default near-duplicate distance; bench/dedup_bench.py measured recall and false positives."""
+DEFAULT_THRESHOLD = DedupConfig.near_distance
+"""Default near-duplicate distance (--near-distance); bench/dedup_bench.py measured recall and false positives."""
 _STARTS, _WIDTHS = np.array(BAND_STARTS, np.int64), np.array(BAND_WIDTHS, np.int64)
 
 @intrinsic
@@ -219,8 +220,7 @@ class HammingIndex:
     """
 
     def __init__(self, k: int = DEFAULT_THRESHOLD, capacity: int = 1024):
-        if not 0 <= k <= 16:
-            raise ValueError(f"--near-distance must be within 0..16, got {k}")
+        DedupConfig(near_distance=k)  # its one range check, naming --near-distance
         self.k = k
         self.radii = band_radii(k)
         self.phash = np.zeros(capacity, np.uint64)

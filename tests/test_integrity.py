@@ -175,7 +175,7 @@ def test_every_field_is_fingerprinted_unless_listed_operational_and_has_a_flag()
     assert {"image.palette", "image.conditioner", "fetch.max_bytes", "shard_size", "filters.min_aesthetic"} \
         <= set(recorded)
     missing = {name: F.flag(name) for name in recorded if F.flag(name) not in cli_flags()}
-    assert not missing, f"settings whose flag the CLI lacks (add them to fingerprint.FLAGS): {missing}"
+    assert not missing, f"settings whose flag the CLI lacks (see opt() in engine/config.py): {missing}"
 
 
 @pytest.mark.quick

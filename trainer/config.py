@@ -2,7 +2,9 @@
 
 Every field is documented where it is declared; cross-field checks live in `__post_init__` and their
 errors name the command-line flag to change. `TrainConfig.to_dict()` is what gets printed at start
-and saved with every checkpoint.
+and saved with every checkpoint. trainer/cli.py derives the command line from these fields
+(engine/options.py): name, default and docstring are the flag, its default and its --help text;
+`opt(...)` adds other spellings (diffusers' train_controlnet.py ones in snake_case) and choices.
 """
 
 from __future__ import annotations
@@ -12,26 +14,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.options import check_choices, opt
+
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw8bit", "adamw")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def _limit(text: str) -> int | None:
+    """`--checkpoints-total-limit none` (or 0) keeps every checkpoint."""
+    return None if text.lower() in ("none", "0") else int(text)
 
 
 @dataclass
 class DataConfig:
     """Where the shards are and how a batch is made from them."""
 
-    shards: str = ""
-    """Shard pattern: local paths, brace ranges (`shards/{00000..00063}.tar`) or `pipe:` URLs; `::` joins patterns."""
-    resolution: int = 512
+    shards: str = field(default="", metadata=opt(required=True))
+    """Shard pattern (quote it): local paths, brace ranges (`shards/{00000..00063}.tar`) or `pipe:` URLs; `::` joins patterns."""
+    resolution: int = field(default=512, metadata=opt("--resolution"))
     """Square training size in pixels; shorter side resized to it, then center-cropped."""
-    train_batch_size: int = 4
+    train_batch_size: int = field(default=4, metadata=opt("--train-batch-size", "--train_batch_size"))
     """Samples per micro-batch (per forward pass)."""
-    proportion_empty_prompts: float = 0.5
+    proportion_empty_prompts: float = field(default=0.5, metadata=opt("--proportion-empty-prompts",
+                                                                      "--proportion_empty_prompts"))
     """Probability that a caption is replaced by the empty prompt (the ControlNet paper uses 0.5)."""
     shuffle_buffer: int = 256
     """Samples held in the in-stream shuffle buffer (shard order is shuffled per epoch as well)."""
-    num_workers: int = 4
+    num_workers: int = field(default=4, metadata=opt("--dataloader-num-workers", "--dataloader_num_workers"))
     """DataLoader worker processes that decode JPEG/PNG; 0 decodes in the training process."""
     max_failed_batches: int = 50
     """Stop with an error naming the shard and member after this many batches in a row with no decodable sample."""
@@ -55,15 +65,16 @@ class DataConfig:
 class ModelConfig:
     """Which Stable Diffusion model to load and how the ControlNet is set up on it."""
 
-    model: str = ""
+    model: str = field(default="", metadata=opt("--model", "--pretrained_model_name_or_path", required=True))
     """Diffusers folder or hub id of an SD 1.x/2.x model, or one original-layout .safetensors checkpoint."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of --model."""
     variant: str | None = None
     """Weight file variant of --model, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`."""
-    controlnet: str | None = None
+    controlnet: str | None = field(default=None, metadata=opt("--controlnet", "--controlnet_model_name_or_path"))
     """An existing ControlNet (folder or hub id) to continue training; default: initialise from the UNet."""
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = field(default=True, metadata=opt("--gradient-checkpointing",
+                                                                    "--gradient_checkpointing"))
     """Recompute the ControlNet's activations in backward: compute traded for memory."""
     gradient_checkpointing_unet: bool = True
     """With --gradient-checkpointing, recompute the frozen UNet's too (gradients flow through it)."""
@@ -92,38 +103,37 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer, learning-rate schedule and gradient handling."""
 
-    learning_rate: float = 1e-5
+    learning_rate: float = field(default=1e-5, metadata=opt("--learning-rate", "--learning_rate"))
     """Peak learning rate of the ControlNet."""
     decoder_learning_rate: float | None = None
     """Learning rate of the unlocked UNet decoder; default: a tenth of --learning-rate."""
-    optimizer: str = "adamw8bit"
+    optimizer: str = field(default="adamw8bit", metadata=opt(choices=OPTIMIZERS))
     """`adamw8bit` (bitsandbytes, 8-bit states) or `adamw` (PyTorch, fp32 states)."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = field(default=0.9, metadata=opt("--adam-beta1", "--adam_beta1"))
     """Adam's first-moment decay."""
-    adam_beta2: float = 0.999
+    adam_beta2: float = field(default=0.999, metadata=opt("--adam-beta2", "--adam_beta2"))
     """Adam's second-moment decay."""
-    adam_weight_decay: float = 1e-2
+    adam_weight_decay: float = field(default=1e-2, metadata=opt("--adam-weight-decay", "--adam_weight_decay"))
     """Decoupled weight decay."""
-    adam_epsilon: float = 1e-8
+    adam_epsilon: float = field(default=1e-8, metadata=opt("--adam-epsilon", "--adam_epsilon"))
     """Adam's denominator epsilon."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(default=1.0, metadata=opt("--max-grad-norm", "--max_grad_norm"))
     """Gradients are clipped to this global norm; 0 turns clipping off."""
-    gradient_accumulation_steps: int = 8
+    gradient_accumulation_steps: int = field(default=8, metadata=opt("--gradient-accumulation-steps",
+                                                                     "--gradient_accumulation_steps"))
     """Micro-batches per optimizer step (effective batch = train batch size x this; 32+ trains better)."""
     merge_micro_batches: int = 1
     """Run this many micro-batches of an accumulation as one forward/backward pass: the same samples,
     random draws and mean loss (same math), fewer passes, more activation memory. Divides
     --gradient-accumulation-steps."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = field(default="constant", metadata=opt("--lr-scheduler", "--lr_scheduler",
+                                                               choices=LR_SCHEDULERS))
     """Shape after warmup: constant, constant_with_warmup (same), linear (to 0) or cosine (to 0)."""
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = field(default=0, metadata=opt("--lr-warmup-steps", "--lr_warmup_steps"))
     """Optimizer steps of linear warmup from 0 to the peak learning rate."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"--lr-scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        check_choices(self)
         if self.gradient_accumulation_steps < 1:
             raise ValueError("--gradient-accumulation-steps must be at least 1")
         if self.merge_micro_batches < 1 or self.gradient_accumulation_steps % self.merge_micro_batches:
@@ -139,18 +149,19 @@ class OptimConfig:
 class CheckpointConfig:
     """When checkpoints are written, how many are kept, and where to resume from."""
 
-    checkpointing_steps: int = 500
+    checkpointing_steps: int = field(default=500, metadata=opt("--checkpointing-steps", "--checkpointing_steps"))
     """Write a checkpoint every this many optimizer steps (and on SIGINT/SIGTERM)."""
-    checkpoints_total_limit: int | None = 3
-    """Keep only the newest this many checkpoints; None keeps all."""
-    resume: str | None = None
+    checkpoints_total_limit: int | None = field(default=3, metadata=opt(
+        "--checkpoints-total-limit", "--checkpoints_total_limit", parse=_limit, metavar="N"))
+    """Keep only the newest this many checkpoints; `none` (or 0) keeps all."""
+    resume: str | None = field(default=None, metadata=opt("--resume", "--resume_from_checkpoint",
+                                                          metavar="{latest,PATH}"))
     """`latest` (newest complete checkpoint in --output, if any) or a checkpoint folder."""
-    export_format: str = "diffusers"
+    export_format: str = field(default="diffusers", metadata=opt(choices=("diffusers", "original")))
     """Key layout of the final controlnet-fp16.safetensors: diffusers, or original (lllyasviel's control_model.*)."""
 
     def __post_init__(self) -> None:
-        if self.export_format not in ("diffusers", "original"):
-            raise ValueError(f"--export-format must be diffusers or original, got {self.export_format!r}")
+        check_choices(self)
         if self.checkpointing_steps < 1:
             raise ValueError("--checkpointing-steps must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -161,15 +172,15 @@ class CheckpointConfig:
 class ValidationConfig:
     """Images generated with the current ControlNet and written to output/validation/."""
 
-    validation_steps: int = 500
+    validation_steps: int = field(default=500, metadata=opt("--validation-steps", "--validation_steps"))
     """Generate validation images every this many optimizer steps (and at the end)."""
-    validation_prompt: list[str] = field(default_factory=list)
-    """Prompts; paired with --validation-image one to one, or one of them broadcast to the other."""
-    validation_image: list[str] = field(default_factory=list)
-    """Conditioning images (paths) for the validation prompts."""
-    num_validation_images: int = 2
+    validation_prompt: list[str] = field(default_factory=list, metadata=opt(metavar="TEXT"))
+    """Prompts (repeat the flag); paired with --validation-image one to one, or one of them broadcast to the other."""
+    validation_image: list[str] = field(default_factory=list, metadata=opt(metavar="PATH"))
+    """Conditioning images (paths; repeat the flag) for the validation prompts."""
+    num_validation_images: int = field(default=2, metadata=opt("--num-validation-images", "--num_validation_images"))
     """Images per prompt (different seeds)."""
-    num_inference_steps: int = 20
+    num_inference_steps: int = field(default=20, metadata=opt("--validation-inference-steps"))
     """Denoising steps per validation image (UniPC)."""
     guess_mode: bool = True
     """Also generate one image per conditioning map with the empty prompt in guess mode."""
@@ -199,31 +210,31 @@ class ValidationConfig:
 class TrainConfig:
     """A whole run: the components above plus what the loop itself needs."""
 
-    output: str = ""
+    output: str = field(default="", metadata=opt("--output", "--output_dir", required=True))
     """Folder for checkpoints, validation images, logs and the final ControlNet."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=opt(group="optimizer"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=opt(group="checkpoints"))
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    max_train_steps: int = 10_000
+    max_train_steps: int = field(default=10_000, metadata=opt("--max-train-steps", "--max_train_steps"))
     """Optimizer steps to train for (counting those done before a resume)."""
-    mixed_precision: str = "fp16"
+    mixed_precision: str = field(default="fp16", metadata=opt("--mixed-precision", "--mixed_precision",
+                                                              choices=MIXED_PRECISIONS))
     """Compute dtype of the frozen parts and of autocast: no (fp32), fp16 (with a GradScaler) or bf16."""
     seed: int = 0
     """Seeds data order, caption drop, noise and timesteps: same seed and hardware, same steps."""
-    device: str | None = None
+    device: str | None = field(default=None, metadata=opt(choices=("cuda", "cpu")))
     """`cuda` or `cpu`; default: cuda when available."""
     log_every: int = 10
     """Log loss, lr, samples/s and memory every this many optimizer steps (the only host syncs)."""
+    progress: bool = field(default=True, metadata=opt("--no-progress", negate=True))
+    """Show a progress bar (logs are written either way)."""
 
     def __post_init__(self) -> None:
         if not self.output:
             raise ValueError("no output folder given: pass --output DIR")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"--mixed-precision must be one of {MIXED_PRECISIONS}")
-        if self.device not in (None, "cuda", "cpu"):
-            raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
+        check_choices(self)
         if self.device == "cpu" and self.mixed_precision == "fp16":
             raise ValueError("fp16 training needs CUDA: pass --mixed-precision no (or bf16) with --device cpu")
         if self.max_train_steps < 1:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from engine import options
+from engine.options import check_choices, opt
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
@@ -36,17 +39,17 @@ class GenerateConfig:
     """Base model: diffusers folder, hub id, or one SD 1.x/2.x .safetensors file."""
     image: str
     """Your photo (made into a conditioning map) or, with --image-is-map, the map itself."""
-    prompts: list[str]
-    """Prompts; each gets --num-images samples."""
+    prompts: list[str] = field(metadata=opt("--prompt", metavar="TEXT"))
+    """Prompts (repeat the flag for several); each gets --num-images samples."""
     output: str
     """Folder for map.png, the samples and grid.png."""
     image_is_map: bool = False
     """Use --image as the conditioning map as it is (no conditioner)."""
-    steps: int = 20
+    steps: int = field(default=20, metadata=opt(metavar="N"))
     """Denoising steps (UniPC)."""
-    guidance_scale: float = 7.5
+    guidance_scale: float = field(default=7.5, metadata=opt(metavar="G"))
     """Classifier-free guidance scale."""
-    controlnet_scale: float = 1.0
+    controlnet_scale: float = field(default=1.0, metadata=opt(metavar="S"))
     """Weight of the ControlNet's residuals (diffusers' controlnet_conditioning_scale)."""
     seed: int = 0
     """Seed of the first sample; the rest follow from the same generator."""
@@ -54,11 +57,11 @@ class GenerateConfig:
     """Samples per prompt."""
     guess_mode: bool = False
     """ControlNet guess mode: the map alone steers (use with an empty prompt and a guidance scale of 3-5)."""
-    device: str | None = None
+    device: str | None = field(default=None, metadata=opt(choices=("cpu", "cuda")))
     """cuda or cpu; default: cuda when available."""
-    dtype: str | None = None
+    dtype: str | None = field(default=None, metadata=opt(choices=DTYPE_NAMES))
     """fp32, fp16 or bf16; default: fp16 on CUDA, fp32 on the CPU."""
-    resolution: int | None = None
+    resolution: int | None = field(default=None, metadata=opt(metavar="PX"))
     """Shorter side of the map in pixels (rounded to a multiple of 64); default: the run's --resolution, else 512."""
     conditioner: str | None = None
     """Conditioner name; default: the one the run's shards were made with, else palette."""
@@ -72,42 +75,17 @@ class GenerateConfig:
             raise ValueError("--steps and --num-images must be at least 1")
         if not Path(self.image).is_file():
             raise ValueError(f"--image {self.image}: no such file")
-        if self.device not in (None, "cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        check_choices(self)
         if self.dtype == "fp16" and self.device == "cpu":
             raise ValueError("--dtype fp16 needs CUDA: use --dtype fp32 (or bf16) with --device cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `python -m trainer generate`."""
+    """The argument parser of `python -m trainer generate`: a flag per field of GenerateConfig."""
     p = argparse.ArgumentParser(prog="python -m trainer generate", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--controlnet", required=True, help=_doc("controlnet"))
-    p.add_argument("--model", required=True, help=_doc("model"))
-    p.add_argument("--image", required=True, help=_doc("image"))
-    p.add_argument("--image-is-map", action="store_true", help=_doc("image_is_map"))
-    p.add_argument("--prompt", dest="prompts", action="append", required=True, metavar="TEXT",
-                   help="prompt; repeat the flag for several")
-    p.add_argument("--output", required=True, help=_doc("output"))
-    p.add_argument("--steps", type=int, default=20, metavar="N", help=_doc("steps"))
-    p.add_argument("--guidance-scale", type=float, default=7.5, metavar="G", help=_doc("guidance_scale"))
-    p.add_argument("--controlnet-scale", type=float, default=1.0, metavar="S", help=_doc("controlnet_scale"))
-    p.add_argument("--seed", type=int, default=0, metavar="N", help=_doc("seed"))
-    p.add_argument("--num-images", type=int, default=1, metavar="N", help=_doc("num_images"))
-    p.add_argument("--guess-mode", action="store_true", help=_doc("guess_mode"))
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help=_doc("device"))
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=_doc("dtype"))
-    p.add_argument("--resolution", type=int, default=None, metavar="PX", help=_doc("resolution"))
-    p.add_argument("--conditioner", default=None, help=_doc("conditioner"))
-    p.add_argument("--palette", default=None, help=_doc("palette"))
+                                formatter_class=options.HelpFormatter)
+    options.add_options(p, GenerateConfig)
     return p
-
-
-def _doc(name: str) -> str:
-    """The docstring of GenerateConfig's field `name` (help text and config cannot drift apart)."""
-    from trainer.flags import class_field_docs
-
-    return class_field_docs(Path(__file__), "GenerateConfig").get(name, "").replace("%", "%%")
 
 
 # --- what the run says: conditioner, palette, resolution, only-mid-control ---------------------------------

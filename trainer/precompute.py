@@ -28,14 +28,16 @@ import json
 import os
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from engine import options
 from engine.atomic import fsync_file, tmp_path
+from engine.options import check_choices, opt
 
 META_FILE, EMPTY_FILE = "precompute.json", "empty_prompt.npy"
 LATENT_KEY, EMBED_KEY = "latent.npy", "text.npy"
@@ -52,7 +54,7 @@ class PrecomputeConfig:
     """Diffusers folder or hub id whose VAE and text encoder encode the samples (the one you train on)."""
     output: str
     """Folder for the precomputed shards (OUTPUT/NNNNN.tar), empty_prompt.npy and precompute.json."""
-    device: str | None = None
+    device: str | None = field(default=None, metadata=opt(choices=("cuda", "cpu")))
     """cuda or cpu; default cuda when available."""
     batch_size: int = 16
     """Images per VAE forward pass."""
@@ -64,6 +66,7 @@ class PrecomputeConfig:
     """Weight variant of --model (e.g. fp16)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         if self.resolution % 8 != 0 or self.resolution <= 0:
@@ -239,16 +242,10 @@ def precompute(cfg: PrecomputeConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `precompute` subcommand's flags."""
-    p = argparse.ArgumentParser(prog="python -m trainer precompute", description=__doc__.splitlines()[0])
-    p.add_argument("--shards", required=True, help="input shard pattern, e.g. 'shards/{00000..00063}.tar'")
-    p.add_argument("--model", required=True, help="diffusers folder or hub id (the model you will train on)")
-    p.add_argument("--output", required=True, help="folder for the precomputed shards")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--batch-size", type=int, default=16, help="images per VAE forward pass")
-    p.add_argument("--resolution", type=int, default=512, help="must equal the trainer's --resolution")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--variant", default=None)
+    """The `precompute` subcommand's flags: one per field of PrecomputeConfig."""
+    p = argparse.ArgumentParser(prog="python -m trainer precompute", description=__doc__.splitlines()[0],
+                                formatter_class=options.HelpFormatter)
+    options.add_options(p, PrecomputeConfig)
     return p
 
 

@@ -1,0 +1,5 @@
+"""`python -m bench.corpus build|serve ...` (bench/corpus/cli.py)."""
+
+from .cli import main
+
+main()
