@@ -11,7 +11,7 @@ import torch
 
 from trainer.checkpoint import TrainState, load_checkpoint, prune, resolve_resume, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import Position, build_loader, precomputed_meta
+from trainer.data import build_loader, precomputed_meta, resume_position
 from trainer.distributed import World, barrier, init, shutdown, world_from_env, wrap
 from trainer.export import export_final
 from trainer.loop import Run, StopSignal, effective_batch, sync_failed, train_loop
@@ -76,9 +76,9 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True,
             print(f"resumed from {ckpt} at step {state.step}", flush=True)
     elif cfg.checkpoint.resume and world.main:
         print(f"--resume {cfg.checkpoint.resume}: no complete checkpoint in {output}, starting fresh", flush=True)
-    loader = build_loader(cfg.data, models.tokenizer, cfg.seed,
-                          Position(state.batches, state.epoch, state.offset, state.samples),
+    loader = build_loader(cfg.data, models.tokenizer, cfg.seed, resume_position(state),
                           pin_memory=device.type == "cuda", rank=world.rank, world=world.size)
+    state.extra["data_layout"] = dataclasses.asdict(loader.dataset.layout)  # kept by every checkpoint
     log = (RunLog(output, state.step, cfg.max_train_steps, enable_bar) if world.main
            else SilentLog(output, state.step, cfg.max_train_steps))
     step_models = wrap(models, world, device, cfg.model.only_mid_control, cfg.model.unlock_decoder)
