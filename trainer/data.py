@@ -1,21 +1,26 @@
 """Stream the engine's WebDataset shards into training batches.
 
-The stream is defined independently of the number of DataLoader workers, so a run is the same with
-0 or 8 workers and a resume continues exactly where a checkpoint left off:
+The stream is cut into lanes (Layout), fixed when a run starts and kept in its checkpoints, so a run
+is the same with 0 or 8 workers on those lanes and a resume continues exactly where it left off:
 
-* epoch e visits the shards in an order shuffled by (seed, e), passes the raw (undecoded) samples
-  through a shuffle buffer seeded by (seed, e), and numbers them 0, 1, 2, ... across epochs;
-* sample i belongs to batch i // batch_size; every worker reads the same raw stream (reading tar
-  bytes is cheap) but decodes only the batches it owns, round-robin in the order the DataLoader
-  asks for them;
+* one lane per DataLoader worker of every process when there are tars enough (fewer: workers share a
+  process's lanes; fewer tars than processes: one lane that every worker reads, each decoding only its
+  own samples). Epoch e shuffles the shards by (seed, e) and gives lane l every L-th of them; the lane
+  passes its raw (undecoded) samples through its own shuffle buffer. Each tar is read once an epoch
+  over all workers and ranks; lanes of unequal length run through their epochs at their own pace;
+* global samples are numbered 0, 1, 2, ...; sample i belongs to global batch i // (world x batch_size)
+  and comes from lane Layout.lane(i); under the run's own layout DataLoader worker w of rank r needs
+  exactly one lane (the batches it owns, round-robin in the order the DataLoader asks for them, and
+  rank r's samples j % W == r of each); with other counts a worker reads the lanes it needs;
 * caption drop for sample i uses a generator seeded by (seed, i);
-* under torchrun (trainer.distributed) a global batch is world x batch_size consecutive samples, and
-  rank r of W decodes only sample j of it with j % W == r; the position is counted in global samples,
-  so a resume on another number of processes continues at the same sample.
+* every batch reports where its lanes stand ("lanes": lane, epoch, offset, end sample); the loop keeps
+  the latest in TrainState.extra (all ranks' under torchrun), and the position is counted in global
+  samples, so a resume on another number of processes or workers continues at the same sample.
 
-A resume restarts the epoch it stopped in and skips the samples already used without decoding them.
+A resume restarts each lane's epoch and skips the samples already used without decoding them.
 Samples that fail to decode are replaced by another sample of the same batch and counted; a batch
-whose samples all fail is dropped and counted, and --max-failed-batches such batches in a row stop the
+whose samples all fail is dropped and counted (a rank that reads only its own lanes and cannot borrow
+from the others' share repeats its last batch, all of it counted as failed, so the ranks stay in step), and --max-failed-batches such batches in a row stop the
 run with an error naming the shard and the member (a shard set without cond.png never spins).
 Members are decoded under the engine's decoding policy (engine/imagepolicy.py): only JPEG, PNG,
 WebP, GIF, BMP and TIFF, pixel count checked from the header; PostScript, PDF and the rest are refused.
@@ -302,7 +307,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             group = []
             empty = 0 if batch is not None else empty + 1
             if batch is not None:
-                yield batch
+                yield pack(batch) if info else batch  # from a worker: one shared-memory block, not one per tensor
             elif empty >= limit:
                 raise ShardDataError(
                     f"{self._last_failure}; no sample decoded in {empty * nw} batches in a row "
@@ -389,6 +394,38 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "encoder_hidden_states": torch.from_numpy(np.stack([d[2] for d in decoded]))}
 
 
+def pack(batch: dict) -> dict:
+    """A batch's tensors in one uint8 buffer (16-byte aligned parts) and how to cut it up again.
+
+    Each tensor a worker sends costs the training process a shared-memory handle to receive and a
+    buffer to pin; one buffer a batch keeps that host time small while the step runs (bench/loader_cpu.py).
+    """
+    spec, offset = [], 0
+    for key, value in batch.items():
+        offset = -(-offset // 16) * 16
+        spec.append((key, value.dtype, tuple(value.shape), offset, value.numel() * value.element_size()))
+        offset += spec[-1][-1]
+    buf = torch.empty(offset, dtype=torch.uint8)
+    for (_, _, _, start, size), value in zip(spec, batch.values(), strict=True):
+        buf[start:start + size] = value.contiguous().reshape(-1).view(torch.uint8)
+    return {"packed": buf, "spec": spec}
+
+
+def unpack(batch: dict) -> dict:
+    """The tensors of a packed batch, as views of its (pinned) buffer; other batches unchanged."""
+    if "packed" not in batch:
+        return batch
+    buf = batch["packed"]
+    return {key: buf[start:start + size].view(dtype).view(shape) for key, dtype, shape, start, size in batch["spec"]}
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' packed batches come out as the usual dict of tensors."""
+
+    def __iter__(self):
+        return map(unpack, super().__iter__())
+
+
 def record_lanes(extra: dict, lanes: torch.Tensor) -> None:
     """Keep each lane's latest (epoch, offset) from a batch's lane report in the checkpointed `extra`."""
     table = extra.setdefault("data_lanes", {})
@@ -424,7 +461,7 @@ def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_mem
                  world: int = 1):
     """DataLoader over a ShardStream (this rank's share); batches arrive in stream order whatever the worker count."""
     stream = ShardStream(cfg, tokenizer, seed, start, rank, world)
-    return torch.utils.data.DataLoader(
+    return _Loader(
         stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
         worker_init_fn=_worker_init if cfg.num_workers else None,
         prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False,

@@ -22,12 +22,15 @@ def prefetch(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
     if device.type != "cuda":
         yield from it
         return
-    side = torch.cuda.Stream(device)
-    pending = _copy(next(it), device, side)
-    while True:
+    side, first = torch.cuda.Stream(device), next(it, None)
+    if first is None:
+        return
+    pending = _copy(first, device, side)
+    for batch in it:
         current = _ready(pending, device, side)
-        pending = _copy(next(it), device, side)  # the next batch's copy overlaps this batch's step
+        pending = _copy(batch, device, side)  # the next batch's copy overlaps this batch's step
         yield current
+    yield _ready(pending, device, side)
 
 
 def _copy(batch: dict, device: torch.device, side: torch.cuda.Stream) -> dict:
