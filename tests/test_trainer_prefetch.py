@@ -14,9 +14,12 @@ pytestmark = pytest.mark.quick
 def batches(n: int) -> list[dict]:
     """Batches shaped like the precomputed ones (fp16, uint8, a scalar and the stream's entries)."""
     g = torch.Generator().manual_seed(0)
-    return [{"latent_mean": torch.randn(2, 4, 8, 8, generator=g).half(),
-             "conditioning_pixel_values": torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=g),
+    latents = torch.randn(2, 2, 4, 8, 8, generator=g).half()
+    return [{"latent_mean": latents[:, 0], "latent_std": latents[:, 1],  # views of one storage, as collated
+             "conditioning_pixel_values": torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8,
+                                                        generator=g).permute(0, 3, 1, 2),  # channels-last strides
              "input_ids": torch.randint(0, 500, (2, 77), generator=g), "failed": torch.tensor(i),
+             "odd": torch.zeros(3, dtype=torch.uint8),
              "position": torch.tensor([i + 1, 0, 2 * i]), "lanes": torch.tensor([[0, 0, 2 * i, 2 * i + 2]])}
             for i in range(n)]
 
@@ -30,6 +33,7 @@ def test_pack_round_trip():
         assert back.keys() == batch.keys()
         for k, v in batch.items():
             assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+            assert back[k].stride() == v.stride(), k  # memory layout kept: kernels see the same input
             assert back[k].untyped_storage().data_ptr() == packed["packed"].untyped_storage().data_ptr()
 
 

@@ -395,19 +395,24 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def pack(batch: dict) -> dict:
-    """A batch's tensors in one uint8 buffer (16-byte aligned parts) and how to cut it up again.
+    """A batch's tensors in one uint8 buffer (their storages, 16-byte aligned, shared ones once) and how to
+    rebuild each view with its strides (a permuted map keeps its memory layout, so kernels see the same input).
 
     Each tensor a worker sends costs the training process a shared-memory handle to receive and a
     buffer to pin; one buffer a batch keeps that host time small while the step runs (bench/loader_cpu.py).
     """
-    spec, offset = [], 0
+    spec, starts, offset = [], {}, 0
     for key, value in batch.items():
-        offset = -(-offset // 16) * 16
-        spec.append((key, value.dtype, tuple(value.shape), offset, value.numel() * value.element_size()))
-        offset += spec[-1][-1]
-    buf = torch.empty(offset, dtype=torch.uint8)
-    for (_, _, _, start, size), value in zip(spec, batch.values(), strict=True):
-        buf[start:start + size] = value.contiguous().reshape(-1).view(torch.uint8)
+        storage = value.untyped_storage()
+        if storage.data_ptr() not in starts:
+            offset = -(-offset // 16) * 16
+            starts[storage.data_ptr()] = (offset, storage)
+            offset += storage.nbytes()
+        spec.append((key, value.dtype, tuple(value.shape), value.stride(), value.storage_offset(),
+                     starts[storage.data_ptr()][0]))
+    buf = torch.empty(-(-offset // 16) * 16, dtype=torch.uint8)  # a whole number of elements of any dtype
+    for start, storage in starts.values():
+        buf[start:start + storage.nbytes()] = torch.empty(0, dtype=torch.uint8).set_(storage)
     return {"packed": buf, "spec": spec}
 
 
@@ -415,8 +420,11 @@ def unpack(batch: dict) -> dict:
     """The tensors of a packed batch, as views of its (pinned) buffer; other batches unchanged."""
     if "packed" not in batch:
         return batch
-    buf = batch["packed"]
-    return {key: buf[start:start + size].view(dtype).view(shape) for key, dtype, shape, start, size in batch["spec"]}
+    buf, out = batch["packed"], {}
+    for key, dtype, shape, stride, offset, start in batch["spec"]:
+        size = torch.empty((), dtype=dtype).element_size()
+        out[key] = buf.view(dtype).as_strided(shape, stride, start // size + offset)
+    return out
 
 
 class _Loader(torch.utils.data.DataLoader):
