@@ -144,8 +144,10 @@ PRESETS = {
 
 def resident_batches(loader, device, n: int = 16):
     """The loader's first n batches moved to the GPU once, then repeated: the 'data already on the GPU' case."""
+    from trainer.data import META_KEYS
+
     it = iter(loader)
-    cached = [{k: (v if k in ("position", "failed") else v.to(device)) for k, v in next(it).items()} for _ in range(n)]
+    cached = [{k: (v if k in META_KEYS else v.to(device)) for k, v in next(it).items()} for _ in range(n)]
     return itertools.cycle(cached)
 
 

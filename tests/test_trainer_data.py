@@ -12,7 +12,16 @@ import torch
 from PIL import Image
 
 from trainer.config import DataConfig
-from trainer.data import Position, ShardDataError, ShardStream, build_loader, expand_shards
+from trainer.data import (
+    Layout,
+    Position,
+    ShardDataError,
+    ShardStream,
+    build_loader,
+    expand_shards,
+    plan_layout,
+    record_lanes,
+)
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_tokenizer
 
@@ -68,8 +77,11 @@ def test_batch_layout(shards, tokenizer):
 
 
 def test_stream_is_the_same_for_any_worker_count(shards, tokenizer):
-    """0, 1 and 2 workers deliver identical batches in identical order, across an epoch boundary."""
-    runs = [take(build_loader(cfg(shards, num_workers=w), tokenizer, 5, Position(), False), 10) for w in (0, 1, 2)]
+    """0, 1 and 2 workers on the lanes of a 2-worker run deliver identical batches in identical order, across an
+    epoch boundary (a fresh 2-worker run chooses those lanes; a resume keeps them whatever the worker count)."""
+    assert build_loader(cfg(shards, num_workers=2), tokenizer, 5, Position(), False).dataset.layout == Layout(1, 2, 2)
+    start = Position(layout=Layout(1, 2, 2))
+    runs = [take(build_loader(cfg(shards, num_workers=w), tokenizer, 5, start, False), 10) for w in (0, 1, 2)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert torch.equal(a["pixel_values"], b["pixel_values"])
@@ -91,9 +103,14 @@ def test_epochs_are_reshuffled(shards, tokenizer):
 
 def test_resume_position_continues_the_stream(shards, tokenizer):
     """Starting at a recorded position yields exactly the batches that followed it."""
-    full = take(build_loader(cfg(shards, num_workers=2), tokenizer, 0, Position(), False), 12)
+    loader = build_loader(cfg(shards, num_workers=2), tokenizer, 0, Position(), False)
+    full = take(loader, 12)
     b, e, o = full[6]["position"].tolist()
-    rest = take(build_loader(cfg(shards, num_workers=1), tokenizer, 0, Position(b, e, o), False), 5)
+    extra = {}
+    for batch in full[:7]:
+        record_lanes(extra, batch["lanes"])
+    start = Position(b, e, o, layout=loader.dataset.layout, lanes={int(k): v[:2] for k, v in extra["data_lanes"].items()})
+    rest = take(build_loader(cfg(shards, num_workers=1), tokenizer, 0, start, False), 5)
     for a, r in zip(full[7:], rest, strict=True):
         assert torch.equal(a["pixel_values"], r["pixel_values"])
         assert a["position"].tolist() == r["position"].tolist()
@@ -193,3 +210,79 @@ def test_max_failed_batches_is_checked():
     """The limit must be positive, and the error names the flag."""
     with pytest.raises(ValueError, match="--max-failed-batches"):
         DataConfig(shards="x.tar", max_failed_batches=0)
+
+
+def logged_shards(root, n: int, per_shard: int) -> str:
+    """n tars behind `pipe:` URLs that append `$TAG $PPID NAME` to root/opens.log each time a tar is opened."""
+    write_shards(root, n_shards=n, per_shard=per_shard, size=40)
+    log = root / "opens.log"
+    return "::".join(f"pipe:echo \"$TAG $PPID {i:05d}\" >> {log}; cat {root}/{i:05d}.tar" for i in range(n))
+
+
+def opens_by_reader(root) -> dict[str, list[str]]:
+    """The tars each reader (tag and process) opened, in order."""
+    readers: dict[str, list[str]] = {}
+    for line in (root / "opens.log").read_text().splitlines():
+        tag, pid, name = line.split()
+        readers.setdefault(f"{tag}/{pid}", []).append(name)
+    return readers
+
+
+def test_each_tar_is_read_once_an_epoch_with_two_workers(tmp_path, tokenizer, monkeypatch):
+    """2 DataLoader workers over 6 tars: each worker opens only its own 3 tars an epoch, together every tar once."""
+    monkeypatch.setenv("TAG", "w")
+    shards = logged_shards(tmp_path, 6, 4)  # 24 samples an epoch: 12 batches of 2
+    loader = build_loader(cfg(shards, num_workers=2), tokenizer, 0, Position(), False)
+    assert loader.dataset.layout == Layout(1, 2, 2)
+    take(loader, 36)  # 3 epochs (the workers read ahead into a 4th)
+    workers = list(opens_by_reader(tmp_path).values())
+    assert len(workers) == 2
+    for e in range(3):
+        chunks = [w[3 * e:3 * e + 3] for w in workers]
+        assert sorted(chunks[0] + chunks[1]) == [f"{i:05d}" for i in range(6)], (e, workers)
+
+
+def test_ranks_read_disjoint_tars(tmp_path, tokenizer, monkeypatch):
+    """2 ranks (simulated: rank and world given) x 1 worker over 4 tars: each rank opens only its own tars."""
+    shards = logged_shards(tmp_path, 4, 3)
+    for r in range(2):
+        monkeypatch.setenv("TAG", f"rank{r}")
+        stream = ShardStream(cfg(shards, train_batch_size=1), tokenizer, 0, rank=r, world=2)
+        assert stream.layout == Layout(2, 1, 2)
+        batches = take(stream, 12)  # 2 epochs of 12 samples, 1 a rank a batch
+        assert {lane for b in batches for lane in b["lanes"][:, 0].tolist()} == {r}
+    readers = opens_by_reader(tmp_path)
+    rank0, rank1 = (next(v for k, v in readers.items() if k.startswith(f"rank{r}/")) for r in range(2))
+    for e in range(2):
+        assert sorted(rank0[2 * e:2 * e + 2] + rank1[2 * e:2 * e + 2]) == [f"{i:05d}" for i in range(4)]
+
+
+def test_lane_layout_for_few_tars():
+    """Fewer tars than processes x workers: workers share a process's lanes; fewer than processes: one lane."""
+    assert plan_layout(16, 2, 4, 8) == Layout(2, 4, 8)
+    assert plan_layout(5, 2, 4, 8) == Layout(2, 2, 8)  # 2 workers a lane
+    assert plan_layout(3, 2, 4, 8) == Layout(2, 1, 8)  # a process's 4 workers share its lane
+    assert plan_layout(1, 2, 4, 8) == Layout(1, 1, 8)  # every worker reads the tar, decodes its own samples
+    assert plan_layout(3, 1, 0, 2) == Layout(1, 1, 2)
+    assert [Layout(2, 2, 4).lane(i) for i in range(8)] == [0, 1, 0, 1, 2, 3, 2, 3]
+
+
+def test_unequal_tars_resume_exactly_with_workers(tmp_path, tokenizer):
+    """Tars of 7, 2, 5 and 1 samples, 2 workers: lanes run through their epochs at their own pace, and a
+    resume from any recorded position (here on 1 or 2 workers) continues with exactly the same batches."""
+    for i, n in enumerate((7, 2, 5, 1)):
+        write_shards(tmp_path / str(i), n_shards=1, per_shard=n, size=40)
+    shards = "::".join(str(tmp_path / str(i) / "00000.tar") for i in range(4))
+    loader = build_loader(cfg(shards, num_workers=2, train_batch_size=3), tokenizer, 1, Position(), False)
+    full = take(loader, 14)  # 42 samples: about 3 epochs of 15
+    for cut, workers in ((5, 2), (8, 1)):
+        extra = {}
+        for batch in full[:cut]:
+            record_lanes(extra, batch["lanes"])
+        b, e, o = full[cut - 1]["position"].tolist()
+        start = Position(b, e, o, layout=loader.dataset.layout,
+                         lanes={int(k): v[:2] for k, v in extra["data_lanes"].items()})
+        rest = take(build_loader(cfg(shards, num_workers=workers, train_batch_size=3), tokenizer, 1, start, False), 4)
+        for a, r in zip(full[cut:cut + 4], rest, strict=True):
+            assert torch.equal(a["pixel_values"], r["pixel_values"])
+            assert set(map(tuple, a["lanes"].tolist())) <= set(map(tuple, r["lanes"].tolist()))  # lanes alike

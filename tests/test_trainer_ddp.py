@@ -15,8 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer_helpers import tiny_assets, tiny_config
-from trainer.config import DataConfig, TrainConfig
-from trainer.data import Position, ShardStream
+from trainer.config import (
+    DataConfig,
+    TrainConfig,
+)
+from trainer.data import Layout, Position, ShardStream, record_lanes
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_tokenizer
 from trainer.train import train
@@ -45,15 +48,20 @@ def take(stream: ShardStream, n: int) -> list[dict]:
 
 
 def test_ranks_split_each_global_batch(assets):
-    """Rank r of 2 gets rows r, r+2 of the one-process batch of 4: every sample once, captions alike."""
+    """Rank r of 2 gets rows r, r+2 of the one-process batch of 4 read on the two ranks' lanes: every sample once,
+    captions alike; each rank reads its own lane (its own tars), the one process both."""
     tok = assets["tokenizer"]
-    whole = take(ShardStream(data_config(assets, 4), tok, 7), 5)  # 20 samples: crosses an epoch
-    ranks = [take(ShardStream(data_config(assets, 2), tok, 7, rank=r, world=2), 5) for r in range(2)]
+    ranks = [ShardStream(data_config(assets, 2), tok, 7, rank=r, world=2) for r in range(2)]
+    assert ranks[0].layout == ranks[1].layout == Layout(2, 1, 4)  # 3 tars: one lane per rank
+    whole = take(ShardStream(data_config(assets, 4), tok, 7, Position(layout=ranks[0].layout)), 5)  # crosses an epoch
+    ranks = [take(stream, 5) for stream in ranks]
     for b, batch in enumerate(whole):
         for r in range(2):
             for key in ("pixel_values", "conditioning_pixel_values", "input_ids"):
                 assert torch.equal(batch[key][r::2], ranks[r][b][key]), (b, r, key)
-            assert torch.equal(batch["position"], ranks[r][b]["position"])  # global batches, epoch, offset
+            assert batch["position"][0] == ranks[r][b]["position"][0]  # global batches
+            assert ranks[r][b]["lanes"][:, 0].tolist() == [r]  # rank r reads lane r only
+            assert ranks[r][b]["lanes"].tolist()[0] == batch["lanes"].tolist()[r]  # where its lane stands
 
 
 def test_resume_on_another_world_size_continues_at_the_same_sample(assets):
@@ -61,8 +69,11 @@ def test_resume_on_another_world_size_continues_at_the_same_sample(assets):
     tok = assets["tokenizer"]
     one = ShardStream(data_config(assets, 2), tok, 7)
     whole = take(one, 6)
-    pos = whole[2]["position"].tolist()  # after samples 0..5
-    start = Position(batches=pos[0], epoch=pos[1], offset=pos[2], samples=one.samples_after(pos[0]))
+    pos, extra = whole[2]["position"].tolist(), {}  # after samples 0..5
+    for batch in whole[:3]:
+        record_lanes(extra, batch["lanes"])
+    start = Position(batches=pos[0], epoch=pos[1], offset=pos[2], samples=one.samples_after(pos[0]),
+                     layout=one.layout, lanes={int(k): v[:2] for k, v in extra["data_lanes"].items()})
     assert start.samples == 6
     ranks = [take(ShardStream(data_config(assets, 1), tok, 7, start, rank=r, world=2), 3) for r in range(2)]
     for k in range(3):  # global batch k of the resumed pair == one-process batch 3 + k
@@ -110,8 +121,12 @@ def torchrun(assets, output: Path, extra: list[str]) -> subprocess.CompletedProc
 def test_two_processes_train_like_one_with_the_doubled_batch(assets, tmp_path):
     """2 gloo processes x batch 2 end with the weights of 1 process x batch 4.
 
-    4 accumulation micro-batches merged in pairs: 2 passes a step, the first under no_sync.
+    4 accumulation micro-batches merged in pairs: 2 passes a step, the first under no_sync. One tar of 15
+    samples: fewer tars than processes, so both runs read one shared lane and see the same data (with
+    tars enough each rank reads its own lanes: test_ranks_split_each_global_batch).
     """
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=15, size=48, cond_mode="L")
+    assets = assets | {"shards": str(tmp_path / "shards" / "00000.tar")}
     cfg = single_config(assets, tmp_path / "one")
     cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps = "constant", 0
     train(cfg, enable_bar=False)

@@ -53,10 +53,11 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
 def test_resume_is_bitwise_identical(assets, tmp_path, optimizer):
-    """2N steps in one go == N steps, stop, resume, N more (other worker count, 8-bit Adam too)."""
+    """2N steps in one go == N steps, stop, resume, N more (resumed on another worker count, 8-bit Adam too)."""
     straight = train(config(assets, tmp_path / "a", 6, workers=2, optimizer=optimizer), enable_bar=False)
-    # the cosine schedule spans 6 steps in both runs, so the first leg is cut by a stop at step 3
-    first = config(assets, tmp_path / "b", 6, optimizer=optimizer)
+    # the cosine schedule spans 6 steps in both runs, so the first leg is cut by a stop at step 3; the data
+    # lanes are those of the first leg's 2 workers, which the resume on 0 workers keeps
+    first = config(assets, tmp_path / "b", 6, workers=2, optimizer=optimizer)
     first.max_train_steps = 3
     train(first, enable_bar=False)
     resumed = train(config(assets, tmp_path / "b", 6, resume="latest", optimizer=optimizer), enable_bar=False)

@@ -1,21 +1,26 @@
 """Stream the engine's WebDataset shards into training batches.
 
-The stream is defined independently of the number of DataLoader workers, so a run is the same with
-0 or 8 workers and a resume continues exactly where a checkpoint left off:
+The stream is cut into lanes (Layout), fixed when a run starts and kept in its checkpoints, so a run
+is the same with 0 or 8 workers on those lanes and a resume continues exactly where it left off:
 
-* epoch e visits the shards in an order shuffled by (seed, e), passes the raw (undecoded) samples
-  through a shuffle buffer seeded by (seed, e), and numbers them 0, 1, 2, ... across epochs;
-* sample i belongs to batch i // batch_size; every worker reads the same raw stream (reading tar
-  bytes is cheap) but decodes only the batches it owns, round-robin in the order the DataLoader
-  asks for them;
+* one lane per DataLoader worker of every process when there are tars enough (fewer: workers share a
+  process's lanes; fewer tars than processes: one lane that every worker reads, each decoding only its
+  own samples). Epoch e shuffles the shards by (seed, e) and gives lane l every L-th of them; the lane
+  passes its raw (undecoded) samples through its own shuffle buffer. Each tar is read once an epoch
+  over all workers and ranks; lanes of unequal length run through their epochs at their own pace;
+* global samples are numbered 0, 1, 2, ...; sample i belongs to global batch i // (world x batch_size)
+  and comes from lane Layout.lane(i); under the run's own layout DataLoader worker w of rank r needs
+  exactly one lane (the batches it owns, round-robin in the order the DataLoader asks for them, and
+  rank r's samples j % W == r of each); with other counts a worker reads the lanes it needs;
 * caption drop for sample i uses a generator seeded by (seed, i);
-* under torchrun (trainer.distributed) a global batch is world x batch_size consecutive samples, and
-  rank r of W decodes only sample j of it with j % W == r; the position is counted in global samples,
-  so a resume on another number of processes continues at the same sample.
+* every batch reports where its lanes stand ("lanes": lane, epoch, offset, end sample); the loop keeps
+  the latest in TrainState.extra (all ranks' under torchrun), and the position is counted in global
+  samples, so a resume on another number of processes or workers continues at the same sample.
 
-A resume restarts the epoch it stopped in and skips the samples already used without decoding them.
+A resume restarts each lane's epoch and skips the samples already used without decoding them.
 Samples that fail to decode are replaced by another sample of the same batch and counted; a batch
-whose samples all fail is dropped and counted, and --max-failed-batches such batches in a row stop the
+whose samples all fail is dropped and counted (a rank that reads only its own lanes and cannot borrow
+from the others' share repeats its last batch, all of it counted as failed, so the ranks stay in step), and --max-failed-batches such batches in a row stop the
 run with an error naming the shard and the member (a shard set without cond.png never spins).
 Members are decoded under the engine's decoding policy (engine/imagepolicy.py): only JPEG, PNG,
 WebP, GIF, BMP and TIFF, pixel count checked from the header; PostScript, PDF and the rest are refused.
@@ -27,7 +32,9 @@ caption dropout then swaps in the empty prompt's stored embedding (trainer.objec
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 import signal
 from collections.abc import Iterator
@@ -45,6 +52,8 @@ from trainer.config import DataConfig
 from trainer.precompute import EMBED_KEY, EMPTY_FILE, LATENT_KEY, META_FILE, npy_load
 
 IMAGE_KEY, COND_KEY, TEXT_KEY = "jpg", "cond.png", "txt"
+META_KEYS = ("position", "failed", "lanes")
+"""Batch entries that describe the stream (stay on the host), not training inputs."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,51 @@ class Position:
     offset: int = 0
     samples: int | None = None
     """Global samples consumed (all ranks); None in checkpoints older than it: batches x batch size."""
+    layout: Layout | None = None
+    """The lane layout the run started with (kept across resumes); None: chosen now (fresh run) or one lane
+    (checkpoints older than lanes, whose epoch and offset then belong to that lane)."""
+    lanes: dict[int, tuple[int, int]] | None = None
+    """Each lane's (epoch, offset) after the samples consumed; a lane missing here has not been read yet."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the sample stream is cut into lanes, each lane a disjoint set of tars per epoch.
+
+    Global sample i comes from lane ((i // global_batch) % workers) * ranks + i % ranks: with the layout's own
+    process and worker counts, DataLoader worker w of rank r needs exactly one lane, so each tar is read once
+    an epoch. Fixed when a run starts and kept in its checkpoints: a resume with other counts reads the lanes
+    each of its workers needs (sharing some) and continues exactly.
+    """
+
+    ranks: int = 1
+    """Processes the lanes are cut for (a divisor of the global batch)."""
+    workers: int = 1
+    """DataLoader workers per process the lanes are cut for."""
+    global_batch: int = 1
+    """Samples of one global batch (batch size x processes) when the run started."""
+
+    @property
+    def lanes(self) -> int:
+        """Number of lanes."""
+        return self.ranks * self.workers
+
+    def lane(self, index: int) -> int:
+        """The lane that global sample `index` is read from."""
+        return ((index // self.global_batch) % self.workers) * self.ranks + index % self.ranks
+
+
+def plan_layout(n_shards: int, world: int, workers: int, global_batch: int) -> Layout:
+    """One lane per worker of every process when there are tars enough; else fewer workers per lane.
+
+    With fewer tars than processes x workers, the workers of a process share its lanes (a divisor of the
+    worker count, so each worker still reads one lane); with fewer tars than processes everything is one
+    lane that every worker reads, each decoding only its own samples (sample-level splitting).
+    """
+    if n_shards < world:
+        return Layout(1, 1, global_batch)
+    per_rank = max(d for d in range(1, max(1, workers) + 1) if max(1, workers) % d == 0 and world * d <= n_shards)
+    return Layout(world, per_rank, global_batch)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -76,17 +130,22 @@ class _Counter:
 
     def __init__(self) -> None:
         self.errors = 0
+        self.reports = True
+        """Whether this reader reports the errors (a lane read by several workers is reported by one)."""
 
     def __call__(self, exn: Exception) -> bool:
         self.errors += 1
         return True
 
 
-def raw_epoch(urls: list[str], seed: int, epoch: int, buffer: int, handler: _Counter) -> Iterator[dict]:
-    """Undecoded samples of one epoch in their shuffled order (identical in every worker)."""
+def raw_epoch(urls: list[str], seed: int, epoch: int, buffer: int, handler: _Counter, lane: int = 0,
+              lanes: int = 1) -> Iterator[dict]:
+    """Undecoded samples of one lane's epoch: its tars (every lanes-th of the shuffled order), shuffled."""
     rng = random.Random(_mix(seed, epoch, 1))
     order = list(urls)
     rng.shuffle(order)
+    if lanes > 1:  # a lane's own tars and buffer; one lane is the whole stream, as before lanes existed
+        order, rng = order[lane::lanes], random.Random(_mix(seed, epoch, 1, lane, lanes))
     pool: list[dict] = []
     for sample in tarfile_samples(({"url": u} for u in order), handler=handler):
         pool.append(sample)
@@ -174,7 +233,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Infinite stream of collated batches (dicts of tensors) from WebDataset shards."""
 
     def __init__(self, cfg: DataConfig, tokenizer, seed: int, start: Position = Position(), rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, layout: Layout | None = None):
         super().__init__()
         self.cfg, self.tokenizer, self.seed, self.start = cfg, tokenizer, seed, start
         self.rank, self.world = rank, world
@@ -182,65 +241,110 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.urls = expand_shards(cfg.shards)
         self._last_failure = ""  # the latest undecodable sample: shard URL, member, reason
         self.meta = precomputed_meta(cfg.shards, cfg.resolution)
+        gbs = cfg.train_batch_size * world
+        if layout is None and start.layout is None and self.first:  # a checkpoint from before lanes: one lane
+            layout = Layout(1, 1, gbs)
+        self.layout = layout or start.layout or plan_layout(len(self.urls), world, cfg.num_workers, gbs)
 
     def samples_after(self, batches: int) -> int:
         """Global samples consumed once the stream's position says `batches` (dropped batches included)."""
         return self.first + (batches - self.start.batches) * self.cfg.train_batch_size * self.world
 
-    def _raw(self, handler: _Counter) -> Iterator[tuple[int, int, int, dict]]:
-        """(global index, epoch, offset-after, raw sample) from the start position onwards."""
-        index = self.first
-        epoch, skip = self.start.epoch, self.start.offset
+    def _lane_start(self, lane: int) -> tuple[int, int]:
+        """(epoch, samples of that epoch already used) of a lane at the start position."""
+        if self.start.lanes is not None:
+            return tuple(self.start.lanes.get(lane, (0, 0)))
+        if self.start.layout is None and self.layout.lanes == 1:  # fresh run, or a checkpoint from before lanes
+            return self.start.epoch, self.start.offset
+        return 0, 0
+
+    def _lane(self, lane: int, handler: _Counter) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, offset-after, raw sample) of one lane from the start position onwards, epoch after epoch."""
+        (epoch, skip), empty = self._lane_start(lane), 0
         while True:
             n = 0
-            for n, sample in enumerate(raw_epoch(self.urls, self.seed, epoch, self.cfg.shuffle_buffer, handler), 1):
-                if n <= skip:
-                    continue
-                yield index, epoch, n, sample
-                index += 1
-            if n == 0:
+            for n, sample in enumerate(raw_epoch(self.urls, self.seed, epoch, self.cfg.shuffle_buffer, handler,
+                                                 lane, self.layout.lanes), 1):
+                if n > skip:
+                    yield epoch, n, sample
+            # a lane whose tars hold nothing this epoch gets others the next; all of them empty is an error
+            empty = empty + 1 if n == 0 else 0
+            if empty >= (1 if self.layout.lanes == 1 else 50):
                 raise RuntimeError(f"no readable samples in {self.cfg.shards!r} ({handler.errors} read errors)")
             epoch, skip = epoch + 1, 0
+
+    def _needs(self, rank: int, wid: int, nw: int) -> set[int]:
+        """The lanes that reader (rank, worker) takes samples from: one when the layout is its own."""
+        gbs, lay = self.cfg.train_batch_size * self.world, self.layout
+        period = math.lcm(lay.global_batch * lay.workers, gbs * nw)
+        return {lay.lane(i) for i in range(self.first, self.first + period)
+                if ((i - self.first) // gbs) % nw == wid and (i - self.first) % gbs % self.world == rank}
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        handler, gbs = _Counter(), self.cfg.train_batch_size * self.world
-        members: list[tuple[int, dict]] = []
+        gbs, handlers = self.cfg.train_batch_size * self.world, {}
+        readers = {(r, w): self._needs(r, w, nw) for r in range(self.world) for w in range(nw)}
+        for lane in readers[self.rank, wid]:  # the first reader of a lane reports its read errors
+            handlers[lane] = _Counter()
+            handlers[lane].reports = min(q for q, need in readers.items() if lane in need) == (self.rank, wid)
+        lanes = {lane: self._lane(lane, h) for lane, h in handlers.items()}
+        state: dict[int, tuple[int, int]] = {}
+        self._last_good: dict | None = None
+        group: list[tuple[int, int, dict]] = []
         empty, limit = 0, -(-self.cfg.max_failed_batches // nw)  # each worker sees 1/nw of the batches
-        for index, epoch, offset, sample in self._raw(handler):
-            k = (index - self.first) // gbs  # global batches since the start
-            if k % nw != wid:
+        for index in itertools.count(self.first):
+            k, j = divmod(index - self.first, gbs)  # global batch since the start, row in it
+            lane = self.layout.lane(index)
+            if lane in lanes:  # a lane this worker reads advances even past other workers' samples
+                epoch, offset, sample = next(lanes[lane])
+                state[lane] = (epoch, offset)
+                if k % nw == wid:
+                    group.append((j, index, sample))
+            if j < gbs - 1 or k % nw != wid:
                 continue
-            members.append((index, sample))
-            if len(members) == gbs:
-                # every worker and rank reads the same tar stream, so only one of them reports read errors
-                read_errors = handler.errors if wid == 0 and self.rank == 0 else 0
-                handler.errors = 0
-                batch = self._collate(members, read_errors, epoch, offset, self.start.batches + k)
-                members = []
-                empty = 0 if batch is not None else empty + 1
-                if batch is not None:
-                    yield batch
-                elif empty >= limit:
-                    raise ShardDataError(
-                        f"{self._last_failure}; no sample decoded in {empty * nw} batches in a row "
-                        f"({empty * nw * gbs} samples; --max-failed-batches {self.cfg.max_failed_batches}): "
-                        "check that the shards hold KEY.jpg and KEY.cond.png images")
+            batch = self._batch(group, handlers, state, self.start.batches + k, index + 1)
+            group = []
+            empty = 0 if batch is not None else empty + 1
+            if batch is not None:
+                yield pack(batch) if info else batch  # from a worker: one shared-memory block, not one per tensor
+            elif empty >= limit:
+                raise ShardDataError(
+                    f"{self._last_failure}; no sample decoded in {empty * nw} batches in a row "
+                    f"({empty * nw * gbs} samples; --max-failed-batches {self.cfg.max_failed_batches}): "
+                    "check that the shards hold KEY.jpg and KEY.cond.png images")
 
-    def _collate(self, group, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
+    def _batch(self, group, handlers: dict, state: dict, b: int, end: int) -> dict | None:
+        """Collate one global batch's rows of this worker; the lane report says where its lanes stand at `end`."""
+        read_errors = sum(h.errors for h in handlers.values() if h.reports)
+        for h in handlers.values():
+            h.errors = 0
+        mine = [(index, sample) for j, index, sample in group if j % self.world == self.rank]
+        others = [(index, sample) for j, index, sample in group if j % self.world != self.rank]
+        epoch, offset = state[self.layout.lane(mine[-1][0])]
+        batch = self._collate(mine, others, read_errors, epoch, offset, b)
+        if batch is None and self.world > 1 and not others and self._last_good is not None:
+            # this rank reads its own tars and cannot borrow: it repeats its last batch (all counted as
+            # failed) so the ranks stay in step
+            batch = self._last_good | {"failed": torch.tensor(len(mine) + read_errors)}
+        if batch is None:
+            return None
+        self._last_good = {k: v for k, v in batch.items() if k != "lanes"}
+        lanes = [[lane, e, o, end] for lane, (e, o) in sorted(state.items())]
+        return batch | {"position": torch.tensor([b + 1, epoch, offset]), "lanes": torch.tensor(lanes)}
+
+    def _collate(self, members, others, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
         """Decode this rank's share of one global batch and stack it; failed samples are replaced and counted.
 
-        A rank whose whole share fails borrows from the rest of the global batch (in order), so ranks stay in
-        step: a global batch is dropped only when all of it fails, which every rank then finds alike.
+        A rank whose whole share fails borrows from the rest of the global batch it read (in order), so ranks
+        stay in step: a global batch is dropped only when all of it fails, which every rank then finds alike.
         """
-        if not self.meta and any(LATENT_KEY in sample for _, sample in group):
+        if not self.meta and any(LATENT_KEY in sample for _, sample in members + others):
             raise RuntimeError(f"{self.cfg.shards!r} holds precomputed samples but no {META_FILE} was found beside "
                                "the first shard: pass the local shard paths that `python -m trainer precompute` wrote")
-        members = group[self.rank::self.world]
         decoded, failed = self._decode_all(members)
-        if not decoded and self.world > 1:
-            decoded, _ = self._decode_all([m for j, m in enumerate(group) if j % self.world != self.rank])
+        if not decoded and others:
+            decoded, _ = self._decode_all(others)
         if not decoded:
             return None
         while len(decoded) < len(members):  # keep batches full so every step sees the same count
@@ -290,6 +394,72 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "encoder_hidden_states": torch.from_numpy(np.stack([d[2] for d in decoded]))}
 
 
+def pack(batch: dict) -> dict:
+    """A batch's tensors in one uint8 buffer (their storages, 16-byte aligned, shared ones once) and how to
+    rebuild each view with its strides (a permuted map keeps its memory layout, so kernels see the same input).
+
+    Each tensor a worker sends costs the training process a shared-memory handle to receive and a
+    buffer to pin; one buffer a batch keeps that host time small while the step runs (bench/loader_cpu.py).
+    """
+    spec, starts, offset = [], {}, 0
+    for key, value in batch.items():
+        storage = value.untyped_storage()
+        if storage.data_ptr() not in starts:
+            offset = -(-offset // 16) * 16
+            starts[storage.data_ptr()] = (offset, storage)
+            offset += storage.nbytes()
+        spec.append((key, value.dtype, tuple(value.shape), value.stride(), value.storage_offset(),
+                     starts[storage.data_ptr()][0]))
+    buf = torch.empty(-(-offset // 16) * 16, dtype=torch.uint8)  # a whole number of elements of any dtype
+    for start, storage in starts.values():
+        buf[start:start + storage.nbytes()] = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return {"packed": buf, "spec": spec}
+
+
+def unpack(batch: dict) -> dict:
+    """The tensors of a packed batch, as views of its (pinned) buffer; other batches unchanged."""
+    if "packed" not in batch:
+        return batch
+    buf, out = batch["packed"], {}
+    for key, dtype, shape, stride, offset, start in batch["spec"]:
+        size = torch.empty((), dtype=dtype).element_size()
+        out[key] = buf.view(dtype).as_strided(shape, stride, start // size + offset)
+    return out
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' packed batches come out as the usual dict of tensors."""
+
+    def __iter__(self):
+        return map(unpack, super().__iter__())
+
+
+def record_lanes(extra: dict, lanes: torch.Tensor) -> None:
+    """Keep each lane's latest (epoch, offset) from a batch's lane report in the checkpointed `extra`."""
+    table = extra.setdefault("data_lanes", {})
+    for lane, epoch, offset, end in lanes.tolist():
+        if end >= table.get(str(lane), (0, 0, -1))[2]:
+            table[str(lane)] = [epoch, offset, end]
+
+
+def merge_lanes(tables: list[dict]) -> dict:
+    """The lane tables of several ranks as one: for each lane the entry reported at the latest sample."""
+    merged: dict = {}
+    for table in tables:
+        for lane, entry in table.items():
+            if entry[2] >= merged.get(lane, (0, 0, -1))[2]:
+                merged[lane] = list(entry)
+    return merged
+
+
+def resume_position(state) -> Position:
+    """The data position a TrainState (a checkpoint's counters) records, lanes and their layout included."""
+    layout = state.extra.get("data_layout")
+    lanes = {int(k): (v[0], v[1]) for k, v in state.extra.get("data_lanes", {}).items()}
+    return Position(state.batches, state.epoch, state.offset, state.samples,
+                    Layout(**layout) if layout else None, lanes if layout else None)
+
+
 def _worker_init(_: int) -> None:
     """Workers ignore Ctrl-C: the main process decides when to stop (after saving a checkpoint)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -299,7 +469,7 @@ def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_mem
                  world: int = 1):
     """DataLoader over a ShardStream (this rank's share); batches arrive in stream order whatever the worker count."""
     stream = ShardStream(cfg, tokenizer, seed, start, rank, world)
-    return torch.utils.data.DataLoader(
+    return _Loader(
         stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
         worker_init_fn=_worker_init if cfg.num_workers else None,
         prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False,

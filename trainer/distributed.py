@@ -2,8 +2,8 @@
 
 One process per device. torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) starts
 a process group: NCCL on CUDA, gloo on the CPU. Every rank draws the random numbers of the whole global
-batch and keeps its own rows (trainer.objective), and reads its share of every global batch
-(trainer.data), so N processes with batch B train exactly like one process with batch N x B. Rank 0
+batch and keeps its own rows (trainer.objective), and reads its share of every global batch from its
+own tars (trainer.data's lanes), so N processes with batch B train exactly like one process with batch N x B. Rank 0
 alone writes checkpoints, logs, validation images and the export; the others wait at a barrier.
 Without torchrun's environment nothing here starts anything and the run is the single-process one.
 """

@@ -12,12 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
-from trainer.data import ShardStream
+from trainer.data import META_KEYS, ShardStream, merge_lanes, record_lanes
 from trainer.distributed import World, agree_stop, all_sum, no_sync
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models, autocast
 from trainer.objective import Objective, step_loss
 from trainer.optim import lr_factor, set_lr
+from trainer.prefetch import prefetch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,7 +104,7 @@ class Run:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors of a batch onto the device (asynchronously from pinned memory)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("position", "failed")}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in META_KEYS}
 
 
 def next_pass(run: Run, batches, merge: int) -> dict:
@@ -112,11 +113,12 @@ def next_pass(run: Run, batches, merge: int) -> dict:
     for batch in parts:
         st.batches, st.epoch, st.offset = batch["position"].tolist()  # CPU tensor: no device sync
         st.failed_samples += int(batch["failed"])
+        record_lanes(st.extra, batch["lanes"])
     if run.stream is not None:  # the position in global samples: a resume on any number of processes
         st.samples = run.stream.samples_after(st.batches)
     if merge == 1:
         return parts[0]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("position", "failed")}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in META_KEYS}
 
 
 def pass_loss(run: Run, batch: dict, merge: int, passes: int, sync: bool = True) -> torch.Tensor:
@@ -145,7 +147,7 @@ def count_flops(run: Run, batch: dict, merge: int) -> float:
     """
     gen = torch.Generator(device=run.generator.device)
     gen.set_state(run.generator.get_state())
-    one = {k: v[:1] for k, v in batch.items() if k not in ("position", "failed")}
+    one = {k: v[:1] for k, v in batch.items() if k not in META_KEYS}
     with FlopCounterMode(display=False) as counter:
         with run.autocast():
             loss = step_loss(run.models, run.objective, to_device(one, run.device), gen,
@@ -161,7 +163,7 @@ def train_loop(run: Run) -> TrainState:
     cfg, st = run.cfg, run.state
     merge = cfg.optim.merge_micro_batches
     passes = cfg.optim.gradient_accumulation_steps // merge
-    batches = iter(run.loader)
+    batches = prefetch(run.loader, run.device)  # on CUDA each batch is on the device before its step
     loss_sum = torch.zeros((), device=run.device)
     nonfinite = torch.zeros((), dtype=torch.int32, device=run.device)
     while st.step < cfg.max_train_steps and run.stop.requested is None:
@@ -222,9 +224,13 @@ def effective_batch(run: Run) -> int:
 
 
 def sync_failed(run: Run) -> None:
-    """Under torchrun, failed_samples becomes the count of all ranks (each adds its failures since the last sum)."""
+    """Under torchrun, failed_samples becomes the count of all ranks (each adds its failures since the last sum)
+    and every rank learns where all lanes stand (each rank reads its own: rank 0 checkpoints them all)."""
     if run.world.size == 1:
         return
+    tables = [None] * run.world.size
+    torch.distributed.all_gather_object(tables, run.state.extra.get("data_lanes", {}))
+    run.state.extra["data_lanes"] = merge_lanes(tables)
     delta = torch.tensor(run.state.failed_samples - run.failed_synced, device=run.device)
     all_sum(run.world, delta)
     run.state.failed_samples = run.failed_synced = run.failed_synced + int(delta.item())

@@ -11,7 +11,7 @@ import torch
 
 from engine.atomic import write_text_atomic
 from trainer.config import TrainConfig
-from trainer.data import Position, build_loader, precomputed_meta
+from trainer.data import build_loader, precomputed_meta, resume_position
 from trainer.distributed import World, init, shutdown, world_from_env, wrap
 from trainer.loop import Run, StopSignal, effective_batch, train_loop
 from trainer.metrics import RunLog, SilentLog, measure_matmul_flops
@@ -63,8 +63,8 @@ def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = N
     checkpoints = Checkpointer.of(cfg)
     state = checkpoints.resume(cfg, world, models, optimizer, scaler, generator)
     loader = build_loader(cfg.data, models.tokenizer, cfg.seed,
-                          Position(state.batches, state.epoch, state.offset, state.samples),
-                          pin_memory=device.type == "cuda", rank=world.rank, world=world.size)
+                          resume_position(state), pin_memory=device.type == "cuda", rank=world.rank, world=world.size)
+    state.extra["data_layout"] = dataclasses.asdict(loader.dataset.layout)  # kept by every checkpoint
     log = (RunLog(Path(cfg.output), state.step, cfg.max_train_steps, enable_bar) if world.main
            else SilentLog(Path(cfg.output), state.step, cfg.max_train_steps))
     step_models = wrap(models, world, device, cfg.model.only_mid_control, cfg.model.unlock_decoder)

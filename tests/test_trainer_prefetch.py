@@ -1,0 +1,56 @@
+"""trainer.prefetch and the packed worker batches: what the training process receives is what was collated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.data import pack, unpack
+from trainer.prefetch import prefetch
+
+pytestmark = pytest.mark.quick
+
+
+def batches(n: int) -> list[dict]:
+    """Batches shaped like the precomputed ones (fp16, uint8, a scalar and the stream's entries)."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 2, 4, 8, 8, generator=g).half()
+    return [{"latent_mean": latents[:, 0], "latent_std": latents[:, 1],  # views of one storage, as collated
+             "conditioning_pixel_values": torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8,
+                                                        generator=g).permute(0, 3, 1, 2),  # channels-last strides
+             "input_ids": torch.randint(0, 500, (2, 77), generator=g), "failed": torch.tensor(i),
+             "odd": torch.zeros(3, dtype=torch.uint8),
+             "position": torch.tensor([i + 1, 0, 2 * i]), "lanes": torch.tensor([[0, 0, 2 * i, 2 * i + 2]])}
+            for i in range(n)]
+
+
+def test_pack_round_trip():
+    """Every tensor comes back with its dtype, shape and values, as views of one buffer."""
+    for batch in batches(3):
+        packed = pack(batch)
+        assert list(packed) == ["packed", "spec"] and packed["packed"].dtype == torch.uint8
+        back = unpack(packed)
+        assert back.keys() == batch.keys()
+        for k, v in batch.items():
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+            assert back[k].stride() == v.stride(), k  # memory layout kept: kernels see the same input
+            assert back[k].untyped_storage().data_ptr() == packed["packed"].untyped_storage().data_ptr()
+
+
+def test_prefetch_on_the_cpu_passes_batches_through():
+    """On the CPU the loop gets the very batch objects the loader made, in order."""
+    src = batches(4)
+    assert all(a is b for a, b in zip(prefetch(src, torch.device("cpu")), src, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetch_on_cuda_hands_out_device_batches():
+    """On CUDA every batch arrives on the device with the same values; the stream's entries stay on the host."""
+    src = [{k: v.pin_memory() for k, v in b.items()} for b in batches(5)]
+    device = torch.device("cuda")
+    got = list(prefetch(src, device))
+    assert len(got) == 5
+    for a, b in zip(src, got, strict=True):
+        for k, v in a.items():
+            on_host = k in ("position", "failed", "lanes")
+            assert b[k].is_cuda != on_host and torch.equal(b[k].cpu(), v), k

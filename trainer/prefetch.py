@@ -1,0 +1,49 @@
+"""Batches on the GPU before the step asks for them: a one-batch-ahead copy on a side CUDA stream.
+
+The DataLoader (pin_memory=True) receives and pins batches in its own thread; here batch n+1's copy to
+the device is issued on a side stream (non_blocking, from pinned memory) before step n runs, so the
+copy overlaps step n's kernels and the training thread spends no time on it. On the CPU the batches
+pass through unchanged. The entries describing the stream (trainer.data.META_KEYS) stay on the host:
+the loop reads them without a device sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from trainer.data import META_KEYS
+
+
+def prefetch(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
+    """The batches in order, each already on `device` (CUDA) when handed out; on other devices unchanged."""
+    it = iter(batches)
+    if device.type != "cuda":
+        yield from it
+        return
+    side, first = torch.cuda.Stream(device), next(it, None)
+    if first is None:
+        return
+    pending = _copy(first, device, side)
+    for batch in it:
+        current = _ready(pending, device, side)
+        pending = _copy(batch, device, side)  # the next batch's copy overlaps this batch's step
+        yield current
+    yield _ready(pending, device, side)
+
+
+def _copy(batch: dict, device: torch.device, side: torch.cuda.Stream) -> dict:
+    """Start copying a batch's tensors to the device on the side stream."""
+    with torch.cuda.stream(side):
+        return {k: v if k in META_KEYS else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _ready(batch: dict, device: torch.device, side: torch.cuda.Stream) -> dict:
+    """Make the compute stream wait for the batch's copy, and keep its memory until the compute stream is done."""
+    main = torch.cuda.current_stream(device)
+    main.wait_stream(side)
+    for k, v in batch.items():
+        if k not in META_KEYS and v.is_cuda:
+            v.record_stream(main)  # the caching allocator must not hand this memory to the side stream early
+    return batch
