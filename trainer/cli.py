@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint only the blocks at this many highest resolutions (default: all)")
     g.add_argument("--compile", dest="model.compile", action="store_true",
                    help="torch.compile the ControlNet and UNet (minutes of compiling at start)")
+    g.add_argument("--low-memory", dest="model.low_memory", action="store_true",
+                   help="the 4.5 GiB setting: bf16 weights and grads, fused 8-bit AdamW with stochastic rounding, "
+                        "full checkpointing; needs precomputed shards on CUDA; implies bf16")
     g = p.add_argument_group("optimizer")
     g.add_argument("--learning-rate", dest="optim.learning_rate", type=float, default=1e-5)
     g.add_argument("--decoder-learning-rate", dest="optim.decoder_learning_rate", type=float, default=None,
@@ -82,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this many accumulated micro-batches as one pass (same math, more memory)")
     g.add_argument("--lr-scheduler", dest="optim.lr_scheduler", choices=LR_SCHEDULERS, default="constant")
     g.add_argument("--lr-warmup-steps", dest="optim.lr_warmup_steps", type=int, default=0)
+    g.add_argument("--fused-optimizer", dest="optim.fused_optimizer", action=argparse.BooleanOptionalAction,
+                   default=True, help="with adamw8bit: one 8-bit AdamW kernel call over all weights in a flat "
+                                      "buffer (same math); --no-fused-optimizer: bitsandbytes' AdamW8bit per tensor")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing-steps", dest="checkpoint.checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints-total-limit", dest="checkpoint.checkpoints_total_limit", type=_limit, default=3)

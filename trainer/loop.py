@@ -87,7 +87,7 @@ class Run:
 
     def autocast(self):
         """Autocast to the low-precision dtype; nothing in fp32 runs."""
-        if self.weight_dtype == torch.float32:
+        if self.weight_dtype == torch.float32 or self.cfg.model.low_memory:  # --low-memory: all bf16 already
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.weight_dtype)
 
@@ -142,8 +142,7 @@ def count_flops(run: Run, batch: dict, merge: int) -> float:
             loss = step_loss(run.models, run.objective, to_device(one, run.device), gen,
                              run.cfg.model.only_mid_control)  # run.models: never the DDP wrappers
         loss.backward()
-    for p in run.params:
-        p.grad = None
+    run.optimizer.zero_grad(set_to_none=True)  # the fused optimizer zeroes in place (its grads are views)
     return float(counter.get_total_flops())
 
 

@@ -18,8 +18,18 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimiz
         except ImportError as e:  # pragma: no cover - bitsandbytes is a dependency
             raise RuntimeError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, "
                                "or pass --optimizer adamw") from e
+        if cfg.fused_optimizer:
+            from trainer.fused import FusedAdamW8bit
+
+            return FusedAdamW8bit(groups, lr=cfg.learning_rate, **kw)
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, **kw)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, **kw)
+
+
+def grad_params(optimizer: torch.optim.Optimizer, groups: list[dict]) -> list[torch.nn.Parameter]:
+    """What gradient clipping runs over: the fused optimizer's few flat buffers, else every parameter."""
+    flat = getattr(optimizer, "flat_params", None)
+    return flat() if flat else [p for g in groups for p in g["params"]]
 
 
 def lr_factor(step: int, cfg: OptimConfig, total: int) -> float:
