@@ -98,13 +98,13 @@ class FusedAdamW8bit(torch.optim.Optimizer):
     def _flat_groups(groups: list[dict]) -> list[dict]:
         """Each group split by state kind (8-bit / fp32) and dtype, each part packed into one flat Parameter."""
         out = []
-        for g in groups:
+        for i, g in enumerate(groups):
             parts: dict[tuple, list] = {}
             for p in g["params"]:
                 parts.setdefault((p.numel() >= MIN_8BIT, p.dtype), []).append(p)
             extra = {k: v for k, v in g.items() if k != "params"}
             for (eight, _), ps in parts.items():
-                out.append({**extra, "params": [pack(ps)], "bits": 8 if eight else 32, "sizes": [p.numel() for p in ps]})
+                out.append({**extra, "params": [pack(ps)], "bits": 8 if eight else 32, "origin": i, "sizes": [p.numel() for p in ps]})
         return out
 
     def flat_params(self) -> list[torch.nn.Parameter]:
@@ -188,7 +188,7 @@ class FusedAdamW8bit(torch.optim.Optimizer):
             group.update({k: v for k, v in sg.items() if k != "params"})
             flat = group["params"][0]
             st = state_dict["state"].get(sg["params"][0], {})
-            self.state[flat] = {k: (v.to(flat.device) if torch.is_tensor(v) else v) for k, v in st.items()}
+            self.state[flat] = {k: (v.to(flat.device, copy=True) if torch.is_tensor(v) else v) for k, v in st.items()}
         if "rounding_rng" in state_dict:
             self.rounding.set_state(state_dict["rounding_rng"].cpu())
 
@@ -203,9 +203,9 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             members = self._members(group)
             new_state[gi] = self._pack_state(group, [base[id(p)] for p in members])
-            old = sd["param_groups"][min(gi, len(sd["param_groups"]) - 1)]
-            groups.append({**{n: v for n, v in old.items() if n != "params"}, "params": [gi], "bits": group["bits"],
-                           "sizes": group["sizes"]})
+            old = sd["param_groups"][group["origin"]]
+            groups.append({**{n: v for n, v in old.items() if n != "params"}, "params": [gi],
+                           **{n: group[n] for n in ("bits", "origin", "sizes")}})
         return {"state": new_state, "param_groups": groups}
 
     def _members(self, group: dict) -> list[torch.nn.Parameter]:
