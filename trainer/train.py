@@ -66,7 +66,7 @@ def build_run(cfg: TrainConfig, result: TrainResult, enable_bar: bool = True,
     groups = param_groups(models, cfg.model, cfg.optim.learning_rate, cfg.optim.decoder_learning_rate)
     optimizer = build_optimizer(groups, cfg.optim)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads scheduled ones
-    scaler = build_scaler(cfg.mixed_precision, device)
+    scaler = build_scaler(cfg.mixed_precision, device, bf16_grads=cfg.model.low_memory)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     state = TrainState()
     if world.main:
