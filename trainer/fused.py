@@ -126,6 +126,8 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         self.model_params = [p for g in groups for p in g["params"]]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.members: list[list[torch.nn.Parameter]] = []
+        self.attached = False
+        """Whether the parameters' .grad are views into allocated flat gradients (trainer.fused._on_grad)."""
         super().__init__(self._flat_groups(groups), defaults)
         for p in self.model_params:
             p.register_post_accumulate_grad_hook(self._on_grad)
@@ -156,8 +158,9 @@ class FusedAdamW8bit(torch.optim.Optimizer):
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
         """Backward's first gradient of a step: give every parameter its view of a fresh flat gradient."""
-        if param.grad is not None and param.grad.data_ptr() == getattr(param, "_flat_grad_ptr", None):
-            return  # already a view (the common case: one attribute test per parameter and pass)
+        if self.attached:
+            return  # every .grad is a view already (the common case: one test per parameter and pass)
+        self.attached = True
         for flat, params in zip(self.flat_params(), self.members, strict=True):
             if flat.grad is None:
                 flat.grad = torch.zeros_like(flat)
@@ -165,10 +168,11 @@ class FusedAdamW8bit(torch.optim.Optimizer):
                 view = flat.grad[offset:offset + p.numel()].view_as(p)
                 if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad)  # a gradient accumulated before the views existed
-                p.grad, p._flat_grad_ptr = view, view.data_ptr()
+                p.grad = view
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Free the flat gradients (set_to_none, the default) or zero them in place."""
+        self.attached = self.attached and not set_to_none
         for flat, params in zip(self.flat_params(), self.members, strict=True):
             if flat.grad is None:
                 continue
