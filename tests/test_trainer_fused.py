@@ -108,3 +108,17 @@ def test_low_memory_flag_checks(tmp_path):
         cfg(mp="no")
     with pytest.raises(ValueError, match="--optimizer adamw"):
         cfg(opt="adamw")
+
+
+def test_models_and_buffers_are_freed_with_the_optimizer():
+    """The gradient hooks must not tie optimizer and models into a cycle the collector cannot free."""
+    import gc
+    import weakref
+
+    m = net()
+    opt = FusedAdamW8bit(groups(m), lr=1e-3)
+    train(m, opt, 1)
+    flat = weakref.ref(opt.flat_params()[0])
+    del m, opt
+    gc.collect()
+    assert flat() is None

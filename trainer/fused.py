@@ -18,6 +18,7 @@ far smaller than a bf16 ulp still move the weights on average. Chunks keep the f
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -129,8 +130,9 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         self.attached = False
         """Whether the parameters' .grad are views into allocated flat gradients (trainer.fused._on_grad)."""
         super().__init__(self._flat_groups(groups), defaults)
-        for p in self.model_params:
-            p.register_post_accumulate_grad_hook(self._on_grad)
+        hook = weakref.WeakMethod(self._on_grad)  # a strong one would tie optimizer and models in a cycle
+        for p in self.model_params:        # that tensors' hooks keep out of the garbage collector's reach
+            p.register_post_accumulate_grad_hook(lambda param, hook=hook: hook() and hook()(param))
         device = self.model_params[0].device
         self.stochastic_rounding = stochastic_rounding
         self.rounding = torch.Generator(device=device).manual_seed(seed)
