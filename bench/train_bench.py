@@ -133,12 +133,20 @@ CASES = {
     "ours-b8-l1": dict(kind="ours", batch=8, levels=1, steps=160, resident_steps=60),
     "ours-b8-l1-compile": dict(kind="ours", batch=8, levels=1, compile=True, steps=250, resident_steps=100),
     "ours-b8-l2-compile": dict(kind="ours", batch=8, levels=2, compile=True, steps=300),
+    "ours-tutorial-unfused": dict(kind="ours", batch=1, accum=4, merge=4, fused=False, steps=120),
+    "ours-lowmem": dict(kind="ours", batch=1, accum=4, low_memory=True, steps=60),
+    "ours-lowmem-merged": dict(kind="ours", batch=1, accum=4, merge=4, low_memory=True, steps=100),
+    "fits-lowmem": dict(kind="fits", budgets=(8, 12, 24), low_memory=True),
+    "fits-default": dict(kind="fits", budgets=(8, 12, 24)),
+    "fits-lowmem-8": dict(kind="fits", budgets=(8,), low_memory=True),
     "peer-tutorial": dict(kind="peer", batch=1, accum=4, steps=50),
     "peer-b8": dict(kind="peer", batch=8, steps=100),
 }
 PRESETS = {
     "explore": ["ours-tutorial", "ours-b8-l2", "ours-b8-l1", "ours-b8"],
-    "final": ["peer-tutorial", "peer-b8", "ours-b8-l1-compile", "ours-tutorial"],
+    "final": ["peer-tutorial", "peer-b8", "ours-b8-l1-compile", "ours-tutorial", "ours-tutorial-unfused",
+              "ours-lowmem", "ours-lowmem-merged", "fits-lowmem"],
+    "memory": ["ours-lowmem", "ours-lowmem-merged", "fits-lowmem", "fits-default"],
 }
 
 
@@ -152,7 +160,8 @@ def resident_batches(loader, device, n: int = 16):
 
 
 def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, accum: int = 1, merge: int = 1,
-             levels: int | None = None, compile: bool = False, resident_steps: int = 0, skip: int = 20) -> dict:
+             levels: int | None = None, compile: bool = False, resident_steps: int = 0, skip: int = 20,
+             low_memory: bool = False, fused: bool = True, log_every: int = 5) -> dict:
     """Train with trainer.loop in this process (no validation, no export); return throughput, memory, MFU.
 
     With resident_steps, the same run then continues that many steps on 16 batches already on the GPU:
@@ -172,11 +181,11 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         output=str(out),
         data=DataConfig(shards=shards, resolution=512, train_batch_size=batch, num_workers=workers),
         model=ModelConfig(model=str(model), variant="fp16", gradient_checkpointing=True, checkpoint_levels=levels,
-                          compile=compile),
+                          compile=compile, low_memory=low_memory),
         optim=OptimConfig(learning_rate=1e-5, optimizer="adamw8bit", gradient_accumulation_steps=accum,
-                          merge_micro_batches=merge),
+                          merge_micro_batches=merge, fused_optimizer=fused),
         checkpoint=CheckpointConfig(checkpointing_steps=10**6), max_train_steps=steps, mixed_precision="fp16",
-        device="cuda", log_every=5, seed=0,
+        device="cuda", log_every=log_every, seed=0,
     )
     gc.collect()
     torch.cuda.empty_cache()
@@ -198,6 +207,7 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
     on_gpu = steady_rate(records, batch * accum, skip=steps + 10) if resident_steps else None
     res = {
         "steps": steps, "batch": batch, "accum": accum, "merge": merge, "levels": levels, "compile": compile,
+        "low_memory": low_memory, "fused": fused,
         "wall_s": round(time.perf_counter() - t0, 1), "samples_per_s": round(rate, 2),
         "resident_samples_per_s": round(on_gpu, 2) if on_gpu else None,
         "loader_vs_resident": round(rate / on_gpu, 3) if on_gpu else None,
@@ -209,6 +219,44 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
     }
     del run
     return res
+
+
+def peak_at(model: Path, shards: str, workers: int, batch: int, low_memory: bool) -> float:
+    """Peak allocated GiB of a short run at micro-batch `batch` (accumulation 1); inf when it runs out."""
+    import torch
+
+    r = run_ours(model, shards, workers, batch, steps=3, skip=0, low_memory=low_memory, log_every=1)
+    torch.cuda.empty_cache()
+    return r["peak_allocated_gib"]
+
+
+def largest_batches(model: Path, shards: str, workers: int, budgets, low_memory: bool = False) -> dict:
+    """The largest micro-batch whose measured peak allocated memory stays within each budget (GiB).
+
+    Doubling, then bisection, every candidate measured with a 3-step run (peaks are deterministic).
+    """
+    import torch
+
+    peaks: dict[int, float] = {}
+
+    def fits(b: int, budget: float) -> bool:
+        if b not in peaks:
+            try:
+                peaks[b] = peak_at(model, shards, workers, b, low_memory)
+            except torch.OutOfMemoryError:  # more than the card itself: does not fit
+                peaks[b] = float("inf")
+        return peaks[b] <= budget
+
+    found = {}
+    for budget in budgets:
+        lo, hi = 0, 1
+        while fits(hi, budget) and hi <= 512:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid, budget) else (lo, mid)
+        found[f"{budget}"] = lo
+    return {"low_memory": low_memory, "largest_batch": found, "peaks_gib": {str(b): p for b, p in sorted(peaks.items())}}
 
 
 PEER_WRAPPER = """import atexit, json, runpy, sys, torch
@@ -333,7 +381,7 @@ def gpu_name() -> str:
 
 def setting_of(name: str) -> str:
     """'tutorial' or 'b8' from a case name."""
-    return "tutorial" if "tutorial" in name else "b8"
+    return "tutorial" if "tutorial" in name or "lowmem" in name else "b8"  # lowmem: batch 1 x 4 too
 
 
 def ours_flags(r: dict) -> str:
@@ -342,6 +390,8 @@ def ours_flags(r: dict) -> str:
     flags += f" --merge-micro-batches {r['merge']}" if r.get("merge", 1) > 1 else ""
     flags += f" --checkpoint-levels {r['levels']}" if r.get("levels") is not None else ""
     flags += " --compile" if r.get("compile") else ""
+    flags += " --low-memory" if r.get("low_memory") else ""
+    flags += " --no-fused-optimizer" if r.get("fused") is False else ""
     return flags
 
 
@@ -365,6 +415,8 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
+        if name.startswith("fits"):
+            continue
         if "error" in r:
             lines.append(f"| {setting_of(name)} | {name}: failed `{r['error'].strip().splitlines()[-1][:120]}` "
                          "| | | | | |")
@@ -383,14 +435,28 @@ def markdown(res: dict) -> str:
                 else "n/a"
         lines.append(f"| {setting_of(name)} | {what} | {r['samples_per_s']} | {ratio} | "
                      f"{r.get('peak_allocated_gib', 'n/a')} GiB | {r.get('peak_reserved_gib', 'n/a')} GiB | {mfu} |")
+    lines += fits_lines(runs)
     lines += ["", "Data loading against batches already on the GPU (the same run continued on 16 resident batches):"]
     lines += [f"- {n}: loader {r['samples_per_s']} samples/s, resident {r['resident_samples_per_s']}: "
               f"**{r['loader_vs_resident']:.1%}**" for n, r in runs.items() if r.get("loader_vs_resident")]
     lines += ["", "Reproduce on your own GPU: put diffusers' `examples/controlnet/train_controlnet.py` at "
-              f"`{PEER_SCRIPT}`, then `python -m bench.train_bench --cases final` (about 10 minutes; "
-              "`--cases explore` runs the eager variants)."]
+              f"`{PEER_SCRIPT}`, then `python -m bench.train_bench --cases final` (about 15 minutes; "
+              "`--cases explore` runs the eager variants, `--cases memory` the `--low-memory` rows and the "
+              "largest-batch search)."]
     lines += [""] + [f"- {n}" for n in res.get("notes", [])] if res.get("notes") else []
     return "\n".join(lines)
+
+
+def fits_lines(runs: dict) -> list[str]:
+    """The largest-batch search results: budget -> largest micro-batch, with the measured peaks."""
+    out = []
+    for name, r in runs.items():
+        if name.startswith("fits") and "largest_batch" in r:
+            what = "`--low-memory`" if r["low_memory"] else "default flags (fp16, full checkpointing)"
+            fit = ", ".join(f"{b} GiB: **{n}**" for b, n in r["largest_batch"].items())
+            peaks = ", ".join(f"{b}: {p} GiB" for b, p in r["peaks_gib"].items())
+            out += ["", f"Largest micro-batch within a peak-allocated budget, {what}: {fit} (measured peaks by batch: {peaks})."]
+    return out
 
 
 def save(res: dict) -> None:
@@ -424,10 +490,12 @@ def setup(n_shards: int, workers: int) -> tuple[Path, str, str, Path]:
 def run_case(name: str, model: Path, pre: str, peer_data: Path, workers: int, scale: float) -> dict:
     """One named case of CASES."""
     spec = dict(CASES[name])
-    kind, steps = spec.pop("kind"), max(30, int(spec.pop("steps") * scale))
+    kind, steps = spec.pop("kind"), max(30, int(spec.pop("steps", 30) * scale))
     try:
         if kind == "peer":
             return run_peer(model, peer_data, workers, steps=steps, **spec)
+        if kind == "fits":
+            return largest_batches(model, pre, workers, **spec)
         return run_ours(model, pre, workers, steps=steps, **spec)
     except Exception as e:  # noqa: BLE001 - one failing case (out of memory, say) must not lose the rest
         return {"error": f"{type(e).__name__}: {e}"}

@@ -17,8 +17,10 @@ def test_optimizers():
     """adamw8bit is bitsandbytes' AdamW8bit, adamw PyTorch's; both take parameter groups with own lrs."""
     p, q = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(8))
     groups = [{"params": [p], "lr": 1e-3}, {"params": [q], "lr": 1e-4}]
-    eight = build_optimizer(groups, OptimConfig(optimizer="adamw8bit"))
+    eight = build_optimizer(groups, OptimConfig(optimizer="adamw8bit", fused_optimizer=False))
     assert type(eight).__name__ == "AdamW8bit" and [g["lr"] for g in eight.param_groups] == [1e-3, 1e-4]
+    fused = build_optimizer(groups, OptimConfig(optimizer="adamw8bit"))  # the default: trainer.fused
+    assert type(fused).__name__ == "FusedAdamW8bit" and [g["lr"] for g in fused.param_groups] == [1e-3, 1e-4]
     plain = build_optimizer([{"params": [p]}], OptimConfig(optimizer="adamw", learning_rate=2e-5))
     assert isinstance(plain, torch.optim.AdamW) and plain.param_groups[0]["lr"] == 2e-5
     assert OptimConfig(learning_rate=1e-5).decoder_learning_rate == pytest.approx(1e-6)

@@ -87,8 +87,21 @@ class ModelConfig:
     (where activations are largest; SD 1.5 has 4 levels), keep the rest; default: every level."""
     compile: bool = False
     """torch.compile the ControlNet and the UNet (minutes of compiling at start; pays on long CUDA runs)."""
+    low_memory: bool = False
+    """The 4.5 GiB setting (SD 1.5 fits a 6 GB card): trainable weights and gradients in bf16 (no fp32
+    copy, no autocast), the fused 8-bit AdamW with stochastically rounded bf16 updates, everything
+    checkpointed, precomputed shards on CUDA (no VAE/text encoder on the GPU). Implies bf16."""
 
     def __post_init__(self) -> None:
+        if self.low_memory:
+            defeats = [flag for flag, bad in (
+                ("--no-gradient-checkpointing", not self.gradient_checkpointing),
+                ("--no-gradient-checkpointing-unet", not self.gradient_checkpointing_unet),
+                ("--checkpoint-levels", self.checkpoint_levels is not None),
+                ("--unlock-decoder", self.unlock_decoder)) if bad]
+            if defeats:
+                raise ValueError(f"--low-memory cannot be combined with {', '.join(defeats)}: it keeps more "
+                                 "activations or trains more weights than 4.5 GiB hold; drop them or --low-memory")
         if self.checkpoint_levels is not None and self.checkpoint_levels < 0:
             raise ValueError("--checkpoint-levels must be 0 or more")
         if not self.model:
@@ -131,6 +144,9 @@ class OptimConfig:
     """Shape after warmup: constant, constant_with_warmup (same), linear (to 0) or cosine (to 0)."""
     lr_warmup_steps: int = field(default=0, metadata=opt("--lr-warmup-steps", "--lr_warmup_steps"))
     """Optimizer steps of linear warmup from 0 to the peak learning rate."""
+    fused_optimizer: bool = True
+    """With adamw8bit: the weights in one flat buffer and bitsandbytes' 8-bit kernel called once over it
+    (trainer.fused; same math, no per-tensor launches and syncs); off: bitsandbytes' AdamW8bit per tensor."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -232,6 +248,7 @@ class TrainConfig:
     """Show a progress bar (logs are written either way)."""
 
     def __post_init__(self) -> None:
+        self._check_low_memory()
         if not self.output:
             raise ValueError("no output folder given: pass --output DIR")
         check_choices(self)
@@ -241,6 +258,17 @@ class TrainConfig:
             raise ValueError("--max-train-steps must be at least 1")
         if self.log_every < 1:
             raise ValueError("--log-every must be at least 1")
+
+    def _check_low_memory(self) -> None:
+        """--low-memory trains in bf16 with the fused 8-bit optimizer; flags that undo that are an error."""
+        if not self.model.low_memory:
+            return
+        if self.mixed_precision == "no":
+            raise ValueError("--low-memory trains bf16 weights: drop --mixed-precision no (or drop --low-memory)")
+        if self.optim.optimizer != "adamw8bit" or not self.optim.fused_optimizer:
+            raise ValueError("--low-memory needs --optimizer adamw8bit with --fused-optimizer (8-bit states and "
+                             "stochastically rounded bf16 updates); drop --optimizer adamw / --no-fused-optimizer")
+        self.mixed_precision = "bf16"  # fp16 weights would need loss scaling and fp32 master copies
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-serialisable) of the resolved configuration."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ class Run:
 
     def autocast(self):
         """Autocast to the low-precision dtype; nothing in fp32 runs."""
+        if self.cfg.model.low_memory:  # --low-memory: weights and inputs are bf16 already, no casts
+            return contextlib.nullcontext()
         return autocast(self.device, self.weight_dtype)
 
 
@@ -153,8 +156,7 @@ def count_flops(run: Run, batch: dict, merge: int) -> float:
             loss = step_loss(run.models, run.objective, to_device(one, run.device), gen,
                              run.cfg.model.only_mid_control)  # run.models: never the DDP wrappers
         loss.backward()
-    for p in run.params:
-        p.grad = None
+    run.optimizer.zero_grad(set_to_none=True)  # the fused optimizer zeroes in place (its grads are views)
     return float(counter.get_total_flops())
 
 

@@ -113,7 +113,7 @@ def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype
         if not (precomputed and m is models.text_encoder):
             place(m, device, weight_dtype)
         m.eval()
-    place(models.controlnet, device, torch.float32)
+    place(models.controlnet, device, weight_dtype if cfg.low_memory else torch.float32)  # low: bf16, no fp32 copy
     models.controlnet.train()
     models.controlnet.requires_grad_(True)
     if cfg.unlock_decoder:

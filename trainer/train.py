@@ -17,7 +17,7 @@ from trainer.loop import Run, StopSignal, effective_batch, train_loop
 from trainer.metrics import RunLog, SilentLog, measure_matmul_flops
 from trainer.models import DTYPES, Models, load_models, param_groups
 from trainer.objective import Objective
-from trainer.optim import build_optimizer, build_scaler
+from trainer.optim import build_optimizer, build_scaler, grad_params
 from trainer.schedule import Checkpointer, Validator
 
 
@@ -56,9 +56,13 @@ def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = N
     models = load_models(cfg.model, device, weight_dtype, precomputed=meta is not None)
     if meta is not None:
         check_precomputed(meta, models, cfg.model.model)
+    elif cfg.model.low_memory and device.type == "cuda":
+        raise ValueError("--low-memory needs precomputed shards (no VAE or text encoder on the GPU): run "
+                         "`python -m trainer precompute --shards ... --model ... --output DIR` and train on DIR")
     groups = param_groups(models, cfg.model, cfg.optim.learning_rate, cfg.optim.decoder_learning_rate)
     optimizer = build_optimizer(groups, cfg.optim)
-    scaler = build_scaler(cfg.mixed_precision, device)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads scheduled ones
+    scaler = build_scaler(cfg.mixed_precision, device, bf16_grads=cfg.model.low_memory)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     checkpoints = Checkpointer.of(cfg)
     state = checkpoints.resume(cfg, world, models, optimizer, scaler, generator)
@@ -71,7 +75,7 @@ def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = N
     return Run(
         cfg=cfg, models=models, objective=Objective(models.noise_scheduler), optimizer=optimizer, scaler=scaler,
         generator=generator, loader=loader, state=state, log=log, device=device, weight_dtype=weight_dtype,
-        params=[p for g in groups for p in g["params"]], base_lrs=[g["lr"] for g in groups],
+        params=grad_params(optimizer, groups), base_lrs=base_lrs,
         checkpoints=checkpoints, validation=Validator.of(cfg),
         step_models=compiled(step_models) if cfg.model.compile else (step_models if world.size > 1 else None),
         peak_flops=measure_matmul_flops(device), world=world, stream=loader.dataset,
