@@ -403,8 +403,8 @@ def markdown(res: dict) -> str:
         "## train: ours vs diffusers' train_controlnet.py, full SD 1.5 architecture (`make bench-train`)",
         "",
         f"Card: **{res['gpu']}**; torch {res['torch']}, diffusers {res['diffusers']}, bitsandbytes {res['bnb']}; "
-        f"measured fp16 matmul rate {res['peak_tflops']:.0f} TFLOP/s (the MFU denominator). All rows from one "
-        "process run on one card: 512x512, fp16 autocast + GradScaler, 8-bit AdamW, gradient checkpointing, "
+        f"measured fp16 matmul rate {res['peak_tflops']:.0f} TFLOP/s (the MFU denominator). "
+        f"{res.get('runs_note', 'All rows from one process run on one card.')} 512x512, fp16 autocast + GradScaler, 8-bit AdamW, gradient checkpointing, "
         "random weights from the published SD 1.5 configs, the same 320 samples (ours: shards precomputed "
         f"with `python -m trainer precompute`; diffusers: the same images as a parquet dataset), {res['workers']} "
         "DataLoader workers. Samples/s exclude warm-up (first 20 steps for ours, 10 for diffusers; compiling "
