@@ -36,9 +36,10 @@ def shards_parser(sub) -> None:
     g = p.add_argument_group("work")
     _opt(g, "--workers", "--processes-count", type=int, default=r.workers, help="shard tasks at once (cores)")
     _opt(g, "--shard-size", "--number-sample-per-shard", type=int, default=r.shard_size, help="input rows per shard")
-    _opt(g, "--ray-address", default=None, help="join this Ray cluster ('auto' or host:port); default: local Ray")
-    _opt(g, "--runner", choices=["ray", "local", "processes"], default=r.runner,
-         help="'processes': worker processes of this machine, no Ray start; 'local': threads of this process (one machine)")
+    _opt(g, "--ray-address", default=None, help="join this Ray cluster ('auto' or host:port) and run the shards there")
+    _opt(g, "--runner", choices=["ray", "local", "processes"], default=None,
+         help="'processes' (default on one machine): worker processes, no Ray start; 'ray' (default with "
+              "--ray-address): Ray tasks, a local Ray without an address; 'local': threads of this process")
     _opt(g, "--shard-retries", type=int, default=r.max_retries, help="resubmissions of a shard whose task died")
     _opt(g, "--url-col", default=None, help="URL column (default: URL/url, any case)")
     _opt(g, "--caption-col", default=None, help="caption column (default: TEXT/caption, any case)")

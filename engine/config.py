@@ -157,10 +157,11 @@ class EngineConfig:
     workers: int = field(default_factory=usable_cores)
     """Shard tasks running at once (img2dataset's --processes_count)."""
     ray_address: str | None = None
-    """Join this Ray cluster ('auto' or host:port); default starts a local Ray."""
-    runner: str = "ray"
-    """'ray' (default), 'processes' (worker processes of this machine, no Ray: less fixed cost) or
-    'local' (threads of this process, one GIL)."""
+    """Join this Ray cluster ('auto' or host:port) and run the shards there (runner 'ray')."""
+    runner: str | None = None
+    """'processes' (worker processes of this machine, no Ray: the default without --ray-address),
+    'ray' (Ray tasks: the default with --ray-address; a local Ray without one) or 'local' (threads
+    of this process, one GIL). None picks the default."""
     max_retries: int = 2
     """Times the driver resubmits a shard whose task died (the task itself never raises)."""
     url_col: str | None = None
@@ -188,8 +189,12 @@ class EngineConfig:
             raise ValueError("--near-distance must be within 0..16 (0 keeps exact duplicates out only)")
         if self.dedup.index_shards < 1:
             raise ValueError("--index-shards must be at least 1")
+        if self.runner is None:  # frozen: the default is settled here, once, so every reader sees it
+            object.__setattr__(self, "runner", "ray" if self.ray_address else "processes")
         if self.runner not in ("ray", "local", "processes"):
             raise ValueError("--runner must be 'ray', 'processes' or 'local'")
+        if self.ray_address and self.runner != "ray":
+            raise ValueError(f"--ray-address runs the shards on Ray: drop --runner {self.runner} or give --runner ray")
 
     def to_dict(self) -> dict:
         """Plain dict for stats.json and logs."""
