@@ -16,21 +16,16 @@ import multiprocessing as mp
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING
 
 from . import dedup as D
 from .config import EngineConfig
 from .plan import Shard
-from .write import shard_name
-
-if TYPE_CHECKING:  # not imported for real: pipeline imports Ray, which no worker needs
-    from .pipeline import Progress
+from .runners import Progress, driver_client, driver_index, settle
 
 PRELOAD = ["engine.procs", "engine.shard"]  # imported once by the fork server; every worker forks with it loaded
 STOP_GRACE_S = 5.0  # seconds a worker has to leave after the run's last shard before it is killed
@@ -73,8 +68,7 @@ class ProcessRunner:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.index = [D.DedupShard(cfg.dedup.near_distance) for _ in range(cfg.dedup.index_shards)] \
-            if cfg.dedup.enabled else []
+        self.index = driver_index(cfg)
         self.workers: list[Worker] = []
 
     def __enter__(self):
@@ -86,7 +80,7 @@ class ProcessRunner:
 
     def client(self) -> D.DedupClient | None:
         """The dedup index as plain objects of the driver (the resume rebuild loads it here)."""
-        return D.DedupClient(self.index, lambda s, m, *a: getattr(s, m)(*a)) if self.index else None
+        return driver_client(self.index)
 
     def _stop(self, grace: float) -> None:
         """End every worker (killed at once when grace is 0), before the driver tidies .tmp files."""
@@ -148,7 +142,7 @@ class ProcessRunner:
                 code = w.proc.exitcode
                 why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 self._finish(job, {"shard": job[0].shard_id, "ok": False,
-                                   "error": f"worker process died ({why})"}, on_done, todo)
+                                   "error": f"worker process died ({why})"}, progress, on_done, todo)
 
     def _answer(self, w: Worker, msg: tuple, progress: Progress, on_done: Callable[[dict], None],
                 todo: deque) -> None:
@@ -161,20 +155,17 @@ class ProcessRunner:
             except Exception as exc:  # noqa: BLE001 -- the worker's shard fails with it, the driver lives
                 w.conn.send(("error", f"{type(exc).__name__}: {exc}"))
         elif kind == "progress":
-            progress.add(msg[1], msg[2])
+            progress.add(msg[1], msg[2], w.job[0].shard_id, w.job[1])
         elif kind == "done":
             job, w.job = w.job, None
-            self._finish(job, msg[1], on_done, todo)
+            self._finish(job, msg[1], progress, on_done, todo)
 
-    def _finish(self, job: tuple[Shard, int], status: dict, on_done: Callable[[dict], None], todo: deque) -> None:
-        """A shard's status: retried while attempts remain (like the Ray runner), else handed on."""
-        shard, attempt = job
-        if not status["ok"] and attempt <= self.cfg.max_retries:
-            print(f"shard {shard_name(shard.shard_id)} attempt {attempt} failed "
-                  f"({status.get('error', '')[:200]}); retrying", file=sys.stderr)
-            todo.appendleft((shard, attempt + 1))
-        else:
-            on_done(status)
+    def _finish(self, job: tuple[Shard, int], status: dict, progress: Progress, on_done: Callable[[dict], None],
+                todo: deque) -> None:
+        """A shard's status: `settle` retries it first in line, or hands it on."""
+        again = settle(self.cfg, job[0], job[1], status, progress, on_done)
+        if again:
+            todo.appendleft((job[0], again))
 
 
 class DriverError(RuntimeError):
