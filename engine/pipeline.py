@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import card
+from . import card, prestart
 from . import dedup as D
 from . import fingerprint as F
 from . import outcomes as O
@@ -168,6 +168,8 @@ def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> di
     """Make (or finish) the shards of `cfg`; returns and writes the run's stats.json."""
     # Absolute before the config travels: a Ray worker's working folder is not the driver's.
     # Inputs and --local-root are read by workers too (lists, image files), so they go absolute as well.
+    if cfg.runner == "processes":  # the fork server imports the shard stages while this process plans
+        prestart.start()
     cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output),
                               inputs=tuple(os.path.abspath(p) for p in cfg.inputs),
                               local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
@@ -225,7 +227,8 @@ def _run(cfg: EngineConfig, out: Path, on_shard: Callable[[dict], None] | None) 
     start = time.monotonic()
     try:
         with make_runner(cfg) as runner:
-            rebuild_index(runner.client(), out, dict(done))
+            if done:  # asked only then: the process runner builds its index while the run starts
+                rebuild_index(runner.client(), out, dict(done))
             runner.run(todo, progress, finished)
     finally:
         progress.close()

@@ -12,7 +12,6 @@ killed when the driver stops, and end themselves if the driver disappears.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -20,22 +19,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait
 
 from . import dedup as D
 from .config import EngineConfig
 from .plan import Shard
+from .prestart import context
 from .runners import Progress, driver_client, driver_index, settle
 
-PRELOAD = ["engine.procs", "engine.shard"]  # imported once by the fork server; every worker forks with it loaded
 STOP_GRACE_S = 5.0  # seconds a worker has to leave after the run's last shard before it is killed
-
-
-def _context():
-    """The forkserver context with the shard stages preloaded (never fork: the driver has threads)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
 
 
 class Worker:
@@ -68,8 +61,17 @@ class ProcessRunner:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.index = driver_index(cfg)
+        # Built on a thread: loading the index's Numba kernels (~0.5-1 CPU-s) overlaps with planning
+        # and the first worker's start; the first dedup call or the resume rebuild waits for it.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="dedup-index")
+        self._index = pool.submit(driver_index, cfg)
+        pool.shutdown(wait=False)
         self.workers: list[Worker] = []
+
+    @property
+    def index(self) -> list[D.DedupShard]:
+        """The driver's dedup index objects, once built."""
+        return self._index.result()
 
     def __enter__(self):
         return self
@@ -90,7 +92,7 @@ class ProcessRunner:
 
     def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
         """Keep every worker busy with one shard until each shard has a status; failed ones retried."""
-        ctx = _context()
+        ctx = context()
         todo: deque[tuple[Shard, int]] = deque()
         shards = iter(shards)
         try:
