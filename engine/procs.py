@@ -179,6 +179,7 @@ def _worker_main(conn, cfg: EngineConfig, driver_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the driver decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_driver(driver_pid)
+    _LIBC.limit_arenas()
     from .shard import process_shard
 
     lock = threading.Lock()  # one request and its answer at a time on the pipe
@@ -199,9 +200,51 @@ def _worker_main(conn, cfg: EngineConfig, driver_pid: int) -> None:
     client = D.DedupClient(range(n), ask, parallel=False) if n else None
     origin = {"host": socket.gethostname(), "pid": os.getpid()}
     while (shard := _next(conn)) is not None:
+        _reset_peak_rss()
         status = process_shard(shard, cfg, client.claim if client else None, report, origin)
+        _LIBC.release()
         with lock:
             conn.send(("done", status))
+
+
+class _Glibc:
+    """glibc's malloc knobs, where there is glibc: a worker's memory stays flat from shard to shard.
+
+    Each shard starts new threads (its CPU and I/O pools, the event loop's resolver), and glibc
+    gives new threads their own malloc arenas (up to 8 per core), each keeping what was freed in
+    it: measured on 2,000 local photos, 100-row shards, one worker, a shard's peak RSS rose from
+    206 to 452 MB over the first ten shards, then stayed there."""
+
+    M_ARENA_MAX = -8
+
+    def __init__(self):
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            self.libc = None
+
+    def limit_arenas(self, n: int = 2) -> None:
+        """At most `n` malloc arenas for this process's threads."""
+        if self.libc is not None:
+            self.libc.mallopt(self.M_ARENA_MAX, n)
+
+    def release(self) -> None:
+        """Hand memory freed by the last shard back to the system (every arena, not only the top)."""
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+
+_LIBC = _Glibc()
+
+
+def _reset_peak_rss() -> None:
+    """Start this process's peak RSS afresh (Linux), so each shard's stats give that shard's own
+    peak rather than the largest of every shard this worker ran before."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the stats keep the peak over the worker's life
 
 
 def _next(conn) -> Shard | None:
