@@ -403,7 +403,7 @@ def stage_table(records: dict) -> list[str]:
     if not with_stages:
         return []
     lines = ["", "Engine CPU-ms per written image by stage (thread CPU time, summed over the shards' stats):", "",
-             "| machine | " + " | ".join(STAGE_NAMES.values()) + " | fixed cost per run, s (engine Ray / engine"
+             "| machine | " + " | ".join(STAGE_NAMES.values()) + " | fixed cost per run, s (engine / engine"
              " local / img2dataset) |", "|---" * (len(STAGE_NAMES) + 2) + "|"]
     for r in with_stages:
         st, fx = r["engine"]["stages"], r.get("fixed", {})

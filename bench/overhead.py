@@ -1,6 +1,6 @@
 """Whole-process-tree CPU seconds and wall seconds of small engine runs (issue 10's overhead).
 
-    python -m bench.overhead [--n 300] [--workers 2] [--repeat 2] [--runner ray processes local] [-- ENGINE ARGS]
+    python -m bench.overhead [--n 300] [--workers 2] [--repeat 2] [--runner processes ray local] [-- ENGINE ARGS]
 
 Runs `python -m engine shards` on the first N rows of bench.engine_bench's cached corpus served on
 loopback, and on a 1-row list (fixed cost, less a bare `python -c pass`); prints CPU and wall."""
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard-size", type=int, default=75)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--runner", nargs="+", default=["ray", "local"])
+    ap.add_argument("--runner", nargs="+", default=["processes", "ray", "local"])
     ap.add_argument("engine_args", nargs="*")
     a = ap.parse_args(argv)
     folder = EB.cached_corpus(2000, 0)

@@ -56,9 +56,13 @@ def summary(stats: dict) -> str:
 
 def run_shards(a: argparse.Namespace) -> int:
     """`shards`: run the pipeline, print the summary; exit 1 while rows are pending."""
+    cfg = config_from_args(a)
+    if cfg.runner == "processes":  # first thing: the fork server's imports overlap with the driver's
+        from .prestart import start
+
+        start()
     from .pipeline import PENDING, run
 
-    cfg = config_from_args(a)
     print(f"engine: {len(cfg.inputs)} input(s) -> {cfg.output} ({cfg.workers} workers, runner {cfg.runner})",
           file=sys.stderr)
     try:

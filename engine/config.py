@@ -171,10 +171,11 @@ class EngineConfig:
     workers: int = field(default_factory=usable_cores, metadata=opt("--workers", "--processes-count"))
     """Shard tasks running at once (img2dataset's --processes_count)."""
     ray_address: str | None = None
-    """Join this Ray cluster ('auto' or host:port); default starts a local Ray."""
-    runner: str = field(default="ray", metadata=opt(choices=("ray", "local", "processes")))
-    """'ray' (default), 'processes' (worker processes of this machine, no Ray: less fixed cost) or
-    'local' (threads of this process, one GIL)."""
+    """Join this Ray cluster ('auto' or host:port) and run the shards there (runner 'ray')."""
+    runner: str | None = field(default=None, metadata=opt(choices=("ray", "local", "processes")))
+    """'processes' (worker processes of this machine, no Ray: the default without --ray-address),
+    'ray' (Ray tasks: the default with --ray-address; a local Ray without one) or 'local' (threads
+    of this process, one GIL). None picks the default."""
     max_retries: int = field(default=2, metadata=opt("--shard-retries"))
     """Times the driver resubmits a shard whose task died (the task itself never raises)."""
     url_col: str | None = None
@@ -203,7 +204,11 @@ class EngineConfig:
             raise ValueError("--shard-size must be within 1..10,000,000")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if self.runner is None:  # frozen: the default is settled here, once, so every reader sees it
+            object.__setattr__(self, "runner", "ray" if self.ray_address else "processes")
         check_choices(self)
+        if self.ray_address and self.runner != "ray":
+            raise ValueError(f"--ray-address runs the shards on Ray: drop --runner {self.runner} or give --runner ray")
         if self.s3_endpoint and not any(str(p).startswith(("s3://", "gs://", "gcs://")) for p in (self.output, *self.inputs)):
             raise ValueError("--s3-endpoint is for an object store --output or INPUT (s3://bucket/prefix); drop it or give one")
 

@@ -12,10 +12,13 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from . import outcomes as O
-from .fetch import FetchResult
+
+if TYPE_CHECKING:  # imported in read(): the driver plans through this module and needs no aiohttp
+    from .fetch import FetchResult
 
 PLACEHOLDER_URL = "http://local.file/"
 """What plan.prefilter sees instead of a local path (its URL check knows only http(s))."""
@@ -53,6 +56,8 @@ def resolve(url: str, roots: tuple[str, ...]) -> Path:
 
 def read(url: str, roots: tuple[str, ...], max_bytes: int) -> FetchResult:
     """A file's bytes as a FetchResult (the shape fetch() returns), or the outcome that explains why not."""
+    from .fetch import FetchResult
+
     start = time.monotonic()
     result = FetchResult(url=url, attempts=1)
     try:

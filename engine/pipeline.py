@@ -1,9 +1,10 @@
-"""Pipeline: the driver. Plans shards, runs them on Ray (or in-process), resumes, totals.
+"""Pipeline: the driver. Plans shards, hands them to a runner, resumes, totals.
 
-Only this module knows about Ray. `LocalRunner` has the same shape as `RayRunner`, so the stages
-and end-to-end tests run without a cluster too. A shard is done when its stats file exists and
-agrees with its tar and parquet; a rerun of the same command skips done shards and redoes the
-rest, after checking (engine/fingerprint.py) that it is the same run: same settings, same inputs.
+Runners (same interface): `processes` (procs.py, the default on one machine), `ray` (rayrun.py,
+the default with --ray-address; the only module that imports Ray, loaded only then) and `local`
+(runners.py, threads of this process). A shard is done when its stats file exists and agrees with
+its tar and parquet; a rerun of the same command skips done shards and redoes the rest, after
+checking (engine/fingerprint.py) that it is the same run: same settings, same inputs.
 """
 
 from __future__ import annotations
@@ -11,329 +12,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
-import sys
-import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
-from pathlib import Path
+from collections.abc import Callable
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from . import card
+from . import card, prestart
 from . import dedup as D
 from . import fingerprint as F
 from . import outcomes as O
 from . import storage as S
 from .config import EngineConfig
-from .counter import ProgressCounter
-from .plan import Shard, iter_shards
+from .plan import iter_shards
+from .runners import LocalRunner, Progress
 from .storage import OutputError, lock_output, usable_output  # noqa: F401 -- moved there, still importable here
 from .write import shard_name, tar_problem
 
 PENDING = "pending"  # rows of shards that are not complete (failed or interrupted): rerun to finish
-TOKEN_FILE = ".driver-token"  # this run's random token: a task writes only where it finds it (same folder)
-PROBE_TIMEOUT = 300.0  # seconds for every node to answer the shared-folder check (runtime_env setup included)
-
-
-class Progress:
-    """Rows finished and samples written, as the live bar and the final summary see them."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        from tqdm import tqdm
-
-        self.start, self.rows, self.written = time.monotonic(), 0, 0
-        self.bar = tqdm(total=total, initial=initial, unit="row", dynamic_ncols=True, disable=not enabled,
-                        smoothing=0.1, file=sys.stderr)
-
-    def add(self, rows: int, written: int) -> None:
-        """Count finished rows and written samples."""
-        self.rows += rows
-        self.written += written
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        self.bar.update(rows)
-        self.bar.set_postfix_str(
-            f"{self.written / elapsed:.1f} img/s, ok {100 * self.written / max(self.rows, 1):.0f}%", refresh=False)
-
-    def close(self) -> None:
-        """Stop drawing."""
-        self.bar.close()
-
-
-class LocalRunner:
-    """Runs shards on threads of this process (no Ray start: ~2 s less fixed cost); same interface
-    as RayRunner."""
-
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
-        self.index = [D.DedupShard(cfg.dedup.near_distance) for _ in range(cfg.dedup.index_shards)] \
-            if cfg.dedup.enabled else []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def client(self) -> D.DedupClient | None:
-        """The dedup index as plain objects."""
-        return D.DedupClient(self.index, D.direct_call) if self.index else None
-
-    def attempts(self, shard: Shard, claim, report) -> dict:
-        """One shard, retried up to `max_retries` times like the Ray runner's; the last status."""
-        from .shard import process_shard  # here, not at the top: the Ray driver never needs it
-
-        for _ in range(self.cfg.max_retries + 1):
-            status = process_shard(shard, self.cfg, claim, report, {"host": socket.gethostname()})
-            if status["ok"]:
-                break
-        return status
-
-    def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
-        """Process `workers` shards at once on threads of this process (the CPU stages release the
-        GIL), a failed one up to `max_retries` more times; statuses go to `on_done` on this thread."""
-        client = self.client()
-        claim = client.claim if client else None
-        lock = threading.Lock()
-
-        def report(rows: int, written: int) -> None:
-            with lock:
-                progress.add(rows, written)
-
-        with ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="shard") as pool:
-            running: set = set()
-            for shard in shards:
-                if len(running) >= self.cfg.workers:
-                    done, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        on_done(future.result())
-                running.add(pool.submit(self.attempts, shard, claim, report))
-            for future in as_completed(running):
-                on_done(future.result())
-
-
-class RayRunner:
-    """One Ray task per shard, a bounded number in flight, failed tasks retried by the driver.
-
-    On a cluster (`--ray-address`) the tasks run on any node and write straight into --output, so
-    every node must see that folder at the same path (a shared filesystem): a node that does not
-    is named before any shard starts. The dedup index and progress actors live on the driver's
-    node, whose loss ends the run anyway; a worker node lost mid-run only fails its shards, which
-    are retried elsewhere or left pending for a rerun."""
-
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
-        self.token = uuid.uuid4().hex
-
-    def __enter__(self):
-        if not ray.is_initialized():
-            join_check(self.cfg.ray_address)
-            try:
-                ray.init(include_dashboard=False, log_to_driver=True, logging_level="ERROR",
-                         **ray_init_args(self.cfg))
-            except ConnectionError as exc:  # an OSError, which the CLI would blame on the disk
-                raise RuntimeError(f"--ray-address {self.cfg.ray_address}: {exc}") from None
-            self.owns_ray = True
-        else:
-            self.owns_ray = False
-        here = driver_node()
-        # Threaded actors: searches run in parallel; the shard's own lock keeps claims atomic.
-        # The first index shard also counts progress: every actor is a process of its own.
-        self.index = [ray.remote(IndexAndCounter if i == 0 else D.DedupShard)
-                      .options(num_cpus=0, max_concurrency=8, scheduling_strategy=here)
-                      .remote(self.cfg.dedup.near_distance)
-                      for i in range(self.cfg.dedup.index_shards)] if self.cfg.dedup.enabled else []
-        self.progress_actor = self.index[0] if self.index else \
-            ray.remote(ProgressCounter).options(num_cpus=0, scheduling_strategy=here).remote()
-        try:
-            write_token(S.store_of(self.cfg), self.token)
-            check_shared_output(S.store_of(self.cfg), self.token)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        S.store_of(self.cfg).delete(TOKEN_FILE)
-        if self.owns_ray:
-            ray.shutdown()
-        return False
-
-    def client(self) -> D.DedupClient | None:
-        """The dedup index as Ray actors (the client travels into every task)."""
-        return D.DedupClient(self.index, _ray_call) if self.index else None
-
-    def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
-        """Keep `workers` tasks (plus a small queue) in flight until every shard has a status."""
-        task = ray.remote(_shard_task).options(num_cpus=1, max_retries=0)
-        in_flight: dict = {}
-        limit = self.cfg.workers + max(1, self.cfg.workers // 4)
-        shards = iter(shards)
-        exhausted = False
-        client = self.client()
-
-        def submit(shard: Shard, attempt: int) -> None:
-            in_flight[task.remote(shard, self.cfg, client, self.progress_actor, self.token)] = (shard, attempt)
-
-        try:
-            while in_flight or not exhausted:
-                while not exhausted and len(in_flight) < limit:
-                    shard = next(shards, None)
-                    if shard is None:
-                        exhausted = True
-                        break
-                    submit(shard, 1)
-                if not in_flight:
-                    break
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
-                progress.add(*ray.get(self.progress_actor.take.remote()))
-                for ref in ready:
-                    shard, attempt = in_flight.pop(ref)
-                    status = _result(ref, shard)
-                    if not status["ok"] and attempt <= self.cfg.max_retries:
-                        print(f"shard {shard_name(shard.shard_id)} attempt {attempt} failed "
-                              f"({status.get('error', '')[:200]}); retrying", file=sys.stderr)
-                        submit(shard, attempt + 1)
-                    else:
-                        on_done(status)
-            progress.add(*ray.get(self.progress_actor.take.remote()))
-        except BaseException:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
-            raise
-
-
-def join_check(address: str | None) -> None:
-    """Refuse at once a --ray-address host:port where nothing listens: ray.init would wait for it
-    for many minutes."""
-    if not address or address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"--ray-address {address}: no Ray head answers there ({exc}); start one with "
-                           "`ray start --head` or give the address it printed") from None
-
-
-def ray_init_args(cfg: EngineConfig) -> dict:
-    """ray.init's arguments: a local Ray of `workers` CPUs, or the cluster at --ray-address with this
-    engine package shipped to every worker (runtime_env py_modules), so nodes need only the
-    dependencies installed, not this checkout."""
-    if not cfg.ray_address:
-        # Our own Ray ("local"): a plain ray.init() would join any cluster `ray start` left running here.
-        return {"address": "local", "num_cpus": cfg.workers}
-    package = str(Path(__file__).resolve().parent)
-    return {"address": cfg.ray_address,
-            "runtime_env": {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"],
-                            **S.credentials_env(cfg)}}
-
-
-def driver_node() -> NodeAffinitySchedulingStrategy:
-    """Pin to the driver's own node: its loss ends the run anyway, a worker node's must not."""
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-
-
-def write_token(out, token: str) -> None:
-    """Leave this run's token in --output (a folder or a Store), where tasks look for it before writing."""
-    S.as_store(out).write_json(TOKEN_FILE, {"token": token, "host": socket.gethostname()})
-
-
-def sees_token(output, token: str) -> bool:
-    """Whether `output` on this machine is the driver's folder or store (holds this run's token)."""
-    try:
-        return json.loads(S.as_store(output).read(TOKEN_FILE) or b"").get("token") == token
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _probe(output, token: str) -> tuple[str, bool]:
-    """Ray task on one node: (its host name, whether it sees the driver's --output)."""
-    store = S.as_store(output)
-    return socket.gethostname(), sees_token(store, token) and (store.remote or os.access(store.url, os.W_OK | os.X_OK))
-
-
-def check_shared_output(output, token: str) -> None:
-    """Refuse to start when a live node cannot write to the driver's --output folder."""
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    if len(nodes) < 2:
-        return  # one machine: the driver's own folder
-    probe = ray.remote(_probe)
-    refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
-            .remote(output, token) for n in nodes]
-    blind = []
-    for node, ref in zip(nodes, refs, strict=True):
-        try:
-            host, ok = ray.get(ref, timeout=PROBE_TIMEOUT)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise OutputError(f"Ray node {node} did not answer the --output check in {PROBE_TIMEOUT:.0f} s") from exc
-        except ray.exceptions.RayError:
-            continue  # the node left the cluster meanwhile: it runs no shard
-        if not ok:
-            blind.append(f"{host} (node {node[:12]})")
-    if blind and S.as_store(output).remote:
-        raise OutputError(f"--output {S.as_store(output).url} cannot be read from {', '.join(blind)}: every node "
-                          "uploads its own shards, so each needs the endpoint reachable and the credentials "
-                          "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws) the driver has")
-    if blind:
-        raise OutputError(
-            f"--output {S.as_store(output).url} is not the driver's folder on {', '.join(blind)}: on a Ray cluster every "
-            "node writes its shards straight into --output, so mount one shared filesystem (NFS, CephFS, "
-            "Lustre...) at the same path on every node and give that path")
-
-
-class IndexAndCounter(D.DedupShard):
-    """A dedup index shard that is also the progress counter: one Ray worker process less per run
-    (each costs ~1-2 CPU-s of imports and a second of start-up)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.counter = ProgressCounter()
-        self.counter_lock = threading.Lock()  # the actor is threaded (max_concurrency)
-
-    def add(self, rows: int, written: int) -> None:
-        """Count what a task finished."""
-        with self.counter_lock:
-            self.counter.add(rows, written)
-
-    def take(self) -> tuple[int, int]:
-        """The counts since the last take, and reset."""
-        with self.counter_lock:
-            return self.counter.take()
-
-
-def _ray_call(actor, method, *args):
-    """How the dedup client calls an index actor (`method`: a DedupShard method) from inside a task."""
-    return ray.get(getattr(actor, method.__name__).remote(*args))
-
-
-def _shard_task(shard: Shard, cfg: EngineConfig, client, progress_actor, token: str) -> dict:
-    """The Ray task body: one shard, progress sent to the driver's counter actor; refused on a node
-    whose --output is not the driver's folder (a node that joined without the shared filesystem)."""
-    host = socket.gethostname()
-    if not sees_token(S.store_of(cfg), token):
-        fix = "check its --s3-endpoint and credentials there" if S.is_url(cfg.output) else "mount the shared folder there"
-        return {"shard": shard.shard_id, "ok": False,
-                "error": f"{host} does not see the driver's --output {cfg.output}: {fix}"}
-    origin = {"host": host, "node_id": ray.get_runtime_context().get_node_id()}
-    from .shard import process_shard  # imported in the worker only, not by the driver
-
-    return process_shard(shard, cfg, client.claim if client else None,
-                         lambda rows, written: progress_actor.add.remote(rows, written), origin)
-
-
-def _result(ref, shard: Shard) -> dict:
-    """A task's status record, or a failed one when its worker died."""
-    try:
-        return ray.get(ref)
-    except Exception as exc:  # noqa: BLE001 -- a dead worker is a failed attempt, not a crash
-        return {"shard": shard.shard_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def completed(output) -> dict[int, dict]:
@@ -449,6 +146,8 @@ def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> di
     """Make (or finish) the shards of `cfg`; returns and writes the run's stats.json."""
     # Absolute before the config travels: a Ray worker's working folder is not the driver's.
     # Inputs and --local-root are read by workers too (lists, image files), so they go absolute as well.
+    if cfg.runner == "processes":  # the fork server imports the shard stages while this process plans
+        prestart.start()
     cfg = dataclasses.replace(cfg, output=S.absolute(cfg.output),
                               inputs=tuple(S.absolute(p) for p in cfg.inputs),
                               local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
@@ -473,12 +172,17 @@ def start_run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore) -> tuple[int
 
 
 def make_runner(cfg: EngineConfig):
-    """The --runner: Ray tasks, worker processes of this machine, or threads of this process."""
+    """The --runner: worker processes of this machine, Ray tasks, or threads of this process.
+    Imported here, not at the top: a run loads only its own runner (Ray never, unless asked)."""
     if cfg.runner == "processes":
         from .procs import ProcessRunner
 
         return ProcessRunner(cfg)
-    return RayRunner(cfg) if cfg.runner == "ray" else LocalRunner(cfg)
+    if cfg.runner == "ray":
+        from .rayrun import RayRunner
+
+        return RayRunner(cfg)
+    return LocalRunner(cfg)
 
 
 def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callable[[dict], None] | None) -> dict:
@@ -500,7 +204,8 @@ def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callabl
     start = time.monotonic()
     try:
         with make_runner(cfg) as runner:
-            rebuild_index(runner.client(), out, dict(done))
+            if done:  # asked only then: the process runner builds its index while the run starts
+                rebuild_index(runner.client(), out, dict(done))
             runner.run(todo, progress, finished)
     finally:
         progress.close()

@@ -12,35 +12,23 @@ killed when the driver stops, and end themselves if the driver disappears.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing as mp
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING
 
 from . import dedup as D
 from .config import EngineConfig
 from .plan import Shard
-from .write import shard_name
+from .prestart import context
+from .runners import Progress, driver_client, driver_index, settle
 
-if TYPE_CHECKING:  # not imported for real: pipeline imports Ray, which no worker needs
-    from .pipeline import Progress
-
-PRELOAD = ["engine.procs", "engine.shard"]  # imported once by the fork server; every worker forks with it loaded
 STOP_GRACE_S = 5.0  # seconds a worker has to leave after the run's last shard before it is killed
-
-
-def _context():
-    """The forkserver context with the shard stages preloaded (never fork: the driver has threads)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
 
 
 class Worker:
@@ -73,9 +61,17 @@ class ProcessRunner:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.index = [D.DedupShard(cfg.dedup.near_distance) for _ in range(cfg.dedup.index_shards)] \
-            if cfg.dedup.enabled else []
+        # Built on a thread: loading the index's Numba kernels (~0.5-1 CPU-s) overlaps with planning
+        # and the first worker's start; the first dedup call or the resume rebuild waits for it.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="dedup-index")
+        self._index = pool.submit(driver_index, cfg)
+        pool.shutdown(wait=False)
         self.workers: list[Worker] = []
+
+    @property
+    def index(self) -> list[D.DedupShard]:
+        """The driver's dedup index objects, once built."""
+        return self._index.result()
 
     def __enter__(self):
         return self
@@ -86,7 +82,7 @@ class ProcessRunner:
 
     def client(self) -> D.DedupClient | None:
         """The dedup index as plain objects of the driver (the resume rebuild loads it here)."""
-        return D.DedupClient(self.index, D.direct_call) if self.index else None
+        return driver_client(self.index)
 
     def _stop(self, grace: float) -> None:
         """End every worker (killed at once when grace is 0), before the driver tidies .tmp files."""
@@ -96,7 +92,7 @@ class ProcessRunner:
 
     def run(self, shards: Iterator[Shard], progress: Progress, on_done: Callable[[dict], None]) -> None:
         """Keep every worker busy with one shard until each shard has a status; failed ones retried."""
-        ctx = _context()
+        ctx = context()
         todo: deque[tuple[Shard, int]] = deque()
         shards = iter(shards)
         try:
@@ -148,7 +144,7 @@ class ProcessRunner:
                 code = w.proc.exitcode
                 why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 self._finish(job, {"shard": job[0].shard_id, "ok": False,
-                                   "error": f"worker process died ({why})"}, on_done, todo)
+                                   "error": f"worker process died ({why})"}, progress, on_done, todo)
 
     def _answer(self, w: Worker, msg: tuple, progress: Progress, on_done: Callable[[dict], None],
                 todo: deque) -> None:
@@ -161,20 +157,17 @@ class ProcessRunner:
             except Exception as exc:  # noqa: BLE001 -- the worker's shard fails with it, the driver lives
                 w.conn.send(("error", f"{type(exc).__name__}: {exc}"))
         elif kind == "progress":
-            progress.add(msg[1], msg[2])
+            progress.add(msg[1], msg[2], w.job[0].shard_id, w.job[1])
         elif kind == "done":
             job, w.job = w.job, None
-            self._finish(job, msg[1], on_done, todo)
+            self._finish(job, msg[1], progress, on_done, todo)
 
-    def _finish(self, job: tuple[Shard, int], status: dict, on_done: Callable[[dict], None], todo: deque) -> None:
-        """A shard's status: retried while attempts remain (like the Ray runner), else handed on."""
-        shard, attempt = job
-        if not status["ok"] and attempt <= self.cfg.max_retries:
-            print(f"shard {shard_name(shard.shard_id)} attempt {attempt} failed "
-                  f"({status.get('error', '')[:200]}); retrying", file=sys.stderr)
-            todo.appendleft((shard, attempt + 1))
-        else:
-            on_done(status)
+    def _finish(self, job: tuple[Shard, int], status: dict, progress: Progress, on_done: Callable[[dict], None],
+                todo: deque) -> None:
+        """A shard's status: `settle` retries it first in line, or hands it on."""
+        again = settle(self.cfg, job[0], job[1], status, progress, on_done)
+        if again:
+            todo.appendleft((job[0], again))
 
 
 class DriverError(RuntimeError):
@@ -186,6 +179,7 @@ def _worker_main(conn, cfg: EngineConfig, driver_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the driver decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_driver(driver_pid)
+    _LIBC.limit_arenas()
     from .shard import process_shard
 
     lock = threading.Lock()  # one request and its answer at a time on the pipe
@@ -206,9 +200,51 @@ def _worker_main(conn, cfg: EngineConfig, driver_pid: int) -> None:
     client = D.DedupClient(range(n), ask, parallel=False) if n else None
     origin = {"host": socket.gethostname(), "pid": os.getpid()}
     while (shard := _next(conn)) is not None:
+        _reset_peak_rss()
         status = process_shard(shard, cfg, client.claim if client else None, report, origin)
+        _LIBC.release()
         with lock:
             conn.send(("done", status))
+
+
+class _Glibc:
+    """glibc's malloc knobs, where there is glibc: a worker's memory stays flat from shard to shard.
+
+    Each shard starts new threads (its CPU and I/O pools, the event loop's resolver), and glibc
+    gives new threads their own malloc arenas (up to 8 per core), each keeping what was freed in
+    it: measured on 2,000 local photos, 100-row shards, one worker, a shard's peak RSS rose from
+    206 to 452 MB over the first ten shards, then stayed there."""
+
+    M_ARENA_MAX = -8
+
+    def __init__(self):
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            self.libc = None
+
+    def limit_arenas(self, n: int = 2) -> None:
+        """At most `n` malloc arenas for this process's threads."""
+        if self.libc is not None:
+            self.libc.mallopt(self.M_ARENA_MAX, n)
+
+    def release(self) -> None:
+        """Hand memory freed by the last shard back to the system (every arena, not only the top)."""
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+
+_LIBC = _Glibc()
+
+
+def _reset_peak_rss() -> None:
+    """Start this process's peak RSS afresh (Linux), so each shard's stats give that shard's own
+    peak rather than the largest of every shard this worker ran before."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the stats keep the peak over the worker's life
 
 
 def _next(conn) -> Shard | None:

@@ -21,7 +21,8 @@ import ray
 
 from engine import outcomes as O
 from engine.config import DedupConfig, EngineConfig, FetchConfig
-from engine.pipeline import PENDING, OutputError, check_shared_output, completed, run, write_token
+from engine.pipeline import PENDING, OutputError, completed, run
+from engine.rayrun import check_shared_output, write_token
 
 from .conftest import run_rows
 from .test_s3 import download, objects

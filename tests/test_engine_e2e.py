@@ -6,6 +6,7 @@ webdataset's own reader and with `tar -tf`; a SIGKILLed run resumes to the same 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -223,6 +224,16 @@ def test_cli_help_and_bad_flags():
     res = subprocess.run([sys.executable, "-m", "engine", "shards", "x.parquet", "--output", "o",
                           "--image-size", "500"], capture_output=True, text=True)
     assert res.returncode == 2 and "--image-size" in res.stderr
+
+
+@pytest.mark.quick
+def test_the_default_runner_is_processes_on_one_machine_and_ray_with_an_address():
+    one = EngineConfig(inputs=("x",), output="o")
+    assert one.runner == "processes" and dataclasses.replace(one, workers=1).runner == "processes"
+    assert EngineConfig(inputs=("x",), output="o", ray_address="auto").runner == "ray"
+    assert EngineConfig(inputs=("x",), output="o", runner="ray").runner == "ray"
+    with pytest.raises(ValueError, match="--ray-address.*--runner local"):
+        EngineConfig(inputs=("x",), output="o", ray_address="auto", runner="local")
 
 
 @pytest.mark.parametrize("runner", ["ray", "processes"])

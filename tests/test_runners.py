@@ -1,0 +1,77 @@
+"""What the runners share (engine/runners.py): the retry policy, a progress count that a retried
+shard does not inflate, and a run on worker processes that never loads Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from engine.config import EngineConfig
+from engine.plan import Shard
+from engine.runners import Progress, settle
+
+from .conftest import encode, photo, scaled
+
+
+def shard(shard_id: int) -> Shard:
+    """A shard of no rows: settle only reads its id."""
+    return Shard(shard_id=shard_id, first_row=0, table=pa.table({"URL": pa.array([], pa.string())}))
+
+
+@pytest.mark.quick
+def test_a_retried_shard_is_counted_once_and_late_counts_of_its_failed_attempt_are_ignored():
+    p = Progress(total=100, initial=0, enabled=False)
+    p.add(10, 8, shard=0, attempt=1)
+    p.add(7, 7, shard=1, attempt=1)
+    p.retry(0, 2)  # shard 0's first attempt failed after counting 10 rows
+    assert (p.rows, p.written) == (7, 7)
+    p.add(3, 3, shard=0, attempt=1)  # arrives after the failure (Ray's counter actor is asynchronous)
+    p.add(10, 9, shard=0, attempt=2)
+    assert (p.rows, p.written) == (17, 16)
+    p.close()
+
+
+@pytest.mark.quick
+def test_settle_retries_a_failed_shard_until_shard_retries_run_out(capsys):
+    cfg = EngineConfig(inputs=("x",), output="o", max_retries=2)
+    p = Progress(total=10, initial=0, enabled=False)
+    done: list[dict] = []
+    failed = {"shard": 4, "ok": False, "error": "worker process died (signal 9)"}
+    p.add(5, 5, shard=4, attempt=1)
+    assert settle(cfg, shard(4), 1, failed, p, done.append) == 2
+    assert p.rows == 0 and done == []
+    assert settle(cfg, shard(4), 2, failed, p, done.append) == 3
+    assert settle(cfg, shard(4), 3, failed, p, done.append) is None and done == [failed]
+    assert capsys.readouterr().err.count("shard 00004 attempt") == 2
+    ok = {"shard": 5, "ok": True, "stats": {}}
+    assert settle(cfg, shard(5), 1, ok, p, done.append) is None and done[-1] is ok
+    p.close()
+
+
+RUN_AND_LIST_MODULES = """
+import json, sys
+from engine.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "ray": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))}))
+"""
+
+
+def test_a_run_on_worker_processes_never_imports_ray(tmp_path):
+    """The default runner on one machine, a real run: the driver ends without Ray in sys.modules."""
+    (tmp_path / "photos").mkdir()
+    for name in ("astronaut", "coffee"):
+        (tmp_path / "photos" / f"{name}.jpg").write_bytes(encode(scaled(photo(name), 320, 300)))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-c", RUN_AND_LIST_MODULES, "shards", str(tmp_path / "photos"),
+                          "--output", str(out), "--workers", "2", "--no-progress", "--min-image-size", "256",
+                          "--image-size", "256"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report == {"code": 0, "ray": []}
+    stats = json.loads((Path(out) / "stats.json").read_text())
+    assert stats["config"]["runner"] == "processes" and stats["outcomes"] == {"ok": 2}
