@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numba import njit, prange
 
+from .sample import PackedMap, index_bits
+
 Conditioner = Callable[[np.ndarray], np.ndarray]
 
 DEFAULT_PALETTE = "black,gray50,white"
@@ -147,20 +149,35 @@ def tree_order(palette: np.ndarray) -> np.ndarray:
 CHUNK = 256  # pixels per inner pass: small enough for L1, long enough for SIMD loops
 
 
+@njit(nogil=True, cache=True)
+def _scratch(pal):
+    """Per-call scratch: columns r, g, b, limit, best, best_d, x (one row per colour), and |c|^2.
+
+    Separate arrays, not rows of one: LLVM then knows they do not overlap and vectorizes."""
+    sq = np.empty(pal.shape[0], np.int32)
+    for i in range(pal.shape[0]):
+        sq[i] = pal[i, 0] * pal[i, 0] + pal[i, 1] * pal[i, 1] + pal[i, 2] * pal[i, 2]
+    col = (np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32),
+           np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32))
+    return col, np.empty((pal.shape[0], CHUNK), np.int32), sq
+
+
 @njit(nogil=True, cache=True, inline="always")
-def _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d) -> None:
-    """IM's palette index of pixels[lo:hi] into best[:hi-lo], column-wise so every inner loop is
-    a branch-free SIMD loop."""
+def _nearest_chunk(pixels, lo, hi, pal, col, xs, sq) -> None:
+    """IM's palette index of pixels[lo:hi] into col[4][:hi-lo], column-wise so every inner loop
+    is a branch-free SIMD loop."""
     n = hi - lo
+    r, g, b, limit, best, best_d = col
     for q in range(n):
         r[q], g[q], b[q] = pixels[lo + q, 0], pixels[lo + q, 1], pixels[lo + q, 2]
         limit[q], best_d[q], best[q] = 255, 1 << 30, 0
     # x = (r^cr)|(g^cg)|(b^cb) has as many leading zero bits as tree levels the pixel shares
     # with colour c, so the smallest x over the palette gives the deepest node IM reaches.
     for i in range(pal.shape[0]):
-        cr, cg, cb = pal[i, 0], pal[i, 1], pal[i, 2]
+        cr, cg, cb, x = pal[i, 0], pal[i, 1], pal[i, 2], xs[i]
         for q in range(n):
-            limit[q] = min(limit[q], (r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb))
+            x[q] = (r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb)
+            limit[q] = min(limit[q], x[q])
     # IM walks bits 7..1 (at most 7 levels) and searches below the parent of the node it
     # reached: colour i is a candidate iff x_i < 2 * next_pow2(min x), and never below 4.
     for q in range(n):
@@ -170,44 +187,56 @@ def _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d) -> None:
         v |= v >> 4
         limit[q] = max(4, 2 * v + 2)
     for i in range(pal.shape[0]):
-        cr, cg, cb = pal[i, 0], pal[i, 1], pal[i, 2]
+        cr, cg, cb, c2, x = 2 * pal[i, 0], 2 * pal[i, 1], 2 * pal[i, 2], sq[i], xs[i]
         for q in range(n):
-            dr, dg, db = r[q] - cr, g[q] - cg, b[q] - cb
-            d = dr * dr + dg * dg + db * db
+            # |p - c|^2 less the |p|^2 all colours share: the same order, three fewer subtractions
+            d = c2 - (r[q] * cr + g[q] * cg + b[q] * cb)
             # "<=": among equal distances IM keeps the colour it visits last (octree order).
-            take = (((r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb)) < limit[q]) & (d <= best_d[q])
+            take = (x[q] < limit[q]) & (d <= best_d[q])
             best_d[q] = d if take else best_d[q]
             best[q] = i if take else best[q]
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _remap_chunk(pixels, lo, hi, pal, out, r, g, b, limit, best, best_d) -> None:
-    """Remap pixels[lo:hi] into out (RGB colours)."""
-    _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d)
-    for q in range(hi - lo):
-        j = best[q]
-        out[lo + q, 0], out[lo + q, 1], out[lo + q, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
 
 
 @njit(nogil=True, cache=True)
 def _index_serial(pixels, pal, out) -> None:
     """Palette index (into `pal`) of each of the (N, 3) pixels into the (N,) uint8 `out`."""
-    r, g, b = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
-    limit, best, best_d = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
+    col, xs, sq = _scratch(pal)
     for lo in range(0, pixels.shape[0], CHUNK):
         hi = min(pixels.shape[0], lo + CHUNK)
-        _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d)
+        _nearest_chunk(pixels, lo, hi, pal, col, xs, sq)
         for q in range(hi - lo):
-            out[lo + q] = best[q]
+            out[lo + q] = col[4][q]
+
+
+@njit(nogil=True, cache=True)
+def _png_rows(rgb, pal, bits, rows) -> None:
+    """PNG scanlines of the (H, W, 3) image's palette indices, straight from the search: per row
+    filter byte 0, then `bits`-bit indices packed from the top bit (one pass, no index image)."""
+    per = 8 // bits
+    col, xs, sq = _scratch(pal)
+    for y in range(rgb.shape[0]):
+        rows[y, 0] = 0
+        for lo in range(0, rgb.shape[1], CHUNK):  # CHUNK is a multiple of 8: whole bytes per chunk
+            hi = min(rgb.shape[1], lo + CHUNK)
+            _nearest_chunk(rgb[y], lo, hi, pal, col, xs, sq)
+            for j in range(-(-(hi - lo) // per)):
+                acc = 0
+                for t in range(per):
+                    q = j * per + t
+                    acc = (acc << bits) | (col[4][q] if q < hi - lo else 0)
+                rows[y, 1 + (lo // per) + j] = acc
 
 
 @njit(nogil=True, cache=True)
 def _remap_range(pixels, pal, out, start, stop) -> None:
-    """Remap pixels[start:stop] chunk by chunk with one set of scratch columns."""
-    r, g, b = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
-    limit, best, best_d = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
+    """Remap pixels[start:stop] into out (RGB colours), chunk by chunk with one set of scratch columns."""
+    col, xs, sq = _scratch(pal)
     for lo in range(start, stop, CHUNK):
-        _remap_chunk(pixels, lo, min(stop, lo + CHUNK), pal, out, r, g, b, limit, best, best_d)
+        hi = min(stop, lo + CHUNK)
+        _nearest_chunk(pixels, lo, hi, pal, col, xs, sq)
+        for q in range(hi - lo):
+            j = col[4][q]
+            out[lo + q, 0], out[lo + q, 1], out[lo + q, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
 
 
 @njit(nogil=True, cache=True)
@@ -292,6 +321,19 @@ def remap_indices(rgb: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.
     return out.reshape(rgb.shape[:2]), pal.astype(np.uint8)
 
 
+def remap_packed(rgb: np.ndarray, palette: np.ndarray) -> PackedMap:
+    """The remap of `rgb` as palette-PNG scanlines, packed by the search kernel itself (one pass).
+
+    Decodes to remap_palette(rgb, palette) pixel for pixel (tests/test_write.py)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
+    pal = tree_order(palette)
+    bits = index_bits(len(pal))
+    rows = np.empty((rgb.shape[0], 1 + -(-rgb.shape[1] * bits // 8)), np.uint8)
+    _png_rows(np.ascontiguousarray(rgb), pal, bits, rows)
+    return PackedMap(rows, pal.astype(np.uint8), bits, rgb.shape[1])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PaletteConditioner:
     """The default: nearest palette colour as ImageMagick's -remap picks it (pickles for Ray)."""
@@ -306,6 +348,10 @@ class PaletteConditioner:
     def indexed(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The map as (indices, colours), ready for a palette PNG."""
         return remap_indices(rgb, self.palette)
+
+    def packed(self, rgb: np.ndarray) -> PackedMap:
+        """The map as palette-PNG scanlines (engine.sample.encode_map_png writes them)."""
+        return remap_packed(rgb, self.palette)
 
 
 def _palette_conditioner(palette: str) -> Conditioner:
