@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataloader-num-workers", dest="data.num_workers", type=int, default=4)
     g.add_argument("--max-failed-batches", dest="data.max_failed_batches", type=int, default=50,
                    help="stop with an error after this many batches in a row in which no sample decoded")
+    g.add_argument("--resize", dest="data.resize", action="store_true",
+                   help="resize samples whose shards' stats record another size than --resolution (default: stop)")
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="model.model", required=True,
                    help="diffusers folder, hub id, or one .safetensors checkpoint (original layout) of an SD 1.x/2.x model")

@@ -24,7 +24,7 @@ class DataConfig:
     shards: str = ""
     """Shard pattern: local paths, brace ranges (`shards/{00000..00063}.tar`) or `pipe:` URLs; `::` joins patterns."""
     resolution: int = 512
-    """Square training size in pixels; shorter side resized to it, then center-cropped."""
+    """Square training size in pixels; must equal the crop size the shards' stats record (else see --resize)."""
     train_batch_size: int = 4
     """Samples per micro-batch (per forward pass)."""
     proportion_empty_prompts: float = 0.5
@@ -35,6 +35,9 @@ class DataConfig:
     """DataLoader worker processes that decode JPEG/PNG; 0 decodes in the training process."""
     max_failed_batches: int = 50
     """Stop with an error naming the shard and member after this many batches in a row with no decodable sample."""
+    resize: bool = False
+    """Resize samples to --resolution (shorter side, then a center crop) when the shards' stats record another
+    image size; without it such shards stop the run with an error naming both sizes."""
 
     def __post_init__(self) -> None:
         if not self.shards:

@@ -1,7 +1,7 @@
 """`python -m trainer precompute`: encode shards once, so training never runs the VAE encoder or text encoder.
 
     python -m trainer precompute --shards 'shards/{00000..00063}.tar' --model MODEL --output pre/ \
-        [--device cuda|cpu] [--batch-size N] [--resolution 512]
+        [--device cuda|cpu] [--batch-size N] [--resolution 512] [--resize]
 
 Input shard i becomes `OUTPUT/{i:05d}.tar`, its samples under the same keys, in the same order:
 
@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from engine import sample as S
 
 META_FILE, EMPTY_FILE = "precompute.json", "empty_prompt.npy"
-LATENT_KEY, EMBED_KEY = "latent.npy", "text.npy"
+LATENT_KEY, EMBED_KEY = S.LATENT, S.EMBED  # the names this module used before engine/sample.py
 TEXT_CACHE = 4096  # distinct captions kept; LAION repeats captions mostly within nearby rows
 
 
@@ -56,6 +57,8 @@ class PrecomputeConfig:
     """Images per VAE forward pass."""
     resolution: int = 512
     """Training resolution; must equal the trainer's --resolution."""
+    resize: bool = False
+    """Resize samples whose shards' stats record another image size than --resolution (default: stop)."""
     revision: str | None = None
     """Hub revision of --model."""
     variant: str | None = None
@@ -136,17 +139,7 @@ class Encoders:
 
 def caption(sample: dict) -> str:
     """The sample's caption as the trainer reads it (stripped UTF-8, empty when absent)."""
-    from trainer.data import TEXT_KEY
-
-    text = sample.get(TEXT_KEY, b"")
-    return text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else str(text)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """An RGB array as PNG bytes (lossless: palette values stay exact)."""
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "PNG")
-    return buf.getvalue()
+    return S.caption_text(sample)
 
 
 def encode_batch(enc: Encoders, items: list[tuple[dict, np.ndarray, np.ndarray]]) -> list[dict]:
@@ -156,8 +149,8 @@ def encode_batch(enc: Encoders, items: list[tuple[dict, np.ndarray, np.ndarray]]
     out = []
     for (s, _, cond), latent, embed in zip(items, lat, embeds, strict=True):
         rec = {"__key__": s["__key__"], LATENT_KEY: npy_bytes(latent), EMBED_KEY: npy_bytes(embed),
-               "cond.png": png_bytes(cond)}
-        rec.update({k: s[k] for k in ("txt", "json") if k in s})
+               S.COND: S.encode_png(cond)}  # lossless: palette values stay exact
+        rec.update({k: s[k] for k in (S.TXT, S.JSON) if k in s})
         out.append(rec)
     return out
 
@@ -212,10 +205,11 @@ def write_meta(enc: Encoders, cfg: PrecomputeConfig, out: Path) -> None:
 
 def precompute(cfg: PrecomputeConfig) -> dict:
     """Encode every input shard into cfg.output; skip output shards that already exist; return the counts."""
-    from trainer.data import expand_shards
+    from trainer.data import check_image_size, expand_shards
     from trainer.train import resolve_device
 
     urls = expand_shards(cfg.shards)
+    check_image_size(cfg.shards, cfg.resolution, cfg.resize)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     enc = Encoders(cfg, resolve_device(cfg.device))
@@ -244,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=16, help="images per VAE forward pass")
     p.add_argument("--resolution", type=int, default=512, help="must equal the trainer's --resolution")
+    p.add_argument("--resize", action="store_true",
+                   help="resize samples whose shards' stats record another size than --resolution (default: stop)")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     return p
