@@ -388,9 +388,18 @@ def remap_packed(rgb: np.ndarray, palette: np.ndarray) -> PackedMap:
     return PackedMap(rows, pal.astype(np.uint8), bits, rgb.shape[1])
 
 
-@functools.lru_cache(maxsize=8)
+_TABLE_LOCK = threading.Lock()  # the shard's two CPU threads meet the first image together: build once
+
+
 def cell_table(pal_bytes: bytes) -> np.ndarray:
     """The 32 Ki-cell table of a tree_order() palette (its bytes: hashable), built once per process."""
+    with _TABLE_LOCK:
+        return _build_table(pal_bytes)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_table(pal_bytes: bytes) -> np.ndarray:
+    """cell_table's build (cached)."""
     cells = np.empty(1 << 15, np.uint8)
     _cell_table(np.frombuffer(pal_bytes, np.int32).reshape(-1, 3), cells)
     return cells
