@@ -47,7 +47,7 @@ def read_samples(paths: list[str], limit: int) -> tuple[list[dict], int]:
 
     samples, skipped = [], 0
     for sample in tarfile_samples([{"url": p} for p in paths]):
-        image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        image_key = next((k for k in (S.JPG, "jpeg", "png", "webp") if k in sample), None)  # shards from elsewhere too
         try:  # shards may come from anywhere: the engine's decoding policy (formats, pixel limit)
             image = Image.fromarray(decode_full(sample[image_key], DEFAULT_MAX_PIXELS))
             cond = sample.get(S.COND)

@@ -29,6 +29,7 @@ JPG, COND, TXT, JSON = "jpg", "cond.png", "txt", "json"
 SAMPLE_MEMBERS = (COND, JPG, JSON, TXT)  # every key of an engine shard has exactly these, in tar order
 LATENT, EMBED = "latent.npy", "text.npy"  # precomputed shards: VAE latent [mean, std], caption embedding
 PRECOMPUTED_MEMBERS = (COND, EMBED, LATENT, JSON, TXT)
+STATS_SUFFIX = ".stats.json"  # NNNNN.stats.json beside NNNNN.tar: the shard's counts, written last
 IMAGE_SIZE = "image_size"  # the stats field holding the side of every square crop in the shard
 MAP_PNG_LEVEL = 1  # zlib level of the map: level 0 is 6x the bytes, 2-6 cost up to 2.7x the CPU (bench/RESULTS.md)
 
@@ -45,7 +46,7 @@ def sample_key(shard_id: int, index: int, shard_size: int) -> str:
 
 def stats_path(tar_path: str) -> str:
     """The stats file beside a shard: 00003.tar -> 00003.stats.json."""
-    return tar_path.removesuffix(".tar") + ".stats.json"
+    return tar_path.removesuffix(".tar") + STATS_SUFFIX
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:

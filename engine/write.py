@@ -215,7 +215,7 @@ def publish_shard(tar: TarShard, records: list[dict], stats: dict, ok_keys: list
     Any I/O error or mismatch removes every temporary and raises ShardWriteError. Returns the
     stats as written: with the files' sizes, which a resumed run checks before trusting them."""
     out, name = tar.final.parent, tar.final.name.removesuffix(".tar")
-    parquet, marker = out / f"{name}.parquet", out / f"{name}.stats.json"
+    parquet, marker = out / f"{name}.parquet", out / f"{name}{S.STATS_SUFFIX}"
     staged = [tar.tmp]
     try:
         tar.close()

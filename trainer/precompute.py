@@ -216,7 +216,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     write_meta(enc, cfg, out)
     total = {"shards": 0, "skipped_shards": 0, "samples": 0, "failed": 0, "read_errors": 0}
     for i, url in enumerate(urls):
-        dest = out / f"{i:05d}.tar"
+        dest = out / f"{S.shard_name(i)}.tar"
         if dest.exists():  # complete: shards only appear under their final name when finished
             total["skipped_shards"] += 1
             continue
