@@ -55,7 +55,7 @@ def main() -> None:
     from engine.config import ImageConfig
     from engine.crop import center_crop
     from engine.decode import decode, turbojpeg
-    from engine.write import encode_indexed_png, encode_jpeg, encode_png
+    from engine.sample import encode_indexed_png, encode_jpeg, encode_map_png, encode_png
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
@@ -85,14 +85,16 @@ def main() -> None:
                 out = timed(times, f"resize {name} of power-of-2 (cv2)", center_crop, img.rgb, 512, name)
                 quality[f"power-of-2 + cv2 {name}"].append(psnr(out, ideal))
             ref = center_crop(img.rgb, 512)
-            timed(times, "jpeg encode turbojpeg (engine)", encode_jpeg, ref, 95)
-            if simplejpeg:
-                timed(times, "jpeg encode simplejpeg 422", simplejpeg.encode_jpeg, ref, 95, "RGB", "422")
+            timed(times, "jpeg encode simplejpeg 422 (engine)", encode_jpeg, ref, 95)
+            timed(times, "jpeg encode turbojpeg 422 (before)", turbojpeg().encode, ref, quality=95,
+                  pixel_format=TJPF_RGB)
             timed(times, "jpeg encode cv2", cv2.imencode, ".jpg", ref[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
             m = timed(times, "remap RGB (numba)", cond, ref)
-            idx = timed(times, "remap indices (numba, engine)", cond.indexed, ref)
-            timed(times, "png L level 1 (before)", encode_png, m)
-            timed(times, "png palette 2-bit level 1 (engine)", encode_indexed_png, *idx)
+            idx = timed(times, "remap indices (numba, exact search)", cond.indexed, ref)
+            packed = timed(times, "remap packed rows (numba, cell table, engine)", cond.packed, ref)
+            timed(times, "png L level 1", encode_png, m)
+            timed(times, "png palette 2-bit of indices", encode_indexed_png, *idx)
+            timed(times, "png palette 2-bit of packed rows (engine)", encode_map_png, packed)
             timed(times, "hash content xxh3", D.content_hash, body)
             timed(times, "hash pixels xxh3 (decoded)", D.pixel_hash, img.rgb)
             timed(times, "phash on decoded (engine)", D.phash, img.rgb)

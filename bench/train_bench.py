@@ -359,13 +359,14 @@ def peer_dataset(shards: str, folder: Path) -> Path:
     from PIL import Image as PILImage
     from webdataset.tariterators import tarfile_samples
 
+    from engine import sample as S
     from trainer.data import expand_shards
 
     rows = {"image": [], "conditioning_image": [], "text": []}
     for s in tarfile_samples([{"url": u} for u in expand_shards(shards)]):
-        rows["image"].append(PILImage.open(io.BytesIO(s["jpg"])))
-        rows["conditioning_image"].append(PILImage.open(io.BytesIO(s["cond.png"])).convert("RGB"))
-        rows["text"].append(s.get("txt", b"").decode())
+        rows["image"].append(PILImage.open(io.BytesIO(s[S.JPG])))
+        rows["conditioning_image"].append(PILImage.open(io.BytesIO(s[S.COND])).convert("RGB"))
+        rows["text"].append(s.get(S.TXT, b"").decode())
     folder.mkdir(parents=True, exist_ok=True)
     features = Features({"image": Image(), "conditioning_image": Image(), "text": Value("string")})
     Dataset.from_dict(rows, features=features).to_parquet(str(folder / "train.parquet"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from . import sample as S
 from . import schema, storage
 from .config import EngineConfig
 from .write import shard_name
@@ -51,9 +52,9 @@ def front_matter(fields: dict[str, str]) -> dict:
     """The card's YAML: one config whose train split is the tars, and every member's feature."""
     members = [
         {"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"},
-        {"name": "cond.png", "dtype": "image"}, {"name": "jpg", "dtype": "image"},
-        {"name": "json", "struct": [{"name": k, "dtype": v} for k, v in fields.items()]},
-        {"name": "txt", "dtype": "string"},
+        {"name": S.COND, "dtype": "image"}, {"name": S.JPG, "dtype": "image"},
+        {"name": S.JSON, "struct": [{"name": k, "dtype": v} for k, v in fields.items()]},
+        {"name": S.TXT, "dtype": "string"},
     ]
     return {
         "tags": ["webdataset", "controlnet", "ctrlnet-forge"],

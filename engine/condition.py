@@ -15,129 +15,31 @@ on ties); for others it does not, which is why the kernel follows the tree and n
 from __future__ import annotations
 
 import dataclasses
-import re
+import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit, prange
 
+from .palette import (  # noqa: F401 -- importable from here as before engine/palette.py
+    DEFAULT_PALETTE,
+    MAX_PALETTE_COLORS,
+    NAMED_COLORS,
+    gray_level,
+    is_grayscale_palette,
+    morton_key,
+    parse_color,
+    parse_palette,
+    tree_order,
+)
+from .sample import PackedMap, index_bits
+
 Conditioner = Callable[[np.ndarray], np.ndarray]
 
-DEFAULT_PALETTE = "black,gray50,white"
-MAX_PALETTE_COLORS = 256  # IM6's default -colors budget, and all a PNG palette can hold
 # Threads pay only on idle cores: on a busy box waking them can cost a 4 ms scheduler tick, more
 # than one thread needs for 1024x1024 (bench/remap_bench.py). Shard workers (512 crops) stay serial.
 PARALLEL_MIN_PIXELS = 1 << 22
-
-# ImageMagick 6.9.11's colour table entries for the CSS/SVG colour names, first match wins as in
-# IM (so "gray" is IM's 7e7e7e and "grey" X11's bebebe, unlike CSS). grayNN/greyNN are computed.
-_IM_NAMES = """
-aliceblue:f0f8ff antiquewhite:faebd7 aqua:00ffff aquamarine:7fffd4 azure:f0ffff beige:f5f5dc
-bisque:ffe4c4 black:000000 blanchedalmond:ffebcd blue:0000ff blueviolet:8a2be2 brown:a52a2a
-burlywood:deb887 cadetblue:5f9ea0 chartreuse:7fff00 chocolate:d2691e coral:ff7f50
-cornflowerblue:6495ed cornsilk:fff8dc crimson:dc143c cyan:00ffff darkblue:00008b darkcyan:008b8b
-darkgoldenrod:b8860b darkgray:a9a9a9 darkgreen:006400 darkgrey:a9a9a9 darkkhaki:bdb76b
-darkmagenta:8b008b darkolivegreen:556b2f darkorange:ff8c00 darkorchid:9932cc darkred:8b0000
-darksalmon:e9967a darkseagreen:8fbc8f darkslateblue:483d8b darkslategray:2f4f4f darkslategrey:2f4f4f
-darkturquoise:00ced1 darkviolet:9400d3 deeppink:ff1493 deepskyblue:00bfff dimgray:696969
-dimgrey:696969 dodgerblue:1e90ff firebrick:b22222 floralwhite:fffaf0 forestgreen:228b22
-fuchsia:ff00ff gainsboro:dcdcdc ghostwhite:f8f8ff gold:ffd700 goldenrod:daa520 gray:7e7e7e
-green:008000 greenyellow:adff2f grey:bebebe honeydew:f0fff0 hotpink:ff69b4 indianred:cd5c5c
-indigo:4b0082 ivory:fffff0 khaki:f0e68c lavender:e6e6fa lavenderblush:fff0f5 lawngreen:7cfc00
-lemonchiffon:fffacd lightblue:add8e6 lightcoral:f08080 lightcyan:e0ffff lightgoldenrodyellow:fafad2
-lightgray:d3d3d3 lightgreen:90ee90 lightgrey:d3d3d3 lightpink:ffb6c1 lightsalmon:ffa07a
-lightseagreen:20b2aa lightskyblue:87cefa lightslategray:778899 lightslategrey:778899
-lightsteelblue:b0c4de lightyellow:ffffe0 lime:00ff00 limegreen:32cd32 linen:faf0e6 magenta:ff00ff
-maroon:800000 mediumaquamarine:66cdaa mediumblue:0000cd mediumorchid:ba55d3 mediumpurple:9370db
-mediumseagreen:3cb371 mediumslateblue:7b68ee mediumspringgreen:00fa9a mediumturquoise:48d1cc
-mediumvioletred:c71585 midnightblue:191970 mintcream:f5fffa mistyrose:ffe4e1 moccasin:ffe4b5
-navajowhite:ffdead navy:000080 oldlace:fdf5e6 olive:808000 olivedrab:6b8e23 orange:ffa500
-orangered:ff4500 orchid:da70d6 palegoldenrod:eee8aa palegreen:98fb98 paleturquoise:afeeee
-palevioletred:db7093 papayawhip:ffefd5 peachpuff:ffdab9 peru:cd853f pink:ffc0cb plum:dda0dd
-powderblue:b0e0e6 purple:800080 red:ff0000 rosybrown:bc8f8f royalblue:4169e1 saddlebrown:8b4513
-salmon:fa8072 sandybrown:f4a460 seagreen:2e8b57 seashell:fff5ee sienna:a0522d silver:c0c0c0
-skyblue:87ceeb slateblue:6a5acd slategray:708090 slategrey:708090 snow:fffafa springgreen:00ff7f
-steelblue:4682b4 tan:d2b48c teal:008080 thistle:d8bfd8 tomato:ff6347 turquoise:40e0d0 violet:ee82ee
-wheat:f5deb3 white:ffffff whitesmoke:f5f5f5 yellow:ffff00 yellowgreen:9acd32
-"""
-NAMED_COLORS: dict[str, tuple[int, int, int]] = {
-    name: (int(hx[0:2], 16), int(hx[2:4], 16), int(hx[4:6], 16))
-    for name, hx in (item.split(":") for item in _IM_NAMES.split())
-}
-_GRAY_NN = re.compile(r"gr[ae]y(\d{1,3})")
-_HEX = re.compile(r"#([0-9a-f]{3}|[0-9a-f]{6})")
-
-
-# ---------------------------------------------------------------------------------------------
-# palette parsing
-
-
-def gray_level(percent: int) -> int:
-    """8-bit level of ImageMagick's grayNN: int(NN * 2.55 + 0.5) in doubles (gray50 is 127)."""
-    return int(percent * 2.55 + 0.5)
-
-
-def parse_color(token: str) -> tuple[int, int, int]:
-    """One colour as ImageMagick names it: a table name, grayNN/greyNN, #RGB or #RRGGBB."""
-    name = token.strip().lower().replace(" ", "")
-    if name in NAMED_COLORS:
-        return NAMED_COLORS[name]
-    if (m := _GRAY_NN.fullmatch(name)) and int(m.group(1)) <= 100:
-        level = gray_level(int(m.group(1)))
-        return (level, level, level)
-    if m := _HEX.fullmatch(name):
-        digits = m.group(1)
-        if len(digits) == 3:  # IM widens #RGB by repeating each nibble
-            digits = "".join(c * 2 for c in digits)
-        return (int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16))
-    raise ValueError(f"unknown colour {token!r}: use an ImageMagick/CSS name, grayNN (0-100) or #RRGGBB")
-
-
-def parse_palette(spec: str | Sequence) -> np.ndarray:
-    """A palette as a (K, 3) uint8 array from "black,gray50,white", names, hex or RGB triples."""
-    items = [t for t in spec.split(",") if t.strip()] if isinstance(spec, str) else list(spec)
-    if not items:
-        raise ValueError("empty palette: give at least one colour, e.g. --palette black,gray50,white")
-    try:
-        rows = [parse_color(c) if isinstance(c, str) else tuple(int(v) for v in c) for c in items]
-        palette = np.asarray(rows, dtype=np.int64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"palette entries must be colour names, #RRGGBB or RGB triples: {err}") from None
-    if palette.ndim != 2 or palette.shape[1] != 3 or palette.min() < 0 or palette.max() > 255:
-        raise ValueError(f"palette entries must be RGB triples of 0..255, got {items!r}")
-    return _check_palette(palette.astype(np.uint8))
-
-
-def _check_palette(palette: np.ndarray) -> np.ndarray:
-    """Validate a parsed palette: (K, 3) uint8 with 1..MAX_PALETTE_COLORS rows."""
-    palette = np.asarray(palette)
-    if palette.dtype != np.uint8 or palette.ndim != 2 or palette.shape[1] != 3:
-        raise ValueError(f"palette must be a (K, 3) uint8 array, got {palette.dtype} {palette.shape}")
-    if not 1 <= len(palette) <= MAX_PALETTE_COLORS:
-        raise ValueError(f"palette needs 1..{MAX_PALETTE_COLORS} colours, got {len(palette)}")
-    return palette
-
-
-def is_grayscale_palette(palette: str | Sequence | np.ndarray) -> bool:
-    """True when every palette colour has R == G == B (the map can be stored as a 1-channel PNG)."""
-    pal = palette if isinstance(palette, np.ndarray) else parse_palette(palette)
-    return bool(np.all((pal[:, 0] == pal[:, 1]) & (pal[:, 1] == pal[:, 2])))
-
-
-def morton_key(color: Sequence[int]) -> int:
-    """Position of a colour in IM's octree walk: per level from the top bit, child id b<<2 | g<<1 | r."""
-    r, g, b = (int(c) for c in color)
-    key = 0
-    for bit in range(7, -1, -1):
-        key = (key << 3) | ((r >> bit) & 1) | (((g >> bit) & 1) << 1) | (((b >> bit) & 1) << 2)
-    return key
-
-
-def tree_order(palette: np.ndarray) -> np.ndarray:
-    """Distinct palette colours in IM's octree visiting order (ties then go to the last one)."""
-    unique = {tuple(int(v) for v in c) for c in _check_palette(palette)}
-    return np.array(sorted(unique, key=morton_key), dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,20 +49,35 @@ def tree_order(palette: np.ndarray) -> np.ndarray:
 CHUNK = 256  # pixels per inner pass: small enough for L1, long enough for SIMD loops
 
 
+@njit(nogil=True, cache=True)
+def _scratch(pal):
+    """Per-call scratch: columns r, g, b, limit, best, best_d, x (one row per colour), and |c|^2.
+
+    Separate arrays, not rows of one: LLVM then knows they do not overlap and vectorizes."""
+    sq = np.empty(pal.shape[0], np.int32)
+    for i in range(pal.shape[0]):
+        sq[i] = pal[i, 0] * pal[i, 0] + pal[i, 1] * pal[i, 1] + pal[i, 2] * pal[i, 2]
+    col = (np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32),
+           np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32))
+    return col, np.empty((pal.shape[0], CHUNK), np.int32), sq
+
+
 @njit(nogil=True, cache=True, inline="always")
-def _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d) -> None:
-    """IM's palette index of pixels[lo:hi] into best[:hi-lo], column-wise so every inner loop is
-    a branch-free SIMD loop."""
+def _nearest_chunk(pixels, lo, hi, pal, col, xs, sq) -> None:
+    """IM's palette index of pixels[lo:hi] into col[4][:hi-lo], column-wise so every inner loop
+    is a branch-free SIMD loop."""
     n = hi - lo
+    r, g, b, limit, best, best_d = col
     for q in range(n):
         r[q], g[q], b[q] = pixels[lo + q, 0], pixels[lo + q, 1], pixels[lo + q, 2]
         limit[q], best_d[q], best[q] = 255, 1 << 30, 0
     # x = (r^cr)|(g^cg)|(b^cb) has as many leading zero bits as tree levels the pixel shares
     # with colour c, so the smallest x over the palette gives the deepest node IM reaches.
     for i in range(pal.shape[0]):
-        cr, cg, cb = pal[i, 0], pal[i, 1], pal[i, 2]
+        cr, cg, cb, x = pal[i, 0], pal[i, 1], pal[i, 2], xs[i]
         for q in range(n):
-            limit[q] = min(limit[q], (r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb))
+            x[q] = (r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb)
+            limit[q] = min(limit[q], x[q])
     # IM walks bits 7..1 (at most 7 levels) and searches below the parent of the node it
     # reached: colour i is a candidate iff x_i < 2 * next_pow2(min x), and never below 4.
     for q in range(n):
@@ -170,44 +87,108 @@ def _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d) -> None:
         v |= v >> 4
         limit[q] = max(4, 2 * v + 2)
     for i in range(pal.shape[0]):
-        cr, cg, cb = pal[i, 0], pal[i, 1], pal[i, 2]
+        cr, cg, cb, c2, x = 2 * pal[i, 0], 2 * pal[i, 1], 2 * pal[i, 2], sq[i], xs[i]
         for q in range(n):
-            dr, dg, db = r[q] - cr, g[q] - cg, b[q] - cb
-            d = dr * dr + dg * dg + db * db
+            # |p - c|^2 less the |p|^2 all colours share: the same order, three fewer subtractions
+            d = c2 - (r[q] * cr + g[q] * cg + b[q] * cb)
             # "<=": among equal distances IM keeps the colour it visits last (octree order).
-            take = (((r[q] ^ cr) | (g[q] ^ cg) | (b[q] ^ cb)) < limit[q]) & (d <= best_d[q])
+            take = (x[q] < limit[q]) & (d <= best_d[q])
             best_d[q] = d if take else best_d[q]
             best[q] = i if take else best[q]
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _remap_chunk(pixels, lo, hi, pal, out, r, g, b, limit, best, best_d) -> None:
-    """Remap pixels[lo:hi] into out (RGB colours)."""
-    _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d)
-    for q in range(hi - lo):
-        j = best[q]
-        out[lo + q, 0], out[lo + q, 1], out[lo + q, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
 
 
 @njit(nogil=True, cache=True)
 def _index_serial(pixels, pal, out) -> None:
     """Palette index (into `pal`) of each of the (N, 3) pixels into the (N,) uint8 `out`."""
-    r, g, b = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
-    limit, best, best_d = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
+    col, xs, sq = _scratch(pal)
     for lo in range(0, pixels.shape[0], CHUNK):
         hi = min(pixels.shape[0], lo + CHUNK)
-        _nearest_chunk(pixels, lo, hi, pal, r, g, b, limit, best, best_d)
+        _nearest_chunk(pixels, lo, hi, pal, col, xs, sq)
         for q in range(hi - lo):
-            out[lo + q] = best[q]
+            out[lo + q] = col[4][q]
+
+
+MIXED = 255  # a cell whose colours do not all get one palette index (palettes of the table are smaller)
+LUT_MAX_COLORS = 8  # the exhaustive table build grows with the palette: ~0.15 s at 3 colours, ~0.4 s at 8
+
+
+@njit(nogil=True, cache=True)
+def _cell_table(pal, cells) -> None:
+    """cells[(r>>3)<<10 | (g>>3)<<5 | b>>3]: the index all 512 colours of that 8x8x8 cell get from
+    the exact search, or MIXED. Exhaustive (all 2**24 colours), so a table hit is never a guess."""
+    col, xs, sq = _scratch(pal)
+    block = np.empty((512, 3), np.uint8)
+    for c in range(1 << 15):
+        r0, g0, b0 = (c >> 10) << 3, ((c >> 5) & 31) << 3, (c & 31) << 3
+        for k in range(512):
+            block[k, 0], block[k, 1], block[k, 2] = r0 + (k >> 6), g0 + ((k >> 3) & 7), b0 + (k & 7)
+        first, same = -1, True
+        for lo in range(0, 512, CHUNK):
+            _nearest_chunk(block, lo, lo + CHUNK, pal, col, xs, sq)
+            for q in range(CHUNK):
+                first = col[4][q] if first < 0 else first
+                same = same and col[4][q] == first
+        cells[c] = first if same else MIXED
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_row(idx, w, bits, row) -> None:
+    """PNG scanline: filter byte 0, then `bits`-bit indices packed from the top bit, zero-padded."""
+    per = 8 // bits
+    row[0] = 0
+    for x in range(w, w + per):
+        idx[x] = 0
+    if bits == 2:  # the default 3-colour palette: unrolled, it vectorizes
+        for j in range(-(-w // 4)):
+            row[1 + j] = (idx[4 * j] << 6) | (idx[4 * j + 1] << 4) | (idx[4 * j + 2] << 2) | idx[4 * j + 3]
+        return
+    for j in range(-(-w // per)):
+        acc = 0
+        for t in range(per):
+            acc = (acc << bits) | idx[j * per + t]
+        row[1 + j] = acc
+
+
+@njit(nogil=True, cache=True)
+def _png_rows(rgb, pal, bits, cells, rows) -> None:
+    """PNG scanlines of the (H, W, 3) image's palette indices, straight from the search (no index
+    image). With a cell table (cells.size > 0), colours of a one-index cell take it from the table
+    and only the rest, gathered per row, go through the exact search."""
+    h, w = rgb.shape[0], rgb.shape[1]
+    flat = rgb.reshape(h, w * 3)
+    col, xs, sq = _scratch(pal)
+    miss, where, idx = np.empty((w, 3), np.uint8), np.empty(w, np.int32), np.empty(w + 8, np.int32)
+    cell = np.empty(w, np.int32)
+    lut = cells.size > 0
+    for y in range(h):
+        p = flat[y]
+        for x in range(w):  # a pass of its own vectorizes: 0.99 -> 0.72 CPU-ms per 512 crop of table lookups
+            cell[x] = ((np.int32(p[3 * x]) & 0xF8) << 7) | ((np.int32(p[3 * x + 1]) & 0xF8) << 2) | (p[3 * x + 2] >> 3)
+        m = 0
+        for x in range(w):
+            v = np.int32(cells[cell[x]]) if lut else MIXED
+            idx[x] = v
+            if v == MIXED:  # a few % of a photo's pixels: the branch predicts well
+                miss[m, 0], miss[m, 1], miss[m, 2], where[m] = p[3 * x], p[3 * x + 1], p[3 * x + 2], x
+                m += 1
+        for lo in range(0, m, CHUNK):
+            hi = min(m, lo + CHUNK)
+            _nearest_chunk(miss, lo, hi, pal, col, xs, sq)
+            for q in range(hi - lo):
+                idx[where[lo + q]] = col[4][q]
+        _pack_row(idx, w, bits, rows[y])
 
 
 @njit(nogil=True, cache=True)
 def _remap_range(pixels, pal, out, start, stop) -> None:
-    """Remap pixels[start:stop] chunk by chunk with one set of scratch columns."""
-    r, g, b = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
-    limit, best, best_d = np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32), np.empty(CHUNK, np.int32)
+    """Remap pixels[start:stop] into out (RGB colours), chunk by chunk with one set of scratch columns."""
+    col, xs, sq = _scratch(pal)
     for lo in range(start, stop, CHUNK):
-        _remap_chunk(pixels, lo, min(stop, lo + CHUNK), pal, out, r, g, b, limit, best, best_d)
+        hi = min(stop, lo + CHUNK)
+        _nearest_chunk(pixels, lo, hi, pal, col, xs, sq)
+        for q in range(hi - lo):
+            j = col[4][q]
+            out[lo + q, 0], out[lo + q, 1], out[lo + q, 2] = pal[j, 0], pal[j, 1], pal[j, 2]
 
 
 @njit(nogil=True, cache=True)
@@ -292,6 +273,41 @@ def remap_indices(rgb: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.
     return out.reshape(rgb.shape[:2]), pal.astype(np.uint8)
 
 
+def remap_packed(rgb: np.ndarray, palette: np.ndarray) -> PackedMap:
+    """The remap of `rgb` as palette-PNG scanlines, packed by the search kernel itself (one pass).
+
+    Palettes of up to LUT_MAX_COLORS colours first look each pixel's 8x8x8 cell up in a table
+    (cell_table, exhaustive over all colours, built once per process); only pixels of cells that
+    straddle a boundary are searched.
+
+    Decodes to remap_palette(rgb, palette) pixel for pixel (tests/test_write.py)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
+    pal = tree_order(palette)
+    bits = index_bits(len(pal))
+    rows = np.empty((rgb.shape[0], 1 + -(-rgb.shape[1] * bits // 8)), np.uint8)
+    cells = cell_table(pal.tobytes()) if len(pal) <= LUT_MAX_COLORS else np.empty(0, np.uint8)
+    _png_rows(np.ascontiguousarray(rgb), pal, bits, cells, rows)
+    return PackedMap(rows, pal.astype(np.uint8), bits, rgb.shape[1])
+
+
+_TABLE_LOCK = threading.Lock()  # the shard's two CPU threads meet the first image together: build once
+
+
+def cell_table(pal_bytes: bytes) -> np.ndarray:
+    """The 32 Ki-cell table of a tree_order() palette (its bytes: hashable), built once per process."""
+    with _TABLE_LOCK:
+        return _build_table(pal_bytes)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_table(pal_bytes: bytes) -> np.ndarray:
+    """cell_table's build (cached)."""
+    cells = np.empty(1 << 15, np.uint8)
+    _cell_table(np.frombuffer(pal_bytes, np.int32).reshape(-1, 3), cells)
+    return cells
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PaletteConditioner:
     """The default: nearest palette colour as ImageMagick's -remap picks it (pickles for Ray)."""
@@ -306,6 +322,10 @@ class PaletteConditioner:
     def indexed(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The map as (indices, colours), ready for a palette PNG."""
         return remap_indices(rgb, self.palette)
+
+    def packed(self, rgb: np.ndarray) -> PackedMap:
+        """The map as palette-PNG scanlines (engine.sample.encode_map_png writes them)."""
+        return remap_packed(rgb, self.palette)
 
 
 def _palette_conditioner(palette: str) -> Conditioner:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
+from . import sample as S
 from .decode import decode_full
 from .imagepolicy import DEFAULT_MAX_PIXELS, Rejected
 
@@ -46,15 +47,15 @@ def read_samples(paths: list[str], limit: int) -> tuple[list[dict], int]:
 
     samples, skipped = [], 0
     for sample in tarfile_samples([{"url": p} for p in paths]):
-        image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        image_key = next((k for k in (S.JPG, "jpeg", "png", "webp") if k in sample), None)  # shards from elsewhere too
         try:  # shards may come from anywhere: the engine's decoding policy (formats, pixel limit)
             image = Image.fromarray(decode_full(sample[image_key], DEFAULT_MAX_PIXELS))
-            cond = sample.get("cond.png")
+            cond = sample.get(S.COND)
             cond = Image.fromarray(decode_full(cond, DEFAULT_MAX_PIXELS)) if cond else None
         except (KeyError, Rejected, OSError, ValueError, SyntaxError):
             skipped += 1
             continue
-        caption = sample.get("txt", b"").decode("utf-8", "replace")
+        caption = sample.get(S.TXT, b"").decode("utf-8", "replace")
         samples.append({"image": image, "cond": cond, "caption": caption, "key": sample.get("__key__", "")})
         if len(samples) >= limit:
             break

@@ -30,17 +30,10 @@ from .fetch import fetch, make_session
 from .hashes import ImageHashes, image_hashes, to_int64
 from .plan import Shard, prefilter
 from .quality import colorfulness
+from .sample import IMAGE_SIZE, encode_jpeg, encode_map_png, encode_png, sample_key, shard_name
 from .schema import sample_json, shard_kinds
 from .storage import store_of
-from .write import (
-    ShardWriteError,
-    TarShard,
-    encode_indexed_png,
-    encode_jpeg,
-    encode_png,
-    publish_shard,
-    shard_name,
-)
+from .write import ShardWriteError, TarShard, publish_shard
 
 Report = Callable[[int, int], None]  # (rows finished, samples written) since the last call
 Claim = Callable[[list], list]       # dedup claims -> verdicts, blocking (engine/dedup.py)
@@ -61,11 +54,6 @@ class Prepared:
     height: int
     format: str
     hashes: ImageHashes | None
-
-
-def sample_key(shard_id: int, index: int, shard_size: int) -> str:
-    """Stable key: shard id then row index, zero padded, so a rerun writes the same keys."""
-    return f"{shard_name(shard_id)}{index:0{max(5, len(str(shard_size - 1)))}d}"
 
 
 def jsonable(value):
@@ -96,9 +84,9 @@ def prepare(body: bytes, cfg: EngineConfig, conditioner, cpu: dict | None = None
     threshold = cfg.filters.min_colorfulness
     if threshold is not None and (score := colorfulness(crop)) < threshold:
         raise Rejected(O.LOW_COLOR, f"colourfulness {score:.1f} below {threshold}")
-    indexed = getattr(conditioner, "indexed", None)  # palette maps go straight to a palette PNG
-    cond = clock.lap("remap", indexed(crop) if indexed else conditioner(crop))
-    png = clock.lap("png", encode_indexed_png(*cond) if indexed else encode_png(cond))
+    packed = getattr(conditioner, "packed", None)  # palette maps come out as palette-PNG scanlines
+    cond = clock.lap("remap", packed(crop) if packed else conditioner(crop))
+    png = clock.lap("png", encode_map_png(cond) if packed else encode_png(cond))
     jpg = clock.lap("jpeg", encode_jpeg(crop, cfg.image.jpeg_quality))
     return Prepared(jpg, png, image.width, image.height, image.format, hashes)
 
@@ -338,7 +326,7 @@ class ShardRun:
         counts = Counter(r["outcome"] for r in self.records)
         return {
             "shard": self.shard.shard_id, "first_row": self.shard.first_row, "rows": len(self.rows),
-            "shard_size": self.cfg.shard_size, "image_size": self.cfg.image.image_size,
+            "shard_size": self.cfg.shard_size, IMAGE_SIZE: self.cfg.image.image_size,
             "outcomes": dict(sorted(counts.items())), "written": self.written, "bytes_downloaded": self.bytes,
             "seconds": round(seconds, 3), "images_per_s": round(self.written / seconds, 2) if seconds else 0.0,
             "duplicate_clusters": [{"owner": k, "count": n, "example_url": self.examples[k]}

@@ -16,15 +16,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
+from . import sample as S
 from .atomic import TMP_SUFFIX, fsync_dir, stage, tmp_path, write_atomic
-from .decode import turbojpeg
+from .sample import (  # noqa: F401 -- the sample format's names, imported from here since before engine/sample.py
+    SAMPLE_MEMBERS,
+    encode_indexed_png,
+    encode_jpeg,
+    encode_png,
+    shard_name,
+)
 
-SAMPLE_MEMBERS = ("cond.png", "jpg", "json", "txt")  # the members TarShard.write gives every key
 # Per-row parquet schema: fixed columns first, so shards concatenate cleanly.
 ROW_SCHEMA = pa.schema([
     ("key", pa.string()), ("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
@@ -33,40 +37,6 @@ ROW_SCHEMA = pa.schema([
     ("content_hash", pa.int64()), ("pixel_hash", pa.int64()), ("phash", pa.int64()),
     ("duplicate_of", pa.string()), ("seconds", pa.float32()),
 ])
-
-
-def shard_name(shard_id: int) -> str:
-    """Five digits, as webdataset brace patterns expect ({00000..00063})."""
-    return f"{shard_id:05d}"
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    """RGB uint8 -> JPEG bytes through libjpeg-turbo."""
-    from turbojpeg import TJPF_RGB
-
-    return turbojpeg().encode(np.ascontiguousarray(rgb), quality=quality, pixel_format=TJPF_RGB)
-
-
-def encode_png(cond: np.ndarray) -> bytes:
-    """Conditioning map -> PNG; one channel when the map is gray, which is 3x smaller."""
-    gray = bool((cond[..., 0] == cond[..., 1]).all() and (cond[..., 1] == cond[..., 2]).all())
-    im = Image.fromarray(np.ascontiguousarray(cond[..., 0]) if gray else cond, "L" if gray else "RGB")
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=1)  # maps of few colours compress well even at level 1
-    return buf.getvalue()
-
-
-def encode_indexed_png(indices: np.ndarray, colors: np.ndarray) -> bytes:
-    """(H, W) palette indices + (K, 3) colours -> palette PNG (mode P, 2-bit for up to 4 colours).
-
-    Decodes to the same RGB pixels as encode_png(colors[indices]) (Pillow's convert("RGB"),
-    webdataset's rgb8) at a fraction of the bytes and CPU.
-    """
-    im = Image.frombuffer("P", (indices.shape[1], indices.shape[0]), np.ascontiguousarray(indices), "raw", "P", 0, 1)
-    im.putpalette(np.ascontiguousarray(colors, np.uint8).tobytes(), "RGB")
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=1)  # Pillow picks the bit depth from the palette size
-    return buf.getvalue()
 
 
 def _dump(obj: dict) -> str:
@@ -137,8 +107,8 @@ class TarShard:
             raise ShardWriteError(self.broken)
         try:
             self.writer.write({
-                "__key__": key, "jpg": jpg, "cond.png": cond_png, "txt": caption.encode("utf-8"),
-                "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace"),
+                "__key__": key, S.JPG: jpg, S.COND: cond_png, S.TXT: caption.encode("utf-8"),
+                S.JSON: json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace"),
             })
         except Exception as exc:  # a half-written member leaves the tar unusable, whatever the cause
             self.broken = f"writing {self.final.name}: {type(exc).__name__}: {exc}"
@@ -210,7 +180,7 @@ def publish_shard(tar: TarShard, records: list[dict], stats: dict, ok_keys: list
     Any I/O error or mismatch removes every temporary and raises ShardWriteError. Returns the
     stats as written: with the files' sizes, which a resumed run checks before trusting them."""
     out, name = tar.final.parent, tar.final.name.removesuffix(".tar")
-    parquet, marker = out / f"{name}.parquet", out / f"{name}.stats.json"
+    parquet, marker = out / f"{name}.parquet", out / f"{name}{S.STATS_SUFFIX}"
     staged = [tar.tmp]
     try:
         tar.close()

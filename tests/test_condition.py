@@ -161,6 +161,22 @@ def test_remap_equals_imagemagick_on_rgb_cube(tmp_path, cube, spec, stride):
     assert np.any(plain_nearest(sample.reshape(1, -1, 3)[few], palette) != flat_theirs)
 
 
+@pytest.mark.parametrize("spec", [DEFAULT_PALETTE, NON_GRAY])
+def test_packed_remap_with_cell_table_equals_remap_on_every_colour(cube, spec):
+    """The engine's path (cell table, then the exact search for straddling cells, packed rows)
+    gives every one of the 2**24 colours the index remap_palette (== IM, tests above) gives it."""
+    from engine.condition import LUT_MAX_COLORS, remap_packed
+
+    palette = parse_palette(spec)
+    assert len(palette) <= LUT_MAX_COLORS  # the table path is the one under test
+    img = cube.reshape(4096, 4096, 3)
+    packed = remap_packed(img, palette)
+    per = 8 // packed.bits
+    shifts = (packed.bits * np.arange(per - 1, -1, -1)).astype(np.uint8)
+    indices = ((packed.rows[:, 1:, None] >> shifts) & ((1 << packed.bits) - 1)).reshape(4096, -1)[:, :4096]
+    assert np.array_equal(packed.colors[indices], remap_palette(img, palette, parallel=False))
+
+
 @pytest.mark.quick
 def test_remap_non_contiguous_and_threads():
     rgb = skimage_photo("astronaut.png")

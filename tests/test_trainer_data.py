@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +287,23 @@ def test_unequal_tars_resume_exactly_with_workers(tmp_path, tokenizer):
         for a, r in zip(full[cut:cut + 4], rest, strict=True):
             assert torch.equal(a["pixel_values"], r["pixel_values"])
             assert set(map(tuple, a["lanes"].tolist())) <= set(map(tuple, r["lanes"].tolist()))  # lanes alike
+
+
+def test_shards_recorded_at_another_size_stop_unless_resize(tmp_path, tokenizer):
+    """Stats saying 48 px against --resolution 32: an error naming both and the flags; --resize streams 32 px."""
+    import json
+
+    from engine import sample as S
+
+    paths = write_shards(tmp_path, n_shards=2, per_shard=4, size=48)
+    for i, path in enumerate(paths):  # what the engine writes beside each tar (engine/shard.py stats)
+        Path(S.stats_path(str(path))).write_text(json.dumps({"shard": i, S.IMAGE_SIZE: 48 if i else 32}))
+    pattern = str(tmp_path / "{00000..00001}.tar")
+    with pytest.raises(ValueError) as e:
+        ShardStream(cfg(pattern), tokenizer, 0)
+    assert "00001.stats.json" in str(e.value) and "48 px" in str(e.value)
+    assert "--resolution is 32" in str(e.value) and "pass --resolution 48, or --resize" in str(e.value)
+    (batch,) = take(build_loader(cfg(pattern, resize=True), tokenizer, 0, Position(), False), 1)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["conditioning_pixel_values"].shape == (2, 3, 32, 32)
+    (batch,) = take(build_loader(cfg(str(paths[1]), resolution=48), tokenizer, 0, Position(), False), 1)
+    assert batch["pixel_values"].shape == (2, 3, 48, 48)

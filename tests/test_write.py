@@ -89,3 +89,29 @@ def test_palette_png_decodes_to_the_remapped_pixels_everywhere(astronaut, palett
     _, trainer_cond = load_pair({"jpg": encode_jpeg(crop, 95), "cond.png": png}, 512)
     assert np.array_equal(trainer_cond, expected)
     assert len(png) < len(encode_png(expected))
+
+
+PALETTES_BY_BITS = {1: "black,white", 2: "black,gray50,white", 4: "red,#0a0b0c,navy,yellow,white",
+                    8: ",".join(f"#{v:02x}{(v * 7) % 256:02x}{(v * 13) % 256:02x}" for v in range(0, 255, 12))}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_packed_map_png_is_the_remap_at_any_width(astronaut, bits):
+    """The kernel's own scanlines (no index image, no Pillow encode) decode to remap_palette's
+    pixels, for every PNG bit depth and for widths that end mid-byte and mid-chunk."""
+    import io
+
+    from PIL import Image
+
+    from engine.condition import make_conditioner, remap_packed
+    from engine.sample import encode_indexed_png, encode_map_png
+
+    cond = make_conditioner("palette", PALETTES_BY_BITS[bits])
+    for h, w in [(512, 512), (37, 301), (5, 1)]:
+        crop = np.ascontiguousarray(scaled(astronaut, max(h, w), max(h, w))[:h, :w])
+        packed = remap_packed(crop[:, :], cond.palette)
+        png = encode_map_png(packed)
+        im = Image.open(io.BytesIO(png))
+        assert (packed.bits, im.mode, im.size) == (bits, "P", (w, h))
+        assert np.array_equal(np.asarray(im.convert("RGB")), cond(crop)), (h, w)
+        assert png == encode_indexed_png(*cond.indexed(crop))  # numpy packing writes the same bytes

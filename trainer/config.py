@@ -33,7 +33,7 @@ class DataConfig:
     shards: str = field(default="", metadata=opt(required=True))
     """Shard pattern (quote it): local paths, brace ranges (`shards/{00000..00063}.tar`) or `pipe:` URLs; `::` joins patterns."""
     resolution: int = field(default=512, metadata=opt("--resolution"))
-    """Square training size in pixels; shorter side resized to it, then center-cropped."""
+    """Square training size in pixels; must equal the crop size the shards' stats record (else see --resize)."""
     train_batch_size: int = field(default=4, metadata=opt("--train-batch-size", "--train_batch_size"))
     """Samples per micro-batch (per forward pass)."""
     proportion_empty_prompts: float = field(default=0.5, metadata=opt("--proportion-empty-prompts",
@@ -45,6 +45,9 @@ class DataConfig:
     """DataLoader worker processes that decode JPEG/PNG; 0 decodes in the training process."""
     max_failed_batches: int = 50
     """Stop with an error naming the shard and member after this many batches in a row with no decodable sample."""
+    resize: bool = False
+    """Resize samples to --resolution (shorter side, then a center crop) when the shards' stats record another
+    image size; without it such shards stop the run with an error naming both sizes."""
 
     def __post_init__(self) -> None:
         if not self.shards:

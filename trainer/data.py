@@ -25,6 +25,10 @@ run with an error naming the shard and the member (a shard set without cond.png 
 Members are decoded under the engine's decoding policy (engine/imagepolicy.py): only JPEG, PNG,
 WebP, GIF, BMP and TIFF, pixel count checked from the header; PostScript, PDF and the rest are refused.
 
+Shards whose stats (NNNNN.stats.json beside a local tar, engine/sample.py) record another crop size
+than --resolution stop the run before training with an error naming both and the flags; --resize
+resizes instead (shorter side to --resolution, then a center crop, as for shards without stats).
+
 Shards written by `python -m trainer precompute` (a `precompute.json` beside them) are detected and
 streamed as `latent_mean`, `latent_std` and `encoder_hidden_states` instead of pixels and token ids;
 caption dropout then swaps in the empty prompt's stored embedding (trainer.objective.encode_batch).
@@ -47,11 +51,12 @@ from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from engine.imagepolicy import Rejected, open_image
+from engine import sample as S
+from engine.imagepolicy import Rejected
 from trainer.config import DataConfig
 from trainer.precompute import EMBED_KEY, EMPTY_FILE, LATENT_KEY, META_FILE, npy_load
 
-IMAGE_KEY, COND_KEY, TEXT_KEY = "jpg", "cond.png", "txt"
+IMAGE_KEY, COND_KEY, TEXT_KEY = S.JPG, S.COND, S.TXT  # the names this module used before engine/sample.py
 META_KEYS = ("position", "failed", "lanes")
 """Batch entries that describe the stream (stay on the host), not training inputs."""
 
@@ -171,8 +176,7 @@ def decode_member(sample: dict, key: str) -> Image.Image:
     if not isinstance(data, bytes):
         raise SampleError(f"no {key}")
     try:
-        with open_image(data) as im:
-            return im.convert("RGB")
+        return S.decode_rgb(data)
     except Rejected as exc:
         raise SampleError(f"{key} refused ({exc.outcome}: {exc.reason})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -186,6 +190,31 @@ def load_pair(sample: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     if cond.size != image.size:
         cond = cond.resize(image.size, Image.NEAREST)
     return resize_crop(image, resolution, Image.BILINEAR), resize_crop(cond, resolution, Image.NEAREST)
+
+
+def local_stats(pattern: str) -> list[tuple[Path, dict]]:
+    """(path, stats) of each local shard with a readable NNNNN.stats.json beside it (the engine's)."""
+    found = []
+    for url in expand_shards(pattern):
+        path = Path(S.stats_path(url.removeprefix("file:")))
+        if url.startswith("pipe:") or not path.is_file():
+            continue
+        try:
+            found.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue  # an unreadable stats file says nothing about sizes; the samples still decode
+    return found
+
+
+def check_image_size(pattern: str, resolution: int, resize: bool) -> None:
+    """Refuse shards whose stats record another crop size than --resolution, unless --resize."""
+    if resize:
+        return
+    for path, stats in local_stats(pattern):
+        size = stats.get(S.IMAGE_SIZE)
+        if isinstance(size, int) and size != resolution:
+            raise ValueError(f"{path.name} says its shard holds {size} px images ({S.IMAGE_SIZE}) but --resolution is "
+                             f"{resolution}: pass --resolution {size}, or --resize to resize every sample to {resolution}")
 
 
 def precomputed_meta(pattern: str, resolution: int) -> dict | None:
@@ -224,8 +253,7 @@ def resize_crop(img: Image.Image, size: int, resample: int) -> np.ndarray:
 
 def caption_of(sample: dict, index: int, seed: int, p_empty: float) -> str:
     """The sample's caption, or the empty prompt with probability p_empty (seeded by the sample index)."""
-    text = sample.get(TEXT_KEY, b"")
-    text = text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else str(text)
+    text = S.caption_text(sample)
     return "" if random.Random(_mix(seed, index, 2)).random() < p_empty else text
 
 
@@ -241,6 +269,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.urls = expand_shards(cfg.shards)
         self._last_failure = ""  # the latest undecodable sample: shard URL, member, reason
         self.meta = precomputed_meta(cfg.shards, cfg.resolution)
+        check_image_size(cfg.shards, cfg.resolution, cfg.resize)
         gbs = cfg.train_batch_size * world
         if layout is None and start.layout is None and self.first:  # a checkpoint from before lanes: one lane
             layout = Layout(1, 1, gbs)

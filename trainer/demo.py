@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from engine import sample as S
 from trainer.config import (
     CheckpointConfig,
     DataConfig,
@@ -74,9 +75,9 @@ def first_photo(shards: str, dest: Path) -> Path:
     from webdataset.tariterators import tarfile_samples
 
     for sample in tarfile_samples([{"url": u} for u in expand_shards(shards)]):
-        if "jpg" in sample:
+        if S.JPG in sample:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(sample["jpg"])
+            dest.write_bytes(sample[S.JPG])
             return dest
     raise ValueError(f"no photo in {shards}")
 

@@ -1,7 +1,7 @@
 """`python -m trainer precompute`: encode shards once, so training never runs the VAE encoder or text encoder.
 
     python -m trainer precompute --shards 'shards/{00000..00063}.tar' --model MODEL --output pre/ \
-        [--device cuda|cpu] [--batch-size N] [--resolution 512]
+        [--device cuda|cpu] [--batch-size N] [--resolution 512] [--resize]
 
 Input shard i becomes `OUTPUT/{i:05d}.tar`, its samples under the same keys, in the same order:
 
@@ -33,14 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from engine import options
+from engine import sample as S
 from engine.atomic import fsync_file, tmp_path
 from engine.options import check_choices, opt
 
 META_FILE, EMPTY_FILE = "precompute.json", "empty_prompt.npy"
-LATENT_KEY, EMBED_KEY = "latent.npy", "text.npy"
+LATENT_KEY, EMBED_KEY = S.LATENT, S.EMBED  # the names this module used before engine/sample.py
 TEXT_CACHE = 4096  # distinct captions kept; LAION repeats captions mostly within nearby rows
 
 
@@ -60,6 +60,8 @@ class PrecomputeConfig:
     """Images per VAE forward pass."""
     resolution: int = 512
     """Training resolution; must equal the trainer's --resolution."""
+    resize: bool = False
+    """Resize samples whose shards' stats record another image size than --resolution (default: stop)."""
     revision: str | None = None
     """Hub revision of --model."""
     variant: str | None = None
@@ -141,17 +143,7 @@ class Encoders:
 
 def caption(sample: dict) -> str:
     """The sample's caption as the trainer reads it (stripped UTF-8, empty when absent)."""
-    from trainer.data import TEXT_KEY
-
-    text = sample.get(TEXT_KEY, b"")
-    return text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else str(text)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """An RGB array as PNG bytes (lossless: palette values stay exact)."""
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "PNG")
-    return buf.getvalue()
+    return S.caption_text(sample)
 
 
 def encode_batch(enc: Encoders, items: list[tuple[dict, np.ndarray, np.ndarray]]) -> list[dict]:
@@ -161,8 +153,8 @@ def encode_batch(enc: Encoders, items: list[tuple[dict, np.ndarray, np.ndarray]]
     out = []
     for (s, _, cond), latent, embed in zip(items, lat, embeds, strict=True):
         rec = {"__key__": s["__key__"], LATENT_KEY: npy_bytes(latent), EMBED_KEY: npy_bytes(embed),
-               "cond.png": png_bytes(cond)}
-        rec.update({k: s[k] for k in ("txt", "json") if k in s})
+               S.COND: S.encode_png(cond)}  # lossless: palette values stay exact
+        rec.update({k: s[k] for k in (S.TXT, S.JSON) if k in s})
         out.append(rec)
     return out
 
@@ -218,17 +210,18 @@ def write_meta(enc: Encoders, cfg: PrecomputeConfig, out: Path) -> None:
 
 def precompute(cfg: PrecomputeConfig) -> dict:
     """Encode every input shard into cfg.output; skip output shards that already exist; return the counts."""
-    from trainer.data import expand_shards
+    from trainer.data import check_image_size, expand_shards
     from trainer.train import resolve_device
 
     urls = expand_shards(cfg.shards)
+    check_image_size(cfg.shards, cfg.resolution, cfg.resize)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     enc = Encoders(cfg, resolve_device(cfg.device))
     write_meta(enc, cfg, out)
     total = {"shards": 0, "skipped_shards": 0, "samples": 0, "failed": 0, "read_errors": 0}
     for i, url in enumerate(urls):
-        dest = out / f"{i:05d}.tar"
+        dest = out / f"{S.shard_name(i)}.tar"
         if dest.exists():  # complete: shards only appear under their final name when finished
             total["skipped_shards"] += 1
             continue

@@ -1,8 +1,10 @@
 """Small shards in the engine's sample format, for tests and benchmarks (no engine, no network).
 
-A sample is `KEY.jpg` (RGB JPEG), `KEY.cond.png` (conditioning map, mode L or RGB), `KEY.txt`,
-`KEY.json` (with `url`); shards are `00000.tar`, `00001.tar`, ... Photos come from scikit-image's
-bundled data (a dev dependency, imported only here).
+The engine's sample format (engine/sample.py: member names, keys, shard names): `KEY.jpg`,
+`KEY.cond.png` (mode L or RGB), `KEY.txt`, `KEY.json` (with `url`), no stats files (so the
+trainer resizes these to any --resolution). Photos come from scikit-image's bundled data (a dev
+dependency, imported only here); the JPEGs stay Pillow's quality 90, which the reference losses
+in tests/assets were recorded on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from engine import sample as S
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 
@@ -70,15 +74,15 @@ def write_shards(folder: str | Path, n_shards: int = 2, per_shard: int = 8, size
     pics = photos() if kind == "photo" else []
     paths = []
     for s in range(n_shards):
-        path = folder / f"{s:05d}.tar"
+        path = folder / f"{S.shard_name(s)}.tar"
         with wds.TarWriter(str(path)) as sink:
             for i in range(per_shard):
                 image, cond = photo_sample(rng, pics, size) if kind == "photo" else blocks_sample(rng, size)
-                key = f"{s:05d}{i:05d}"
+                key = S.sample_key(s, i, per_shard)
                 sink.write({
-                    "__key__": key, "jpg": encode(image, "JPEG"), "cond.png": encode(cond.convert(cond_mode), "PNG"),
-                    "txt": f"a photo, sample {key}" if captions else "",
-                    "json": json.dumps({"url": f"http://127.0.0.1/{key}.jpg", "key": key}),
+                    "__key__": key, S.JPG: encode(image, "JPEG"), S.COND: encode(cond.convert(cond_mode), "PNG"),
+                    S.TXT: f"a photo, sample {key}" if captions else "",
+                    S.JSON: json.dumps({"url": f"http://127.0.0.1/{key}.jpg", "key": key}),
                 })
         paths.append(path)
     return paths
@@ -93,7 +97,7 @@ def first_condition(shards: str | Path | list, dest: str | Path) -> Path:
     urls = [str(u) for u in shards] if isinstance(shards, list) else [str(shards)]
     for sample in tarfile_samples([{"url": u} for u in urls]):
         try:
-            decode_member(sample, "cond.png").save(dest)  # the decoding policy: allowed formats only
+            decode_member(sample, S.COND).save(dest)  # the decoding policy: allowed formats only
             return Path(dest)
         except SampleError:
             continue
