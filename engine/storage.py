@@ -13,7 +13,7 @@ store it is built the same way in a local temporary folder, then uploaded: tar a
 the NNNNN.stats.json marker last; an object store has no rename, but a single object appears whole
 or not at all, so a marker still vouches only for files already there, and resume checks their
 sizes against it as on disk (pipeline.trusted). The single-writer rule is a lease object
-(LEASE): see ObjectStore.lock.
+(LEASE): see engine/lease.py.
 """
 
 from __future__ import annotations
@@ -23,18 +23,13 @@ import fnmatch
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
-import time
-import uuid
 from pathlib import Path
 
+from .lease import LEASE, LEASE_TTL_S, RENEW_S, SETTLE_S, Leased  # noqa: F401 - importable here
+
 SCHEMES = ("s3://", "gs://", "gcs://")
-LEASE = ".lock.json"  # an object store's single-writer lease (a local folder has a flock on .lock)
-LEASE_TTL_S = 60.0  # a lease not renewed for this long, by a driver on another host, is stale
-RENEW_S = 10.0  # how often the holder renews it
-SETTLE_S = 1.0  # wait after writing a lease before reading it back: the last of two racing writers wins
 MARKER = "[0-9][0-9][0-9][0-9][0-9]*.stats.json"
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
@@ -140,7 +135,7 @@ class Staging:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class ObjectStore:
+class ObjectStore(Leased):
     """`s3://bucket/prefix` or `gs://bucket/prefix` through pyarrow.fs; every object is put whole."""
 
     remote = True
@@ -219,7 +214,7 @@ class ObjectStore:
 
     def stage_shard(self) -> Staging:
         """A fresh local folder to build one shard in, with the lease it will be uploaded under."""
-        lease = json.loads(self.read(LEASE) or b"{}").get("run")
+        lease = self.lease_run()
         return Staging(self, Path(tempfile.mkdtemp(prefix="ctrlnet-shard-")), lease)
 
     def upload_shard(self, folder: Path, name: str, lease: str | None) -> None:
@@ -231,7 +226,7 @@ class ObjectStore:
             self.delete(marker)  # a marker left by an untrusted earlier attempt goes before its files change
             for ext in (".tar", ".parquet"):
                 self._upload(folder / f"{name}{ext}", f"{name}{ext}")
-            holder = json.loads(self.read(LEASE) or b"{}").get("run")
+            holder = self.lease_run()
             if holder != lease:
                 raise ShardWriteError(f"shard {name}: another run ({holder}) took over {self.url}; not marked done")
             self._upload(folder / marker, marker)
@@ -255,80 +250,6 @@ class ObjectStore:
         except OSError as exc:
             raise OutputError(f"--output {self.url}: {_one_line(exc)} (check --s3-endpoint and the "
                               "credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws)") from None
-
-    @contextlib.contextmanager
-    def lock(self):
-        """Hold the lease object LEASE for this run, renewed every RENEW_S seconds.
-
-        Object stores have no flock, and pyarrow cannot send a conditional put (If-None-Match), so:
-        a lease held by a live run (same host: its process is alive; another host: renewed within
-        LEASE_TTL_S) refuses this run; else this run writes its own, waits SETTLE_S and reads it
-        back (of two racing runs the last writer wins, the other stops). Every shard reads the
-        lease again before its marker, so a run that lost it never marks a shard done."""
-        self.check()
-        lease = self._take()
-        stop = threading.Event()
-        renew = threading.Thread(target=self._renew, args=(lease, stop), daemon=True, name="lease")
-        renew.start()
-        try:
-            yield lease
-        finally:
-            stop.set()
-            renew.join()
-            with contextlib.suppress(OSError):
-                if json.loads(self.read(LEASE) or b"{}").get("run") == lease["run"]:
-                    self.delete(LEASE)
-
-    def _take(self) -> dict:
-        """Write this run's lease unless a live run holds one; refuse when another run wins the race."""
-        held = self._holder()
-        if held:
-            raise RuntimeError(f"another run ({held}) is writing to {self.url}; wait for it or choose another "
-                               f"--output (a lease of a run on another host expires {LEASE_TTL_S:.0f} s after "
-                               f"its last renewal; delete {self.url}/{LEASE} if that run is gone)")
-        lease = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()}
-        self.write_json(LEASE, lease)
-        time.sleep(SETTLE_S)
-        now = json.loads(self.read(LEASE) or b"{}")
-        if now.get("run") != lease["run"]:
-            raise RuntimeError(f"another run ({now.get('host')} pid {now.get('pid')}) started writing to "
-                               f"{self.url} at the same moment; wait for it or choose another --output")
-        return lease
-
-    def _holder(self) -> str | None:
-        """'host pid N' of a live run holding the lease, None when there is none or it is stale."""
-        try:
-            held = json.loads(self.read(LEASE) or b"{}")
-        except ValueError:
-            return None  # a torn or foreign lease object cannot hold anyone out
-        if not held.get("run"):
-            return None
-        if held.get("host") == socket.gethostname():
-            alive = _pid_alive(int(held.get("pid", 0)))
-        else:
-            alive = time.time() - float(held.get("renewed", 0)) < LEASE_TTL_S
-        return f"{held.get('host')} pid {held.get('pid')}" if alive else None
-
-    def _renew(self, lease: dict, stop: threading.Event) -> None:
-        """Rewrite the lease's time while the run lasts (a failed renewal is retried at the next)."""
-        while not stop.wait(RENEW_S):
-            with contextlib.suppress(OSError):
-                if json.loads(self.read(LEASE) or b"{}").get("run") == lease["run"]:
-                    self.write_json(LEASE, {**lease, "renewed": time.time()})
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process of this host has this id."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _one_line(exc: BaseException) -> str:
     """An SDK's error message on one line."""

@@ -138,7 +138,7 @@ def test_a_bad_endpoint_or_bucket_is_one_clear_line(s3, tmp_path, capsys):
 
 def test_the_lease_keeps_a_second_writer_out_and_a_dead_ones_lease_is_taken_over(s3, monkeypatch):
     endpoint, client = s3
-    monkeypatch.setattr(S, "SETTLE_S", 0.05)
+    monkeypatch.setattr("engine.lease.SETTLE_S", 0.05)  # engine/lease.py reads it
     store = S.ObjectStore("s3://bucket/leased", endpoint)
     with store.lock() as lease:
         with pytest.raises(RuntimeError, match="another run .* is writing to s3://bucket/leased"):

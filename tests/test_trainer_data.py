@@ -13,16 +13,8 @@ import torch
 from PIL import Image
 
 from trainer.config import DataConfig
-from trainer.data import (
-    Layout,
-    Position,
-    ShardDataError,
-    ShardStream,
-    build_loader,
-    expand_shards,
-    plan_layout,
-    record_lanes,
-)
+from trainer.data import ShardDataError, ShardStream, build_loader, expand_shards
+from trainer.lanes import Layout, Position, plan_layout, record_lanes
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_tokenizer
 

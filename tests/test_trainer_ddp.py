@@ -19,7 +19,8 @@ from trainer.config import (
     DataConfig,
     TrainConfig,
 )
-from trainer.data import Layout, Position, ShardStream, record_lanes
+from trainer.data import ShardStream
+from trainer.lanes import Layout, Position, record_lanes
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_tokenizer
 from trainer.train import train

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.data import pack, unpack
+from trainer.packing import pack, unpack
 from trainer.prefetch import prefetch
 
 pytestmark = pytest.mark.quick

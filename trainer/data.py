@@ -1,21 +1,10 @@
 """Stream the engine's WebDataset shards into training batches.
 
-The stream is cut into lanes (Layout), fixed when a run starts and kept in its checkpoints, so a run
-is the same with 0 or 8 workers on those lanes and a resume continues exactly where it left off:
-
-* one lane per DataLoader worker of every process when there are tars enough (fewer: workers share a
-  process's lanes; fewer tars than processes: one lane that every worker reads, each decoding only its
-  own samples). Epoch e shuffles the shards by (seed, e) and gives lane l every L-th of them; the lane
-  passes its raw (undecoded) samples through its own shuffle buffer. Each tar is read once an epoch
-  over all workers and ranks; lanes of unequal length run through their epochs at their own pace;
-* global samples are numbered 0, 1, 2, ...; sample i belongs to global batch i // (world x batch_size)
-  and comes from lane Layout.lane(i); under the run's own layout DataLoader worker w of rank r needs
-  exactly one lane (the batches it owns, round-robin in the order the DataLoader asks for them, and
-  rank r's samples j % W == r of each); with other counts a worker reads the lanes it needs;
-* caption drop for sample i uses a generator seeded by (seed, i);
-* every batch reports where its lanes stand ("lanes": lane, epoch, offset, end sample); the loop keeps
-  the latest in TrainState.extra (all ranks' under torchrun), and the position is counted in global
-  samples, so a resume on another number of processes or workers continues at the same sample.
+The stream is cut into lanes, fixed when a run starts and kept in its checkpoints (trainer/lanes.py:
+Layout, Position), so a run is the same with 0 or 8 workers on those lanes and a resume continues exactly
+where it left off. Epoch e shuffles the shards by (seed, e) and gives lane l every L-th of them; the lane
+passes its raw (undecoded) samples through its own shuffle buffer. Caption drop for sample i uses a
+generator seeded by (seed, i). Batches from workers travel packed in one buffer (trainer/packing.py).
 
 A resume restarts each lane's epoch and skips the samples already used without decoding them.
 Samples that fail to decode are replaced by another sample of the same batch and counted; a batch
@@ -42,7 +31,6 @@ import math
 import random
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,67 +42,15 @@ from webdataset.tariterators import tarfile_samples
 from engine import sample as S
 from engine.imagepolicy import Rejected
 from trainer.config import DataConfig
+
+# merge_lanes, record_lanes and resume_position (trainer/lanes.py) stay importable from here
+from trainer.lanes import Layout, Position, merge_lanes, plan_layout, record_lanes, resume_position  # noqa: F401
+from trainer.packing import pack, unpack
 from trainer.precompute import EMBED_KEY, EMPTY_FILE, LATENT_KEY, META_FILE, npy_load
 
 IMAGE_KEY, COND_KEY, TEXT_KEY = S.JPG, S.COND, S.TXT  # the names this module used before engine/sample.py
 META_KEYS = ("position", "failed", "lanes")
 """Batch entries that describe the stream (stay on the host), not training inputs."""
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where the stream stands: batches consumed, and the epoch / sample offset that follows them."""
-
-    batches: int = 0
-    epoch: int = 0
-    offset: int = 0
-    samples: int | None = None
-    """Global samples consumed (all ranks); None in checkpoints older than it: batches x batch size."""
-    layout: Layout | None = None
-    """The lane layout the run started with (kept across resumes); None: chosen now (fresh run) or one lane
-    (checkpoints older than lanes, whose epoch and offset then belong to that lane)."""
-    lanes: dict[int, tuple[int, int]] | None = None
-    """Each lane's (epoch, offset) after the samples consumed; a lane missing here has not been read yet."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How the sample stream is cut into lanes, each lane a disjoint set of tars per epoch.
-
-    Global sample i comes from lane ((i // global_batch) % workers) * ranks + i % ranks: with the layout's own
-    process and worker counts, DataLoader worker w of rank r needs exactly one lane, so each tar is read once
-    an epoch. Fixed when a run starts and kept in its checkpoints: a resume with other counts reads the lanes
-    each of its workers needs (sharing some) and continues exactly.
-    """
-
-    ranks: int = 1
-    """Processes the lanes are cut for (a divisor of the global batch)."""
-    workers: int = 1
-    """DataLoader workers per process the lanes are cut for."""
-    global_batch: int = 1
-    """Samples of one global batch (batch size x processes) when the run started."""
-
-    @property
-    def lanes(self) -> int:
-        """Number of lanes."""
-        return self.ranks * self.workers
-
-    def lane(self, index: int) -> int:
-        """The lane that global sample `index` is read from."""
-        return ((index // self.global_batch) % self.workers) * self.ranks + index % self.ranks
-
-
-def plan_layout(n_shards: int, world: int, workers: int, global_batch: int) -> Layout:
-    """One lane per worker of every process when there are tars enough; else fewer workers per lane.
-
-    With fewer tars than processes x workers, the workers of a process share its lanes (a divisor of the
-    worker count, so each worker still reads one lane); with fewer tars than processes everything is one
-    lane that every worker reads, each decoding only its own samples (sample-level splitting).
-    """
-    if n_shards < world:
-        return Layout(1, 1, global_batch)
-    per_rank = max(d for d in range(1, max(1, workers) + 1) if max(1, workers) % d == 0 and world * d <= n_shards)
-    return Layout(world, per_rank, global_batch)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -260,8 +196,9 @@ def caption_of(sample: dict, index: int, seed: int, p_empty: float) -> str:
 class ShardStream(torch.utils.data.IterableDataset):
     """Infinite stream of collated batches (dicts of tensors) from WebDataset shards."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, seed: int, start: Position = Position(), rank: int = 0,
-                 world: int = 1, layout: Layout | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer, seed: int,
+                 start: Position = Position(),  # noqa: B008 - a frozen dataclass, safe to share
+                 rank: int = 0, world: int = 1, layout: Layout | None = None):
         super().__init__()
         self.cfg, self.tokenizer, self.seed, self.start = cfg, tokenizer, seed, start
         self.rank, self.world = rank, world
@@ -423,70 +360,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "encoder_hidden_states": torch.from_numpy(np.stack([d[2] for d in decoded]))}
 
 
-def pack(batch: dict) -> dict:
-    """A batch's tensors in one uint8 buffer (their storages, 16-byte aligned, shared ones once) and how to
-    rebuild each view with its strides (a permuted map keeps its memory layout, so kernels see the same input).
-
-    Each tensor a worker sends costs the training process a shared-memory handle to receive and a
-    buffer to pin; one buffer a batch keeps that host time small while the step runs (bench/loader_cpu.py).
-    """
-    spec, starts, offset = [], {}, 0
-    for key, value in batch.items():
-        storage = value.untyped_storage()
-        if storage.data_ptr() not in starts:
-            offset = -(-offset // 16) * 16
-            starts[storage.data_ptr()] = (offset, storage)
-            offset += storage.nbytes()
-        spec.append((key, value.dtype, tuple(value.shape), value.stride(), value.storage_offset(),
-                     starts[storage.data_ptr()][0]))
-    buf = torch.empty(-(-offset // 16) * 16, dtype=torch.uint8)  # a whole number of elements of any dtype
-    for start, storage in starts.values():
-        buf[start:start + storage.nbytes()] = torch.empty(0, dtype=torch.uint8).set_(storage)
-    return {"packed": buf, "spec": spec}
-
-
-def unpack(batch: dict) -> dict:
-    """The tensors of a packed batch, as views of its (pinned) buffer; other batches unchanged."""
-    if "packed" not in batch:
-        return batch
-    buf, out = batch["packed"], {}
-    for key, dtype, shape, stride, offset, start in batch["spec"]:
-        size = torch.empty((), dtype=dtype).element_size()
-        out[key] = buf.view(dtype).as_strided(shape, stride, start // size + offset)
-    return out
-
-
 class _Loader(torch.utils.data.DataLoader):
     """A DataLoader whose workers' packed batches come out as the usual dict of tensors."""
 
     def __iter__(self):
         return map(unpack, super().__iter__())
-
-
-def record_lanes(extra: dict, lanes: torch.Tensor) -> None:
-    """Keep each lane's latest (epoch, offset) from a batch's lane report in the checkpointed `extra`."""
-    table = extra.setdefault("data_lanes", {})
-    for lane, epoch, offset, end in lanes.tolist():
-        if end >= table.get(str(lane), (0, 0, -1))[2]:
-            table[str(lane)] = [epoch, offset, end]
-
-
-def merge_lanes(tables: list[dict]) -> dict:
-    """The lane tables of several ranks as one: for each lane the entry reported at the latest sample."""
-    merged: dict = {}
-    for table in tables:
-        for lane, entry in table.items():
-            if entry[2] >= merged.get(lane, (0, 0, -1))[2]:
-                merged[lane] = list(entry)
-    return merged
-
-
-def resume_position(state) -> Position:
-    """The data position a TrainState (a checkpoint's counters) records, lanes and their layout included."""
-    layout = state.extra.get("data_layout")
-    lanes = {int(k): (v[0], v[1]) for k, v in state.extra.get("data_lanes", {}).items()}
-    return Position(state.batches, state.epoch, state.offset, state.samples,
-                    Layout(**layout) if layout else None, lanes if layout else None)
 
 
 def _worker_init(_: int) -> None:

@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
-from trainer.data import META_KEYS, ShardStream, merge_lanes, record_lanes
+from trainer.data import META_KEYS, ShardStream
 from trainer.distributed import World, agree_stop, all_sum, no_sync
+from trainer.lanes import merge_lanes, record_lanes
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models, autocast
 from trainer.objective import Objective, step_loss

@@ -11,8 +11,9 @@ import torch
 
 from engine.atomic import write_text_atomic
 from trainer.config import TrainConfig
-from trainer.data import build_loader, precomputed_meta, resume_position
+from trainer.data import build_loader, precomputed_meta
 from trainer.distributed import World, init, shutdown, world_from_env, wrap
+from trainer.lanes import resume_position
 from trainer.loop import Run, StopSignal, effective_batch, train_loop
 from trainer.metrics import RunLog, SilentLog, measure_matmul_flops
 from trainer.models import DTYPES, Models, load_models, param_groups

@@ -1,0 +1,103 @@
+"""The single-writer lease of an object store: one run at a time writes to an s3:// or gs:// --output.
+
+Object stores have no flock (a local folder has one on .lock, engine/storage.py), and pyarrow cannot
+send a conditional put (If-None-Match), so the run holds a lease object (LEASE) that it renews every
+RENEW_S seconds: see Leased.lock. Every shard reads the lease again before its marker is uploaded
+(ObjectStore.upload_shard), so a run that lost it never marks a shard done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+LEASE = ".lock.json"  # an object store's single-writer lease (a local folder has a flock on .lock)
+LEASE_TTL_S = 60.0  # a lease not renewed for this long, by a driver on another host, is stale
+RENEW_S = 10.0  # how often the holder renews it
+SETTLE_S = 1.0  # wait after writing a lease before reading it back: the last of two racing writers wins
+
+
+class Leased:
+    """The lease of a store (mixed into ObjectStore): needs its read, write_json, delete, check and url."""
+
+    def lease_run(self) -> str | None:
+        """The run id the lease object names, None when there is none."""
+        return json.loads(self.read(LEASE) or b"{}").get("run")
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the lease object LEASE for this run, renewed every RENEW_S seconds.
+
+        Object stores have no flock, and pyarrow cannot send a conditional put (If-None-Match), so:
+        a lease held by a live run (same host: its process is alive; another host: renewed within
+        LEASE_TTL_S) refuses this run; else this run writes its own, waits SETTLE_S and reads it
+        back (of two racing runs the last writer wins, the other stops). Every shard reads the
+        lease again before its marker, so a run that lost it never marks a shard done."""
+        self.check()
+        lease = self._take()
+        stop = threading.Event()
+        renew = threading.Thread(target=self._renew, args=(lease, stop), daemon=True, name="lease")
+        renew.start()
+        try:
+            yield lease
+        finally:
+            stop.set()
+            renew.join()
+            with contextlib.suppress(OSError):
+                if self.lease_run() == lease["run"]:
+                    self.delete(LEASE)
+
+    def _take(self) -> dict:
+        """Write this run's lease unless a live run holds one; refuse when another run wins the race."""
+        held = self._holder()
+        if held:
+            raise RuntimeError(f"another run ({held}) is writing to {self.url}; wait for it or choose another "
+                               f"--output (a lease of a run on another host expires {LEASE_TTL_S:.0f} s after "
+                               f"its last renewal; delete {self.url}/{LEASE} if that run is gone)")
+        lease = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()}
+        self.write_json(LEASE, lease)
+        time.sleep(SETTLE_S)
+        now = json.loads(self.read(LEASE) or b"{}")
+        if now.get("run") != lease["run"]:
+            raise RuntimeError(f"another run ({now.get('host')} pid {now.get('pid')}) started writing to "
+                               f"{self.url} at the same moment; wait for it or choose another --output")
+        return lease
+
+    def _holder(self) -> str | None:
+        """'host pid N' of a live run holding the lease, None when there is none or it is stale."""
+        try:
+            held = json.loads(self.read(LEASE) or b"{}")
+        except ValueError:
+            return None  # a torn or foreign lease object cannot hold anyone out
+        if not held.get("run"):
+            return None
+        if held.get("host") == socket.gethostname():
+            alive = _pid_alive(int(held.get("pid", 0)))
+        else:
+            alive = time.time() - float(held.get("renewed", 0)) < LEASE_TTL_S
+        return f"{held.get('host')} pid {held.get('pid')}" if alive else None
+
+    def _renew(self, lease: dict, stop: threading.Event) -> None:
+        """Rewrite the lease's time while the run lasts (a failed renewal is retried at the next)."""
+        while not stop.wait(RENEW_S):
+            with contextlib.suppress(OSError):
+                if self.lease_run() == lease["run"]:
+                    self.write_json(LEASE, {**lease, "renewed": time.time()})
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this host has this id."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
