@@ -299,3 +299,18 @@ def test_shards_recorded_at_another_size_stop_unless_resize(tmp_path, tokenizer)
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["conditioning_pixel_values"].shape == (2, 3, 32, 32)
     (batch,) = take(build_loader(cfg(str(paths[1]), resolution=48), tokenizer, 0, Position(), False), 1)
     assert batch["pixel_values"].shape == (2, 3, 48, 48)
+
+
+def test_the_demo_trains_below_the_shards_recorded_size(tmp_path, tokenizer):
+    """`make demo` trains its tiny model at 64 px on the engine's 512 px shards: its config must say --resize."""
+    import json
+
+    from engine import sample as S
+    from trainer.demo import demo_config
+
+    (path,) = write_shards(tmp_path, n_shards=1, per_shard=4, size=96)
+    Path(S.stats_path(str(path))).write_text(json.dumps({"shard": 0, S.IMAGE_SIZE: 96}))
+    (tmp_path / "c.png").write_bytes(b"")  # only checked to exist here
+    data = demo_config(str(path), tmp_path / "out", tmp_path, tmp_path / "c.png", steps=2, resolution=32).data
+    (batch,) = take(build_loader(data, tokenizer, 0, Position(), False), 1)
+    assert batch["pixel_values"].shape[-2:] == (32, 32)

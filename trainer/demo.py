@@ -32,7 +32,9 @@ def demo_config(shards: str, output: Path, model: Path, cond: Path, steps: int, 
     """The demo's run: fp32 on the CPU, plain AdamW, a checkpoint and validation at the end."""
     return TrainConfig(
         output=str(output),
-        data=DataConfig(shards=shards, resolution=resolution, train_batch_size=2, num_workers=1, shuffle_buffer=32),
+        # the tiny model trains on the 512 px shards at `resolution` (64): resized on purpose, so --resize
+        data=DataConfig(shards=shards, resolution=resolution, resize=True, train_batch_size=2, num_workers=1,
+                        shuffle_buffer=32),
         model=ModelConfig(model=str(model), gradient_checkpointing=False),
         optim=OptimConfig(learning_rate=5e-4, optimizer="adamw", gradient_accumulation_steps=1),
         checkpoint=CheckpointConfig(checkpointing_steps=max(1, steps // 2), checkpoints_total_limit=2),
