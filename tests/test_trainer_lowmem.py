@@ -7,16 +7,7 @@ import json
 import pytest
 import torch
 
-from trainer.config import (
-    CheckpointConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    ValidationConfig,
-)
-from trainer.synthetic import write_shards
-from trainer.tiny import build_tiny_model
+from tests.trainer_helpers import tiny_assets, tiny_config
 from trainer.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -25,21 +16,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Shards and a tiny model."""
-    root = tmp_path_factory.mktemp("lowmem")
-    write_shards(root / "shards", n_shards=2, per_shard=8, size=48, cond_mode="L")
-    return {"shards": str(root / "shards" / "{00000..00001}.tar"), "model": build_tiny_model(root / "model")}
+    return tiny_assets(tmp_path_factory.mktemp("lowmem"), n_shards=2, per_shard=8, size=48, cond_mode="L")
 
 
 def losses(assets, out, low_memory: bool, steps: int = 14) -> list[float]:
     """Per-step losses of a bf16 CPU run (same seed, data and draws), default or --low-memory."""
-    cfg = TrainConfig(
-        output=str(out),
-        data=DataConfig(shards=assets["shards"], resolution=32, train_batch_size=2, num_workers=0, shuffle_buffer=4),
-        model=ModelConfig(model=str(assets["model"]), low_memory=low_memory),
-        optim=OptimConfig(learning_rate=2e-3, optimizer="adamw8bit", gradient_accumulation_steps=2),
-        checkpoint=CheckpointConfig(checkpointing_steps=1000), validation=ValidationConfig(validation_steps=1000),
-        max_train_steps=steps, mixed_precision="bf16", device="cpu", log_every=1, seed=1,
-    )
+    cfg = tiny_config(assets, out, steps=steps, seed=1, mixed_precision="bf16", model={"low_memory": low_memory},
+                      optim={"learning_rate": 2e-3, "optimizer": "adamw8bit", "gradient_accumulation_steps": 2})
     train(cfg, enable_bar=False)
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
