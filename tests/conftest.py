@@ -95,3 +95,16 @@ def s3():
     server.stop()
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def local_run(corpus, tmp_path_factory):
+    """One in-process engine run over the corpus into a local folder (the e2e tests' flags), shared by a
+    module's read-only checks and compared with by the object-store tests."""
+    from engine.pipeline import run
+
+    from .test_engine_e2e import engine_cfg
+
+    out = tmp_path_factory.mktemp("local") / "shards"
+    run(engine_cfg(corpus.parquet, out, runner="local"))
+    return out

@@ -70,14 +70,6 @@ def check_run(out: Path, corpus_parquet: Path) -> dict:
     return stats
 
 
-@pytest.fixture(scope="module")
-def local_run(corpus, tmp_path_factory) -> Path:
-    """One in-process run over the corpus, shared by the read-only checks below."""
-    out = tmp_path_factory.mktemp("local") / "shards"
-    run(engine_cfg(corpus.parquet, out, runner="local"))
-    return out
-
-
 @pytest.fixture(params=["local", "ray", "processes"])
 def any_run(request, corpus, tmp_path):
     """The shared local run, and fresh runs on a real local Ray and on worker processes."""

@@ -49,16 +49,8 @@ def s3_cmd(parquet: Path, prefix: str, endpoint: str, *extra: str) -> list[str]:
     return cmd
 
 
-@pytest.fixture(scope="module")
-def local_reference(corpus, tmp_path_factory) -> Path:
-    """An in-process run of the corpus into a local folder, to compare the object store's with."""
-    out = tmp_path_factory.mktemp("s3ref") / "shards"
-    run(engine_cfg(corpus.parquet, out, runner="local"))
-    return out
-
-
 @pytest.mark.slow
-def test_a_run_into_s3_gives_the_samples_of_a_local_run(corpus, s3, local_reference, tmp_path, capsys):
+def test_a_run_into_s3_gives_the_samples_of_a_local_run(corpus, s3, local_run, tmp_path, capsys):
     endpoint, client = s3
     client.upload_file(str(corpus.parquet), "bucket", "in/corpus.parquet")  # the input is read from the store too
     stats = run(engine_cfg("s3://bucket/in/", "s3://bucket/first", runner="local", s3_endpoint=endpoint))
@@ -69,14 +61,14 @@ def test_a_run_into_s3_gives_the_samples_of_a_local_run(corpus, s3, local_refere
     assert S.LEASE not in names and ".driver-token" not in names and not [n for n in names if n.endswith(".tmp")]
     got = download(client, "first", tmp_path / "got")
     check_run(got, corpus.parquet)
-    assert stats["outcomes"] == json.loads((local_reference / "stats.json").read_text())["outcomes"]
-    assert set(read_samples(got)) == set(read_samples(local_reference))
-    assert run_rows(got).column("key").to_pylist() == run_rows(local_reference).column("key").to_pylist()
+    assert stats["outcomes"] == json.loads((local_run / "stats.json").read_text())["outcomes"]
+    assert set(read_samples(got)) == set(read_samples(local_run))
+    assert run_rows(got).column("key").to_pylist() == run_rows(local_run).column("key").to_pylist()
     # webdataset streams the tars straight from the store as well (how a trainer reads them)
     url = (f"pipe:{sys.executable} -c \"import boto3,sys; boto3.client('s3', endpoint_url='{endpoint}')"
            ".download_fileobj('bucket', sys.argv[1], sys.stdout.buffer)\" first/{}")
     tars = [url.format(n) for n in sorted(names) if n.endswith(".tar")]
-    assert {s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)} == set(read_samples(local_reference))
+    assert {s["__key__"] for s in wds.WebDataset(tars, shardshuffle=False)} == set(read_samples(local_run))
     # a rerun into the finished store (the CLI, in this process; the same input as a local file) changes
     # no shard object and is accepted
     from engine.cli import main
@@ -92,7 +84,7 @@ def test_a_run_into_s3_gives_the_samples_of_a_local_run(corpus, s3, local_refere
 
 
 @pytest.mark.slow
-def test_a_sigkilled_run_into_s3_resumes_without_rewriting_or_losing_anything(corpus, s3, local_reference):
+def test_a_sigkilled_run_into_s3_resumes_without_rewriting_or_losing_anything(corpus, s3, local_run):
     endpoint, client = s3
     proc = subprocess.Popen(s3_cmd(corpus.parquet, "killed", endpoint, "--runner", "processes"),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -103,7 +95,7 @@ def test_a_sigkilled_run_into_s3_resumes_without_rewriting_or_losing_anything(co
     proc.wait()
     at_kill = {n: v for n, v in objects(client, "killed").items() if n[0].isdigit()}
     markers = {n for n in at_kill if n.endswith(".stats.json")}
-    total = len(list(local_reference.glob("[0-9]*.stats.json")))
+    total = len(list(local_run.glob("[0-9]*.stats.json")))
     assert 0 < len(markers) < total, "the kill must land midway"
     assert S.LEASE in objects(client, "killed")  # the killed driver's lease: stale (dead process), taken over
     rerun = subprocess.run(s3_cmd(corpus.parquet, "killed", endpoint, "--runner", "processes"),
@@ -114,10 +106,10 @@ def test_a_sigkilled_run_into_s3_resumes_without_rewriting_or_losing_anything(co
         name = marker.removesuffix(".stats.json")
         for part in (marker, f"{name}.tar", f"{name}.parquet"):
             assert after[part] == at_kill[part], part
-    got = download(client, "killed", Path(str(local_reference) + "-killed"))
+    got = download(client, "killed", Path(str(local_run) + "-killed"))
     check_run(got, corpus.parquet)
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in got.glob("[0-9]*.tar")), shardshuffle=False)]
-    assert len(keys) == len(set(keys)) and set(keys) == set(read_samples(local_reference))
+    assert len(keys) == len(set(keys)) and set(keys) == set(read_samples(local_run))
     assert S.LEASE not in after
 
 
