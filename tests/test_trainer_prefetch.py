@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.packing import pack, unpack
-from trainer.prefetch import prefetch
+from trainer.prefetch import Lookahead, prefetch
 
 pytestmark = pytest.mark.quick
 
@@ -41,6 +41,26 @@ def test_prefetch_on_the_cpu_passes_batches_through():
     """On the CPU the loop gets the very batch objects the loader made, in order."""
     src = batches(4)
     assert all(a is b for a, b in zip(prefetch(src, torch.device("cpu")), src, strict=True))
+
+
+def test_lookahead_pulls_one_item_early_and_keeps_the_order():
+    """stage() takes exactly one item from the source ahead of time; the items still come out in order, once each."""
+    pulled = []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield i
+
+    it = Lookahead(source())
+    assert next(it) == 0 and pulled == [0]
+    it.stage()
+    it.stage()  # a second stage while one is held pulls nothing more
+    assert pulled == [0, 1]
+    assert next(it) == 1 and pulled == [0, 1]
+    assert list(it) == [2, 3, 4]
+    it.stage()  # exhausted: nothing to stage, and iteration stays finished
+    assert list(it) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -20,7 +20,7 @@ from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models, autocast
 from trainer.objective import Objective, step_loss
 from trainer.optim import lr_factor, set_lr
-from trainer.prefetch import prefetch
+from trainer.prefetch import Lookahead, prefetch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -166,7 +166,7 @@ def train_loop(run: Run) -> TrainState:
     cfg, st = run.cfg, run.state
     merge = cfg.optim.merge_micro_batches
     passes = cfg.optim.gradient_accumulation_steps // merge
-    batches = prefetch(run.loader, run.device)  # on CUDA each batch is on the device before its step
+    batches = Lookahead(prefetch(run.loader, run.device))  # on CUDA each batch is on the device before its step
     loss_sum = torch.zeros((), device=run.device)
     nonfinite = torch.zeros((), dtype=torch.int32, device=run.device)
     while st.step < cfg.max_train_steps and run.stop.requested is None:
@@ -175,6 +175,7 @@ def train_loop(run: Run) -> TrainState:
             loss = pass_loss(run, next_pass(run, batches, merge), merge, passes, sync=i == passes - 1)
             loss_sum += loss * merge  # the log averages over micro-batches
             nonfinite += (~torch.isfinite(loss)).int()
+        batches.stage()  # received while the GPU runs this backward, not after scaler.step's sync
         run.scaler.unscale_(run.optimizer)
         if cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)

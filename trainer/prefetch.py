@@ -5,10 +5,15 @@ the device is issued on a side stream (non_blocking, from pinned memory) before 
 copy overlaps step n's kernels and the training thread spends no time on it. On the CPU the batches
 pass through unchanged. The entries describing the stream (trainer.data.META_KEYS) stay on the host:
 the loop reads them without a device sync.
+
+`Lookahead` lets the loop receive the next batch from the DataLoader (unpickling, shared-memory handles,
+the next copy's launch: host work in the training thread) while the GPU still runs the current step's
+backward, instead of after GradScaler's one host sync per step, when the GPU would wait for it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -47,3 +52,21 @@ def _ready(batch: dict, device: torch.device, side: torch.cuda.Stream) -> dict:
         if k not in META_KEYS and v.is_cuda:
             v.record_stream(main)  # the caching allocator must not hand this memory to the side stream early
     return batch
+
+
+class Lookahead:
+    """An iterator whose next item can be pulled early (`stage`) and is handed out later, in order."""
+
+    def __init__(self, items: Iterable):
+        self._it, self._held = iter(items), []
+
+    def __iter__(self) -> Lookahead:
+        return self
+
+    def __next__(self):
+        return self._held.pop() if self._held else next(self._it)
+
+    def stage(self) -> None:
+        """Pull the next item now (nothing when one is held already or the items are exhausted)."""
+        if not self._held:
+            self._held.extend(itertools.islice(self._it, 1))
