@@ -146,6 +146,8 @@ PRESETS = {
     "explore": ["ours-tutorial", "ours-b8-l2", "ours-b8-l1", "ours-b8"],
     "final": ["peer-tutorial", "peer-b8", "ours-b8-l1-compile", "ours-tutorial", "ours-tutorial-unfused",
               "ours-lowmem", "ours-lowmem-merged", "fits-lowmem"],
+    # the goals' rows in one call of under 10 minutes (with --steps-scale 0.5 on an H200)
+    "one-run": ["peer-b8", "ours-b8-l1-compile", "peer-tutorial", "ours-tutorial", "ours-lowmem"],
     "memory": ["ours-lowmem", "ours-lowmem-merged", "fits-lowmem", "fits-default"],
 }
 
