@@ -443,7 +443,8 @@ def markdown(res: dict) -> str:
     lines += [f"- {n}: loader {r['samples_per_s']} samples/s, resident {r['resident_samples_per_s']}: "
               f"**{r['loader_vs_resident']:.1%}**" for n, r in runs.items() if r.get("loader_vs_resident")]
     lines += ["", "Reproduce on your own GPU: put diffusers' `examples/controlnet/train_controlnet.py` at "
-              f"`{PEER_SCRIPT}`, then `python -m bench.train_bench --cases final` (about 15 minutes; "
+              f"`{PEER_SCRIPT}`, then `python -m bench.train_bench --cases one-run --steps-scale 0.5` (the goals' "
+              "rows, about 8.5 minutes on an H200), or `--cases final` (every row, about 15 minutes; "
               "`--cases explore` runs the eager variants, `--cases memory` the `--low-memory` rows and the "
               "largest-batch search)."]
     lines += [""] + [f"- {n}" for n in res.get("notes", [])] if res.get("notes") else []

@@ -98,7 +98,7 @@ def test_fp16_overflow_steps_are_skipped(assets, tmp_path, monkeypatch):
     """A huge initial loss scale overflows fp16 gradients: the scaler skips those steps and backs off."""
     import trainer.train as tt
 
-    monkeypatch.setattr(tt, "build_scaler", lambda precision, device: torch.amp.GradScaler("cuda", init_scale=2.0**40))
+    monkeypatch.setattr(tt, "build_scaler", lambda *args, **kw: torch.amp.GradScaler("cuda", init_scale=2.0**40))
     result = train(config(assets, tmp_path, steps=4), enable_bar=False)
     records = log(tmp_path)
     assert result.step == 4
