@@ -8,7 +8,6 @@ renames. Any failure on the way fails the whole shard (ShardWriteError), leaving
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -69,23 +68,36 @@ class ShardWriteError(RuntimeError):
 
 class SampleTarWriter:
     """The tar members webdataset.TarWriter writes (KEY.EXT, sorted by EXT, mode 0444), written
-    with the standard library: webdataset imports torch, about 2.3 CPU-s per worker process."""
+    with the standard library: webdataset imports torch, about 2.3 CPU-s per worker process.
+
+    tarfile makes each header (TarInfo.tobuf); a sample's headers, payloads and padding go out
+    in one write, the bytes tarfile's own writer would produce: its stream mode copies every
+    payload through a 10 KB buffer, about 0.6 CPU-ms a sample (measured in the commit adding this)."""
 
     def __init__(self, stream):
-        self.tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.stream, self.offset, self.closed = stream, 0, False
 
     def write(self, sample: dict) -> None:
         """Append one sample: {"__key__": KEY, EXT: bytes, ...}."""
-        key, now = sample["__key__"], time.time()
+        key, now, parts = sample["__key__"], time.time(), []
         for ext in sorted(k for k in sample if k != "__key__"):
+            data = sample[ext]
             info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(sample[ext]), now, 0o444
+            info.size, info.mtime, info.mode = len(data), now, 0o444
             info.uname = info.gname = "bigdata"
-            self.tar.addfile(info, io.BytesIO(sample[ext]))
+            parts += (info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data,
+                      tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
+        block = b"".join(parts)
+        self.stream.write(block)
+        self.offset += len(block)
 
     def close(self) -> None:
-        """Write the end-of-archive blocks (the stream stays open)."""
-        self.tar.close()
+        """Write the end-of-archive blocks, padded to a whole record as tarfile does (the stream stays open)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.offset += 2 * tarfile.BLOCKSIZE
+        self.stream.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -self.offset % tarfile.RECORDSIZE))
 
 
 class TarShard:

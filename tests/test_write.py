@@ -115,3 +115,23 @@ def test_packed_map_png_is_the_remap_at_any_width(astronaut, bits):
         assert (packed.bits, im.mode, im.size) == (bits, "P", (w, h))
         assert np.array_equal(np.asarray(im.convert("RGB")), cond(crop)), (h, w)
         assert png == encode_indexed_png(*cond.indexed(crop))  # numpy packing writes the same bytes
+
+
+def test_tar_bytes_are_the_ones_tarfile_writes(tmp_path):
+    """Re-archiving the members with tarfile's own stream writer gives back the very same bytes."""
+    import io
+    import tarfile
+
+    tar = TarShard(tmp_path / "00000.tar")
+    for i, size in enumerate((0, 1, 511, 512, 513, 20_000)):  # payloads ending on and off a block
+        tar.write(f"k{i:04d}", bytes(range(256)) * (size // 256) + b"j" * (size % 256), b"p" * i, "é" * i, {"i": i})
+    tar.commit()
+    ours = (tmp_path / "00000.tar").read_bytes()
+    again = io.BytesIO()
+    with tarfile.open(tmp_path / "00000.tar") as src, \
+            tarfile.open(fileobj=again, mode="w|", format=tarfile.USTAR_FORMAT) as dst:
+        members = src.getmembers()
+        for m in members:
+            dst.addfile(m, src.extractfile(m))
+    assert [m.name for m in members][:4] == ["k0000.cond.png", "k0000.jpg", "k0000.json", "k0000.txt"]
+    assert again.getvalue() == ours and len(ours) % tarfile.RECORDSIZE == 0
