@@ -66,13 +66,43 @@ class ShardWriteError(RuntimeError):
     pending), since turning it into per-row errors would keep a tar missing `ok` samples."""
 
 
+def _member_info(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+    """A sample member as webdataset.TarWriter describes it: a regular file, mode 0444, owner bigdata."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o444
+    info.uname = info.gname = "bigdata"
+    return info
+
+
+def _ustar(info: tarfile.TarInfo) -> bytes:
+    """tarfile's own header block for `info` (USTAR, as the engine has always written)."""
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_TEMPLATE = _ustar(_member_info("", 0, 0))  # tarfile's header with name, size and mtime left empty
+_OCTAL11 = 8 ** 11  # what USTAR's 11 octal digits of size and mtime hold
+
+
+def member_header(name: str, size: int, mtime: float) -> bytes:
+    """The header tarfile writes for this member (_ustar(_member_info(...))), filled into its template:
+    name, size, mtime and checksum at their USTAR offsets, a tenth of TarInfo.tobuf's 48 CPU-us."""
+    raw = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(raw) > 100 or not (0 <= size < _OCTAL11 and 0 <= mtime < _OCTAL11):
+        return _ustar(_member_info(name, size, mtime))  # long names and huge sizes: tarfile's way or its error
+    block = bytearray(_TEMPLATE)
+    block[0:len(raw)] = raw
+    block[124:156] = b"%011o\0%011o\0        " % (size, int(mtime))  # size, mtime, checksum as 8 spaces
+    block[148:155] = b"%06o\0" % sum(block)  # summed over those spaces, as tarfile does
+    return bytes(block)
+
+
 class SampleTarWriter:
     """The tar members webdataset.TarWriter writes (KEY.EXT, sorted by EXT, mode 0444), written
     with the standard library: webdataset imports torch, about 2.3 CPU-s per worker process.
 
-    tarfile makes each header (TarInfo.tobuf); a sample's headers, payloads and padding go out
-    in one write, the bytes tarfile's own writer would produce: its stream mode copies every
-    payload through a 10 KB buffer, about 0.6 CPU-ms a sample (measured in the commit adding this)."""
+    A sample's headers (member_header), payloads and padding go out in one write, the bytes
+    tarfile's own writer would produce: its stream mode copies every payload through a 10 KB
+    buffer, about 0.6 CPU-ms a sample, now 0.15 (measured in the commits adding this)."""
 
     def __init__(self, stream):
         self.stream, self.offset, self.closed = stream, 0, False
@@ -82,10 +112,7 @@ class SampleTarWriter:
         key, now, parts = sample["__key__"], time.time(), []
         for ext in sorted(k for k in sample if k != "__key__"):
             data = sample[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), now, 0o444
-            info.uname = info.gname = "bigdata"
-            parts += (info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"), data,
+            parts += (member_header(f"{key}.{ext}", len(data), now), data,
                       tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
         block = b"".join(parts)
         self.stream.write(block)

@@ -135,3 +135,20 @@ def test_tar_bytes_are_the_ones_tarfile_writes(tmp_path):
             dst.addfile(m, src.extractfile(m))
     assert [m.name for m in members][:4] == ["k0000.cond.png", "k0000.jpg", "k0000.json", "k0000.txt"]
     assert again.getvalue() == ours and len(ours) % tarfile.RECORDSIZE == 0
+
+
+@pytest.mark.parametrize("name,size,mtime", [("0000000000.jpg", 0, 0), ("k.cond.png", 123_456, 1.8e9 + 0.7),
+                                             ("é" * 50, 8**11 - 1, 8**11 - 1), ("x" * 101, 1, 1), ("y", 8**11, 5)])
+def test_member_headers_are_tarfiles(name, size, mtime):
+    """The filled-in template is tarfile's header, also past its limits (long names, huge sizes)."""
+    import tarfile
+
+    from engine.write import _member_info, _ustar, member_header
+
+    try:
+        want = _ustar(_member_info(name, size, mtime))
+    except ValueError as exc:  # USTAR cannot hold it: the same error either way
+        with pytest.raises(ValueError, match=str(exc)[:20]):
+            member_header(name, size, mtime)
+        return
+    assert member_header(name, size, mtime) == want and len(want) == tarfile.BLOCKSIZE
