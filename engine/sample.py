@@ -106,12 +106,13 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
-def encode_map_png(packed: PackedMap) -> bytes:
+def encode_map_png(packed: PackedMap, strategy: int = MAP_PNG_STRATEGY) -> bytes:
     """A PackedMap as a palette PNG (IHDR colour type 3, PLTE, one IDAT): the scanlines are already
-    in PNG's layout, so only zlib runs here (Pillow would unpack and repack them)."""
+    in PNG's layout, so only zlib runs here (Pillow would unpack and repack them). `strategy`: zlib's
+    (bench/stage_choices.py compares the default)."""
     h = packed.rows.shape[0]
     header = struct.pack(">IIBBBBB", packed.width, h, packed.bits, 3, 0, 0, 0)
-    deflate = zlib.compressobj(MAP_PNG_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 8, MAP_PNG_STRATEGY)
+    deflate = zlib.compressobj(MAP_PNG_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 8, strategy)
     idat = deflate.compress(np.ascontiguousarray(packed.rows).data) + deflate.flush()
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
             + _chunk(b"PLTE", np.ascontiguousarray(packed.colors, np.uint8).tobytes())

@@ -102,7 +102,7 @@ class SampleTarWriter:
 
     A sample's headers (member_header), payloads and padding go out in one write, the bytes
     tarfile's own writer would produce: its stream mode copies every payload through a 10 KB
-    buffer, about 0.6 CPU-ms a sample, now 0.15 (measured in the commits adding this)."""
+    buffer (bench/stage_choices.py: 0.44 -> 0.16 CPU-ms a sample, written to memory)."""
 
     def __init__(self, stream):
         self.stream, self.offset, self.closed = stream, 0, False
