@@ -11,8 +11,11 @@ figures behind the engine's choices are copied into bench/RESULTS.md by hand.
 from __future__ import annotations
 
 import argparse
+import io
 import math
+import tarfile
 import time
+import zlib
 from collections import defaultdict
 
 import numpy as np
@@ -41,6 +44,14 @@ def m8_scale(width: int, height: int, target: int) -> tuple[int, int]:
     return m // math.gcd(m, 8), 8 // math.gcd(m, 8)  # libjpeg-turbo names its factors reduced
 
 
+def tarfile_stream_write(tar: tarfile.TarFile, sample: dict) -> None:
+    """A sample through tarfile's own stream writer (mode "w|"), as engine/write.py wrote it before issue 10."""
+    for ext in sorted(k for k in sample if k != "__key__"):
+        info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(sample[ext]), time.time(), 0o444, "bigdata", "bigdata"
+        tar.addfile(info, io.BytesIO(sample[ext]))
+
+
 def main() -> None:
     """Run every candidate on every image; print mean CPU-ms and PSNR."""
     import cv2
@@ -56,6 +67,7 @@ def main() -> None:
     from engine.crop import center_crop
     from engine.decode import decode, turbojpeg
     from engine.sample import encode_indexed_png, encode_jpeg, encode_map_png, encode_png
+    from engine.write import SampleTarWriter
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
@@ -65,6 +77,8 @@ def main() -> None:
     cond = make_conditioner()
     times: dict[str, list[float]] = defaultdict(list)
     quality: dict[str, list[float]] = defaultdict(list)
+    ours = SampleTarWriter(io.BytesIO())  # tar writers into memory: the Python and copying, no disk
+    theirs = tarfile.open(fileobj=io.BytesIO(), mode="w|", format=tarfile.USTAR_FORMAT)
     for _ in range(2):  # first pass warms Numba and the caches; only the second is kept
         times.clear()
         quality.clear()
@@ -95,6 +109,12 @@ def main() -> None:
             timed(times, "png L level 1", encode_png, m)
             timed(times, "png palette 2-bit of indices", encode_indexed_png, *idx)
             timed(times, "png palette 2-bit of packed rows (engine)", encode_map_png, packed)
+            timed(times, "png palette 2-bit, zlib default strategy (before)", encode_map_png, packed,
+                  zlib.Z_DEFAULT_STRATEGY)
+            sample = {"__key__": "0000000000", "jpg": encode_jpeg(ref, 95), "cond.png": encode_map_png(packed),
+                      "txt": b"a caption", "json": b'{"url": "http://example.com/a.jpg"}'}
+            timed(times, "tar sample, one write (engine)", ours.write, sample)
+            timed(times, "tar sample, tarfile stream (before)", tarfile_stream_write, theirs, sample)
             timed(times, "hash content xxh3", D.content_hash, body)
             timed(times, "hash pixels xxh3 (decoded)", D.pixel_hash, img.rgb)
             timed(times, "phash on decoded (engine)", D.phash, img.rgb)

@@ -8,7 +8,6 @@ renames. Any failure on the way fails the whole shard (ShardWriteError), leaving
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -67,25 +66,65 @@ class ShardWriteError(RuntimeError):
     pending), since turning it into per-row errors would keep a tar missing `ok` samples."""
 
 
+def _member_info(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+    """A sample member as webdataset.TarWriter describes it: a regular file, mode 0444, owner bigdata."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o444
+    info.uname = info.gname = "bigdata"
+    return info
+
+
+def _ustar(info: tarfile.TarInfo) -> bytes:
+    """tarfile's own header block for `info` (USTAR, as the engine has always written)."""
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_TEMPLATE = _ustar(_member_info("", 0, 0))  # tarfile's header with name, size and mtime left empty
+_OCTAL11 = 8 ** 11  # what USTAR's 11 octal digits of size and mtime hold
+
+
+def member_header(name: str, size: int, mtime: float) -> bytes:
+    """The header tarfile writes for this member (_ustar(_member_info(...))), filled into its template:
+    name, size, mtime and checksum at their USTAR offsets, a tenth of TarInfo.tobuf's 48 CPU-us."""
+    raw = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(raw) > 100 or not (0 <= size < _OCTAL11 and 0 <= mtime < _OCTAL11):
+        return _ustar(_member_info(name, size, mtime))  # long names and huge sizes: tarfile's way or its error
+    block = bytearray(_TEMPLATE)
+    block[0:len(raw)] = raw
+    block[124:156] = b"%011o\0%011o\0        " % (size, int(mtime))  # size, mtime, checksum as 8 spaces
+    block[148:155] = b"%06o\0" % sum(block)  # summed over those spaces, as tarfile does
+    return bytes(block)
+
+
 class SampleTarWriter:
     """The tar members webdataset.TarWriter writes (KEY.EXT, sorted by EXT, mode 0444), written
-    with the standard library: webdataset imports torch, about 2.3 CPU-s per worker process."""
+    with the standard library: webdataset imports torch, about 2.3 CPU-s per worker process.
+
+    A sample's headers (member_header), payloads and padding go out in one write, the bytes
+    tarfile's own writer would produce: its stream mode copies every payload through a 10 KB
+    buffer (bench/stage_choices.py: 0.44 -> 0.16 CPU-ms a sample, written to memory)."""
 
     def __init__(self, stream):
-        self.tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.stream, self.offset, self.closed = stream, 0, False
 
     def write(self, sample: dict) -> None:
         """Append one sample: {"__key__": KEY, EXT: bytes, ...}."""
-        key, now = sample["__key__"], time.time()
+        key, now, parts = sample["__key__"], time.time(), []
         for ext in sorted(k for k in sample if k != "__key__"):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(sample[ext]), now, 0o444
-            info.uname = info.gname = "bigdata"
-            self.tar.addfile(info, io.BytesIO(sample[ext]))
+            data = sample[ext]
+            parts += (member_header(f"{key}.{ext}", len(data), now), data,
+                      tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
+        block = b"".join(parts)
+        self.stream.write(block)
+        self.offset += len(block)
 
     def close(self) -> None:
-        """Write the end-of-archive blocks (the stream stays open)."""
-        self.tar.close()
+        """Write the end-of-archive blocks, padded to a whole record as tarfile does (the stream stays open)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.offset += 2 * tarfile.BLOCKSIZE
+        self.stream.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -self.offset % tarfile.RECORDSIZE))
 
 
 class TarShard:
