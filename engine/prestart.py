@@ -8,11 +8,11 @@ output folder and plans, and the first worker forks from a ready server instead 
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 
-# Imported once by the fork server; every worker forks with them loaded. pandas: pyarrow imports it
-# the first time a shard's parquet is built from Python lists (pa.array checks for pandas types),
-# ~0.45 CPU-s that each worker paid during its first shard.
-PRELOAD = ["engine.procs", "engine.shard", "pandas"]
+# Imported once by the fork server; every worker forks with them loaded. engine.forkwarm also loads
+# Numba's kernels and tells pyarrow there is no pandas (see there): workers inherit both.
+PRELOAD = ["engine.procs", "engine.shard", "engine.forkwarm"]
 
 
 def context():
@@ -28,3 +28,33 @@ def start() -> None:
 
     context()
     forkserver.ensure_running()
+
+
+def arrow_without_pandas() -> None:
+    """Let pyarrow build arrays from Python lists in this process without importing pandas.
+
+    pyarrow asks once per process whether pandas is importable (on its first `pa.array` of a list,
+    to rule pandas objects out) and imports all of it, ~0.3-0.4 CPU-s, if it is. Answered "no" here
+    while pandas is not imported; `import pandas` works again right after, and pyarrow's pandas
+    functions (`to_pandas`) still import it when called. Only for processes of our own (the CLI,
+    the fork server): a library caller may hand pyarrow pandas objects later."""
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    sys.meta_path.insert(0, _NoPandas)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(_NoPandas)
+
+
+class _NoPandas:
+    """An import hook under which `import pandas` fails (for arrow_without_pandas, briefly)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        """Refuse pandas and its submodules; leave every other import to the usual finders."""
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
