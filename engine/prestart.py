@@ -7,6 +7,7 @@ output folder and plans, and the first worker forks from a ready server instead 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import sys
 
@@ -42,19 +43,29 @@ def arrow_without_pandas() -> None:
         return
     import pyarrow as pa
 
-    sys.meta_path.insert(0, _NoPandas)
-    try:
+    with refused("pandas"):
         pa.array([0])
+
+
+@contextlib.contextmanager
+def refused(*names: str):
+    """Inside the block, importing `names` or their submodules fails (those not imported already)."""
+    hook = _Refuse(names)
+    sys.meta_path.insert(0, hook)
+    try:
+        yield
     finally:
-        sys.meta_path.remove(_NoPandas)
+        sys.meta_path.remove(hook)
 
 
-class _NoPandas:
-    """An import hook under which `import pandas` fails (for arrow_without_pandas, briefly)."""
+class _Refuse:
+    """An import hook that refuses some modules and leaves every other import to the usual finders."""
 
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        """Refuse pandas and its submodules; leave every other import to the usual finders."""
-        if name == "pandas" or name.startswith("pandas."):
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+
+    def find_spec(self, name, path=None, target=None):
+        """ModuleNotFoundError for a refused module, None (ask the next finder) for the rest."""
+        if any(name == n or name.startswith(n + ".") for n in self.names):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
