@@ -168,11 +168,12 @@ NUMPY_PAIRS = 1 << 18
 _POP8 = np.array([bin(b).count("1") for b in range(256)], np.uint8)
 
 
-def _bit_count(x: np.ndarray) -> np.ndarray:
-    """Set bits of each uint64 (numpy >= 2 has it built in; a byte table before)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x)
+def _bit_count_table(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 of a contiguous array, by a byte table (numpy < 2)."""
     return _POP8[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+_bit_count = getattr(np, "bitwise_count", _bit_count_table)  # numpy >= 2 has it built in
 
 
 def _scan_numpy(queries: np.ndarray, k: int, hashes: np.ndarray) -> np.ndarray:

@@ -197,6 +197,8 @@ def test_small_index_scans_with_numpy_like_the_kernel(k):
     numpy_rows = hamming.scan(queries, k, hashes)
     assert numpy_rows.dtype == kernel.dtype and np.array_equal(numpy_rows, kernel)
     assert np.array_equal(hamming._scan_numpy(queries, k, hashes[:0]), kernel[:0])
+    xor = queries[:, None] ^ hashes[None, :50]
+    assert np.array_equal(hamming._bit_count_table(xor), [[bin(int(v)).count("1") for v in r] for r in xor])
 
 
 @pytest.mark.quick
