@@ -61,6 +61,9 @@ def run_shards(a: argparse.Namespace) -> int:
         from .prestart import start
 
         start()
+    from .prestart import arrow_without_pandas
+
+    arrow_without_pandas()  # this process is ours: folder and CSV inputs' lists never import pandas
     from .pipeline import PENDING, run
 
     print(f"engine: {len(cfg.inputs)} input(s) -> {cfg.output} ({cfg.workers} workers, runner {cfg.runner})",

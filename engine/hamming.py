@@ -3,7 +3,10 @@
 Multi-index hashing, no linear scan: the 64 bits are cut into 4 bands of 16 (engine/hashes.py lays
 the pHash bits out for it); two hashes within k differ in at most r_j bits of some band j, where
 sum(r_j + 1) = k + 1, so probing every band's buckets within r_j finds all (docs/DEDUP.md).
-The kernels are Numba and release the GIL, so searches of concurrent claims run in parallel.
+The kernels are Numba and release the GIL, so searches of concurrent claims run in parallel. Until
+the first band tables (a few thousand entries) every search is a plain scan, which numpy does when it
+is small: a run of fewer images never loads Numba's kernels in the driver (~0.6-0.8 CPU-s: Numba's
+registries, scipy.linalg among them, then each kernel from the cache).
 """
 
 from __future__ import annotations
@@ -159,6 +162,27 @@ def _scan_kernel(queries, k, hashes, n_total, out):
     return n
 
 
+NUMPY_PAIRS = 1 << 18
+"""Largest queries x entries scan done with numpy (a 2 MiB temporary, ~1.5 ms) instead of a kernel:
+64 claims against the 4,096 entries held before the first band tables."""
+_POP8 = np.array([bin(b).count("1") for b in range(256)], np.uint8)
+
+
+def _bit_count_table(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 of a contiguous array, by a byte table (numpy < 2)."""
+    return _POP8[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+_bit_count = getattr(np, "bitwise_count", _bit_count_table)  # numpy >= 2 has it built in
+
+
+def _scan_numpy(queries: np.ndarray, k: int, hashes: np.ndarray) -> np.ndarray:
+    """_scan_kernel's rows (query index, entry, distance) by numpy, in the same order (query, then entry)."""
+    d = _bit_count(queries[:, None] ^ hashes[None, :])
+    qi, i = np.nonzero(d <= k)
+    return np.stack([qi, i, d[qi, i]], axis=1).astype(np.int64)
+
+
 def _collect(kernel, *args) -> np.ndarray:
     """Run a hit-writing kernel, again with a big enough buffer if the first one overflowed."""
     out = np.empty((256, 3), np.int64)
@@ -171,7 +195,10 @@ def _collect(kernel, *args) -> np.ndarray:
 
 def scan(queries: np.ndarray, k: int, hashes: np.ndarray) -> np.ndarray:
     """Rows (query index, entry, distance) of every hashes[i] within k of a query, by a plain scan."""
-    return _collect(_scan_kernel, np.ascontiguousarray(queries, np.uint64), k, hashes, len(hashes))
+    queries = np.ascontiguousarray(queries, np.uint64)
+    if len(queries) * len(hashes) <= NUMPY_PAIRS:
+        return _scan_numpy(queries, k, hashes)
+    return _collect(_scan_kernel, queries, k, hashes, len(hashes))
 
 
 def band_radii(k: int) -> np.ndarray:
@@ -205,7 +232,7 @@ def build_tables(phash: np.ndarray, n: int) -> Tables:
     kb = int(min(BAND_WIDTHS[-1], max(4, math.ceil(math.log2(max(n, 1))) - 3)))
     t = Tables(n, np.array([kb] * NBANDS, np.int64), np.zeros((NBANDS, (1 << kb) + 1), np.int32),
                np.zeros((NBANDS, n), np.int32), np.zeros((NBANDS, n), np.uint64))
-    for j in range(NBANDS):
+    for j in range(NBANDS if n else 0):  # no entries: the zeroed offsets are the tables already
         _build_band(phash, n, BAND_STARTS[j], BAND_WIDTHS[j], kb, t.offsets[j], t.ids[j], t.sorted[j])
     return t
 
@@ -291,6 +318,9 @@ class HammingIndex:
                 self.rebuild()
             snap = self.snapshot()
         t = snap.tables
+        if t.n_static == 0:  # no band tables yet: a plain scan of every entry
+            hits = scan(queries, self.k, snap.phash[: snap.n])
+            return np.unique(hits, axis=0) if len(hits) > 1 else hits
         scratch = np.empty(ball_size(int(t.kbits.max()), int(self.radii.max())), np.int64)
         hits = _collect(_search_kernel, np.ascontiguousarray(queries, np.uint64), self.k, snap.phash,
                         t.n_static, snap.n, _STARTS, _WIDTHS, t.kbits, self.radii, t.offsets, t.ids, t.sorted,

@@ -7,12 +7,13 @@ output folder and plans, and the first worker forks from a ready server instead 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import sys
 
-# Imported once by the fork server; every worker forks with them loaded. pandas: pyarrow imports it
-# the first time a shard's parquet is built from Python lists (pa.array checks for pandas types),
-# ~0.45 CPU-s that each worker paid during its first shard.
-PRELOAD = ["engine.procs", "engine.shard", "pandas"]
+# Imported once by the fork server; every worker forks with them loaded. engine.forkwarm also loads
+# Numba's kernels and tells pyarrow there is no pandas (see there): workers inherit both.
+PRELOAD = ["engine.procs", "engine.shard", "engine.forkwarm"]
 
 
 def context():
@@ -28,3 +29,43 @@ def start() -> None:
 
     context()
     forkserver.ensure_running()
+
+
+def arrow_without_pandas() -> None:
+    """Let pyarrow build arrays from Python lists in this process without importing pandas.
+
+    pyarrow asks once per process whether pandas is importable (on its first `pa.array` of a list,
+    to rule pandas objects out) and imports all of it, ~0.3-0.4 CPU-s, if it is. Answered "no" here
+    while pandas is not imported; `import pandas` works again right after, and pyarrow's pandas
+    functions (`to_pandas`) still import it when called. Only for processes of our own (the CLI,
+    the fork server): a library caller may hand pyarrow pandas objects later."""
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    with refused("pandas"):
+        pa.array([0])
+
+
+@contextlib.contextmanager
+def refused(*names: str):
+    """Inside the block, importing `names` or their submodules fails (those not imported already)."""
+    hook = _Refuse(names)
+    sys.meta_path.insert(0, hook)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(hook)
+
+
+class _Refuse:
+    """An import hook that refuses some modules and leaves every other import to the usual finders."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+
+    def find_spec(self, name, path=None, target=None):
+        """ModuleNotFoundError for a refused module, None (ask the next finder) for the rest."""
+        if any(name == n or name.startswith(n + ".") for n in self.names):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None

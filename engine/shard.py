@@ -109,9 +109,11 @@ class StageClock:
 class ClaimBatcher:
     """Collects dedup claims for a moment and sends them in one call (one round trip per batch)."""
 
-    def __init__(self, claim: Claim, executor: ThreadPoolExecutor, max_batch: int = 64, max_wait: float = 0.1):
+    def __init__(self, claim: Claim, executor: ThreadPoolExecutor, max_batch: int = 64, max_wait: float = 0.1,
+                 open_rows: Callable[[], int] | None = None):
         self.claim, self.executor = claim, executor
         self.max_batch, self.max_wait = max_batch, max_wait
+        self.open_rows = open_rows  # rows of the shard without an outcome: when all wait here, none can join
         self.pending: list[tuple[IndexClaim, asyncio.Future]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.cpu = 0.0  # thread CPU seconds of the claim calls (the shard's "claims" stage)
@@ -120,8 +122,8 @@ class ClaimBatcher:
         """The verdict for one claim, once its batch has been answered."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((item, future))
-        if len(self.pending) >= self.max_batch:
-            self.flush()
+        if len(self.pending) >= self.max_batch or (self.open_rows and len(self.pending) >= self.open_rows()):
+            self.flush()  # full, or the shard's last rows: waiting max_wait would only delay its end
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(self.max_wait, self.flush)
         return await future
@@ -172,7 +174,8 @@ class ShardRun:
         self.kinds = shard_kinds(shard.kinds, shard.table.schema)
         self.cpu = ThreadPoolExecutor(2, thread_name_prefix="cpu")
         self.io = ThreadPoolExecutor(1, thread_name_prefix="io")  # one thread: tar writes stay ordered
-        self.claims = ClaimBatcher(claim, self.io) if claim and cfg.dedup.enabled else None
+        self.claims = ClaimBatcher(claim, self.io, open_rows=lambda: len(self.rows) - self.done) \
+            if claim and cfg.dedup.enabled else None
         self.clusters: Counter = Counter()
         self.examples: dict[str, str] = {}
         self.done = self.written = self.reported_done = self.reported_written = 0

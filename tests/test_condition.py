@@ -234,3 +234,24 @@ def test_conditioner_registry():
     assert np.array_equal(make_conditioner()(rgb), remap_palette(rgb, parse_palette(DEFAULT_PALETTE)))
     with pytest.raises(ValueError):
         make_conditioner("canny-not-yet")
+
+
+@pytest.mark.quick
+def test_cell_table_kept_on_disk_is_reused_and_a_bad_file_is_not(tmp_path):
+    """A built cell table is saved for later processes (their start-up skips the ~0.17 s build);
+    a file of the wrong size or with indices outside the palette is rebuilt, not used."""
+    from engine import condition as C
+
+    pal = C.tree_order(parse_palette(DEFAULT_PALETTE)).tobytes()
+    built = C.cell_table(pal)
+    assert C.load_cells(tmp_path, pal) is None
+    C.save_cells(tmp_path, pal, built)
+    assert np.array_equal(C.load_cells(tmp_path, pal), built)
+    assert [p.name for p in tmp_path.iterdir()] == [C.cells_file(tmp_path, pal).name]  # no temp file left
+    other = C.tree_order(parse_palette(NON_GRAY)).tobytes()
+    assert C.load_cells(tmp_path, other) is None  # another palette, another file
+    C.cells_file(tmp_path, pal).write_bytes(built.tobytes()[:-1])
+    assert C.load_cells(tmp_path, pal) is None
+    C.cells_file(tmp_path, pal).write_bytes(np.full(1 << 15, 7, np.uint8).tobytes())
+    assert C.load_cells(tmp_path, pal) is None
+    C.save_cells(tmp_path / "missing", pal, built)  # an unwritable place: nothing saved, no error

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from engine import dedup as D
+from engine import hamming
 from engine import hashes as H
 from engine.hamming import DEFAULT_THRESHOLD, HammingIndex
 
@@ -177,6 +178,27 @@ def test_index_finds_exactly_what_brute_force_finds(k):
     got = {tuple(map(int, row)) for row in index.search(queries)}
     assert got == brute(queries, hashes, k)
     assert any(d == k for _, _, d in got) or k == 0  # the boundary distance is found
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("k", [0, 8])
+def test_small_index_scans_with_numpy_like_the_kernel(k):
+    """Before the first band tables the search is numpy's plain scan (no Numba start-up in the
+    driver of a small run): the same rows, in the same order, as the Numba kernel's scan."""
+    hashes = random_hashes(3_000)
+    index = HammingIndex(k)
+    index.add(hashes, hashes, hashes, [str(i) for i in range(len(hashes))])
+    assert index.tables.n_static == 0 and not index.needs_rebuild()
+    queries = planted(hashes, 40, k + 2)
+    assert len(queries) * len(hashes) <= hamming.NUMPY_PAIRS
+    got = index.search(queries)
+    assert {tuple(map(int, row)) for row in got} == brute(queries, hashes, k)
+    kernel = hamming._collect(hamming._scan_kernel, queries, k, hashes, len(hashes))
+    numpy_rows = hamming.scan(queries, k, hashes)
+    assert numpy_rows.dtype == kernel.dtype and np.array_equal(numpy_rows, kernel)
+    assert np.array_equal(hamming._scan_numpy(queries, k, hashes[:0]), kernel[:0])
+    xor = queries[:, None] ^ hashes[None, :50]
+    assert np.array_equal(hamming._bit_count_table(xor), [[bin(int(v)).count("1") for v in r] for r in xor])
 
 
 @pytest.mark.quick

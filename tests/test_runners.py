@@ -75,3 +75,42 @@ def test_a_run_on_worker_processes_never_imports_ray(tmp_path):
     assert report == {"code": 0, "ray": []}
     stats = json.loads((Path(out) / "stats.json").read_text())
     assert stats["config"]["runner"] == "processes" and stats["outcomes"] == {"ok": 2}
+
+
+WORKER_STATE = """
+import json, sys
+from engine import prestart
+
+def state():
+    from engine import condition, hashes
+    import pyarrow as pa
+    loaded = {"phash": len(hashes._phash_kernel.signatures), "cells": condition._build_table.cache_info().currsize}
+    pa.table({"url": ["a", None]})  # a shard's parquet is built from lists like this
+    return {**loaded, "pandas": "pandas" in sys.modules}
+
+if __name__ == "__main__":
+    prestart.start()
+    with prestart.context().Pool(1) as pool:
+        print(json.dumps(pool.apply(state)))
+"""
+
+
+def test_workers_fork_with_numba_kernels_loaded_and_never_import_pandas(tmp_path):
+    """The fork server loads the default path's Numba kernels once (engine/forkwarm.py): a worker
+    starts with them, and building its parquet from lists does not import pandas."""
+    script = tmp_path / "worker_state.py"
+    script.write_text(WORKER_STATE)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    state = json.loads(res.stdout.strip().splitlines()[-1])
+    assert state["phash"] >= 1 and state["cells"] == 1 and state["pandas"] is False
+
+
+@pytest.mark.quick
+def test_arrow_without_pandas_leaves_pandas_importable():
+    code = ("import sys; from engine.prestart import arrow_without_pandas; arrow_without_pandas(); "
+            "import pyarrow as pa; t = pa.table({'a': ['x', None], 'b': [1, None]}); "
+            "assert 'pandas' not in sys.modules; import pandas; df = t.to_pandas(); "
+            "assert df['a'].tolist()[0] == 'x' and df['b'].isna().tolist() == [False, True]; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
