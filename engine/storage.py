@@ -199,6 +199,7 @@ class ObjectStore(Leased):
         """An object's size, None when there is none."""
         import pyarrow.fs as pafs
 
+        self._alive()
         info = self.fs.get_file_info(self._key(name))
         return info.size if info.type == pafs.FileType.File else None
 
