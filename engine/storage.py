@@ -162,6 +162,8 @@ class ObjectStore(Leased):
         self.anonymous = scheme != "s3" and bool(endpoint) and not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
         self.lost: str | None = None  # why the store stopped answering mid-run (then nothing more is asked)
         self._quick_fs = None  # the checks' S3 file system, made when first asked (see _quick)
+        if storefail.check_endpoint(endpoint):
+            raise OutputError(storefail.check_endpoint(endpoint))
         try:
             if scheme == "s3":
                 self.fs = pafs.S3FileSystem(

@@ -18,7 +18,21 @@ DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE", "TOKEN", "UNRECOGN
 UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "CURL error", "Could not connect", "Could not resolve",
                "Timeout was reached", "UNAVAILABLE")
 NOT_A_STORE = ("RESOURCE_NOT_FOUND",)  # a 404 without an S3 error body: a web server, not an object store
+TLS = ("SSL", "TLS")  # https spoken to a plain-http server (or a certificate refused)
 DETAIL_CHARS = 300  # of the SDK's text kept in a message (google-cloud-cpp's runs to 1,000+ characters)
+
+
+def check_endpoint(endpoint: str | None) -> str | None:
+    """Why an --s3-endpoint value cannot name a server (None when it can): a host and port, with
+    http:// or https:// or neither (then https), and no path, which the SDK would ignore."""
+    if not endpoint:
+        return None
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "https", endpoint
+    if scheme not in ("http", "https") or not rest.rstrip("/") or any(c in rest.rstrip("/") for c in "/ ?#@"):
+        return f"--s3-endpoint {endpoint}: give the server as http://host:port (or https://host:port), without a path"
+    return None
 
 
 def one_line(exc: BaseException) -> str:
@@ -77,6 +91,9 @@ def explain(exc: BaseException, what: str, scheme: str, endpoint: str | None, an
     if any(k in text for k in DENIED):
         return (f"{what}: access refused by {server}; credentials: {credentials(scheme, anonymous)}; "
                 f"give ones allowed to read and write there ({detail})")
+    if any(k in text for k in TLS):
+        return (f"{what}: no TLS connection to {server} (an address without http:// is reached over https); "
+                f"write http://host:port for a plain-http server ({detail})")
     if any(k in text for k in UNREACHABLE):
         return f"{what}: cannot reach {server}; check the address in --s3-endpoint and that the server runs ({detail})"
     if any(k in text for k in NOT_A_STORE):

@@ -79,7 +79,7 @@ class NotFound(BaseHTTPRequestHandler):
         pass
 
 
-def test_an_endpoint_that_refuses_or_is_no_object_store_is_named_before_any_download(one_row, corpus, capsys):
+def test_an_endpoint_that_refuses_or_is_no_object_store_is_named_before_any_download(s3, one_row, corpus, capsys):
     web = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     hits = sum(corpus.hits.values())
@@ -90,6 +90,12 @@ def test_an_endpoint_that_refuses_or_is_no_object_store_is_named_before_any_down
         website = f"http://127.0.0.1:{web.server_address[1]}"
         one_error(capsys, shards(one_row, "s3://bucket/web", "--s3-endpoint", website), 2,
                   f"--s3-endpoint {website} answers, but not as an object store")
+        plain = s3[0].removeprefix("http://")  # without a scheme the SDK speaks https to moto's plain http
+        one_error(capsys, shards(one_row, "s3://bucket/tls", "--s3-endpoint", plain), 2,
+                  f"no TLS connection to --s3-endpoint {plain}", "write http://host:port")
+        for wrong in (f"{s3[0]}/bucket", "ftp://127.0.0.1:21", "minio 9000"):
+            one_error(capsys, shards(one_row, "s3://bucket/x", "--s3-endpoint", wrong), 2,
+                      f"--s3-endpoint {wrong}: give the server as http://host:port")
     finally:
         web.shutdown()
     assert sum(corpus.hits.values()) == hits
