@@ -290,13 +290,16 @@ class ObjectStore(Leased):
         --s3-endpoint when the server is no object store (any web server answers a HEAD with 404)."""
         import pyarrow.fs as pafs
 
+        if self.scheme != "s3":  # GCS's bucket metadata request answers with the store's own error
+            raise OutputError(f"{what}: bucket {self.bucket} does not exist at "
+                              f"{storefail.where(self.scheme, self.endpoint)}; create it first")
         try:  # a listing's error carries the store's own answer, a HEAD's has no body
             self._quick().get_file_info(pafs.FileSelector(self.root, allow_not_found=False))
             return
         except FileNotFoundError:
             return  # the bucket is there, the prefix is not yet
         except OSError as exc:
-            if self.scheme == "s3" and "NO_SUCH_BUCKET" not in str(exc):
+            if "NO_SUCH_BUCKET" not in str(exc):
                 raise self.failure(exc, what) from None
         raise OutputError(f"{what}: bucket {self.bucket} does not exist at "
                           f"{storefail.where(self.scheme, self.endpoint)}; create it first")
