@@ -14,6 +14,7 @@ from pathlib import Path
 from . import options
 from . import outcomes as O
 from .config import ConditionConfig, EngineConfig, PreviewConfig
+from .storage import StoreLost
 
 
 def subcommand(sub, name: str, cls: type, **kw) -> argparse.ArgumentParser:
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return {"shards": run_shards, "condition": run_condition, "preview": run_preview}[a.command](a)
+    except StoreLost as exc:  # the object store went away mid-run; its message says to rerun
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:  # bad flags or inputs: say which
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,8 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from . import options, sources, storage
 from .config import EngineConfig
 from .hashes import PHASH_VERSION
@@ -93,7 +91,7 @@ def describe_inputs(inputs) -> list[dict]:
             described.append(sources.describe(inp))
             continue
         path = inp.path  # a Path, or an object's URL (engine/storage.py)
-        rows = pq.ParquetFile(storage.readable(path)).metadata.num_rows  # a clear error for a non-parquet file
+        rows = storage.parquet_file(path).metadata.num_rows  # a clear error for a non-parquet file
         described.append({"name": inp.name, "bytes": storage.input_size(path), "rows": rows, "footer": footer_hash(path),
                           "path": path if storage.is_url(path) else str(path.resolve())})
     return described

@@ -23,7 +23,7 @@ SETTLE_S = 1.0  # wait after writing a lease before reading it back: the last of
 
 
 class Leased:
-    """The lease of a store (mixed into ObjectStore): needs its read, write_json, delete, check and url."""
+    """The lease of a store (mixed into ObjectStore): needs its read, write_json, delete, check, failure and url."""
 
     def lease_run(self) -> str | None:
         """The run id the lease object names, None when there is none."""
@@ -39,7 +39,10 @@ class Leased:
         back (of two racing runs the last writer wins, the other stops). Every shard reads the
         lease again before its marker, so a run that lost it never marks a shard done."""
         self.check()
-        lease = self._take()
+        try:  # the run's first write: credentials that may read but not write are told here
+            lease = self._take()
+        except OSError as exc:
+            raise self.failure(exc, f"--output {self.url} (writing {LEASE})") from None
         stop = threading.Event()
         renew = threading.Thread(target=self._renew, args=(lease, stop), daemon=True, name="lease")
         renew.start()
@@ -62,7 +65,11 @@ class Leased:
         lease = {"run": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()}
         self.write_json(LEASE, lease)
         time.sleep(SETTLE_S)
-        now = json.loads(self.read(LEASE) or b"{}")
+        try:
+            now = json.loads(self.read(LEASE) or b"{}")
+        except ValueError:  # what was put comes back other than written: no object store to trust
+            raise self.failure(ValueError(f"{LEASE} read back other than it was written"),
+                               f"--output {self.url}") from None
         if now.get("run") != lease["run"]:
             raise RuntimeError(f"another run ({now.get('host')} pid {now.get('pid')}) started writing to "
                                f"{self.url} at the same moment; wait for it or choose another --output")

@@ -7,6 +7,7 @@ driver's node; every node must see --output (checked with a token file before an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -71,7 +72,8 @@ class RayRunner:
         return self
 
     def __exit__(self, *exc):
-        S.store_of(self.cfg).delete(TOKEN_FILE)
+        with contextlib.suppress(OSError):  # a store gone mid-run: its error is the run's, Ray still stops
+            S.store_of(self.cfg).delete(TOKEN_FILE)
         if self.owns_ray:
             ray.shutdown()
         return False

@@ -73,7 +73,12 @@ def settle(cfg: EngineConfig, shard: Shard, attempt: int, status: dict, progress
            on_done: Callable[[dict], None]) -> int | None:
     """The retry policy of every runner: after attempt `attempt` of `shard`, the next attempt's
     number when it failed and `--shard-retries` allow another (its counts taken back from
-    `progress`), else None with the status handed to `on_done`."""
+    `progress`), else None with the status handed to `on_done`. A failed shard's object store is
+    asked whether it still answers: one gone mid-run stops the run (StoreLost), not each shard in turn."""
+    if not status["ok"]:
+        from .storage import store_of
+
+        store_of(cfg).reachable()
     if status["ok"] or attempt > cfg.max_retries:
         on_done(status)
         return None

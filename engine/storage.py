@@ -25,18 +25,27 @@ import os
 import shutil
 import tempfile
 import threading
+from datetime import timedelta
 from pathlib import Path
 
+from . import storefail
 from .lease import LEASE, LEASE_TTL_S, RENEW_S, SETTLE_S, Leased  # noqa: F401 - importable here
 
 SCHEMES = ("s3://", "gs://", "gcs://")
 MARKER = "[0-9][0-9][0-9][0-9][0-9]*.stats.json"
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+GCS_RETRY_S = 20.0  # how long a GCS request is retried (pyarrow's default, 15 min, looks like a hang)
 
 
 class OutputError(ValueError):
     """--output cannot hold the shards: a file, a path under a file, a folder not writable, or an
     object store that cannot be reached."""
+
+
+class StoreLost(RuntimeError):
+    """The object store of --output stopped answering mid-run: the run stops, its complete shards
+    are kept (each vouched for by its marker), and a rerun resumes once the store answers again.
+    Not an OSError: the runners take those for a dead worker and carry on."""
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -117,6 +126,9 @@ class LocalStore:
         usable_output(self.folder)
         return lock_output(self.folder)
 
+    def reachable(self) -> None:
+        """Nothing to ask: a folder's failures are the disk's (the CLI names them)."""
+
 
 class Staging:
     """One shard's local build folder and, on an object store, its upload: files first, marker last."""
@@ -145,7 +157,13 @@ class ObjectStore(Leased):
 
         self.url = url.rstrip("/")
         scheme, _, rest = self.url.partition("://")
-        self.bucket = rest.split("/", 1)[0]
+        self.bucket, self.scheme, self.endpoint = rest.split("/", 1)[0], scheme, endpoint
+        # an emulator (fake-gcs-server, the storage testbench) takes no token; a key file says otherwise
+        self.anonymous = scheme != "s3" and bool(endpoint) and not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        self.lost: str | None = None  # why the store stopped answering mid-run (then nothing more is asked)
+        self._quick_fs = None  # the checks' S3 file system, made when first asked (see _quick)
+        if storefail.check_endpoint(endpoint):
+            raise OutputError(storefail.check_endpoint(endpoint))
         try:
             if scheme == "s3":
                 self.fs = pafs.S3FileSystem(
@@ -153,7 +171,8 @@ class ObjectStore(Leased):
                     retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
             else:  # gs:// (endpoint: a GCS emulator's host:port)
                 self.fs = pafs.GcsFileSystem(endpoint_override=endpoint and endpoint.split("://")[-1],
-                                             scheme="http" if endpoint else "https")
+                                             scheme="http" if endpoint else "https", anonymous=self.anonymous,
+                                             retry_time_limit=timedelta(seconds=GCS_RETRY_S))
         except (OSError, ValueError) as exc:
             raise OutputError(f"--output {url}: {_one_line(exc)}") from None
         self.root = rest.rstrip("/")
@@ -171,6 +190,7 @@ class ObjectStore(Leased):
 
     def read(self, name: str) -> bytes | None:
         """An object's bytes, None when it does not exist."""
+        self._alive()
         try:
             with self.fs.open_input_stream(self._key(name)) as f:
                 return f.read()
@@ -181,6 +201,7 @@ class ObjectStore(Leased):
         """An object's size, None when there is none."""
         import pyarrow.fs as pafs
 
+        self._alive()
         info = self.fs.get_file_info(self._key(name))
         return info.size if info.type == pafs.FileType.File else None
 
@@ -194,6 +215,7 @@ class ObjectStore(Leased):
 
     def write(self, name: str, data: bytes) -> None:
         """Put one object whole (it is visible only once complete)."""
+        self._alive()
         with self.fs.open_output_stream(self._key(name)) as f:
             f.write(data)
 
@@ -238,22 +260,73 @@ class ObjectStore(Leased):
         with open(path, "rb") as src, self.fs.open_output_stream(self._key(name)) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
 
-    def check(self) -> None:
-        """A clear OutputError when the bucket cannot be reached, read or written."""
+    def check(self, what: str | None = None) -> None:
+        """A clear OutputError, naming the flag or credentials to change, when the bucket cannot be
+        reached or read (asked before any download starts; the lease then tries the first write)."""
         import pyarrow.fs as pafs
 
+        what = what or f"--output {self.url}"
         try:
-            info = self.fs.get_file_info(self.bucket)
-            if info.type != pafs.FileType.Directory:
-                raise OutputError(f"--output {self.url}: bucket {self.bucket} does not exist; create it first")
-            self.names(".none")
+            if self._quick().get_file_info(self.bucket).type != pafs.FileType.Directory:
+                self._no_bucket(what)
+            self._quick().get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         except OSError as exc:
-            raise OutputError(f"--output {self.url}: {_one_line(exc)} (check --s3-endpoint and the "
-                              "credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws)") from None
+            raise self.failure(exc, what) from None
 
-def _one_line(exc: BaseException) -> str:
-    """An SDK's error message on one line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    def _quick(self):
+        """The file system the checks ask through: for S3 one that gives up sooner than the uploads'
+        (a server that accepts but never answers: 94 s to the error with theirs, ~25 s with this)."""
+        import pyarrow.fs as pafs
+
+        if self.scheme != "s3":
+            return self.fs  # GCS: bounded by GCS_RETRY_S already
+        if self._quick_fs is None:
+            self._quick_fs = pafs.S3FileSystem(endpoint_override=self.endpoint, connect_timeout=5, request_timeout=10,
+                                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+        return self._quick_fs
+
+    def _no_bucket(self, what: str) -> None:
+        """The bucket looked missing: an OutputError saying so when the store says NoSuchBucket, naming
+        --s3-endpoint when the server is no object store (any web server answers a HEAD with 404)."""
+        import pyarrow.fs as pafs
+
+        if self.scheme != "s3":  # GCS's bucket metadata request answers with the store's own error
+            raise OutputError(f"{what}: bucket {self.bucket} does not exist at "
+                              f"{storefail.where(self.scheme, self.endpoint)}; create it first")
+        try:  # a listing's error carries the store's own answer, a HEAD's has no body
+            self._quick().get_file_info(pafs.FileSelector(self.root, allow_not_found=False))
+            return
+        except FileNotFoundError:
+            return  # the bucket is there, the prefix is not yet
+        except OSError as exc:
+            if "NO_SUCH_BUCKET" not in str(exc):
+                raise self.failure(exc, what) from None
+        raise OutputError(f"{what}: bucket {self.bucket} does not exist at "
+                          f"{storefail.where(self.scheme, self.endpoint)}; create it first")
+
+    def failure(self, exc: BaseException, what: str | None = None) -> OutputError:
+        """An OutputError for a failed request: its cause and what to change (engine/storefail.py)."""
+        return OutputError(storefail.explain(exc, what or f"--output {self.url}", self.scheme, self.endpoint,
+                                             self.anonymous))
+
+    def reachable(self) -> None:
+        """StoreLost when the bucket does not answer (asked by the driver after a failed shard, so a
+        store gone mid-run stops the run instead of failing every shard in turn); from then on every
+        read and write of this store fails at once."""
+        try:
+            self._quick().get_file_info(self.bucket)
+        except OSError as exc:
+            self.lost = ("the object store stopped answering mid-run (complete shards are kept: rerun the same "
+                         f"command once it answers again): {self.failure(exc)}")
+            raise StoreLost(self.lost) from None
+
+    def _alive(self) -> None:
+        """Fail at once, without a request, once the store was found gone mid-run (an OSError, as a
+        failed request's: the run's closing writes give up on it as on any)."""
+        if self.lost:
+            raise OSError(self.lost)
+
+_one_line = storefail.one_line
 
 
 _STORES: dict[tuple, object] = {}
@@ -266,7 +339,7 @@ def open_output(output: str | os.PathLike, endpoint: str | None = None):
         return LocalStore(output)
     with _STORES_LOCK:  # one S3 client per process: the shards of a worker share it
         key = (str(output), endpoint)
-        if key not in _STORES:
+        if key not in _STORES or _STORES[key].lost:  # a store lost by an earlier run is asked afresh
             _STORES[key] = ObjectStore(str(output), endpoint)
         return _STORES[key]
 
@@ -329,24 +402,40 @@ def _parent(url: str) -> tuple[ObjectStore, str]:
 
 
 def list_parquet(url: str) -> list[str]:
-    """The parquet objects an INPUT URL names: itself, or every *.parquet directly under the prefix."""
+    """The parquet objects an INPUT URL names: itself, or every *.parquet directly under the prefix.
+    A clear FileNotFoundError naming the input, and the bucket, flag or credentials to change."""
     if not url.lower().endswith(".parquet") and not url.endswith("/"):
         url += "/"
+    store, name = _parent(url) if not url.endswith("/") else (open_output(url.rstrip("/"), input_endpoint), None)
     try:
-        if not url.endswith("/"):
-            store, name = _parent(url)
-            if store.size(name) is None:
-                raise FileNotFoundError(f"input {url}: no such object")
-            return [url]
-        store = open_output(url.rstrip("/"), input_endpoint)
-        found = [f"{store.url}/{n}" for n in store.names("*.parquet")]
+        found = [url] if name and store.size(name) is not None else [] if name else \
+            [f"{store.url}/{n}" for n in store.names("*.parquet")]
+        if not found:
+            store.check(f"input {url}")  # a missing bucket, a wrong endpoint: said as such
     except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise FileNotFoundError(f"input {url}: {_one_line(exc)} (check --s3-endpoint and the credentials)") from None
+        raise FileNotFoundError(str(store.failure(exc, f"input {url}"))) from None
+    except OutputError as exc:
+        raise FileNotFoundError(str(exc)) from None
     if not found:
-        raise FileNotFoundError(f"input {url}: no .parquet objects under it (only parquet inputs may be URLs)")
+        raise FileNotFoundError(f"input {url}: no such object" if name else
+                                f"input {url}: no .parquet objects under it (only parquet inputs may be URLs)")
     return found
+
+
+def parquet_file(path):
+    """A pq.ParquetFile of an input (a local path or an object URL); a clear error naming the input
+    when it is no parquet file or cannot be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(readable(path))
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"input {path}: not a parquet file ({_one_line(exc)})") from None
+    except OSError as exc:
+        if not is_url(path) or isinstance(exc, FileNotFoundError):
+            raise
+        raise FileNotFoundError(str(_parent(path)[0].failure(exc, f"input {path}"))) from None
 
 
 def readable(path):

@@ -1,0 +1,295 @@
+"""The object store is not what the user said: an endpoint that refuses or is no object store, a
+missing bucket, credentials refused or absent, an input object missing or no parquet, a gs://
+store out of reach, and a store that goes away mid-run. Each ends in one `error:` line naming the
+flag, bucket, input or credentials to change, a non-zero exit, no traceback, within the SDKs'
+timeouts; the store gone mid-run leaves only whole shards and the rerun accounts for every row once.
+
+A real moto server on 127.0.0.1 (conftest's `s3`), with moto's own IAM enforcement switched on for
+the credential cases; "gone" is a TCP relay in front of it that is cut (connections refused, open
+ones reset) and mended on the same port, so the store comes back with what it held, as a restarted
+MinIO or a healed network would.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+import webdataset as wds
+
+from engine import storage as S
+from engine.cli import main
+from engine.pipeline import completed
+
+from .conftest import run_rows
+from .test_engine_e2e import check_run
+from .test_s3 import download, objects, s3_cmd
+
+
+def one_error(capsys, code: int, expected: int, *says: str) -> str:
+    """The single `error:` line of a failed CLI run, checked to say each of `says`."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == expected and len(errors) == 1 and "Traceback" not in err, err
+    assert all(s in errors[0] for s in says), errors[0]
+    return errors[0]
+
+
+def shards(inp, out: str, *flags: str) -> int:
+    """The engine CLI in this process (threads runner: these runs stop before any shard)."""
+    return main(["shards", str(inp), "--output", out, "--runner", "local", "--no-progress", *flags])
+
+
+@pytest.fixture
+def one_row(tmp_path, corpus) -> Path:
+    """A one-row input whose URL the corpus server counts, to tell that no download started."""
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"URL": [f"{corpus.base_url}/never-fetched.jpg"], "TEXT": ["a"]}), path)
+    return path
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NotFound(BaseHTTPRequestHandler):
+    """A web server that is no object store: 404 to everything, no S3 error body."""
+
+    def _404(self):
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _404
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_endpoint_that_refuses_or_is_no_object_store_is_named_before_any_download(s3, one_row, corpus, capsys):
+    web = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    hits = sum(corpus.hits.values())
+    try:
+        refused = f"http://127.0.0.1:{closed_port()}"
+        one_error(capsys, shards(one_row, "s3://bucket/refused", "--s3-endpoint", refused), 2,
+                  "--output s3://bucket/refused", f"cannot reach --s3-endpoint {refused}")
+        website = f"http://127.0.0.1:{web.server_address[1]}"
+        one_error(capsys, shards(one_row, "s3://bucket/web", "--s3-endpoint", website), 2,
+                  f"--s3-endpoint {website} answers, but not as an object store")
+        plain = s3[0].removeprefix("http://")  # without a scheme the SDK speaks https to moto's plain http
+        one_error(capsys, shards(one_row, "s3://bucket/tls", "--s3-endpoint", plain), 2,
+                  f"no TLS connection to --s3-endpoint {plain}", "write http://host:port")
+        for wrong in (f"{s3[0]}/bucket", "ftp://127.0.0.1:21", "minio 9000"):
+            one_error(capsys, shards(one_row, "s3://bucket/x", "--s3-endpoint", wrong), 2,
+                      f"--s3-endpoint {wrong}: give the server as http://host:port")
+    finally:
+        web.shutdown()
+    assert sum(corpus.hits.values()) == hits
+
+
+def test_a_missing_bucket_is_said_before_any_download(s3, one_row, corpus, capsys):
+    endpoint, client = s3
+    hits = sum(corpus.hits.values())
+    one_error(capsys, shards(one_row, "s3://no-such-bucket/x", "--s3-endpoint", endpoint), 2,
+              f"bucket no-such-bucket does not exist at --s3-endpoint {endpoint}; create it first")
+    assert sum(corpus.hits.values()) == hits
+    assert "no-such-bucket" not in {b["Name"] for b in client.list_buckets()["Buckets"]}
+
+
+@pytest.fixture
+def auth(s3):
+    """moto checking every request's credentials (as AWS does) for the test's length; yields a
+    read-only IAM user's key pair. moto's IAM knows no key but the ones made here."""
+    endpoint, _ = s3
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    name = f"reader{time.monotonic_ns()}"
+    iam.create_user(UserName=name)
+    iam.put_user_policy(UserName=name, PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Resource": "*",  # s3:HeadBucket: moto's action of a bucket's HEAD
+                       "Action": ["s3:GetObject", "s3:ListBucket", "s3:HeadBucket"]}]}))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
+    try:
+        yield key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
+
+
+def test_refused_or_missing_credentials_are_named(s3, auth, one_row, monkeypatch, tmp_path, capsys):
+    endpoint, client = s3
+    # keys the store does not know (the fixture's "testing" pair): named by where they came from
+    one_error(capsys, shards(one_row, "s3://bucket/auth-unknown", "--s3-endpoint", endpoint), 2,
+              f"access refused by --s3-endpoint {endpoint}",
+              "AWS_ACCESS_KEY_ID ...ting and AWS_SECRET_ACCESS_KEY from the environment")
+    one_error(capsys, shards(f"s3://bucket/auth-in/{one_row.name}", str(tmp_path / "out"), "--s3-endpoint", endpoint),
+              2, f"input s3://bucket/auth-in/{one_row.name}: access refused", "from the environment")
+    # keys that may read but not write: refused at the run's first write, the lease
+    reader, secret = auth
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", reader)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    one_error(capsys, shards(one_row, "s3://bucket/auth-read-only", "--s3-endpoint", endpoint), 2,
+              f"--output s3://bucket/auth-read-only (writing {S.LEASE}): access refused",
+              f"AWS_ACCESS_KEY_ID ...{reader[-4:]}")
+    # no credentials anywhere the SDK looks
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    one_error(capsys, shards(one_row, "s3://bucket/auth-none", "--s3-endpoint", endpoint), 2,
+              "--output s3://bucket/auth-none", "credentials: none found (no AWS_ACCESS_KEY_ID")
+    monkeypatch.undo()
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf", timeout=10)
+    assert not {p for p in ("auth-unknown", "auth-read-only", "auth-none") if objects(client, p)}
+
+
+def test_an_s3_input_missing_or_unreadable_is_one_line_naming_it(s3, one_row, tmp_path, capsys):
+    endpoint, client = s3
+    client.put_object(Bucket="bucket", Key="inputs/notes.parquet", Body=b"not a parquet file")
+    out = str(tmp_path / "out")
+    for url, says, flags in (
+            ("s3://bucket/inputs/none.parquet", "input s3://bucket/inputs/none.parquet: no such object", ()),
+            ("s3://bucket/empty-prefix/", "input s3://bucket/empty-prefix/: no .parquet objects under it", ()),
+            ("s3://no-such-bucket/in.parquet", "input s3://no-such-bucket/in.parquet: bucket no-such-bucket "
+                                               "does not exist", ()),
+            ("s3://bucket/inputs/notes.parquet", "input s3://bucket/inputs/notes.parquet: not a parquet file", ()),
+            ("s3://bucket/x/in.parquet", "input s3://bucket/x/in.parquet: cannot reach --s3-endpoint",
+             ("--s3-endpoint", f"http://127.0.0.1:{closed_port()}"))):
+        one_error(capsys, shards(url, out, *(flags or ("--s3-endpoint", endpoint))), 2, says)
+    assert not list(Path(out).glob("*.tar"))
+
+
+def test_a_gs_store_out_of_reach_or_without_credentials_is_one_line_in_bounded_time(one_row, monkeypatch, tmp_path,
+                                                                                    capsys):
+    monkeypatch.setattr(S, "GCS_RETRY_S", 1.0)  # the SDK retries for this long (20 s in a run)
+    refused = f"http://127.0.0.1:{closed_port()}"
+    one_error(capsys, shards(one_row, "gs://bucket/refused", "--s3-endpoint", refused), 2,
+              f"--output gs://bucket/refused: cannot reach --s3-endpoint {refused}")
+    # Google Cloud Storage itself, with no credentials to find: no key file, no gcloud login, no metadata server
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("GCE_METADATA_ROOT", f"127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{closed_port()}")
+    one_error(capsys, shards(one_row, "gs://bucket/nocreds"), 2,
+              "--output gs://bucket/nocreds", "credentials: none found (no GOOGLE_APPLICATION_CREDENTIALS")
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 to a server's port: `cut` stops it (new connections refused, open
+    ones reset), as if the server were gone; `mend` relays again on the same port."""
+
+    def __init__(self, target: int):
+        self.target, self.port, self.socks, self.lock = target, 0, set(), threading.Lock()
+        self.mend()
+
+    def mend(self) -> None:
+        """Listen (again) on the relay's port."""
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        self.listener.listen(64)
+        self.listener.settimeout(0.1)
+        self.up = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def cut(self) -> None:
+        """Close the port and reset every open connection."""
+        self.up = False
+        self.thread.join()
+        self.listener.close()
+        with self.lock:
+            socks, self.socks = self.socks, set()
+        for s in socks:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+                s.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while self.up:
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(None)
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.socks |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.mark.slow
+def test_a_store_gone_mid_run_stops_it_with_whole_shards_and_the_rerun_counts_every_row_once(corpus, s3, tmp_path):
+    endpoint, client = s3
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    via = f"http://127.0.0.1:{relay.port}"
+    cmd = s3_cmd(corpus.parquet, "gone", via, "--runner", "processes", "--shard-size", "8")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(n.endswith(".stats.json") for n in objects(client, "gone")):
+        time.sleep(0.2)
+    relay.cut()
+    try:
+        _, err = proc.communicate(timeout=120)  # it stops on its own: no hang
+    finally:
+        proc.kill()
+        relay.mend()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert "the object store stopped answering mid-run" in errors[0] and f"cannot reach --s3-endpoint {via}" \
+        in errors[0] and "rerun the same command" in errors[0], errors[0]
+    assert "retrying" not in err  # the run stopped; it did not fail every shard in turn
+    at_cut = {n: v for n, v in objects(client, "gone").items() if n[0].isdigit()}
+    markers = {n.removesuffix(".stats.json") for n in at_cut if n.endswith(".stats.json")}
+    total = -(-pq.read_metadata(corpus.parquet).num_rows // 8)  # shards of 8 rows
+    assert 0 < len(markers) < total, "the cut must land midway"
+    # every marker vouches for a whole shard (sizes and rows agree): none is partial
+    direct = S.ObjectStore("s3://bucket/gone", endpoint)
+    assert {f"{i:05d}" for i in completed(direct)} == markers
+    assert main(cmd[3:]) == 0  # the same command, once the store is back, finishes the run
+    after = {n: v for n, v in objects(client, "gone").items() if n[0].isdigit()}
+    for name in markers:  # a shard done before the cut is not written again
+        for ext in (".tar", ".parquet", ".stats.json"):
+            assert after[name + ext] == at_cut[name + ext]
+    names = {n.split(".")[0] for n in after}
+    assert all(f"{n}.stats.json" in after for n in names)  # no tar or parquet left without its marker
+    got = download(client, "gone", tmp_path / "gone")
+    check_run(got, corpus.parquet)  # one record per input row, each with the outcome the corpus expects of it
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in got.glob("[0-9]*.tar")), shardshuffle=False)]
+    table = run_rows(got)
+    assert len(keys) == len(set(keys)) == table.column("outcome").to_pylist().count("ok")  # each sample once
+    assert S.LEASE not in objects(client, "gone")
