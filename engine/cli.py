@@ -80,7 +80,7 @@ def run_shards(a: argparse.Namespace) -> int:
         print(f"{stats['outcomes'][O.BLOCKED_ADDRESS]} rows point at non-public addresses (blocked_address); "
               "--allow-private-network fetches them", file=sys.stderr)
     if stats.get("unsaved"):
-        print(f"error: {stats['unsaved']}; rerun the same command once the disk is fixed", file=sys.stderr)
+        print(f"error: {stats['unsaved']}; rerun the same command once the disk or object store is fixed", file=sys.stderr)
         return 1
     if stats["outcomes"].get(PENDING):
         print(f"{stats['outcomes'][PENDING]} rows pending: rerun the same command to finish", file=sys.stderr)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the disk failed mid-run (full, I/O error): complete shards are kept
-        print(f"error: {exc}; complete shards are kept: rerun the same command once the disk is fixed",
+        print(f"error: {exc}; complete shards are kept: rerun the same command once the disk or object store is fixed",
               file=sys.stderr)
         return 1
 
