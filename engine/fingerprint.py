@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from . import options, sources, storage
+from . import objinput, options, sources, storage
 from .config import EngineConfig
 from .hashes import PHASH_VERSION
 
@@ -75,7 +75,7 @@ def settings(cfg: EngineConfig) -> dict:
 def footer_hash(path: Path) -> str:
     """A short hash of a parquet file's (or object's) footer (schema, row groups, column statistics):
     a cheap stand-in for its contents, read without the data."""
-    with (open(path, "rb") if not storage.is_url(path) else storage.readable(path)) as f:
+    with (open(path, "rb") if not storage.is_url(path) else objinput.readable(path)) as f:
         f.seek(-8, 2)
         length = int.from_bytes(f.read(4), "little")
         f.seek(-8 - length, 2)
@@ -91,8 +91,8 @@ def describe_inputs(inputs) -> list[dict]:
             described.append(sources.describe(inp))
             continue
         path = inp.path  # a Path, or an object's URL (engine/storage.py)
-        rows = storage.parquet_file(path).metadata.num_rows  # a clear error for a non-parquet file
-        described.append({"name": inp.name, "bytes": storage.input_size(path), "rows": rows, "footer": footer_hash(path),
+        rows = objinput.parquet_file(path).metadata.num_rows  # a clear error for a non-parquet file
+        described.append({"name": inp.name, "bytes": objinput.input_size(path), "rows": rows, "footer": footer_hash(path),
                           "path": path if storage.is_url(path) else str(path.resolve())})
     return described
 

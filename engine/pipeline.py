@@ -19,7 +19,7 @@ from collections.abc import Callable
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import card, prestart
+from . import card, objinput, prestart
 from . import dedup as D
 from . import fingerprint as F
 from . import outcomes as O
@@ -151,7 +151,7 @@ def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> di
     cfg = dataclasses.replace(cfg, output=S.absolute(cfg.output),
                               inputs=tuple(S.absolute(p) for p in cfg.inputs),
                               local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
-    S.input_endpoint = cfg.s3_endpoint  # for s3:// inputs, which only this driver reads
+    objinput.input_endpoint = cfg.s3_endpoint  # for s3:// inputs, which only this driver reads
     store = S.store_of(cfg)  # a folder or an object store (engine/storage.py)
     with store.lock():
         return _run(cfg, store, on_shard)

@@ -20,7 +20,7 @@ import numbers
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from . import objinput, storage
 from .caption import storable
 
 STRING, INT, FLOAT, BOOL = "string", "int64", "float64", "bool"  # the kinds, named as datasets' dtypes
@@ -65,7 +65,7 @@ def input_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str |
         return kinds  # inputs the plan reads otherwise: each shard's Arrow types decide (shard_kinds)
     for path in paths:
         try:
-            schema = pq.read_schema(storage.readable(path))
+            schema = pq.read_schema(objinput.readable(path))
         except (OSError, pa.ArrowException):
             continue
         names = schema.names

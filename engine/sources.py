@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from . import local, storage
+from . import local, objinput, storage
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 TABLE_EXTS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -67,7 +67,7 @@ def expand(inputs, files: bool = True) -> list[Input]:
 def _expand_one(item: str, files: bool = True) -> list[Input]:
     """The Inputs one INPUT names: a folder, a file or a glob; or parquet objects of a store (a URL)."""
     if storage.is_url(item):  # path: the object's URL (a str), read by the driver only (engine/storage.py)
-        return [Input("parquet", url, url.rsplit("/", 1)[-1]) for url in storage.list_parquet(item)]
+        return [Input("parquet", url, url.rsplit("/", 1)[-1]) for url in objinput.list_parquet(item)]
     p = Path(item)
     if p.is_dir():
         parquet = _walk(p, (".parquet",))
