@@ -43,14 +43,30 @@ def one_run(layout: list[int], urls: Path, root: Path, out: Path, workers: int, 
         r = scaling.run_engine(urls, root, out, workers, rows, ["--runner", "ray", "--ray-address", c.address])
     finally:
         c.shutdown()
-    nodes = {s.get("node_id") for s in scaling.shard_stats(out)}
-    r.update(layout=layout, nodes=len(nodes - {None}))
+    stats = scaling.shard_stats(out)
+    nodes = {s.get("node_id") for s in stats}
+    r.update(layout=layout, nodes=len(nodes - {None}), per_node=per_node(stats))
     return r
+
+
+def per_node(stats: list[dict]) -> list[dict]:
+    """Each node's shards, rows, and when its first shard started and its last ended (seconds after
+    the run's first shard started): whether one node of a cluster started late or finished early."""
+    if not stats:
+        return []
+    t0, out = min(s["window"][0] for s in stats), []
+    for node in sorted({s.get("node_id") or "?" for s in stats}):
+        mine = [s for s in stats if (s.get("node_id") or "?") == node]
+        out.append({"node": node[:8], "shards": len(mine), "rows": sum(s["rows"] for s in mine),
+                    "first_start_s": round(min(s["window"][0] for s in mine) - t0, 2),
+                    "last_end_s": round(max(s["window"][1] for s in mine) - t0, 2)})
+    return out
 
 
 def summary(runs: list[dict]) -> dict:
     """Median rates of one layout's runs."""
     return {"layout": runs[0]["layout"], "runs": len(runs), "nodes_used": min(r["nodes"] for r in runs),
+            "per_node": runs[-1].get("per_node", []),
             "img_s": statistics.median(r["img_s"] for r in runs),
             "steady_rows_s": statistics.median(r["steady_rows_s"] for r in runs),
             "cpu_ms_per_row": statistics.median(r["cpu_ms_per_row"] for r in runs),
@@ -75,6 +91,11 @@ def render(rec: dict) -> str:
     verdict = "met" if ratio >= 0.95 else "missed"
     lines += ["", f"Two nodes against one: **{ratio:.2f}x** steady, {whole:.2f}x whole command (goal >= 0.95x: "
               f"{verdict})."]
+    for s in (one, two):
+        if s.get("per_node"):
+            nodes = "; ".join(f"{n['node']}: {n['shards']} shards, {n['rows']} rows, first start +{n['first_start_s']} s, "
+                              f"last end +{n['last_end_s']} s" for n in s["per_node"])
+            lines.append(f"- {' + '.join(f'{c} CPUs' for c in s['layout'])}, last run, per node: {nodes}")
     return "\n".join(lines)
 
 
