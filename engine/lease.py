@@ -83,10 +83,12 @@ class Leased:
             return None  # a torn or foreign lease object cannot hold anyone out
         if not held.get("run"):
             return None
-        if held.get("host") == socket.gethostname():
+        # Stale once not renewed for LEASE_TTL_S, whatever its pid says: a pid is reused (a container's
+        # restarted run is often pid 1 again), so a live pid alone would keep a crashed run's lease forever.
+        # On this host a gone process also makes it stale at once.
+        alive = time.time() - float(held.get("renewed", 0)) < LEASE_TTL_S
+        if alive and held.get("host") == socket.gethostname():
             alive = _pid_alive(int(held.get("pid", 0)))
-        else:
-            alive = time.time() - float(held.get("renewed", 0)) < LEASE_TTL_S
         return f"{held.get('host')} pid {held.get('pid')}" if alive else None
 
     def _renew(self, lease: dict, stop: threading.Event) -> None:

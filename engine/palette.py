@@ -3,6 +3,7 @@ in which IM's octree visits a palette's colours (engine/condition.py's remap rel
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -116,6 +117,16 @@ def morton_key(color: Sequence[int]) -> int:
 
 
 def tree_order(palette: np.ndarray) -> np.ndarray:
-    """Distinct palette colours in IM's octree visiting order (ties then go to the last one)."""
-    unique = {tuple(int(v) for v in c) for c in _check_palette(palette)}
-    return np.array(sorted(unique, key=morton_key), dtype=np.int32)
+    """Distinct palette colours in IM's octree visiting order (ties then go to the last one).
+
+    Called for every image with the run's one palette: the order is computed once per palette
+    (a set and a Morton sort, ~25 us) and each call gets its own writable copy."""
+    palette = np.asarray(palette)
+    return np.array(_ordered(palette.tobytes(), palette.dtype.str, palette.shape), dtype=np.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _ordered(raw: bytes, dtype: str, shape: tuple) -> tuple:
+    """tree_order's colours as a tuple of RGB triples, for one palette's bytes."""
+    unique = {tuple(int(v) for v in c) for c in _check_palette(np.frombuffer(raw, dtype).reshape(shape))}
+    return tuple(sorted(unique, key=morton_key))

@@ -27,8 +27,9 @@ from . import storage as S
 from .config import EngineConfig
 from .plan import iter_shards
 from .runners import LocalRunner, Progress
+from .sample import STATS_SUFFIX, shard_name
 from .storage import OutputError, lock_output, usable_output  # noqa: F401 -- moved there, still importable here
-from .write import shard_name, tar_problem
+from .write import tar_problem
 
 PENDING = "pending"  # rows of shards that are not complete (failed or interrupted): rerun to finish
 
@@ -40,7 +41,7 @@ def completed(output) -> dict[int, dict]:
     for name in output.names(S.MARKER):
         try:
             stats = json.loads(output.read(name) or b"")
-            if name == f"{shard_name(int(stats['shard']))}.stats.json" and trusted(output, stats):
+            if name == f"{shard_name(int(stats['shard']))}{STATS_SUFFIX}" and trusted(output, stats):
                 done[int(stats["shard"])] = stats
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError):
             continue  # unreadable means not done; the shard is redone

@@ -19,7 +19,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait
 
 from . import dedup as D
@@ -61,17 +60,10 @@ class ProcessRunner:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        # Built on a thread: loading the index's Numba kernels (~0.5-1 CPU-s) overlaps with planning
-        # and the first worker's start; the first dedup call or the resume rebuild waits for it.
-        pool = ThreadPoolExecutor(1, thread_name_prefix="dedup-index")
-        self._index = pool.submit(driver_index, cfg)
-        pool.shutdown(wait=False)
+        # Built here, not on a thread: an empty index costs ~0.2 ms; Numba's kernels load at its first
+        # search of band tables, which a small run never builds (engine/hamming.py).
+        self.index: list[D.DedupShard] = driver_index(cfg)
         self.workers: list[Worker] = []
-
-    @property
-    def index(self) -> list[D.DedupShard]:
-        """The driver's dedup index objects, once built."""
-        return self._index.result()
 
     def __enter__(self):
         return self

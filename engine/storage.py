@@ -30,9 +30,10 @@ from pathlib import Path
 
 from . import storefail
 from .lease import LEASE, LEASE_TTL_S, RENEW_S, SETTLE_S, Leased  # noqa: F401 - importable here
+from .sample import STATS_SUFFIX
 
 SCHEMES = ("s3://", "gs://", "gcs://")
-MARKER = "[0-9][0-9][0-9][0-9][0-9]*.stats.json"
+MARKER = f"[0-9][0-9][0-9][0-9][0-9]*{STATS_SUFFIX}"
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 GCS_RETRY_S = 20.0  # how long a GCS request is retried (pyarrow's default, 15 min, looks like a hang)
 
@@ -174,7 +175,7 @@ class ObjectStore(Leased):
                                              scheme="http" if endpoint else "https", anonymous=self.anonymous,
                                              retry_time_limit=timedelta(seconds=GCS_RETRY_S))
         except (OSError, ValueError) as exc:
-            raise OutputError(f"--output {url}: {_one_line(exc)}") from None
+            raise OutputError(f"--output {url}: {storefail.one_line(exc)}") from None
         self.root = rest.rstrip("/")
 
     def _key(self, name: str) -> str:
@@ -184,6 +185,7 @@ class ObjectStore(Leased):
         """Sorted names of the objects directly under the prefix matching the glob `pattern`."""
         import pyarrow.fs as pafs
 
+        self._alive()
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         return sorted(n for i in infos if i.type == pafs.FileType.File
                       and fnmatch.fnmatchcase(n := i.base_name, pattern))
@@ -207,6 +209,7 @@ class ObjectStore(Leased):
 
     def open(self, name: str):
         """An object opened for random-access reads (parquet footers, column chunks)."""
+        self._alive()
         return self.fs.open_input_file(self._key(name))
 
     def local(self, name: str) -> Path | None:
@@ -243,7 +246,7 @@ class ObjectStore(Leased):
         """Upload NNNNN.tar and .parquet, then the .stats.json marker, if this run still holds the lease."""
         from .write import ShardWriteError
 
-        marker = f"{name}.stats.json"
+        marker = f"{name}{STATS_SUFFIX}"
         try:
             self.delete(marker)  # a marker left by an untrusted earlier attempt goes before its files change
             for ext in (".tar", ".parquet"):
@@ -253,7 +256,7 @@ class ObjectStore(Leased):
                 raise ShardWriteError(f"shard {name}: another run ({holder}) took over {self.url}; not marked done")
             self._upload(folder / marker, marker)
         except OSError as exc:
-            raise ShardWriteError(f"uploading shard {name} to {self.url}: {_one_line(exc)}") from exc
+            raise ShardWriteError(str(self.failure(exc, f"uploading shard {name} to {self.url}"))) from exc
 
     def _upload(self, path: Path, name: str) -> None:
         """Stream a local file into one object (multipart for big tars; the object appears at the end)."""
@@ -325,8 +328,6 @@ class ObjectStore(Leased):
         failed request's: the run's closing writes give up on it as on any)."""
         if self.lost:
             raise OSError(self.lost)
-
-_one_line = storefail.one_line
 
 
 _STORES: dict[tuple, object] = {}

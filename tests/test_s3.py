@@ -141,8 +141,10 @@ def test_the_lease_keeps_a_second_writer_out_and_a_dead_ones_lease_is_taken_over
         with pytest.raises(RuntimeError, match="elsewhere pid 1"):
             S.ObjectStore("s3://bucket/leased", endpoint)._take()
     assert S.LEASE in objects(client, "leased")  # not ours any more: left alone on the way out
-    # ... but not once its lease is older than LEASE_TTL_S, nor when it was this host's and its process is gone
+    # ... but not once its lease is older than LEASE_TTL_S (even with a live pid of this host: pids are
+    # reused), nor when it was this host's and its process is gone
     for stale in ({"host": "elsewhere", "pid": 1, "renewed": time.time() - S.LEASE_TTL_S - 1},
+                  {"host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time() - S.LEASE_TTL_S - 1},
                   {"host": socket.gethostname(), "pid": 2**22 + 7, "renewed": time.time()}):
         store.write_json(S.LEASE, {"run": "old", **stale})
         with store.lock() as lease:

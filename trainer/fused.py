@@ -127,6 +127,8 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         self.model_params = [p for g in groups for p in g["params"]]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.members: list[list[torch.nn.Parameter]] = []
+        self.member_offsets: list[list[int]] = []
+        """Each member's offset in its flat buffer (fixed: computed once, used at every step's first gradient)."""
         self.attached = False
         """Whether the parameters' .grad are views into allocated flat gradients (trainer.fused._on_grad)."""
         super().__init__(self._flat_groups(groups), defaults)
@@ -151,6 +153,7 @@ class FusedAdamW8bit(torch.optim.Optimizer):
             extra = {k: v for k, v in g.items() if k != "params"}
             for (eight, _), ps in parts.items():
                 self.members.append(ps)
+                self.member_offsets.append(offsets(ps))
                 out.append({**extra, "params": [pack(ps)], "bits": 8 if eight else 32, "origin": i, "sizes": [p.numel() for p in ps]})
         return out
 
@@ -163,10 +166,10 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         if self.attached:
             return  # every .grad is a view already (the common case: one test per parameter and pass)
         self.attached = True
-        for flat, params in zip(self.flat_params(), self.members, strict=True):
+        for flat, params, starts in zip(self.flat_params(), self.members, self.member_offsets, strict=True):
             if flat.grad is None:
                 flat.grad = torch.zeros_like(flat)
-            for p, offset in zip(params, offsets(params), strict=True):
+            for p, offset in zip(params, starts, strict=True):
                 view = flat.grad[offset:offset + p.numel()].view_as(p)
                 if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
                     view.copy_(p.grad)  # a gradient accumulated before the views existed

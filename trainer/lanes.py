@@ -84,10 +84,8 @@ def plan_layout(n_shards: int, world: int, workers: int, global_batch: int) -> L
 
 def record_lanes(extra: dict, lanes: torch.Tensor) -> None:
     """Keep each lane's latest (epoch, offset) from a batch's lane report in the checkpointed `extra`."""
-    table = extra.setdefault("data_lanes", {})
-    for lane, epoch, offset, end in lanes.tolist():
-        if end >= table.get(str(lane), (0, 0, -1))[2]:
-            table[str(lane)] = [epoch, offset, end]
+    report = {str(lane): [epoch, offset, end] for lane, epoch, offset, end in lanes.tolist()}
+    extra["data_lanes"] = merge_lanes([extra.get("data_lanes", {}), report])
 
 
 def merge_lanes(tables: list[dict]) -> dict:

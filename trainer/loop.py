@@ -157,7 +157,7 @@ def count_flops(run: Run, batch: dict, merge: int) -> float:
             loss = step_loss(run.models, run.objective, to_device(one, run.device), gen,
                              run.cfg.model.only_mid_control)  # run.models: never the DDP wrappers
         loss.backward()
-    run.optimizer.zero_grad(set_to_none=True)  # the fused optimizer zeroes in place (its grads are views)
+    run.optimizer.zero_grad(set_to_none=True)  # through the optimizer: the fused one's grads are views of its flat buffers
     return float(counter.get_total_flops())
 
 

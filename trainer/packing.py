@@ -38,6 +38,6 @@ def unpack(batch: dict) -> dict:
         return batch
     buf, out = batch["packed"], {}
     for key, dtype, shape, stride, offset, start in batch["spec"]:
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         out[key] = buf.view(dtype).as_strided(shape, stride, start // size + offset)
     return out
