@@ -19,7 +19,7 @@ from trainer.config import (
     DataConfig,
     TrainConfig,
 )
-from trainer.data import ShardStream
+from trainer.data import ShardStream, raw_epoch
 from trainer.lanes import Layout, Position, record_lanes
 from trainer.synthetic import write_shards
 from trainer.tiny import build_tiny_tokenizer
@@ -103,8 +103,8 @@ def single_config(assets, output: Path) -> TrainConfig:
                        data={"train_batch_size": 4, "num_workers": 4, "proportion_empty_prompts": 0.5})
 
 
-def torchrun(assets, output: Path, extra: list[str]) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=2 -m trainer` with batch 2 per process (gloo)."""
+def run_torchrun(assets, output: Path, extra: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 -m trainer` with batch 2 per process (gloo); `extra` flags win."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
            "--shards", assets["shards"], "--model", str(assets["model"]), "--output", str(output),
            "--resolution", "32", "--train-batch-size", "2", "--shuffle-buffer", "4",
@@ -113,9 +113,101 @@ def torchrun(assets, output: Path, extra: list[str]) -> subprocess.CompletedProc
            "--checkpointing-steps", "1000", "--validation-steps", "1000", "--mixed-precision", "no",
            "--device", "cpu", "--log-every", "1", "--seed", "3", "--no-progress", *extra]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def torchrun(assets, output: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    """run_torchrun, which must succeed."""
+    proc = run_torchrun(assets, output, extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def spoil(src: Path, dst: Path, bad) -> None:
+    """Copy a tar, with junk bytes instead of the image and map of the samples `bad(index)` picks."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name.endswith((".jpg", ".cond.png")) and bad(int(m.name[:10]) % 1000):
+                data = b"not an image " * 8
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+
+
+def rank1_reads(urls: list[str], bad: str) -> int:
+    """A seed under which lane 1 (rank 1 of 2, one worker each) reads tar `bad` in epoch 0."""
+    return next(s for s in range(100)
+                if next(raw_epoch(urls, s, 0, 1, lambda exn: True, lane=1, lanes=2))["__url__"] == bad)
+
+
+def spoiled_pair(root: Path, good: int = 0) -> tuple[str, int]:
+    """Two tars of 8 samples: 00000.tar good, 00001.tar whose samples after the first `good` do not decode; their
+    pattern, and a seed that gives 00001.tar to rank 1 in epoch 0."""
+    write_shards(root / "src", n_shards=2, per_shard=8, size=40)
+    (root / "src" / "00000.tar").rename(root / "00000.tar")
+    spoil(root / "src" / "00001.tar", root / "00001.tar", lambda i: i >= good)
+    urls = [str(root / "00000.tar"), str(root / "00001.tar")]
+    return str(root / "{00000..00001}.tar"), rank1_reads(urls, urls[1])
+
+
+@pytest.fixture(scope="module")
+def spoiled(tmp_path_factory, assets):
+    """The tiny model on spoiled_pair's shards, 00001.tar all garbage, and the seed."""
+    shards, seed = spoiled_pair(tmp_path_factory.mktemp("spoiled"))
+    return {**assets, "shards": shards, "seed": seed}
+
+
+@pytest.mark.parametrize("good", [0, 2])
+def test_a_rank_whose_share_fails_stands_in_and_stays_in_step(assets, tmp_path, good):
+    """Rank 1 reads only its own tar, garbage after its first `good` samples: in step with rank 0 it yields its last
+    batch again (before its first: a blank one), counted as failed, and never drops or raises alone (that would
+    leave rank 0 waiting in its next all-reduce)."""
+    shards, seed = spoiled_pair(tmp_path, good)
+    data = DataConfig(shards=shards, resolution=32, train_batch_size=2, shuffle_buffer=1, max_failed_batches=1)
+    ranks = [take(ShardStream(data, assets["tokenizer"], seed, rank=r, world=2), 3) for r in range(2)]
+    own = good // 2  # rank 1's batches of its own samples
+    for b, (b0, b1) in enumerate(zip(*ranks, strict=True)):
+        assert torch.equal(b0["position"][:1], b1["position"][:1])  # the same global batch
+        assert (int(b0["dropped"]), int(b0["failed"]), "blank" in b0) == (0, 0, False)
+        if b < own:
+            assert (int(b1["dropped"]), int(b1["failed"])) == (0, 0)
+            continue
+        assert (int(b1["dropped"]), int(b1["failed"]), "blank" in b1) == (1, 2, not own)
+        assert b1["pixel_values"].shape == b0["pixel_values"].shape
+        if own:  # its last batch again
+            assert torch.equal(b1["pixel_values"], ranks[1][own - 1]["pixel_values"])
+        assert "00001.tar" in bytes(b1["error"].tolist()).decode()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_rank_whose_tars_all_fail_stops_every_rank_with_one_message(spoiled, tmp_path):
+    """Under torchrun rank 1's garbage tar stops both ranks together at --max-failed-batches (no hang), each
+    printing the error that names the tar and the flag."""
+    proc = run_torchrun(spoiled, tmp_path / "out", [
+        "--seed", str(spoiled["seed"]), "--max-failed-batches", "3", "--gradient-accumulation-steps", "1",
+        "--max-train-steps", "6", "--dataloader-num-workers", "1"], timeout=150)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: rank 1 of 2: ")]
+    assert len(errors) == 2, proc.stderr[-3000:]  # both ranks, the same message
+    assert errors[0] == errors[1] and "00001.tar" in errors[0] and "--max-failed-batches 3" in errors[0]
+    logs = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2]  # step 3 reached the limit before its log
+    assert logs[-1]["failed_samples"] == 4  # rank 1's 2 samples a step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_minority_of_failed_samples_is_counted_over_the_ranks(assets, tmp_path):
+    """Two of 16 samples (in one rank's tar) do not decode: the run finishes, failed_samples counts both."""
+    write_shards(tmp_path / "src", n_shards=2, per_shard=8, size=40)
+    (tmp_path / "src" / "00000.tar").rename(tmp_path / "00000.tar")
+    spoil(tmp_path / "src" / "00001.tar", tmp_path / "00001.tar", lambda i: i in (2, 5))
+    shards = {**assets, "shards": str(tmp_path / "{00000..00001}.tar")}
+    torchrun(shards, tmp_path / "out", ["--gradient-accumulation-steps", "1", "--max-train-steps", "4",
+                                        "--dataloader-num-workers", "0"])  # 4 global batches of 4: one epoch
+    logs = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4] and logs[-1]["failed_samples"] == 2
 
 
 @pytest.mark.slow

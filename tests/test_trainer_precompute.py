@@ -125,6 +125,15 @@ def test_caption_dropout_on_precomputed_shards(assets, p_empty):
     assert {0.0: share == 0.0, 1.0: share == 1.0, 0.5: 0.3 < share < 0.7}[p_empty], share
 
 
+def test_blank_stand_in_matches_a_precomputed_batch(assets):
+    """The blank batch a torchrun rank stands in with before its first decoded one (trainer.data) has the shapes and
+    dtypes of a real precomputed batch (the tiny VAE's latents are a quarter of the image, SD's an eighth)."""
+    stream = ShardStream(config(assets, assets["pre"], "unused").data, None, 0)
+    real, blank = next(iter(stream)), stream._blank(stream.cfg.train_batch_size)
+    for key, value in blank.items():
+        assert (value.shape, value.dtype) == (real[key].shape, real[key].dtype), key
+
+
 def test_resolution_mismatch_names_the_flag(assets, tmp_path):
     """Training precomputed shards at another resolution fails with the flag to change."""
     cfg = config(assets, assets["pre"], tmp_path / "x")

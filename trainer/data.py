@@ -8,9 +8,14 @@ generator seeded by (seed, i). Batches from workers travel packed in one buffer 
 
 A resume restarts each lane's epoch and skips the samples already used without decoding them.
 Samples that fail to decode are replaced by another sample of the same batch and counted; a batch
-whose samples all fail is dropped and counted (a rank that reads only its own lanes and cannot borrow
-from the others' share repeats its last batch, all of it counted as failed, so the ranks stay in step), and --max-failed-batches such batches in a row stop the
+whose samples all fail is dropped and counted, and --max-failed-batches such batches in a row stop the
 run with an error naming the shard and the member (a shard set without cond.png never spins).
+Under torchrun a rank that reads only some of a global batch (its own lanes) cannot know whether the
+others' shares decoded, so it never drops alone: when its share all fails it yields a stand-in in step
+("dropped" set: its last batch again, or before its first one a blank batch that trains with weight 0),
+all of it counted as failed; the loop agrees on the ranks' runs of stand-ins once a step and stops every
+rank together at --max-failed-batches (trainer.loop.check_dropped). A lane with nothing readable does
+the same at once.
 Members are decoded under the engine's decoding policy (engine/imagepolicy.py): only JPEG, PNG,
 WebP, GIF, BMP and TIFF, pixel count checked from the header; PostScript, PDF and the rest are refused.
 
@@ -49,7 +54,7 @@ from trainer.packing import pack, unpack
 from trainer.precompute import EMBED_KEY, EMPTY_FILE, LATENT_KEY, META_FILE, npy_load
 
 IMAGE_KEY, COND_KEY, TEXT_KEY = S.JPG, S.COND, S.TXT  # the names this module used before engine/sample.py
-META_KEYS = ("position", "failed", "lanes")
+META_KEYS = ("position", "failed", "lanes", "dropped", "blank", "error")
 """Batch entries that describe the stream (stay on the host), not training inputs."""
 
 
@@ -257,16 +262,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         lanes = {lane: self._lane(lane, h) for lane, h in handlers.items()}
         state: dict[int, tuple[int, int]] = {}
         self._last_good: dict | None = None
+        self._dead = ""  # why a lane of this worker can no longer be read (under torchrun: stand-ins from then on)
         group: list[tuple[int, int, dict]] = []
         empty, limit = 0, -(-self.cfg.max_failed_batches // nw)  # each worker sees 1/nw of the batches
         for index in itertools.count(self.first):
             k, j = divmod(index - self.first, gbs)  # global batch since the start, row in it
             lane = self.layout.lane(index)
-            if lane in lanes:  # a lane this worker reads advances even past other workers' samples
-                epoch, offset, sample = next(lanes[lane])
-                state[lane] = (epoch, offset)
-                if k % nw == wid:
-                    group.append((j, index, sample))
+            if lane in lanes and not self._dead:  # a lane this worker reads advances even past other workers' samples
+                read = self._read(lanes[lane])
+                if read is not None:
+                    state[lane] = read[:2]
+                    if k % nw == wid:
+                        group.append((j, index, read[2]))
             if j < gbs - 1 or k % nw != wid:
                 continue
             batch = self._batch(group, handlers, state, self.start.batches + k, index + 1)
@@ -280,24 +287,58 @@ class ShardStream(torch.utils.data.IterableDataset):
                     f"({empty * nw * gbs} samples; --max-failed-batches {self.cfg.max_failed_batches}): "
                     "check that the shards hold KEY.jpg and KEY.cond.png images")
 
+    def _read(self, lane: Iterator) -> tuple[int, int, dict] | None:
+        """The lane's next (epoch, offset, sample); under torchrun a lane with nothing readable marks this
+        worker dead (every rank then stops together, trainer.loop.check_dropped) instead of raising alone."""
+        try:
+            return next(lane)
+        except RuntimeError as exc:
+            if self.world == 1:
+                raise
+            self._dead = str(exc)
+            return None
+
     def _batch(self, group, handlers: dict, state: dict, b: int, end: int) -> dict | None:
         """Collate one global batch's rows of this worker; the lane report says where its lanes stand at `end`."""
         read_errors = sum(h.errors for h in handlers.values() if h.reports)
         for h in handlers.values():
             h.errors = 0
+        size, gbs = self.cfg.train_batch_size, self.cfg.train_batch_size * self.world
+        if self._dead:
+            return self._stand_in(size, read_errors, self.cfg.max_failed_batches, self._dead) | {
+                "position": torch.tensor([b + 1, 0, 0]), "lanes": torch.zeros((0, 4), dtype=torch.long)}
         mine = [(index, sample) for j, index, sample in group if j % self.world == self.rank]
         others = [(index, sample) for j, index, sample in group if j % self.world != self.rank]
         epoch, offset = state[self.layout.lane(mine[-1][0])]
         batch = self._collate(mine, others, read_errors, epoch, offset, b)
-        if batch is None and self.world > 1 and not others and self._last_good is not None:
-            # this rank reads its own tars and cannot borrow: it repeats its last batch (all counted as
-            # failed) so the ranks stay in step
-            batch = self._last_good | {"failed": torch.tensor(len(mine) + read_errors)}
+        if batch is None and len(group) < gbs:
+            # the rest of the global batch is read by other ranks, which may have decoded theirs: drop nothing
+            # alone (the ranks would fall out of step), stand in and let the loop count
+            batch = self._stand_in(size, read_errors, 1, self._last_failure)
         if batch is None:
             return None
-        self._last_good = {k: v for k, v in batch.items() if k != "lanes"}
+        if not int(batch["dropped"]):
+            self._last_good = {k: v for k, v in batch.items() if k not in META_KEYS}
         lanes = [[lane, e, o, end] for lane, (e, o) in sorted(state.items())]
         return batch | {"position": torch.tensor([b + 1, epoch, offset]), "lanes": torch.tensor(lanes)}
+
+    def _stand_in(self, size: int, read_errors: int, dropped: int, why: str) -> dict:
+        """What a rank trains on when its share of a global batch all failed: its last batch again, or a blank one
+        (weight 0) before its first; every row counted as failed, `dropped` towards --max-failed-batches."""
+        why = why or f"{read_errors} unreadable tar member(s) in this rank's shards"
+        batch = self._last_good or (self._blank(size) | {"blank": torch.tensor(1)})
+        return batch | {"failed": torch.tensor(size + read_errors), "dropped": torch.tensor(dropped),
+                        "error": torch.tensor(list(why.encode()[:2000]), dtype=torch.uint8)}
+
+    def _blank(self, size: int) -> dict:
+        """A batch of the right shapes and no content (black images, empty captions)."""
+        res = self.cfg.resolution
+        black = np.zeros((res, res, 3), dtype=np.uint8)
+        if not self.meta:
+            return self._stack([(black, black, "")] * size)
+        side = res // self.meta.get("vae_scale_factor", 8)  # 8: SD's VAE, for precompute.json files older than it
+        latent = np.zeros((2, self.meta["latent_channels"], side, side), dtype=np.float16)
+        return self._stack_precomputed([(latent, black, self.meta["empty_prompt"])] * size)
 
     def _collate(self, members, others, read_errors: int, epoch: int, offset: int, b: int) -> dict | None:
         """Decode this rank's share of one global batch and stack it; failed samples are replaced and counted.
@@ -317,7 +358,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             decoded.append(decoded[len(decoded) % max(1, len(members) - failed)])
         decoded = decoded[:len(members)]
         batch = self._stack_precomputed(decoded) if self.meta else self._stack(decoded)
-        return batch | {"failed": torch.tensor(failed + read_errors), "position": torch.tensor([b + 1, epoch, offset])}
+        return batch | {"failed": torch.tensor(failed + read_errors), "position": torch.tensor([b + 1, epoch, offset]),
+                        "dropped": torch.tensor(0)}
 
     def _decode_all(self, members) -> tuple[list[tuple], int]:
         """The samples that decode, and how many did not."""

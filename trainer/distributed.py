@@ -103,10 +103,20 @@ def all_sum(world: World, *tensors: torch.Tensor) -> None:
             dist.all_reduce(t)
 
 
-def agree_stop(world: World, requested: int | None, device: torch.device) -> int | None:
-    """A stop signal seen by any rank stops all of them at the same step (else they hang in an all-reduce)."""
+def agree_max(world: World, device: torch.device, *values: int) -> list[int]:
+    """The largest of each value over the ranks, in one all-reduce: what any rank saw (a stop signal, a run of
+    failed batches), every rank acts on at the same step (else the others hang in their next all-reduce)."""
     if world.size == 1:
-        return requested
-    flag = torch.tensor(requested or 0, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) or None
+        return list(values)
+    flags = torch.tensor(values, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
+
+
+def gather(world: World, obj) -> list:
+    """Every rank's `obj`, in rank order (all ranks must call it)."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out

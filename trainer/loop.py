@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
-from trainer.data import META_KEYS, ShardStream
-from trainer.distributed import World, agree_stop, all_sum, no_sync
+from trainer.data import META_KEYS, ShardDataError, ShardStream
+from trainer.distributed import World, agree_max, all_sum, gather, no_sync
 from trainer.lanes import merge_lanes, record_lanes
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models, autocast
@@ -52,6 +52,26 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+@dataclass
+class DroppedRun:
+    """This rank's stand-in batches in a row (trainer.data: its own share of the global batch all failed)."""
+
+    length: int = 0
+    """Stand-ins in a row up to the latest batch (a lane with nothing readable counts --max-failed-batches)."""
+    peak: int = 0
+    """The longest run since the ranks last agreed on it (once a step, trainer.loop.check_dropped)."""
+    why: str = ""
+    """The latest stand-in's reason: shard, member and what is wrong with it."""
+
+    def see(self, batch: dict) -> None:
+        """Count a batch in: a stand-in lengthens the run, a batch of the rank's own samples ends it."""
+        dropped = int(batch.get("dropped", 0))
+        self.length = self.length + dropped if dropped else 0
+        self.peak = max(self.peak, self.length)
+        if "error" in batch:
+            self.why = bytes(batch["error"].tolist()).decode(errors="replace")
 
 
 class Scheduled(Protocol):
@@ -98,6 +118,8 @@ class Run:
     """The loader's dataset: converts the stream's batch count into global samples."""
     failed_synced: int = 0
     """failed_samples as of the last sum over the ranks (trainer.loop.sync_failed)."""
+    dropped: DroppedRun = field(default_factory=DroppedRun)
+    """This rank's run of stand-in batches, which stops every rank at --max-failed-batches."""
 
     def autocast(self):
         """Autocast to the low-precision dtype; nothing in fp32 runs."""
@@ -118,17 +140,20 @@ def next_pass(run: Run, batches, merge: int) -> dict:
         st.batches, st.epoch, st.offset = batch["position"].tolist()  # CPU tensor: no device sync
         st.failed_samples += int(batch["failed"])
         record_lanes(st.extra, batch["lanes"])
+        run.dropped.see(batch)
     if run.stream is not None:  # the position in global samples: a resume on any number of processes
         st.samples = run.stream.samples_after(st.batches)
     if merge == 1:
         return parts[0]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in META_KEYS}
+    blank = {"blank": torch.tensor(1)} if any("blank" in p for p in parts) else {}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in META_KEYS} | blank
 
 
 def pass_loss(run: Run, batch: dict, merge: int, passes: int, sync: bool = True) -> torch.Tensor:
     """Forward and backward of one pass (compiled models with --compile); FLOPs counted before the first.
 
-    Under torchrun the gradients are all-reduced only when `sync` (the last pass of an optimizer step).
+    Under torchrun the gradients are all-reduced only when `sync` (the last pass of an optimizer step). A pass
+    holding a blank stand-in (a rank with no decoded sample yet, trainer.data) takes part with weight 0.
     """
     if run.flops_per_sample is None:
         run.flops_per_sample = count_flops(run, batch, merge)
@@ -137,6 +162,8 @@ def pass_loss(run: Run, batch: dict, merge: int, passes: int, sync: bool = True)
         with run.autocast():
             loss = step_loss(models, run.objective, to_device(batch, run.device), run.generator,
                              run.cfg.model.only_mid_control, chunks=merge, share=(run.world.rank, run.world.size))
+        if "blank" in batch:
+            loss = loss * 0.0  # nothing to learn from black images; the all-reduce still needs this rank's gradients
         run.scaler.scale(loss / passes).backward()
     return loss.detach()
 
@@ -183,7 +210,9 @@ def train_loop(run: Run) -> TrainState:
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         st.step += 1
-        run.stop.requested = agree_stop(run.world, run.stop.requested, run.device)
+        stop, dropped = agree_max(run.world, run.device, run.stop.requested or 0, run.dropped.peak)
+        run.stop.requested = stop or None
+        check_dropped(run, dropped)
         run.log.advance()
         if st.step % cfg.log_every == 0 or st.step == cfg.max_train_steps:
             log_step(run, loss_sum, nonfinite)
@@ -227,14 +256,32 @@ def effective_batch(run: Run) -> int:
     return run.cfg.data.train_batch_size * run.cfg.optim.gradient_accumulation_steps * run.world.size
 
 
+def check_dropped(run: Run, longest: int) -> None:
+    """Stop every rank together, with one message, once some rank's run of stand-ins (`longest`, agreed over the
+    ranks) reaches --max-failed-batches; the message is the reason of the rank with the longest run."""
+    limit = run.cfg.data.max_failed_batches
+    if longest < limit:
+        run.dropped.peak = run.dropped.length
+        return
+    rank, (_, why) = max(enumerate(gather(run.world, (run.dropped.peak, run.dropped.why))), key=lambda r: r[1][0])
+    why = " ".join(why.split())  # one line: the CLI prints the last line of the error
+    raise ShardDataError(
+        f"rank {rank} of {run.world.size}: {why}; no sample of its share decoded in {longest} batches in a row "
+        f"(--max-failed-batches {limit}; it stood in for them with its last batch, all counted as failed): "
+        "check that its shards hold KEY.jpg and KEY.cond.png images")
+
+
 def sync_failed(run: Run) -> None:
-    """Under torchrun, failed_samples becomes the count of all ranks (each adds its failures since the last sum)
-    and every rank learns where all lanes stand (each rank reads its own: rank 0 checkpoints them all)."""
+    """Under torchrun, failed_samples becomes the count of all ranks (each adds its failures since the last sum)."""
     if run.world.size == 1:
         return
-    tables = [None] * run.world.size
-    torch.distributed.all_gather_object(tables, run.state.extra.get("data_lanes", {}))
-    run.state.extra["data_lanes"] = merge_lanes(tables)
     delta = torch.tensor(run.state.failed_samples - run.failed_synced, device=run.device)
     all_sum(run.world, delta)
     run.state.failed_samples = run.failed_synced = run.failed_synced + int(delta.item())
+
+
+def gather_lanes(run: Run) -> None:
+    """Under torchrun every rank learns where all lanes stand (each rank reads its own; rank 0 checkpoints them
+    all): only before a checkpoint, where every rank calls it."""
+    if run.world.size > 1:
+        run.state.extra["data_lanes"] = merge_lanes(gather(run.world, run.state.extra.get("data_lanes", {})))

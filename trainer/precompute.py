@@ -204,6 +204,7 @@ def write_meta(enc: Encoders, cfg: PrecomputeConfig, out: Path) -> None:
     np.save(out / EMPTY_FILE, enc.texts([""])[0], allow_pickle=False)
     meta = {"model": cfg.model, "revision": cfg.revision, "resolution": cfg.resolution,
             "latent_channels": enc.vae.config.latent_channels, "scaling_factor": enc.vae.config.scaling_factor,
+            "vae_scale_factor": 2 ** (len(enc.vae.config.block_out_channels) - 1),  # latents are resolution / this
             "text_dim": int(enc.text_encoder.config.hidden_size), "source": cfg.shards}
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
 

@@ -17,7 +17,7 @@ from trainer.checkpoint import TrainState, load_checkpoint, prune, resolve_resum
 from trainer.config import TrainConfig
 from trainer.distributed import World, barrier
 from trainer.export import export_final
-from trainer.loop import Run, sync_failed
+from trainer.loop import Run, gather_lanes, sync_failed
 from trainer.models import Models, decoder_state
 from trainer.plots import write_loss_png, write_progress_png
 from trainer.validate import run_validation
@@ -69,6 +69,7 @@ class Checkpointer:
         """Checkpoint the current step and prune old ones (rank 0 writes; the others wait)."""
         path = self.output / f"checkpoint-{run.state.step}"
         sync_failed(run)  # the checkpoint holds every rank's failed samples
+        gather_lanes(run)  # and where every rank's lanes stand
         if run.world.main:
             decoder = decoder_state(run.models) if run.cfg.model.unlock_decoder else None
             path = save_checkpoint(self.output, run.state, run.models.controlnet, run.optimizer, run.scaler,
