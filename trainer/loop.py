@@ -145,7 +145,8 @@ def next_pass(run: Run, batches, merge: int) -> dict:
         st.samples = run.stream.samples_after(st.batches)
     if merge == 1:
         return parts[0]
-    blank = {"blank": torch.tensor(1)} if any("blank" in p for p in parts) else {}
+    own = [p for p in parts if "blank" not in p]  # a blank stand-in among this rank's own micro-batches repeats one
+    parts, blank = [p if "blank" not in p else (own or [p])[0] for p in parts], {} if own else {"blank": True}
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in META_KEYS} | blank
 
 
@@ -153,7 +154,7 @@ def pass_loss(run: Run, batch: dict, merge: int, passes: int, sync: bool = True)
     """Forward and backward of one pass (compiled models with --compile); FLOPs counted before the first.
 
     Under torchrun the gradients are all-reduced only when `sync` (the last pass of an optimizer step). A pass
-    holding a blank stand-in (a rank with no decoded sample yet, trainer.data) takes part with weight 0.
+    of blank stand-ins only (a rank with no decoded sample yet, trainer.data) takes part with weight 0.
     """
     if run.flops_per_sample is None:
         run.flops_per_sample = count_flops(run, batch, merge)
@@ -267,8 +268,8 @@ def check_dropped(run: Run, longest: int) -> None:
     why = " ".join(why.split())  # one line: the CLI prints the last line of the error
     raise ShardDataError(
         f"rank {rank} of {run.world.size}: {why}; no sample of its share decoded in {longest} batches in a row "
-        f"(--max-failed-batches {limit}; it stood in for them with its last batch, all counted as failed): "
-        "check that its shards hold KEY.jpg and KEY.cond.png images")
+        f"(--max-failed-batches {limit}; it stood in for them with its last batch or a blank one, all counted as "
+        "failed): check that its shards hold KEY.jpg and KEY.cond.png images")
 
 
 def sync_failed(run: Run) -> None:
