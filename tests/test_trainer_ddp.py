@@ -179,6 +179,18 @@ def test_a_rank_whose_share_fails_stands_in_and_stays_in_step(assets, tmp_path, 
         assert "00001.tar" in bytes(b1["error"].tolist()).decode()
 
 
+def test_a_rank_with_nothing_readable_stands_in_at_the_limit(assets, tmp_path):
+    """Tars that are not tars: under torchrun the lane's error becomes stand-ins that reach --max-failed-batches at
+    once (every rank then stops together), not an exception on one rank."""
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / name).write_bytes(b"\x00junk" * 700)
+    data = DataConfig(shards=str(tmp_path / "{00000..00001}.tar"), resolution=32, train_batch_size=2,
+                      max_failed_batches=7)
+    for batch in take(ShardStream(data, assets["tokenizer"], 0, rank=1, world=2), 2):
+        assert (int(batch["dropped"]), "blank" in batch) == (7, True)
+        assert "no readable samples" in bytes(batch["error"].tolist()).decode()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_a_rank_whose_tars_all_fail_stops_every_rank_with_one_message(spoiled, tmp_path):
