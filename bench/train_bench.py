@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -122,6 +123,12 @@ def steady_rate(records: list[dict], samples_per_step: int, skip: int) -> float:
     return (rs[-1]["step"] - rs[0]["step"]) * samples_per_step / (rs[-1]["time"] - rs[0]["time"])
 
 
+def record_rates(records: list[dict], samples_per_step: int) -> list[list]:
+    """(step, samples/s since the previous record, data_wait) of every record: where a run slowed down."""
+    return [[b["step"], round((b["step"] - a["step"]) * samples_per_step / (b["time"] - a["time"]), 1),
+             round(b.get("data_wait", 0.0), 3)] for a, b in itertools.pairwise(records)]
+
+
 # name -> settings. "tutorial": batch 1 x accumulation 4 with checkpointing (ours runs it as one pass of 4);
 # "b8": batch 8 with checkpointing. levels: checkpoint only the blocks at that many highest resolutions.
 CASES = {
@@ -205,7 +212,8 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
             torch.cuda.synchronize()
         run.log.close()
     records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    rate = steady_rate([r for r in records if r["step"] <= steps], batch * accum, skip=skip)
+    loading = [r for r in records if r["step"] <= steps]
+    rate = steady_rate(loading, batch * accum, skip=skip)
     on_gpu = steady_rate(records, batch * accum, skip=steps + 10) if resident_steps else None
     res = {
         "steps": steps, "batch": batch, "accum": accum, "merge": merge, "levels": levels, "compile": compile,
@@ -217,6 +225,8 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         "peak_nvidia_smi_gib": round(poll.peak_mib / 1024, 2), "gpu_util_pct": poll.mean_util(),
         "flops_per_sample": run.flops_per_sample, "peak_flops": run.peak_flops,
         "mfu": round(rate * run.flops_per_sample / run.peak_flops, 4),
+        "data_wait": round(statistics.fmean([r["data_wait"] for r in loading if r["step"] > skip] or [0.0]), 3),
+        "rates": record_rates(records, batch * accum),
         "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "loss_scale": records[-1]["loss_scale"],
     }
     del run
@@ -514,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=5, help="shards of 64 samples of 512x512 to generate")
     p.add_argument("--profile", action="store_true", help="only profile a small-batch step (prints, records nothing)")
     p.add_argument("--record", type=Path, default=None, help="write RESULTS.md from a saved results.json")
+    p.add_argument("--compile-cache", type=Path, default=None,
+                   help="torch.compile artifacts: loaded before the runs when the file exists, saved after (same card and "
+                        "torch only; saves the ~3-5 minutes of compiling on a rerun)")
     args = p.parse_args(argv)
     from bench.results import update_section
 
@@ -540,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
            "bnb": bitsandbytes.__version__, "workers": args.workers, "peak_flops": peak, "peak_tflops": peak / 1e12,
            "runs": {}}
     names = PRESETS.get(args.cases, args.cases.split(","))
+    if args.compile_cache and args.compile_cache.exists():
+        torch.compiler.load_cache_artifacts(args.compile_cache.read_bytes())
     for name in names:
         if name.startswith("peer") and not PEER_SCRIPT.exists():
             res["runs"][name] = {"error": f"no peer script at {PEER_SCRIPT}"}
@@ -547,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         res["runs"][name] = run_case(name, model, pre, peer_data, args.workers, args.steps_scale)
         print(name, json.dumps(res["runs"][name])[:1500], flush=True)
         save(res)
+    if args.compile_cache and (saved := torch.compiler.save_cache_artifacts()):
+        args.compile_cache.write_bytes(saved[0])
     update_section("train", markdown(res))
     print(markdown(res))
     return 0

@@ -79,6 +79,7 @@ def test_flops_are_counted_once_per_sample(assets, tmp_path):
         per_sample.append(r.flops_per_sample)
         record = json.loads((tmp_path / f"f{batch}" / "train_log.jsonl").read_text().splitlines()[-1])
         assert "mfu" in record and record["mfu"] is None  # no matmul rate is measured off CUDA
+        assert 0.0 <= record["data_wait"] <= 1.0  # the share of the step the loop spent waiting for batches
     assert per_sample[0] > 1e6
     assert per_sample[1] == pytest.approx(per_sample[0], rel=0.02)
 

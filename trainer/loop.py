@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -135,7 +136,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def next_pass(run: Run, batches, merge: int) -> dict:
     """The next `merge` micro-batches, concatenated on the host; the data position follows the last one."""
+    t0 = time.perf_counter()
     st, parts = run.state, [next(batches) for _ in range(merge)]
+    run.log.waited(time.perf_counter() - t0)
     for batch in parts:
         st.batches, st.epoch, st.offset = batch["position"].tolist()  # CPU tensor: no device sync
         st.failed_samples += int(batch["failed"])
@@ -203,7 +206,9 @@ def train_loop(run: Run) -> TrainState:
             loss = pass_loss(run, next_pass(run, batches, merge), merge, passes, sync=i == passes - 1)
             loss_sum += loss * merge  # the log averages over micro-batches
             nonfinite += (~torch.isfinite(loss)).int()
+        t0 = time.perf_counter()
         batches.stage()  # received while the GPU runs this backward, not after scaler.step's sync
+        run.log.waited(time.perf_counter() - t0)
         run.scaler.unscale_(run.optimizer)
         if cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
@@ -242,6 +247,7 @@ def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
         "loss": loss_sum.item() / max(1, steps * cfg.optim.gradient_accumulation_steps * run.world.size),
         "lr": run.optimizer.param_groups[0]["lr"],
         "samples_per_s": (rate := run.log.rate(st.step, samples_per_step)),
+        "data_wait": run.log.data_wait(),
         "mfu": mfu(rate, run.flops_per_sample, run.peak_flops),
         "gpu_mem_gb": gpu_memory_gb(run.device),
         "loss_scale": float(run.scaler.get_scale()),

@@ -15,6 +15,11 @@ from engine.atomic import write_text_atomic
 class RunLog:
     """Writes each logged step to output/train_log.jsonl and output/tensorboard/, and drives tqdm."""
 
+    wait_s = 0.0
+    """Seconds the training thread waited for batches since the last record (trainer.loop adds them)."""
+    window_s = 1e-9
+    """Wall seconds between the last two records (set by `rate`)."""
+
     def __init__(self, output: Path, start_step: int, total_steps: int, enable_bar: bool = True) -> None:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
@@ -29,9 +34,19 @@ class RunLog:
     def rate(self, step: int, samples_per_step: int) -> float:
         """Samples per second since the previous call."""
         now = time.perf_counter()
-        rate = (step - self.last_step) * samples_per_step / max(now - self.last_time, 1e-9)
+        self.window_s = max(now - self.last_time, 1e-9)
+        rate = (step - self.last_step) * samples_per_step / self.window_s
         self.last_step, self.last_time = step, now
         return rate
+
+    def waited(self, seconds: float) -> None:
+        """The training thread waited this long for the next batch."""
+        self.wait_s += seconds
+
+    def data_wait(self) -> float:
+        """Fraction of the last `rate` window spent waiting for batches (0: the loader kept ahead); resets."""
+        frac, self.wait_s = min(1.0, self.wait_s / self.window_s), 0.0
+        return frac
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """One record: JSONL line, TensorBoard scalars, progress-bar postfix."""
