@@ -155,7 +155,7 @@ def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> di
     objinput.input_endpoint = cfg.s3_endpoint  # for s3:// inputs, which only this driver reads
     store = S.store_of(cfg)  # a folder or an object store (engine/storage.py)
     with store.lock():
-        return _run(cfg, store, on_shard)
+        return _run(cfg, store, on_shard)  # store.held: the lease's run id, carried to every shard
 
 
 def start_run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore) -> tuple[int, dict[int, dict]]:
@@ -172,18 +172,19 @@ def start_run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore) -> tuple[int
     return rows, done
 
 
-def make_runner(cfg: EngineConfig):
-    """The --runner: worker processes of this machine, Ray tasks, or threads of this process.
+def make_runner(cfg: EngineConfig, lease: str | None = None):
+    """The --runner: worker processes of this machine, Ray tasks, or threads of this process, each
+    shard marked done only under the run id `lease` (an object store's, engine/lease.py).
     Imported here, not at the top: a run loads only its own runner (Ray never, unless asked)."""
     if cfg.runner == "processes":
         from .procs import ProcessRunner
 
-        return ProcessRunner(cfg)
+        return ProcessRunner(cfg, lease)
     if cfg.runner == "ray":
         from .rayrun import RayRunner
 
-        return RayRunner(cfg)
-    return LocalRunner(cfg)
+        return RayRunner(cfg, lease)
+    return LocalRunner(cfg, lease)
 
 
 def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callable[[dict], None] | None) -> dict:
@@ -202,19 +203,26 @@ def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callabl
         if on_shard:
             on_shard(status)
 
-    start = time.monotonic()
+    start, stopped = time.monotonic(), None
     try:
-        with make_runner(cfg) as runner:
+        with make_runner(cfg, out.held) as runner:
             if done:  # asked only then: the process runner builds its index while the run starts
                 rebuild_index(runner.client(), out, dict(done))
             runner.run(todo, progress, finished)
+    except S.StoreLost as exc:  # said once the closing writes are tried, with what the run leaves
+        stopped = exc
     finally:
         progress.close()
         out.tidy()
         result = totals(cfg, rows, done, failures, time.monotonic() - start, progress.written)
         try:
+            if out.lease_taken():  # another run holds the store now: its summary is not overwritten
+                raise OSError(out.lost)
             out.write_json("stats.json", result)
         except OSError as exc:  # the shards are safe; only this summary is missing
             result["unsaved"] = f"could not write {out.url}/stats.json: {exc}"
         card.write_card(out, cfg, result)  # README.md: features for datasets.load_dataset(OUTPUT), counts
+    if stopped:
+        raise S.StoreLost(f"{stopped} [{len(done)} shards complete, "
+                          f"{result['outcomes'].get(PENDING, 0)} of {rows} rows pending]") from None
     return result

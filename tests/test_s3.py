@@ -152,25 +152,81 @@ def test_the_lease_keeps_a_second_writer_out_and_a_dead_ones_lease_is_taken_over
     assert S.LEASE not in objects(client, "leased")
 
 
-def test_a_shard_is_not_marked_done_once_another_run_holds_the_lease(s3, tmp_path):
+def staged(store, lease: str | None):
+    """A shard 00000 built in a staging folder of `store` for the run `lease` (stand-in files)."""
+    staging = store.stage_shard(lease)
+    for ext, data in ((".tar", b"t" * 10), (".parquet", b"p" * 5), (".stats.json", b"{}")):
+        (staging.folder / f"00000{ext}").write_bytes(data)
+    return staging
+
+
+def test_a_shard_is_marked_done_only_under_its_own_runs_lease(s3, tmp_path):
     from engine.write import ShardWriteError
 
     endpoint, client = s3
     store = S.ObjectStore("s3://bucket/takeover", endpoint)
     store.write_json(S.LEASE, {"run": "first"})
-    staging = store.stage_shard()
-    for ext, data in ((".tar", b"t" * 10), (".parquet", b"p" * 5), (".stats.json", b"{}")):
-        (staging.folder / f"00000{ext}").write_bytes(data)
+    before = staged(store, "first")  # staged while its run held the lease, committed after it lost it
     store.write_json(S.LEASE, {"run": "second"})
-    with pytest.raises(ShardWriteError, match="another run"):
-        staging.commit("00000")
-    staging.close()
-    assert not staging.folder.exists()
-    assert "00000.stats.json" not in objects(client, "takeover")
-    staging = store.stage_shard()  # the holder's own shard goes through, marker included
-    for ext, data in ((".tar", b"t" * 10), (".parquet", b"p" * 5), (".stats.json", b"{}")):
-        (staging.folder / f"00000{ext}").write_bytes(data)
+    after = staged(store, "first")  # staged after: the run compares with its own id, not the holder's
+    for staging in (before, after):
+        with pytest.raises(ShardWriteError, match=r"not marked done: another run \(second\) holds the lease"):
+            staging.commit("00000")
+        staging.close()
+        assert not staging.folder.exists()
+        assert set(objects(client, "takeover")) == {S.LEASE}  # nothing of the shard uploaded, no marker
+    staging = staged(store, "second")  # the holder's own shard goes through, marker included
     staging.commit("00000")
     staging.close()
     assert objects(client, "takeover")["00000.tar"][0] == 10 and "00000.stats.json" in objects(client, "takeover")
 
+
+def run_taken_over(parquet: str, output: str, endpoint: str, runner: str) -> str:
+    """An engine run into `output` whose lease another run (another host, renewed just now) takes over
+    once the first shard is done; the error it stops with (run in a fresh process for `processes`,
+    whose fork server must start with the AWS variables of the `s3` fixture)."""
+    other = S.ObjectStore(output, endpoint)  # the other run's own client
+
+    def take(status: dict) -> None:
+        if status["shard"] == 0:
+            other.write_json(S.LEASE, {"run": "theirs", "host": "elsewhere", "pid": 1, "renewed": time.time()})
+
+    with pytest.raises(S.StoreLost) as lost:
+        run(small_cfg(parquet, output, endpoint, runner), on_shard=take)
+    return str(lost.value)
+
+
+def small_cfg(parquet: str, output: str, endpoint: str, runner: str):
+    """Shards of 2 rows, one at a time."""
+    from engine.config import EngineConfig
+
+    return EngineConfig(inputs=(parquet,), output=output, shard_size=2, workers=1, runner=runner, progress=False,
+                        s3_endpoint=endpoint)
+
+
+@pytest.mark.parametrize("runner", ["local", "processes"])
+def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path, runner):
+    endpoint, client = s3
+    parquet = tmp_path / "in.parquet"  # rows refused before any request (blocked_address): quick shards
+    pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/{i}.jpg" for i in range(6)], "TEXT": ["a"] * 6}), parquet)
+    prefix = f"lost-{runner}"
+    output = f"s3://bucket/{prefix}"
+    if runner == "local":
+        error = run_taken_over(str(parquet), output, endpoint, runner)
+    else:  # forked workers get the run id from the driver
+        code = f"from tests.test_s3 import run_taken_over as r; print(r({str(parquet)!r}, {output!r}, {endpoint!r}, 'processes'))"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        error = done.stdout.strip()
+    assert f"another run (elsewhere pid 1) took over the lease {S.LEASE} of {output}" in error, error
+    assert "marks nothing more done" in error and "[1 shards complete, 4 of 6 rows pending]" in error, error
+    names = objects(client, prefix)
+    # the shard done before the takeover is kept; none after it uploaded anything; the summary and card,
+    # which would overwrite the new holder's, are not written; its lease is left as the other run wrote it
+    assert {n for n in names if n[0].isdigit()} == {"00000.tar", "00000.parquet", "00000.stats.json"}, names
+    assert "stats.json" not in names and "README.md" not in names
+    assert json.loads(client.get_object(Bucket="bucket", Key=f"{prefix}/{S.LEASE}")["Body"].read())["run"] == "theirs"
+    client.delete_object(Bucket="bucket", Key=f"{prefix}/{S.LEASE}")  # that run is gone: a rerun finishes
+    if runner == "local":
+        stats = run(small_cfg(str(parquet), output, endpoint, runner))
+        assert stats["shards_complete"] == 3 and stats["outcomes"] == {"blocked_address": 6}
