@@ -181,43 +181,45 @@ def test_a_shard_is_marked_done_only_under_its_own_runs_lease(s3, tmp_path):
     assert objects(client, "takeover")["00000.tar"][0] == 10 and "00000.stats.json" in objects(client, "takeover")
 
 
-def run_taken_over(parquet: str, output: str, endpoint: str, runner: str) -> str:
-    """An engine run into `output` whose lease another run (another host, renewed just now) takes over
-    once the first shard is done; the error it stops with (run in a fresh process for `processes`,
-    whose fork server must start with the AWS variables of the `s3` fixture)."""
-    other = S.ObjectStore(output, endpoint)  # the other run's own client
+TAKEN_OVER = """
+import sys, time
+from engine import storage as S
+from engine.config import EngineConfig
+from engine.pipeline import run
 
-    def take(status: dict) -> None:
-        if status["shard"] == 0:
-            other.write_json(S.LEASE, {"run": "theirs", "host": "elsewhere", "pid": 1, "renewed": time.time()})
-
-    with pytest.raises(S.StoreLost) as lost:
-        run(small_cfg(parquet, output, endpoint, runner), on_shard=take)
-    return str(lost.value)
+parquet, output, endpoint, runner = sys.argv[1:]
+other = S.ObjectStore(output, endpoint)  # the other run's own client
 
 
-def small_cfg(parquet: str, output: str, endpoint: str, runner: str):
-    """Shards of 2 rows, one at a time."""
-    from engine.config import EngineConfig
-
-    return EngineConfig(inputs=(parquet,), output=output, shard_size=2, workers=1, runner=runner, progress=False,
-                        s3_endpoint=endpoint)
+def take(status):
+    if status["shard"] == 0:
+        other.write_json(S.LEASE, {"run": "theirs", "host": "elsewhere", "pid": 1, "renewed": time.time()})
 
 
-@pytest.mark.parametrize("runner", ["local", "processes"])
-def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path, runner):
+try:
+    run(EngineConfig(inputs=(parquet,), output=output, shard_size=2, workers=1, runner=runner, progress=False,
+                     s3_endpoint=endpoint), on_shard=take)
+except S.StoreLost as exc:
+    print(exc)
+"""
+
+
+def run_taken_over(*args: str) -> str:
+    """An engine run (shards of 2 rows, one at a time) whose lease another run (another host, renewed
+    just now) takes over once the first shard is done: what it stopped with. In a fresh process (the
+    fork server of `processes` starts with the AWS variables of the `s3` fixture), engine modules only."""
+    done = subprocess.run([sys.executable, "-c", TAKEN_OVER, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path):
     endpoint, client = s3
     parquet = tmp_path / "in.parquet"  # rows refused before any request (blocked_address): quick shards
     pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/{i}.jpg" for i in range(6)], "TEXT": ["a"] * 6}), parquet)
-    prefix = f"lost-{runner}"
+    prefix = "lost"
     output = f"s3://bucket/{prefix}"
-    if runner == "local":
-        error = run_taken_over(str(parquet), output, endpoint, runner)
-    else:  # forked workers get the run id from the driver
-        code = f"from tests.test_s3 import run_taken_over as r; print(r({str(parquet)!r}, {output!r}, {endpoint!r}, 'processes'))"
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        error = done.stdout.strip()
+    error = run_taken_over(str(parquet), output, endpoint, "processes")  # forked workers get the run id
     assert f"another run (elsewhere pid 1) took over the lease {S.LEASE} of {output}" in error, error
     assert "marks nothing more done" in error and "[1 shards complete, 4 of 6 rows pending]" in error, error
     names = objects(client, prefix)
@@ -227,6 +229,9 @@ def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path
     assert "stats.json" not in names and "README.md" not in names
     assert json.loads(client.get_object(Bucket="bucket", Key=f"{prefix}/{S.LEASE}")["Body"].read())["run"] == "theirs"
     client.delete_object(Bucket="bucket", Key=f"{prefix}/{S.LEASE}")  # that run is gone: a rerun finishes
-    if runner == "local":
-        stats = run(small_cfg(str(parquet), output, endpoint, runner))
-        assert stats["shards_complete"] == 3 and stats["outcomes"] == {"blocked_address": 6}
+    from engine.config import EngineConfig
+
+    stats = run(EngineConfig(inputs=(str(parquet),), output=output, shard_size=2, runner="local", progress=False,
+                             s3_endpoint=endpoint))
+    assert stats["shards_complete"] == 3 and stats["outcomes"] == {"blocked_address": 6}
+    assert objects(client, prefix)["00000.tar"] == names["00000.tar"]  # the kept shard is not redone
