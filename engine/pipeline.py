@@ -154,7 +154,7 @@ def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> di
                               local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
     objinput.input_endpoint = cfg.s3_endpoint  # for s3:// inputs, which only this driver reads
     store = S.store_of(cfg)  # a folder or an object store (engine/storage.py)
-    with store.lock():
+    with objinput.run_scope(), store.lock():  # each s3:// input listed and opened once in this run
         return _run(cfg, store, on_shard)  # store.held: the lease's run id, carried to every shard
 
 

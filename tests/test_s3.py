@@ -6,13 +6,17 @@ refused; a bad endpoint or bucket a one-line error; the single-writer lease.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from engine import objinput
 from engine import storage as S
 from engine.pipeline import run
 
@@ -235,3 +240,51 @@ def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path
                              s3_endpoint=endpoint))
     assert stats["shards_complete"] == 3 and stats["outcomes"] == {"blocked_address": 6}
     assert objects(client, prefix)["00000.tar"] == names["00000.tar"]  # the kept shard is not redone
+
+
+def requests_seen(caplog) -> Counter:
+    """(method, object key or "list") -> how many requests moto's server logged (werkzeug's request log)."""
+    seen: Counter = Counter()
+    for record in caplog.records:
+        found = re.search(r"(GET|HEAD|PUT|POST|DELETE) /bucket(\S*) HTTP", record.getMessage())
+        if found:
+            key = found[2].lstrip("/")
+            seen[found[1], "list" if key.startswith("?") or not key else key.split("?")[0]] += 1
+    return seen
+
+
+def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path, caplog):
+    endpoint, client = s3
+    small = [f"in/{i}.parquet" for i in range(3)]
+    for i, key in enumerate(small):
+        pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/{i}-{j}.jpg" for j in range(5)], "TEXT": ["a"] * 5}),
+                       tmp_path / "small.parquet")
+        client.upload_file(str(tmp_path / "small.parquet"), "bucket", key)
+    wide = tmp_path / "wide.parquet"  # a footer longer than the tail read at the open (75 row groups of 10 columns)
+    rows = 300
+    pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/w{j}.jpg" for j in range(rows)], "TEXT": ["a"] * rows,
+                             **{f"c{k}": list(range(rows)) for k in range(8)}}), wide, row_group_size=4)
+    assert pq.read_metadata(wide).serialized_size > objinput.TAIL
+    client.upload_file(str(wide), "bucket", "in/wide.parquet")
+    from engine.config import EngineConfig
+
+    cfg = EngineConfig(inputs=("s3://bucket/in/",), output=str(tmp_path / "out"), shard_size=100, workers=1,
+                       runner="local", progress=False, s3_endpoint=endpoint)
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    for attempt in ("first run", "rerun"):  # the rerun asks again: nothing is kept across runs
+        caplog.clear()
+        assert run(cfg)["outcomes"] == {"blocked_address": 315}
+        seen = requests_seen(caplog)
+        assert seen.pop(("GET", "list")) == 1, attempt  # the prefix listed once
+        for key in small:  # stat (HEAD) once, then one read of the whole object: footer and rows
+            assert (seen.pop(("HEAD", key)), seen.pop(("GET", key))) == (1, 1), attempt
+        # stat once; the tail, the rest of the long footer, then the rows in one coalesced read
+        assert (seen.pop(("HEAD", "in/wide.parquet")), seen.pop(("GET", "in/wide.parquet"))) == (1, 3), attempt
+        assert not seen, (attempt, seen)
+    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["inputs"]
+    data = wide.read_bytes()  # run.json's footer hash is the one folders were made with (resume compares it)
+    length = int.from_bytes(data[-8:-4], "little")
+    assert recorded[-1]["footer"] == hashlib.sha256(data[-8 - length:-8]).hexdigest()[:16]
+    assert [(d["name"], d["rows"], d["bytes"]) for d in recorded] == \
+        [(f"{i}.parquet", 5, client.head_object(Bucket="bucket", Key=k)["ContentLength"]) for i, k in enumerate(small)] \
+        + [("wide.parquet", rows, wide.stat().st_size)]
