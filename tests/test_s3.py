@@ -242,18 +242,34 @@ def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path
     assert objects(client, prefix)["00000.tar"] == names["00000.tar"]  # the kept shard is not redone
 
 
-def requests_seen(caplog) -> Counter:
-    """(method, object key or "list") -> how many requests moto's server logged (werkzeug's request log)."""
-    seen: Counter = Counter()
-    for record in caplog.records:
+class RequestLog(logging.Handler):
+    """What moto's server was asked (werkzeug logs every request it serves): (method, object key or
+    "list") -> how many times."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seen: Counter = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
         found = re.search(r"(GET|HEAD|PUT|POST|DELETE) /bucket(\S*) HTTP", record.getMessage())
         if found:
             key = found[2].lstrip("/")
-            seen[found[1], "list" if key.startswith("?") or not key else key.split("?")[0]] += 1
-    return seen
+            self.seen[found[1], "list" if key.startswith("?") or not key else key.split("?")[0]] += 1
 
 
-def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path, caplog):
+def requests_of(call) -> tuple[object, Counter]:
+    """What `call()` returned, and the requests moto's server saw while it ran (RequestLog)."""
+    werkzeug, log = logging.getLogger("werkzeug"), RequestLog()
+    werkzeug.setLevel(logging.INFO)
+    werkzeug.addHandler(log)
+    try:
+        result = call()
+    finally:
+        werkzeug.removeHandler(log)
+    return result, log.seen
+
+
+def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path):
     endpoint, client = s3
     small = [f"in/{i}.parquet" for i in range(3)]
     for i, key in enumerate(small):
@@ -270,11 +286,9 @@ def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path, capl
 
     cfg = EngineConfig(inputs=("s3://bucket/in/",), output=str(tmp_path / "out"), shard_size=100, workers=1,
                        runner="local", progress=False, s3_endpoint=endpoint)
-    caplog.set_level(logging.INFO, logger="werkzeug")
     for attempt in ("first run", "rerun"):  # the rerun asks again: nothing is kept across runs
-        caplog.clear()
-        assert run(cfg)["outcomes"] == {"blocked_address": 315}
-        seen = requests_seen(caplog)
+        stats, seen = requests_of(lambda: run(cfg))
+        assert stats["outcomes"] == {"blocked_address": 315}
         assert seen.pop(("GET", "list")) == 1, attempt  # the prefix listed once
         for key in small:  # stat (HEAD) once, then one read of the whole object: footer and rows
             assert (seen.pop(("HEAD", key)), seen.pop(("GET", key))) == (1, 1), attempt
