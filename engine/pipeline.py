@@ -95,14 +95,16 @@ def check_plan(cfg: EngineConfig, done: dict[int, dict], rows: int) -> None:
                 f"{first}: the folder was made from other inputs; rerun with those or choose another --output")
 
 
-def check_rerun(cfg: EngineConfig, out, now: dict, done: dict[int, dict], rows: int) -> None:
-    """Refuse, before any file is touched, a rerun that would mix its shards with another run's."""
+def check_rerun(cfg: EngineConfig, out, now: dict, done: dict[int, dict], rows: int) -> dict | None:
+    """Refuse, before any file is touched, a rerun that would mix its shards with another run's.
+    Returns the recorded run.json (None: there is none yet)."""
     recorded = F.load(out)
     if recorded is not None:
         F.check(S.as_store(out).url, recorded, now)
     else:  # made before run.json existed: the fields the shards' stats hold
         check_compatible(cfg, done)
     check_plan(cfg, done, rows)
+    return recorded
 
 
 def rebuild_index(client: D.DedupClient | None, output, done: dict[int, dict]) -> int:
@@ -165,8 +167,7 @@ def start_run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore) -> tuple[int
     now = F.fingerprint(cfg)
     rows = sum(d["rows"] for d in now["inputs"])
     done = completed(out)
-    check_rerun(cfg, out, now, done, rows)
-    if out.read(F.RUN_FILE) is None:
+    if check_rerun(cfg, out, now, done, rows) is None:  # run.json read once, there
         out.write_json(F.RUN_FILE, now)
     out.tidy()
     return rows, done

@@ -18,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -244,7 +245,7 @@ def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path
 
 class RequestLog(logging.Handler):
     """What moto's server was asked (werkzeug logs every request it serves): (method, object key or
-    "list") -> how many times."""
+    "list PREFIX") -> how many times."""
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -253,8 +254,9 @@ class RequestLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         found = re.search(r"(GET|HEAD|PUT|POST|DELETE) /bucket(\S*) HTTP", record.getMessage())
         if found:
-            key = found[2].lstrip("/")
-            self.seen[found[1], "list" if key.startswith("?") or not key else key.split("?")[0]] += 1
+            key, _, query = found[2].lstrip("/").partition("?")
+            listed = "list-type" in query and "list " + parse_qs(query).get("prefix", [""])[0]
+            self.seen[found[1], listed or key] += 1
 
 
 def requests_of(call) -> tuple[object, Counter]:
@@ -269,7 +271,7 @@ def requests_of(call) -> tuple[object, Counter]:
     return result, log.seen
 
 
-def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path):
+def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path, monkeypatch):
     endpoint, client = s3
     small = [f"in/{i}.parquet" for i in range(3)]
     for i, key in enumerate(small):
@@ -284,18 +286,21 @@ def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path):
     client.upload_file(str(wide), "bucket", "in/wide.parquet")
     from engine.config import EngineConfig
 
-    cfg = EngineConfig(inputs=("s3://bucket/in/",), output=str(tmp_path / "out"), shard_size=100, workers=1,
+    monkeypatch.setattr("engine.lease.SETTLE_S", 0.05)
+    cfg = EngineConfig(inputs=("s3://bucket/in/",), output="s3://bucket/out", shard_size=100, workers=1,
                        runner="local", progress=False, s3_endpoint=endpoint)
     for attempt in ("first run", "rerun"):  # the rerun asks again: nothing is kept across runs
         stats, seen = requests_of(lambda: run(cfg))
         assert stats["outcomes"] == {"blocked_address": 315}
-        assert seen.pop(("GET", "list")) == 1, attempt  # the prefix listed once
+        assert seen[("HEAD", "out/run.json")] == 1, attempt  # read once (none on the first run), then written
+        seen = Counter({k: n for k, n in seen.items() if k[1].startswith(("in/", "list in/"))})
+        assert seen.pop(("GET", "list in/")) == 1, attempt  # the prefix listed once
         for key in small:  # stat (HEAD) once, then one read of the whole object: footer and rows
             assert (seen.pop(("HEAD", key)), seen.pop(("GET", key))) == (1, 1), attempt
         # stat once; the tail, the rest of the long footer, then the rows in one coalesced read
         assert (seen.pop(("HEAD", "in/wide.parquet")), seen.pop(("GET", "in/wide.parquet"))) == (1, 3), attempt
         assert not seen, (attempt, seen)
-    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["inputs"]
+    recorded = json.loads(client.get_object(Bucket="bucket", Key="out/run.json")["Body"].read())["inputs"]
     data = wide.read_bytes()  # run.json's footer hash is the one folders were made with (resume compares it)
     length = int.from_bytes(data[-8:-4], "little")
     assert recorded[-1]["footer"] == hashlib.sha256(data[-8 - length:-8]).hexdigest()[:16]
