@@ -49,10 +49,10 @@ class Leased:
         now = self._lease()
         if now.get("run") == self.held:
             return None
-        who = f"another run ({now.get('host')} pid {now.get('pid')})" if now.get("run") else "someone (it was deleted)"
-        self.lost = (f"{who} took over the lease {LEASE} of {self.url} while this run was writing: this run stopped "
-                     "and marks nothing more done (its complete shards are kept; the shards it was writing are "
-                     "left to the run holding the lease)")
+        what = f"another run ({now.get('host')} pid {now.get('pid')}) took over the lease {LEASE} of {self.url}" \
+            if now.get("run") else f"the lease {LEASE} of {self.url} was deleted"
+        self.lost = (f"{what} while this run was writing: this run stopped and marks nothing more done (its "
+                     "complete shards are kept; the shards it was writing are left to the run holding the lease)")
         return self.lost
 
     @contextlib.contextmanager
@@ -62,8 +62,9 @@ class Leased:
         Object stores have no flock, and pyarrow cannot send a conditional put (If-None-Match), so:
         a lease held by a live run (same host: its process is alive; another host: renewed within
         LEASE_TTL_S) refuses this run; else this run writes its own, waits SETTLE_S and reads it
-        back (of two racing runs the last writer wins, the other stops). Every shard reads the
-        lease again before its marker, so a run that lost it never marks a shard done."""
+        back (of two racing runs the last writer wins, the other stops). Every shard compares the
+        lease with this run's id (`held`, carried to its worker) before its upload and its marker,
+        so a run that lost it never marks a shard done; the driver then stops (lease_taken)."""
         self.check()
         try:  # the run's first write: credentials that may read but not write are told here
             lease = self._take()
@@ -102,11 +103,8 @@ class Leased:
 
     def _holder(self) -> str | None:
         """'host pid N' of a live run holding the lease, None when there is none or it is stale."""
-        try:
-            held = json.loads(self.read(LEASE) or b"{}")
-        except ValueError:
-            return None  # a torn or foreign lease object cannot hold anyone out
-        if not held.get("run"):
+        held = self._lease()
+        if not held.get("run"):  # none, or a torn or foreign lease object: it cannot hold anyone out
             return None
         # Stale once not renewed for LEASE_TTL_S, whatever its pid says: a pid is reused (a container's
         # restarted run is often pid 1 again), so a live pid alone would keep a crashed run's lease forever.
