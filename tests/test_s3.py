@@ -273,7 +273,7 @@ def requests_of(call) -> tuple[object, Counter]:
 
 def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path, monkeypatch):
     endpoint, client = s3
-    small = [f"in/{i}.parquet" for i in range(3)]
+    small = [f"once/{i}.parquet" for i in range(3)]  # a prefix of its own: the server is shared
     for i, key in enumerate(small):
         pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/{i}-{j}.jpg" for j in range(5)], "TEXT": ["a"] * 5}),
                        tmp_path / "small.parquet")
@@ -283,24 +283,24 @@ def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path, monk
     pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/w{j}.jpg" for j in range(rows)], "TEXT": ["a"] * rows,
                              **{f"c{k}": list(range(rows)) for k in range(8)}}), wide, row_group_size=4)
     assert pq.read_metadata(wide).serialized_size > objinput.TAIL
-    client.upload_file(str(wide), "bucket", "in/wide.parquet")
+    client.upload_file(str(wide), "bucket", "once/wide.parquet")
     from engine.config import EngineConfig
 
     monkeypatch.setattr("engine.lease.SETTLE_S", 0.05)
-    cfg = EngineConfig(inputs=("s3://bucket/in/",), output="s3://bucket/out", shard_size=100, workers=1,
+    cfg = EngineConfig(inputs=("s3://bucket/once/",), output="s3://bucket/once-out", shard_size=100, workers=1,
                        runner="local", progress=False, s3_endpoint=endpoint)
     for attempt in ("first run", "rerun"):  # the rerun asks again: nothing is kept across runs
         stats, seen = requests_of(lambda: run(cfg))
         assert stats["outcomes"] == {"blocked_address": 315}
-        assert seen[("HEAD", "out/run.json")] == 1, attempt  # read once (none on the first run), then written
-        seen = Counter({k: n for k, n in seen.items() if k[1].startswith(("in/", "list in/"))})
-        assert seen.pop(("GET", "list in/")) == 1, attempt  # the prefix listed once
+        assert seen[("HEAD", "once-out/run.json")] == 1, attempt  # read once (none on the first run), then written
+        seen = Counter({k: n for k, n in seen.items() if k[1].startswith(("once/", "list once/"))})
+        assert seen.pop(("GET", "list once/")) == 1, attempt  # the prefix listed once
         for key in small:  # stat (HEAD) once, then one read of the whole object: footer and rows
             assert (seen.pop(("HEAD", key)), seen.pop(("GET", key))) == (1, 1), attempt
         # stat once; the tail, the rest of the long footer, then the rows in one coalesced read
-        assert (seen.pop(("HEAD", "in/wide.parquet")), seen.pop(("GET", "in/wide.parquet"))) == (1, 3), attempt
+        assert (seen.pop(("HEAD", "once/wide.parquet")), seen.pop(("GET", "once/wide.parquet"))) == (1, 3), attempt
         assert not seen, (attempt, seen)
-    recorded = json.loads(client.get_object(Bucket="bucket", Key="out/run.json")["Body"].read())["inputs"]
+    recorded = json.loads(client.get_object(Bucket="bucket", Key="once-out/run.json")["Body"].read())["inputs"]
     data = wide.read_bytes()  # run.json's footer hash is the one folders were made with (resume compares it)
     length = int.from_bytes(data[-8:-4], "little")
     assert recorded[-1]["footer"] == hashlib.sha256(data[-8 - length:-8]).hexdigest()[:16]
