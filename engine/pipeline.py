@@ -223,7 +223,7 @@ def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callabl
         except OSError as exc:  # the shards are safe; only this summary is missing
             result["unsaved"] = f"could not write {out.url}/stats.json: {exc}"
         card.write_card(out, cfg, result)  # README.md: features for datasets.load_dataset(OUTPUT), counts
-    if stopped:
-        raise S.StoreLost(f"{stopped} [{len(done)} shards complete, "
+    if stopped or out.lost:  # lost: also a lease taken over once the last shard was marked
+        raise S.StoreLost(f"{stopped or out.lost} [{len(done)} shards complete, "
                           f"{result['outcomes'].get(PENDING, 0)} of {rows} rows pending]") from None
     return result

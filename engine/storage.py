@@ -69,6 +69,7 @@ class LocalStore:
 
     remote = False
     held = None  # no lease object: the flock of lock() keeps the folder to one run
+    lost = None  # a folder is never lost mid-run: its failures are the disk's
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)

@@ -193,12 +193,12 @@ from engine import storage as S
 from engine.config import EngineConfig
 from engine.pipeline import run
 
-parquet, output, endpoint, runner = sys.argv[1:]
+parquet, output, endpoint, runner, after = sys.argv[1:]
 other = S.ObjectStore(output, endpoint)  # the other run's own client
 
 
 def take(status):
-    if status["shard"] == 0:
+    if status["shard"] == int(after):
         other.write_json(S.LEASE, {"run": "theirs", "host": "elsewhere", "pid": 1, "renewed": time.time()})
 
 
@@ -212,26 +212,29 @@ except S.StoreLost as exc:
 
 def run_taken_over(*args: str) -> str:
     """An engine run (shards of 2 rows, one at a time) whose lease another run (another host, renewed
-    just now) takes over once the first shard is done: what it stopped with. In a fresh process (the
+    just now) takes over once shard `after` is done: what it stopped with. In a fresh process (the
     fork server of `processes` starts with the AWS variables of the `s3` fixture), engine modules only."""
     done = subprocess.run([sys.executable, "-c", TAKEN_OVER, *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip()
 
 
-def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path):
+@pytest.mark.parametrize("runner, after", [("processes", 0), ("local", 2)])
+def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path, runner, after):
     endpoint, client = s3
     parquet = tmp_path / "in.parquet"  # rows refused before any request (blocked_address): quick shards
     pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/{i}.jpg" for i in range(6)], "TEXT": ["a"] * 6}), parquet)
-    prefix = "lost"
+    prefix = f"lost-{after}"
     output = f"s3://bucket/{prefix}"
-    error = run_taken_over(str(parquet), output, endpoint, "processes")  # forked workers get the run id
+    error = run_taken_over(str(parquet), output, endpoint, runner, str(after))  # processes: forked workers
     assert f"another run (elsewhere pid 1) took over the lease {S.LEASE} of {output}" in error, error
-    assert "marks nothing more done" in error and "[1 shards complete, 4 of 6 rows pending]" in error, error
+    assert "marks nothing more done" in error, error
+    assert f"[{after + 1} shards complete, {4 - 2 * after} of 6 rows pending]" in error, error
     names = objects(client, prefix)
-    # the shard done before the takeover is kept; none after it uploaded anything; the summary and card,
+    # the shards done before the takeover are kept; none after it uploaded anything; the summary and card,
     # which would overwrite the new holder's, are not written; its lease is left as the other run wrote it
-    assert {n for n in names if n[0].isdigit()} == {"00000.tar", "00000.parquet", "00000.stats.json"}, names
+    assert {n for n in names if n[0].isdigit()} == \
+        {f"{i:05d}.{ext}" for i in range(after + 1) for ext in ("tar", "parquet", "stats.json")}, names
     assert "stats.json" not in names and "README.md" not in names
     assert json.loads(client.get_object(Bucket="bucket", Key=f"{prefix}/{S.LEASE}")["Body"].read())["run"] == "theirs"
     client.delete_object(Bucket="bucket", Key=f"{prefix}/{S.LEASE}")  # that run is gone: a rerun finishes
