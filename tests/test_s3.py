@@ -1,7 +1,8 @@
 """Output to (and parquet input from) an S3-compatible server started here (moto's server mode on 127.0.0.1), through the
 same checks as a local folder: the samples of a local run, read back with webdataset's own reader;
 a SIGKILLed run resumed without rewriting a done shard or losing a row; a rerun with other flags
-refused; a bad endpoint or bucket a one-line error; the single-writer lease.
+refused; a bad endpoint or bucket a one-line error; the single-writer lease, and a run that loses it
+mid-run marking nothing more; each s3:// input listed, opened and read once per run (moto's request log).
 """
 
 from __future__ import annotations
