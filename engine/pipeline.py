@@ -95,14 +95,16 @@ def check_plan(cfg: EngineConfig, done: dict[int, dict], rows: int) -> None:
                 f"{first}: the folder was made from other inputs; rerun with those or choose another --output")
 
 
-def check_rerun(cfg: EngineConfig, out, now: dict, done: dict[int, dict], rows: int) -> None:
-    """Refuse, before any file is touched, a rerun that would mix its shards with another run's."""
+def check_rerun(cfg: EngineConfig, out, now: dict, done: dict[int, dict], rows: int) -> dict | None:
+    """Refuse, before any file is touched, a rerun that would mix its shards with another run's.
+    Returns the recorded run.json (None: there is none yet)."""
     recorded = F.load(out)
     if recorded is not None:
         F.check(S.as_store(out).url, recorded, now)
     else:  # made before run.json existed: the fields the shards' stats hold
         check_compatible(cfg, done)
     check_plan(cfg, done, rows)
+    return recorded
 
 
 def rebuild_index(client: D.DedupClient | None, output, done: dict[int, dict]) -> int:
@@ -154,8 +156,8 @@ def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> di
                               local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
     objinput.input_endpoint = cfg.s3_endpoint  # for s3:// inputs, which only this driver reads
     store = S.store_of(cfg)  # a folder or an object store (engine/storage.py)
-    with store.lock():
-        return _run(cfg, store, on_shard)
+    with objinput.run_scope(), store.lock():  # each s3:// input listed and opened once in this run
+        return _run(cfg, store, on_shard)  # store.held: the lease's run id, carried to every shard
 
 
 def start_run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore) -> tuple[int, dict[int, dict]]:
@@ -165,25 +167,25 @@ def start_run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore) -> tuple[int
     now = F.fingerprint(cfg)
     rows = sum(d["rows"] for d in now["inputs"])
     done = completed(out)
-    check_rerun(cfg, out, now, done, rows)
-    if out.read(F.RUN_FILE) is None:
+    if check_rerun(cfg, out, now, done, rows) is None:  # run.json read once, there
         out.write_json(F.RUN_FILE, now)
     out.tidy()
     return rows, done
 
 
-def make_runner(cfg: EngineConfig):
-    """The --runner: worker processes of this machine, Ray tasks, or threads of this process.
+def make_runner(cfg: EngineConfig, lease: str | None = None):
+    """The --runner: worker processes of this machine, Ray tasks, or threads of this process, each
+    shard marked done only under the run id `lease` (an object store's, engine/lease.py).
     Imported here, not at the top: a run loads only its own runner (Ray never, unless asked)."""
     if cfg.runner == "processes":
         from .procs import ProcessRunner
 
-        return ProcessRunner(cfg)
+        return ProcessRunner(cfg, lease)
     if cfg.runner == "ray":
         from .rayrun import RayRunner
 
-        return RayRunner(cfg)
-    return LocalRunner(cfg)
+        return RayRunner(cfg, lease)
+    return LocalRunner(cfg, lease)
 
 
 def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callable[[dict], None] | None) -> dict:
@@ -202,19 +204,26 @@ def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callabl
         if on_shard:
             on_shard(status)
 
-    start = time.monotonic()
+    start, stopped = time.monotonic(), None
     try:
-        with make_runner(cfg) as runner:
+        with make_runner(cfg, out.held) as runner:
             if done:  # asked only then: the process runner builds its index while the run starts
                 rebuild_index(runner.client(), out, dict(done))
             runner.run(todo, progress, finished)
+    except S.StoreLost as exc:  # said once the closing writes are tried, with what the run leaves
+        stopped = exc
     finally:
         progress.close()
         out.tidy()
         result = totals(cfg, rows, done, failures, time.monotonic() - start, progress.written)
         try:
+            if out.lease_taken():  # another run holds the store now: its summary is not overwritten
+                raise OSError(out.lost)
             out.write_json("stats.json", result)
         except OSError as exc:  # the shards are safe; only this summary is missing
             result["unsaved"] = f"could not write {out.url}/stats.json: {exc}"
         card.write_card(out, cfg, result)  # README.md: features for datasets.load_dataset(OUTPUT), counts
+    if stopped or out.lost:  # lost: also a lease taken over once the last shard was marked
+        raise S.StoreLost(f"{stopped or out.lost} [{len(done)} shards complete, "
+                          f"{result['outcomes'].get(PENDING, 0)} of {rows} rows pending]") from None
     return result

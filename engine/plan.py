@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import objinput, schema, sources
 from . import outcomes as O
@@ -146,7 +145,7 @@ def iter_shards(inputs, shard_size: int, url_col: str | None = None, caption_col
 def _batches(inp: sources.Input, batch_rows: int, url_col: str | None) -> Iterator[pa.RecordBatch]:
     """An input's rows, batch by batch: parquet streamed, the others by engine/sources.py."""
     if inp.kind == "parquet":
-        return pq.ParquetFile(objinput.readable(inp.path)).iter_batches(batch_size=batch_rows)
+        return objinput.parquet_file(inp.path).iter_batches(batch_size=batch_rows)
     return sources.batches(inp, batch_rows, url_col)
 
 

@@ -33,9 +33,9 @@ STOP_GRACE_S = 5.0  # seconds a worker has to leave after the run's last shard b
 class Worker:
     """One worker process, its pipe, and the shard it holds (with that shard's attempt number)."""
 
-    def __init__(self, ctx, cfg: EngineConfig):
+    def __init__(self, ctx, cfg: EngineConfig, lease: str | None = None):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, cfg, os.getpid()), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, cfg, os.getpid(), lease), daemon=True,
                                 name="shard-worker")
         self.proc.start()
         child.close()  # the driver keeps only its end: the worker's death shows as EOF here
@@ -58,8 +58,8 @@ class Worker:
 class ProcessRunner:
     """Runs shards on `workers` processes of this machine; same interface as RayRunner."""
 
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: EngineConfig, lease: str | None = None):
+        self.cfg, self.lease = cfg, lease  # lease: the run id its shards are marked done under (object stores)
         # Built here, not on a thread: an empty index costs ~0.2 ms; Numba's kernels load at its first
         # search of band tables, which a small run never builds (engine/hamming.py).
         self.index: list[D.DedupShard] = driver_index(cfg)
@@ -112,7 +112,7 @@ class ProcessRunner:
             if job is None:
                 return
             if idle is None:
-                idle = Worker(ctx, self.cfg)
+                idle = Worker(ctx, self.cfg, self.lease)
                 self.workers.append(idle)
             idle.job = job
             try:
@@ -166,8 +166,9 @@ class DriverError(RuntimeError):
     """The driver could not answer a dedup call."""
 
 
-def _worker_main(conn, cfg: EngineConfig, driver_pid: int) -> None:
-    """A worker's life: shards from the pipe until told to stop (None) or the driver is gone."""
+def _worker_main(conn, cfg: EngineConfig, driver_pid: int, lease: str | None = None) -> None:
+    """A worker's life: shards from the pipe until told to stop (None) or the driver is gone; each is
+    marked done only while the driver's run (`lease`) holds an object store's lease."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the driver decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_driver(driver_pid)
@@ -193,7 +194,7 @@ def _worker_main(conn, cfg: EngineConfig, driver_pid: int) -> None:
     origin = {"host": socket.gethostname(), "pid": os.getpid()}
     while (shard := _next(conn)) is not None:
         _reset_peak_rss()
-        status = process_shard(shard, cfg, client.claim if client else None, report, origin)
+        status = process_shard(shard, cfg, client.claim if client else None, report, origin, lease)
         _LIBC.release()
         with lock:
             conn.send(("done", status))

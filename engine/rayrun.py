@@ -39,8 +39,8 @@ class RayRunner:
     node, whose loss ends the run anyway; a worker node lost mid-run only fails its shards, which
     are retried elsewhere or left pending for a rerun."""
 
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: EngineConfig, lease: str | None = None):
+        self.cfg, self.lease = cfg, lease  # lease: the run id its shards are marked done under (object stores)
         self.token = uuid.uuid4().hex
 
     def __enter__(self):
@@ -92,7 +92,7 @@ class RayRunner:
         client = self.client()
 
         def submit(shard: Shard, attempt: int) -> None:
-            ref = task.remote(shard, attempt, self.cfg, client, self.progress_actor, self.token)
+            ref = task.remote(shard, attempt, self.cfg, client, self.progress_actor, self.token, self.lease)
             in_flight[ref] = (shard, attempt)
 
         try:
@@ -228,9 +228,11 @@ def _ray_call(actor, method, *args):
     return ray.get(getattr(actor, method.__name__).remote(*args))
 
 
-def _shard_task(shard: Shard, attempt: int, cfg: EngineConfig, client, progress_actor, token: str) -> dict:
+def _shard_task(shard: Shard, attempt: int, cfg: EngineConfig, client, progress_actor, token: str,
+                lease: str | None = None) -> dict:
     """The Ray task body: one shard, progress sent to the driver's counter actor; refused on a node
-    whose --output is not the driver's folder (a node that joined without the shared filesystem)."""
+    whose --output is not the driver's folder (a node that joined without the shared filesystem).
+    `lease`: the driver's run id, the only one the shard is marked done under on an object store."""
     host = socket.gethostname()
     if not sees_token(S.store_of(cfg), token):
         fix = "check its --s3-endpoint and credentials there" if S.is_url(cfg.output) else "mount the shared folder there"
@@ -240,7 +242,8 @@ def _shard_task(shard: Shard, attempt: int, cfg: EngineConfig, client, progress_
     from .shard import process_shard  # imported in the worker only, not by the driver
 
     return process_shard(shard, cfg, client.claim if client else None,
-                         lambda rows, written: progress_actor.add.remote(rows, written, shard.shard_id, attempt), origin)
+                         lambda rows, written: progress_actor.add.remote(rows, written, shard.shard_id, attempt), origin,
+                         lease)
 
 
 def _result(ref, shard: Shard) -> dict:

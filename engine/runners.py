@@ -103,8 +103,8 @@ class LocalRunner:
     """Runs shards on threads of this process (no Ray start, no worker processes); same
     interface as the other runners."""
 
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: EngineConfig, lease: str | None = None):
+        self.cfg, self.lease = cfg, lease  # lease: the run id its shards are marked done under (object stores)
         self.index = driver_index(cfg)
 
     def __enter__(self):
@@ -130,7 +130,7 @@ class LocalRunner:
 
             def submit(shard: Shard, attempt: int) -> None:
                 report = lambda rows, written: progress.add(rows, written, shard.shard_id, attempt)  # noqa: E731
-                running[pool.submit(process_shard, shard, self.cfg, claim, report, origin)] = (shard, attempt)
+                running[pool.submit(process_shard, shard, self.cfg, claim, report, origin, self.lease)] = (shard, attempt)
 
             def settle_some() -> None:
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)

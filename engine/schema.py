@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import functools
 import json
 import math
 import numbers
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import objinput, storage
 from .caption import storable
@@ -51,11 +49,17 @@ def merge(a: str | None, b: str) -> str:
     return FLOAT if {a, b} == {INT, FLOAT} else STRING
 
 
-@functools.lru_cache(maxsize=8)
 def input_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str | None) -> dict[str, str]:
     """Kind of every column of the parquet inputs (the URL and caption columns excepted), merged over
     all files, so every shard of a run writes a column alike. Worked out by the driver (plan.iter_shards,
-    card.py: cached), footers and list headers only; shards carry the result to the workers."""
+    card.py: once per run, objinput.per_run), footers and list headers only; shards carry the result to
+    the workers."""
+    return objinput.per_run(("kinds", inputs, url_col, caption_col),
+                            lambda: _input_kinds(inputs, url_col, caption_col))
+
+
+def _input_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str | None) -> dict[str, str]:
+    """input_kinds, reading the inputs' schemas."""
     from .plan import CAPTION_NAMES, URL_NAMES, find_column, list_inputs
 
     kinds: dict[str, str] = {}
@@ -65,8 +69,8 @@ def input_kinds(inputs: tuple[str, ...], url_col: str | None, caption_col: str |
         return kinds  # inputs the plan reads otherwise: each shard's Arrow types decide (shard_kinds)
     for path in paths:
         try:
-            schema = pq.read_schema(objinput.readable(path))
-        except (OSError, pa.ArrowException):
+            schema = objinput.parquet_file(path).schema.to_arrow_schema()  # what pq.read_schema gives
+        except (OSError, ValueError, pa.ArrowException):
             continue
         names = schema.names
         skip = {find_column(names, url_col, URL_NAMES), find_column(names, caption_col, CAPTION_NAMES)}

@@ -162,8 +162,9 @@ class ShardRun:
     """State of one shard being processed: its rows, records, tar and counters."""
 
     def __init__(self, shard: Shard, cfg: EngineConfig, claim: Claim | None, report: Report | None,
-                 origin: dict | None = None):
+                 origin: dict | None = None, lease: str | None = None):
         self.shard, self.cfg, self.report = shard, cfg, report
+        self.lease = lease  # the run id of its run's object-store lease: the shard is marked done only under it
         self.origin = origin or {}  # where the shard was made (host, Ray node id), kept in its stats
         self.rows = shard.table.to_pylist()
         self.records: list[dict | None] = [None] * len(self.rows)
@@ -357,7 +358,7 @@ class ShardRun:
         """Process every row, then check and publish tar, parquet and (last) stats; an I/O error
         anywhere fails the whole shard and leaves no temporary behind."""
         start, name = time.monotonic(), shard_name(self.shard.shard_id)
-        staging = self.store.stage_shard()  # built where publish_shard renames into place; uploaded from there
+        staging = self.store.stage_shard(self.lease)  # built where publish_shard renames into place; uploaded from there
         self.out = staging.folder
         self.tar = TarShard(self.out / f"{name}.tar")
         try:
@@ -382,12 +383,13 @@ class ShardRun:
 
 
 def process_shard(shard: Shard, cfg: EngineConfig, claim: Claim | None = None,
-                  report: Report | None = None, origin: dict | None = None) -> dict:
+                  report: Report | None = None, origin: dict | None = None, lease: str | None = None) -> dict:
     """Process one shard; returns {"shard", "ok", "stats" | "error"} and never raises.
 
-    `origin` ({"host", "node_id"}) is recorded in the shard's stats: which machine wrote it."""
+    `origin` ({"host", "node_id"}) is recorded in the shard's stats: which machine wrote it. `lease`:
+    the run id its run's lock() took on an object store (none on a folder), carried by the runner."""
     try:
-        stats = ShardRun(shard, cfg, claim, report, origin).execute()
+        stats = ShardRun(shard, cfg, claim, report, origin, lease).execute()
         return {"shard": shard.shard_id, "ok": True, "stats": stats}
     except Exception as exc:  # noqa: BLE001 -- the driver decides what a failed shard means
         return {"shard": shard.shard_id, "ok": False, "error": f"{type(exc).__name__}: {exc}",

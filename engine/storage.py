@@ -68,6 +68,8 @@ class LocalStore:
     """A local (or shared-filesystem) folder: files are staged and renamed into place, then flushed."""
 
     remote = False
+    held = None  # no lease object: the flock of lock() keeps the folder to one run
+    lost = None  # a folder is never lost mid-run: its failures are the disk's
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -118,8 +120,9 @@ class LocalStore:
 
         return remove_stale_tmp(self.folder)
 
-    def stage_shard(self) -> Staging:
-        """Where a shard is built: the folder itself (engine/write.py renames the files into place)."""
+    def stage_shard(self, lease: str | None = None) -> Staging:
+        """Where a shard is built: the folder itself (engine/write.py renames the files into place;
+        no lease: the flock on .lock keeps the folder to one run)."""
         return Staging(self, self.folder, None)
 
     def lock(self):
@@ -129,6 +132,9 @@ class LocalStore:
 
     def reachable(self) -> None:
         """Nothing to ask: a folder's failures are the disk's (the CLI names them)."""
+
+    def lease_taken(self) -> None:
+        """None: no other run can take a folder over while this one holds its flock."""
 
 
 class Staging:
@@ -237,26 +243,35 @@ class ObjectStore(Leased):
         """Nothing to tidy: an interrupted upload leaves no object (the staging folders are local)."""
         return 0
 
-    def stage_shard(self) -> Staging:
-        """A fresh local folder to build one shard in, with the lease it will be uploaded under."""
-        lease = self.lease_run()
+    def stage_shard(self, lease: str | None = None) -> Staging:
+        """A fresh local folder to build one shard in, to be uploaded under the run id `lease` (the one
+        its run's lock() took, carried to this worker; not whoever holds the lease by then)."""
         return Staging(self, Path(tempfile.mkdtemp(prefix="ctrlnet-shard-")), lease)
 
     def upload_shard(self, folder: Path, name: str, lease: str | None) -> None:
-        """Upload NNNNN.tar and .parquet, then the .stats.json marker, if this run still holds the lease."""
-        from .write import ShardWriteError
-
+        """Upload NNNNN.tar and .parquet, then the .stats.json marker, while the run `lease` holds the
+        lease: asked before any object changes and again before the marker."""
         marker = f"{name}{STATS_SUFFIX}"
         try:
+            self._still_held(lease, name)  # a run that lost the lease changes none of the new holder's objects
             self.delete(marker)  # a marker left by an untrusted earlier attempt goes before its files change
             for ext in (".tar", ".parquet"):
                 self._upload(folder / f"{name}{ext}", f"{name}{ext}")
-            holder = self.lease_run()
-            if holder != lease:
-                raise ShardWriteError(f"shard {name}: another run ({holder}) took over {self.url}; not marked done")
+            self._still_held(lease, name)
             self._upload(folder / marker, marker)
         except OSError as exc:
+            from .write import ShardWriteError
+
             raise ShardWriteError(str(self.failure(exc, f"uploading shard {name} to {self.url}"))) from exc
+
+    def _still_held(self, lease: str | None, name: str) -> None:
+        """ShardWriteError, with nothing more uploaded, when the lease names another run than `lease`."""
+        from .write import ShardWriteError
+
+        holder = self.lease_run()
+        if holder != lease:
+            raise ShardWriteError(f"shard {name}: not marked done: another run ({holder}) holds the lease of "
+                                  f"{self.url} (this run's is {lease}); the shard is left to that run")
 
     def _upload(self, path: Path, name: str) -> None:
         """Stream a local file into one object (multipart for big tars; the object appears at the end)."""
@@ -315,13 +330,19 @@ class ObjectStore(Leased):
     def reachable(self) -> None:
         """StoreLost when the bucket does not answer (asked by the driver after a failed shard, so a
         store gone mid-run stops the run instead of failing every shard in turn); from then on every
-        read and write of this store fails at once."""
+        read and write of this store fails at once. StoreLost too once another run took over the
+        lease this process holds (Leased.lease_taken): the run stops instead of failing every shard."""
+        if self.lost:
+            raise StoreLost(self.lost)
         try:
             self._quick().get_file_info(self.bucket)
+            taken = self.lease_taken()
         except OSError as exc:
             self.lost = ("the object store stopped answering mid-run (complete shards are kept: rerun the same "
                          f"command once it answers again): {self.failure(exc)}")
             raise StoreLost(self.lost) from None
+        if taken:
+            raise StoreLost(taken)
 
     def _alive(self) -> None:
         """Fail at once, without a request, once the store was found gone mid-run (an OSError, as a

@@ -1,25 +1,32 @@
 """Output to (and parquet input from) an S3-compatible server started here (moto's server mode on 127.0.0.1), through the
 same checks as a local folder: the samples of a local run, read back with webdataset's own reader;
 a SIGKILLed run resumed without rewriting a done shard or losing a row; a rerun with other flags
-refused; a bad endpoint or bucket a one-line error; the single-writer lease.
+refused; a bad endpoint or bucket a one-line error; the single-writer lease, and a run that loses it
+mid-run marking nothing more; each s3:// input listed, opened and read once per run (moto's request log).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from engine import objinput
 from engine import storage as S
 from engine.pipeline import run
 
@@ -152,25 +159,155 @@ def test_the_lease_keeps_a_second_writer_out_and_a_dead_ones_lease_is_taken_over
     assert S.LEASE not in objects(client, "leased")
 
 
-def test_a_shard_is_not_marked_done_once_another_run_holds_the_lease(s3, tmp_path):
+def staged(store, lease: str | None):
+    """A shard 00000 built in a staging folder of `store` for the run `lease` (stand-in files)."""
+    staging = store.stage_shard(lease)
+    for ext, data in ((".tar", b"t" * 10), (".parquet", b"p" * 5), (".stats.json", b"{}")):
+        (staging.folder / f"00000{ext}").write_bytes(data)
+    return staging
+
+
+def test_a_shard_is_marked_done_only_under_its_own_runs_lease(s3, tmp_path):
     from engine.write import ShardWriteError
 
     endpoint, client = s3
     store = S.ObjectStore("s3://bucket/takeover", endpoint)
     store.write_json(S.LEASE, {"run": "first"})
-    staging = store.stage_shard()
-    for ext, data in ((".tar", b"t" * 10), (".parquet", b"p" * 5), (".stats.json", b"{}")):
-        (staging.folder / f"00000{ext}").write_bytes(data)
+    before = staged(store, "first")  # staged while its run held the lease, committed after it lost it
     store.write_json(S.LEASE, {"run": "second"})
-    with pytest.raises(ShardWriteError, match="another run"):
-        staging.commit("00000")
-    staging.close()
-    assert not staging.folder.exists()
-    assert "00000.stats.json" not in objects(client, "takeover")
-    staging = store.stage_shard()  # the holder's own shard goes through, marker included
-    for ext, data in ((".tar", b"t" * 10), (".parquet", b"p" * 5), (".stats.json", b"{}")):
-        (staging.folder / f"00000{ext}").write_bytes(data)
+    after = staged(store, "first")  # staged after: the run compares with its own id, not the holder's
+    for staging in (before, after):
+        with pytest.raises(ShardWriteError, match=r"not marked done: another run \(second\) holds the lease"):
+            staging.commit("00000")
+        staging.close()
+        assert not staging.folder.exists()
+        assert set(objects(client, "takeover")) == {S.LEASE}  # nothing of the shard uploaded, no marker
+    staging = staged(store, "second")  # the holder's own shard goes through, marker included
     staging.commit("00000")
     staging.close()
     assert objects(client, "takeover")["00000.tar"][0] == 10 and "00000.stats.json" in objects(client, "takeover")
 
+
+TAKEN_OVER = """
+import sys, time
+from engine import storage as S
+from engine.config import EngineConfig
+from engine.pipeline import run
+
+parquet, output, endpoint, runner, after = sys.argv[1:]
+other = S.ObjectStore(output, endpoint)  # the other run's own client
+
+
+def take(status):
+    if status["shard"] == int(after):
+        other.write_json(S.LEASE, {"run": "theirs", "host": "elsewhere", "pid": 1, "renewed": time.time()})
+
+
+try:
+    run(EngineConfig(inputs=(parquet,), output=output, shard_size=2, workers=1, runner=runner, progress=False,
+                     s3_endpoint=endpoint), on_shard=take)
+except S.StoreLost as exc:
+    print(exc)
+"""
+
+
+def run_taken_over(*args: str) -> str:
+    """An engine run (shards of 2 rows, one at a time) whose lease another run (another host, renewed
+    just now) takes over once shard `after` is done: what it stopped with. In a fresh process (the
+    fork server of `processes` starts with the AWS variables of the `s3` fixture), engine modules only."""
+    done = subprocess.run([sys.executable, "-c", TAKEN_OVER, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("runner, after", [("processes", 0), ("local", 2)])
+def test_a_run_that_loses_its_lease_mid_run_marks_nothing_more_done(s3, tmp_path, runner, after):
+    endpoint, client = s3
+    parquet = tmp_path / "in.parquet"  # rows refused before any request (blocked_address): quick shards
+    pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/{i}.jpg" for i in range(6)], "TEXT": ["a"] * 6}), parquet)
+    prefix = f"lost-{after}"
+    output = f"s3://bucket/{prefix}"
+    error = run_taken_over(str(parquet), output, endpoint, runner, str(after))  # processes: forked workers
+    assert f"another run (elsewhere pid 1) took over the lease {S.LEASE} of {output}" in error, error
+    assert "marks nothing more done" in error, error
+    assert f"[{after + 1} shards complete, {4 - 2 * after} of 6 rows pending]" in error, error
+    names = objects(client, prefix)
+    # the shards done before the takeover are kept; none after it uploaded anything; the summary and card,
+    # which would overwrite the new holder's, are not written; its lease is left as the other run wrote it
+    assert {n for n in names if n[0].isdigit()} == \
+        {f"{i:05d}.{ext}" for i in range(after + 1) for ext in ("tar", "parquet", "stats.json")}, names
+    assert "stats.json" not in names and "README.md" not in names
+    assert json.loads(client.get_object(Bucket="bucket", Key=f"{prefix}/{S.LEASE}")["Body"].read())["run"] == "theirs"
+    client.delete_object(Bucket="bucket", Key=f"{prefix}/{S.LEASE}")  # that run is gone: a rerun finishes
+    from engine.config import EngineConfig
+
+    stats = run(EngineConfig(inputs=(str(parquet),), output=output, shard_size=2, runner="local", progress=False,
+                             s3_endpoint=endpoint))
+    assert stats["shards_complete"] == 3 and stats["outcomes"] == {"blocked_address": 6}
+    assert objects(client, prefix)["00000.tar"] == names["00000.tar"]  # the kept shard is not redone
+
+
+class RequestLog(logging.Handler):
+    """What moto's server was asked (werkzeug logs every request it serves): (method, object key or
+    "list PREFIX") -> how many times."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seen: Counter = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"(GET|HEAD|PUT|POST|DELETE) /bucket(\S*) HTTP", record.getMessage())
+        if found:
+            key, _, query = found[2].lstrip("/").partition("?")
+            listed = "list-type" in query and "list " + parse_qs(query).get("prefix", [""])[0]
+            self.seen[found[1], listed or key] += 1
+
+
+def requests_of(call) -> tuple[object, Counter]:
+    """What `call()` returned, and the requests moto's server saw while it ran (RequestLog)."""
+    werkzeug, log = logging.getLogger("werkzeug"), RequestLog()
+    werkzeug.setLevel(logging.INFO)
+    werkzeug.addHandler(log)
+    try:
+        result = call()
+    finally:
+        werkzeug.removeHandler(log)
+    return result, log.seen
+
+
+def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path, monkeypatch):
+    endpoint, client = s3
+    small = [f"once/{i}.parquet" for i in range(3)]  # a prefix of its own: the server is shared
+    for i, key in enumerate(small):
+        pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/{i}-{j}.jpg" for j in range(5)], "TEXT": ["a"] * 5}),
+                       tmp_path / "small.parquet")
+        client.upload_file(str(tmp_path / "small.parquet"), "bucket", key)
+    wide = tmp_path / "wide.parquet"  # a footer longer than the tail read at the open (75 row groups of 10 columns)
+    rows = 300
+    pq.write_table(pa.table({"URL": [f"http://127.0.0.1:9/w{j}.jpg" for j in range(rows)], "TEXT": ["a"] * rows,
+                             **{f"c{k}": list(range(rows)) for k in range(8)}}), wide, row_group_size=4)
+    assert pq.read_metadata(wide).serialized_size > objinput.TAIL
+    client.upload_file(str(wide), "bucket", "once/wide.parquet")
+    from engine.config import EngineConfig
+
+    monkeypatch.setattr("engine.lease.SETTLE_S", 0.05)
+    cfg = EngineConfig(inputs=("s3://bucket/once/",), output="s3://bucket/once-out", shard_size=100, workers=1,
+                       runner="local", progress=False, s3_endpoint=endpoint)
+    for attempt in ("first run", "rerun"):  # the rerun asks again: nothing is kept across runs
+        stats, seen = requests_of(lambda: run(cfg))
+        assert stats["outcomes"] == {"blocked_address": 315}
+        assert seen[("HEAD", "once-out/run.json")] == 1, attempt  # read once (none on the first run), then written
+        seen = Counter({k: n for k, n in seen.items() if k[1].startswith(("once/", "list once/"))})
+        assert seen.pop(("GET", "list once/")) == 1, attempt  # the prefix listed once
+        for key in small:  # stat (HEAD) once, then one read of the whole object: footer and rows
+            assert (seen.pop(("HEAD", key)), seen.pop(("GET", key))) == (1, 1), attempt
+        # stat once; the tail, the rest of the long footer, then the rows in one coalesced read
+        assert (seen.pop(("HEAD", "once/wide.parquet")), seen.pop(("GET", "once/wide.parquet"))) == (1, 3), attempt
+        assert not seen, (attempt, seen)
+    recorded = json.loads(client.get_object(Bucket="bucket", Key="once-out/run.json")["Body"].read())["inputs"]
+    data = wide.read_bytes()  # run.json's footer hash is the one folders were made with (resume compares it)
+    length = int.from_bytes(data[-8:-4], "little")
+    assert recorded[-1]["footer"] == hashlib.sha256(data[-8 - length:-8]).hexdigest()[:16]
+    assert [(d["name"], d["rows"], d["bytes"]) for d in recorded] == \
+        [(f"{i}.parquet", 5, client.head_object(Bucket="bucket", Key=k)["ContentLength"]) for i, k in enumerate(small)] \
+        + [("wide.parquet", rows, wide.stat().st_size)]

@@ -193,7 +193,8 @@ def test_a_gs_store_out_of_reach_or_without_credentials_is_one_line_in_bounded_t
 
 class Relay:
     """A TCP relay on 127.0.0.1 to a server's port: `cut` stops it (new connections refused, open
-    ones reset), as if the server were gone; `mend` relays again on the same port."""
+    ones reset), as if the server were gone; `stall` carries nothing more (requests hang, as in a
+    partition), `refuse` closes the port only; `mend` relays again on the same port."""
 
     def __init__(self, target: int):
         self.target, self.port, self.socks, self.lock = target, 0, set(), threading.Lock()
@@ -207,15 +208,13 @@ class Relay:
         self.port = self.listener.getsockname()[1]
         self.listener.listen(64)
         self.listener.settimeout(0.1)
-        self.up = True
+        self.up = self.forwarding = True
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
     def cut(self) -> None:
         """Close the port and reset every open connection."""
-        self.up = False
-        self.thread.join()
-        self.listener.close()
+        self.refuse()
         with self.lock:
             socks, self.socks = self.socks, set()
         for s in socks:
@@ -224,6 +223,16 @@ class Relay:
                 s.close()
             except OSError:
                 pass
+
+    def stall(self) -> None:
+        """Connections, open and new, carry nothing more: every request hangs."""
+        self.forwarding = False
+
+    def refuse(self) -> None:
+        """Close the port (new connections refused); open ones stay as they are."""
+        self.up = False
+        self.thread.join()
+        self.listener.close()
 
     def _accept(self) -> None:
         while self.up:
@@ -238,11 +247,11 @@ class Relay:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(1 << 16):
-                dst.sendall(data)
+                if self.forwarding:
+                    dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):
@@ -293,3 +302,22 @@ def test_a_store_gone_mid_run_stops_it_with_whole_shards_and_the_rerun_counts_ev
     table = run_rows(got)
     assert len(keys) == len(set(keys)) == table.column("outcome").to_pylist().count("ok")  # each sample once
     assert S.LEASE not in objects(client, "gone")
+
+
+def test_a_store_gone_mid_run_does_not_hold_the_exit_for_a_hung_lease_renewal(s3, monkeypatch):
+    endpoint, _ = s3
+    monkeypatch.setattr("engine.lease.SETTLE_S", 0.05)
+    monkeypatch.setattr("engine.lease.RENEW_S", 0.2)
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    store = S.ObjectStore("s3://bucket/stalled", f"http://127.0.0.1:{relay.port}")
+    try:
+        with store.lock():
+            relay.stall()  # the next renewal's request hangs (for the SDK's timeouts, 3 x 30 s)
+            time.sleep(1.0)  # a few renewal periods: one is under way and stuck
+            relay.refuse()
+            with pytest.raises(S.StoreLost, match="stopped answering mid-run"):
+                store.reachable()  # the driver's check after a failed shard: refused at once
+        # the lock let go without waiting for the stuck renewal (up to 3 x 30 s): it is still running
+        assert [t for t in threading.enumerate() if t.name == "lease" and t.is_alive()]
+    finally:
+        relay.cut()  # the stuck request fails now and the renewal ends
