@@ -235,11 +235,14 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(corpus, local_run, tmp_path
     import psutil
 
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(engine_cmd(corpus.parquet, out, "--runner", runner), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # one worker: the shards run one after another, so the first marker leaves most of the run to interrupt
+    # (with two, both halves could end together on a loaded box and the signal would find nothing running)
+    proc = subprocess.Popen(engine_cmd(corpus.parquet, out, "--runner", runner, "--workers", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(out.glob("*.stats.json")):
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
