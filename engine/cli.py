@@ -21,8 +21,7 @@ def subcommand(sub, name: str, cls: type, **kw) -> argparse.ArgumentParser:
     """A subcommand whose options are the fields of `cls` (engine/options.py), with img2dataset's
     snake_case spellings accepted too."""
     p = sub.add_parser(name, formatter_class=options.HelpFormatter, **kw)
-    options.add_options(p, cls, title="work" if cls is EngineConfig else None)
-    options.snake_spellings(p)
+    options.add_options(p, cls, title="work" if cls is EngineConfig else None, snake=True)
     return p
 
 
