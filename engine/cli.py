@@ -98,7 +98,7 @@ def run_condition(a: argparse.Namespace) -> int:
     """`condition`: one PNG per input image; unreadable inputs are reported, not fatal."""
     from .condition import make_conditioner
     from .decode import Rejected, decode_full
-    from .write import encode_png
+    from .sample import encode_png
 
     cfg = options.from_args(ConditionConfig, a)
     conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)
