@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from bench.results import machine_line, update_section
-from engine.condition import DEFAULT_PALETTE, parse_palette, remap_palette
+from engine.condition import remap_palette
+from engine.palette import DEFAULT_PALETTE, parse_palette
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png")
 TAB10 = "#1F77B4,#FF7F0E,#2CA02C,#D62728,#9467BD,#8C564B,#E377C2,#7F7F7F,#BCBD22,#17BECF"

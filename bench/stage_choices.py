@@ -61,12 +61,14 @@ def main() -> None:
         simplejpeg = None
     from turbojpeg import TJPF_RGB
 
+    from bench.encode_choices import exact_indices
     from engine import hashes as D
     from engine.condition import make_conditioner
     from engine.config import ImageConfig
     from engine.crop import center_crop
     from engine.decode import decode, turbojpeg
-    from engine.sample import encode_indexed_png, encode_jpeg, encode_map_png, encode_png
+    from engine.palette import tree_order
+    from engine.sample import encode_jpeg, encode_map_png, encode_png
     from engine.write import SampleTarWriter
 
     ap = argparse.ArgumentParser()
@@ -75,6 +77,7 @@ def main() -> None:
     files = sorted((cached_corpus(2000, 0) / "files").iterdir())[: a.n]
     cfg = ImageConfig()
     cond = make_conditioner()
+    pal = tree_order(cond.palette)
     times: dict[str, list[float]] = defaultdict(list)
     quality: dict[str, list[float]] = defaultdict(list)
     ours = SampleTarWriter(io.BytesIO())  # tar writers into memory: the Python and copying, no disk
@@ -104,10 +107,10 @@ def main() -> None:
                   pixel_format=TJPF_RGB)
             timed(times, "jpeg encode cv2", cv2.imencode, ".jpg", ref[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
             m = timed(times, "remap RGB (numba)", cond, ref)
-            idx = timed(times, "remap indices (numba, exact search)", cond.indexed, ref)
+            timed(times, "remap indices (numba, exact search)", exact_indices, ref.reshape(-1, 3), pal,
+                  np.empty(ref.shape[0] * ref.shape[1], np.uint8))
             packed = timed(times, "remap packed rows (numba, cell table, engine)", cond.packed, ref)
             timed(times, "png L level 1", encode_png, m)
-            timed(times, "png palette 2-bit of indices", encode_indexed_png, *idx)
             timed(times, "png palette 2-bit of packed rows (engine)", encode_map_png, packed)
             timed(times, "png palette 2-bit, zlib default strategy (before)", encode_map_png, packed,
                   zlib.Z_DEFAULT_STRATEGY)

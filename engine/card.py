@@ -17,7 +17,7 @@ import yaml
 from . import sample as S
 from . import schema, storage
 from .config import EngineConfig
-from .write import shard_name
+from .sample import shard_name
 
 CARD = "README.md"
 SHARDS = "[0-9]*.tar"  # the shard tars; every other file of the folder is not part of the dataset

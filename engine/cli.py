@@ -21,8 +21,7 @@ def subcommand(sub, name: str, cls: type, **kw) -> argparse.ArgumentParser:
     """A subcommand whose options are the fields of `cls` (engine/options.py), with img2dataset's
     snake_case spellings accepted too."""
     p = sub.add_parser(name, formatter_class=options.HelpFormatter, **kw)
-    options.add_options(p, cls, title="work" if cls is EngineConfig else None)
-    options.snake_spellings(p)
+    options.add_options(p, cls, title="work" if cls is EngineConfig else None, snake=True)
     return p
 
 
@@ -99,7 +98,7 @@ def run_condition(a: argparse.Namespace) -> int:
     """`condition`: one PNG per input image; unreadable inputs are reported, not fatal."""
     from .condition import make_conditioner
     from .decode import Rejected, decode_full
-    from .write import encode_png
+    from .sample import encode_png
 
     cfg = options.from_args(ConditionConfig, a)
     conditioner = make_conditioner(cfg.image.conditioner, cfg.image.palette)

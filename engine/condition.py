@@ -27,17 +27,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-from .palette import (  # noqa: F401 -- importable from here as before engine/palette.py
-    DEFAULT_PALETTE,
-    MAX_PALETTE_COLORS,
-    NAMED_COLORS,
-    gray_level,
-    is_grayscale_palette,
-    morton_key,
-    parse_color,
-    parse_palette,
-    tree_order,
-)
+from .palette import DEFAULT_PALETTE, parse_palette, tree_order
 from .sample import PackedMap, index_bits
 
 Conditioner = Callable[[np.ndarray], np.ndarray]
@@ -100,17 +90,6 @@ def _nearest_chunk(pixels, lo, hi, pal, col, xs, sq) -> None:
             take = (x[q] < limit[q]) & (d <= best_d[q])
             best_d[q] = d if take else best_d[q]
             best[q] = i if take else best[q]
-
-
-@njit(nogil=True, cache=True)
-def _index_serial(pixels, pal, out) -> None:
-    """Palette index (into `pal`) of each of the (N, 3) pixels into the (N,) uint8 `out`."""
-    col, xs, sq = _scratch(pal)
-    for lo in range(0, pixels.shape[0], CHUNK):
-        hi = min(pixels.shape[0], lo + CHUNK)
-        _nearest_chunk(pixels, lo, hi, pal, col, xs, sq)
-        for q in range(hi - lo):
-            out[lo + q] = col[4][q]
 
 
 MIXED = 255  # a cell whose colours do not all get one palette index (palettes of the table are smaller)
@@ -264,20 +243,6 @@ def grayscale(rgb: np.ndarray) -> np.ndarray:
 # registry: a conditioner is any (H, W, 3) uint8 -> (H, W, 3) uint8 function
 
 
-def remap_indices(rgb: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, colours): the remap of `rgb` as an (H, W) uint8 index into a (K, 3) uint8 table.
-
-    colours[indices] equals remap_palette(rgb, palette) pixel for pixel; a palette PNG stores the
-    pair as it is (bench/RESULTS.md: 2-bit PNG of a 3-colour map, several times cheaper than RGB).
-    """
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.dtype} {rgb.shape}")
-    pal = tree_order(palette)
-    out = np.empty(rgb.shape[0] * rgb.shape[1], np.uint8)
-    _index_serial(np.ascontiguousarray(rgb).reshape(-1, 3), pal, out)
-    return out.reshape(rgb.shape[:2]), pal.astype(np.uint8)
-
-
 def remap_packed(rgb: np.ndarray, palette: np.ndarray) -> PackedMap:
     """The remap of `rgb` as palette-PNG scanlines, packed by the search kernel itself (one pass).
 
@@ -364,10 +329,6 @@ class PaletteConditioner:
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """The map as (H, W, 3) RGB."""
         return remap_palette(rgb, self.palette)
-
-    def indexed(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The map as (indices, colours), ready for a palette PNG."""
-        return remap_indices(rgb, self.palette)
 
     def packed(self, rgb: np.ndarray) -> PackedMap:
         """The map as palette-PNG scanlines (engine.sample.encode_map_png writes them)."""

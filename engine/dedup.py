@@ -26,10 +26,8 @@ from .claims import (
     Decision,
     Ticket,
     Verdict,
-    iter_rebuild_items,  # noqa: F401 -- pipeline.py's resume calls it from here
 )
 from .hamming import DEFAULT_THRESHOLD, HammingIndex, Snapshot, build_tables, scan
-from .hashes import hamming, phash  # noqa: F401 -- bench/corpus.py imports them from here
 from .outcomes import DUPLICATE_EXACT, DUPLICATE_NEAR, NEW
 
 

@@ -4,7 +4,8 @@ A field's name, type, default and the docstring under it are its flag `--name-wi
 value type, its default and its `--help` text. `opt(...)` in the field's metadata adds what a type
 cannot say: other spellings, a negating flag, choices, a metavar, a group. A field whose type is a
 dataclass becomes a help group of its own. Used by engine/cli.py and trainer/cli.py; adding a flag
-is adding one documented field.
+is adding one documented field. `add_options(..., snake=True)` (the engine's) also takes every flag
+with underscores (`--thread_count`, `--no_x` of a `--x/--no-x` switch: off, as `--no-x`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -110,29 +111,91 @@ def _required(f: dataclasses.Field) -> bool:
     return o.required or (no_default and not o.positional)
 
 
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """A plain field of a config, nested dataclasses walked: what its flag is made from."""
+
+    dest: str
+    """Dotted name from the top class (`fetch.concurrency`): the argparse dest and build()'s key."""
+    field: dataclasses.Field
+    """The field itself (name, default, `opt(...)` metadata)."""
+    type: typing.Any
+    """Its resolved type."""
+    doc: str
+    """The docstring under its declaration (its --help text)."""
+    group: tuple[str, str | None] | None
+    """(title, description) of its --help group; None: the parser's own."""
+
+
+def walk(cls: type, prefix: str = "", group: tuple[str, str | None] | None = None,
+         only: tuple[str, ...] | None = None) -> Iterator[Leaf]:
+    """Every plain field of `cls` on the command line, in declaration order, nested dataclasses
+    (but for the fields their `only` leaves out) walked into help groups of their own."""
+    hints, docs = _hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        o, tp = option(f), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            about = None if o.only else (tp.__doc__ or "").split("\n")[0]  # a few fields: the summary misleads
+            yield from walk(tp, f"{prefix}{f.name}.", (o.group or f.name, about), o.only)
+        else:
+            yield Leaf(prefix + f.name, f, tp, docs.get(f.name, ""), group)
+
+
 METAVARS = {int: "N", float: "X"}
 
 
-def _switch(container, f: dataclasses.Field, dest: str, help_text: str) -> None:
+class OnOff(argparse.BooleanOptionalAction):
+    """`--x` / `--no-x` where every negative spelling turns the switch off: argparse's own action
+    reads any spelling not starting with `--no-` as on, so a snake `--no_x` would turn it on."""
+
+    def __init__(self, option_strings, dest, snake: bool = False, **kw):
+        super().__init__(option_strings, dest, **kw)  # its help text and default; the spellings are ours
+        pairs = [(s, *_negatives(s, snake)) for s in option_strings]
+        self.option_strings = list(dict.fromkeys(s for pair in pairs for s in pair))
+        self.negatives = {s for pair in pairs for s in pair[1:]}
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string not in self.negatives)
+
+    def format_usage(self) -> str:
+        """`--x | --no-x` in the usage line; --help lists the other spellings."""
+        return " | ".join(self.option_strings[:2])
+
+
+def _negatives(name: str, snake: bool) -> tuple[str, ...]:
+    """The off spellings of switch `name`: `--no-x-y`; `--no_x_y` too for a snake `name` or parser
+    (never the half-and-half `--no-x_y`)."""
+    rest = name[2:]
+    dashed = () if "_" in rest else ("--no-" + rest,)
+    return (dashed + (_snake("--no-" + rest),)) if snake or "_" in rest else dashed
+
+
+def _snake(name: str) -> str:
+    """img2dataset's spelling of a flag: `--thread-count` -> `--thread_count`."""
+    return "--" + name[2:].replace("-", "_")
+
+
+def _switch(container, f: dataclasses.Field, names: tuple[str, ...], dest: str, help_text: str,
+            snake: bool) -> None:
     """A bool field: `--flag` turns an off one on, a `negate` flag turns an on one off, else `--x/--no-x`."""
-    o, default, names = option(f), _default(f), names_of(f)
+    o, default = option(f), _default(f)
     if o.negate:  # the docstring says what the field turns on
         help_text = f"Turns off (on by default): {help_text[:1].lower()}{help_text[1:]}"
     if o.negate or default is False:
         action = "store_false" if o.negate else "store_true"
         container.add_argument(*names, dest=dest, action=action, default=default, help=help_text)
         return
-    container.add_argument(names[0], dest=dest, action=argparse.BooleanOptionalAction, default=default,
-                           help=help_text)
-    _alias(container, names[1:], names[0])
+    container.add_argument(*names, dest=dest, action=OnOff, default=default, help=help_text, snake=snake)
 
 
-def _argument(container, f: dataclasses.Field, tp, dest: str, doc: str) -> None:
-    """Add the one argparse argument of a plain field."""
-    o, (elem, repeat) = option(f), _base(tp)
-    help_text = (doc or "").replace("%", "%%")
+def _argument(container, leaf: Leaf, names: tuple[str, ...], snake: bool) -> None:
+    """Add the one argparse argument of a plain field, under all its spellings at once."""
+    f, dest, o, (elem, repeat) = leaf.field, leaf.dest, option(leaf.field), _base(leaf.type)
+    help_text = leaf.doc.replace("%", "%%")
     if elem is bool:
-        _switch(container, f, dest, help_text)
+        _switch(container, f, names, dest, help_text, snake)
         return
     kw = {"type": o.parse or elem, "default": _default(f), "help": help_text,
           "metavar": o.metavar or (None if o.choices else METAVARS.get(elem, f.name.upper()))}
@@ -143,40 +206,24 @@ def _argument(container, f: dataclasses.Field, tp, dest: str, doc: str) -> None:
         return
     if repeat:
         kw.update(action="append", default=None)  # None, not a shared list that append would grow
-    container.add_argument(*names_of(f), dest=dest, required=_required(f), **kw)
+    container.add_argument(*names, dest=dest, required=_required(f), **kw)
 
 
-def _alias(container, aliases: tuple[str, ...], main: str) -> None:
-    """Make each alias another option string of the action behind `main` (same dest, type, default)."""
-    action = container._option_string_actions[main]
-    for alias in aliases:
-        action.option_strings.append(alias)
-        container._option_string_actions[alias] = action
-
-
-def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", title: str | None = None,
-                only: tuple[str, ...] | None = None) -> None:
-    """Add a flag per field of `cls` (dest `prefix.field`); nested dataclasses become help groups."""
-    hints, docs = _hints(cls), field_docs(cls)
-    about = None if only else (cls.__doc__ or "").split("\n")[0]  # a few fields: the class's summary misleads
-    group = parser.add_argument_group(title, about) if title else parser
-    for f in dataclasses.fields(cls):
-        if only is not None and f.name not in only:
-            continue
-        o, tp = option(f), hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            add_options(parser, tp, f"{prefix}{f.name}.", o.group or f.name, o.only)
-            continue
-        _argument(parser if _required(f) or o.positional else group, f, tp, prefix + f.name, docs.get(f.name, ""))
-
-
-def snake_spellings(parser: argparse.ArgumentParser) -> None:
-    """Accept `--thread_count` wherever `--thread-count` works (img2dataset's spelling of flags)."""
-    for action in list(parser._actions):
-        snake = dict.fromkeys("--" + s[2:].replace("-", "_") for s in action.option_strings if s.startswith("--"))
-        new = tuple(s for s in snake if s not in parser._option_string_actions)
-        if new:
-            _alias(parser, new, action.option_strings[0])
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str | None = None, snake: bool = False) -> None:
+    """Add a flag per field of `cls` (dest `field` or `part.field`); nested dataclasses become help
+    groups, and with `title` the top-level fields a group of their own. `snake`: accept `--thread_count`
+    wherever `--thread-count` works (img2dataset's spelling of flags)."""
+    leaves = list(walk(cls, group=(title, (cls.__doc__ or "").split("\n")[0]) if title else None))
+    taken = {n for leaf in leaves for n in names_of(leaf.field)}  # a snake spelling never takes another's name
+    groups: dict = {None: parser}
+    for leaf in leaves:
+        names = names_of(leaf.field)
+        if snake:
+            names = tuple(dict.fromkeys(names + tuple(s for s in map(_snake, names) if s not in taken)))
+        if leaf.group not in groups:
+            groups[leaf.group] = parser.add_argument_group(*leaf.group)
+        required = _required(leaf.field) or option(leaf.field).positional
+        _argument(parser if required else groups[leaf.group], leaf, names, snake)
 
 
 def build(cls: type, values: dict, prefix: str = ""):
@@ -196,26 +243,14 @@ def from_args(cls: type, ns: argparse.Namespace):
     return build(cls, vars(ns))
 
 
-def flags(cls: type, prefix: str = "") -> dict[str, tuple[str, bool]]:
+def flags(cls: type) -> dict[str, tuple[str, bool]]:
     """Dotted field name -> (its main flag, whether the flag negates it), nested dataclasses included."""
-    hints, out = _hints(cls), {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(flags(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = (names_of(f)[0], option(f).negate)
-    return out
+    return {leaf.dest: (names_of(leaf.field)[0], option(leaf.field).negate) for leaf in walk(cls)}
 
 
-def spellings(cls: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
+def spellings(cls: type) -> dict[str, tuple[str, ...]]:
     """Dotted field name -> every flag spelling of it, nested dataclasses included."""
-    hints, out = _hints(cls), {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(spellings(hints[f.name], f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = names_of(f)
-    return out
+    return {leaf.dest: names_of(leaf.field) for leaf in walk(cls)}
 
 
 def check_choices(obj) -> None:

@@ -24,6 +24,7 @@ from . import dedup as D
 from . import fingerprint as F
 from . import outcomes as O
 from . import storage as S
+from .claims import iter_rebuild_items
 from .config import EngineConfig
 from .plan import iter_shards
 from .runners import LocalRunner, Progress
@@ -113,8 +114,8 @@ def rebuild_index(client: D.DedupClient | None, output, done: dict[int, dict]) -
         return 0
     output = S.as_store(output)
     # Streamed: millions of hashes never sit in a Python list at once, nor open files.
-    return client.load(D.iter_rebuild_items(output.local(n) or output.open(n)
-                                            for n in (f"{shard_name(i)}.parquet" for i in sorted(done))))
+    return client.load(iter_rebuild_items(output.local(n) or output.open(n)
+                                          for n in (f"{shard_name(i)}.parquet" for i in sorted(done))))
 
 
 def totals(cfg: EngineConfig, rows: int, done: dict[int, dict], failures: list[dict], seconds: float,

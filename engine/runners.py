@@ -18,8 +18,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from . import dedup as D
 from .config import EngineConfig
 from .plan import Shard
+from .sample import shard_name
 from .storage import OutputError  # noqa: F401 -- the Ray runner raises it from here
-from .write import shard_name
 
 
 class Progress:

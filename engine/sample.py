@@ -89,18 +89,6 @@ def index_bits(n_colors: int) -> int:
     return next(b for b in (1, 2, 4, 8) if n_colors <= 1 << b)
 
 
-def pack_indices(indices: np.ndarray, colors: np.ndarray) -> PackedMap:
-    """(H, W) uint8 indices + (K, 3) colours -> PackedMap (numpy; the engine packs in its remap kernel)."""
-    bits = index_bits(len(colors))
-    h, w = indices.shape
-    per = 8 // bits
-    padded = np.zeros((h, -(-w // per) * per), np.uint8)
-    padded[:, :w] = indices
-    shifts = (bits * np.arange(per - 1, -1, -1)).astype(np.uint8)
-    packed = (padded.reshape(h, -1, per) << shifts).sum(axis=2, dtype=np.uint8)  # disjoint bits: sum == or
-    return PackedMap(np.concatenate([np.zeros((h, 1), np.uint8), packed], axis=1), colors, bits, w)
-
-
 def _chunk(tag: bytes, data: bytes) -> bytes:
     """One PNG chunk: length, tag, data, CRC."""
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
@@ -117,15 +105,6 @@ def encode_map_png(packed: PackedMap, strategy: int = MAP_PNG_STRATEGY) -> bytes
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
             + _chunk(b"PLTE", np.ascontiguousarray(packed.colors, np.uint8).tobytes())
             + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
-
-
-def encode_indexed_png(indices: np.ndarray, colors: np.ndarray) -> bytes:
-    """(H, W) palette indices + (K, 3) colours -> palette PNG (mode P, 2-bit for up to 4 colours).
-
-    Decodes to the same RGB pixels as encode_png(colors[indices]) (Pillow's convert("RGB"),
-    webdataset's rgb8) at a fraction of the bytes and CPU.
-    """
-    return encode_map_png(pack_indices(np.asarray(indices, np.uint8), colors))
 
 
 def decode_rgb(data: bytes) -> Image.Image:

@@ -271,7 +271,7 @@ class ShardRun:
         """Write the sample unless the dedup index already holds the image."""
         found = {"width": prep.width, "height": prep.height, "format": prep.format, **fetched}
         if prep.hashes:
-            # int64 with the hashes' bits: the columns dedup.iter_rebuild_items reads on resume
+            # int64 with the hashes' bits: the columns claims.iter_rebuild_items reads on resume
             found.update(content_hash=to_int64(prep.hashes.content), pixel_hash=to_int64(prep.hashes.pixels),
                          phash=to_int64(prep.hashes.phash))
         duplicate = await self.dedup(index, prep)

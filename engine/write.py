@@ -20,13 +20,7 @@ import pyarrow.parquet as pq
 
 from . import sample as S
 from .atomic import TMP_SUFFIX, fsync_dir, stage, tmp_path, write_atomic
-from .sample import (  # noqa: F401 -- the sample format's names, imported from here since before engine/sample.py
-    SAMPLE_MEMBERS,
-    encode_indexed_png,
-    encode_jpeg,
-    encode_png,
-    shard_name,
-)
+from .sample import SAMPLE_MEMBERS
 
 # Per-row parquet schema: fixed columns first, so shards concatenate cleanly.
 ROW_SCHEMA = pa.schema([

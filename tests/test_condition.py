@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.condition import (
-    CONDITIONERS,
+from engine.condition import CONDITIONERS, grayscale, make_conditioner, remap_palette
+from engine.palette import (
     DEFAULT_PALETTE,
     NAMED_COLORS,
-    grayscale,
     is_grayscale_palette,
-    make_conditioner,
     parse_color,
     parse_palette,
-    remap_palette,
+    tree_order,
 )
 
 # Colour photos shipped inside scikit-image's data folder (read from disk, never downloaded).
@@ -242,13 +240,13 @@ def test_cell_table_kept_on_disk_is_reused_and_a_bad_file_is_not(tmp_path):
     a file of the wrong size or with indices outside the palette is rebuilt, not used."""
     from engine import condition as C
 
-    pal = C.tree_order(parse_palette(DEFAULT_PALETTE)).tobytes()
+    pal = tree_order(parse_palette(DEFAULT_PALETTE)).tobytes()
     built = C.cell_table(pal)
     assert C.load_cells(tmp_path, pal) is None
     C.save_cells(tmp_path, pal, built)
     assert np.array_equal(C.load_cells(tmp_path, pal), built)
     assert [p.name for p in tmp_path.iterdir()] == [C.cells_file(tmp_path, pal).name]  # no temp file left
-    other = C.tree_order(parse_palette(NON_GRAY)).tobytes()
+    other = tree_order(parse_palette(NON_GRAY)).tobytes()
     assert C.load_cells(tmp_path, other) is None  # another palette, another file
     C.cells_file(tmp_path, pal).write_bytes(built.tobytes()[:-1])
     assert C.load_cells(tmp_path, pal) is None

@@ -286,7 +286,7 @@ def test_laion_profile_sizes(tmp_path):
 
 def test_good_images_are_not_near_duplicates_to_the_engine(served, rows):
     """No two ok images of the corpus lie within the engine's near-duplicate reach (with margin)."""
-    from engine.dedup import hamming, phash
+    from engine.hashes import hamming, phash
 
     hashes = []
     for r in (r for rs in rows.values() for r in rs):

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from engine import dedup as D
 from engine import hamming
 from engine import hashes as H
+from engine.claims import iter_rebuild_items
 from engine.hamming import DEFAULT_THRESHOLD, HammingIndex
 
 from .conftest import encode, photo
@@ -370,7 +371,7 @@ def test_rebuild_from_parquet_keeps_the_run_duplicate_free(tmp_path, groups):
     })
     pq.write_table(table.slice(0, 2), tmp_path / "00000.parquet")
     pq.write_table(table.slice(2), tmp_path / "00001.parquet")
-    items = list(D.iter_rebuild_items(sorted(tmp_path.glob("*.parquet"))))
+    items = list(iter_rebuild_items(sorted(tmp_path.glob("*.parquet"))))
     assert sorted(items) == sorted(owners)
     client = D.DedupClient([D.DedupShard() for _ in range(2)], D.direct_call)
     assert client.load(items) == len(owners)

@@ -24,8 +24,9 @@ import webdataset as wds
 from PIL import Image
 
 from engine import outcomes as O
-from engine.condition import make_conditioner, parse_palette
+from engine.condition import make_conditioner
 from engine.config import EngineConfig, FetchConfig
+from engine.palette import parse_palette
 from engine.pipeline import run
 
 from .conftest import run_rows

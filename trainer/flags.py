@@ -18,6 +18,8 @@ from trainer.config import TrainConfig
 # fields (argparse does not equate '_' and '-'). Same-spelled ones (--seed, --resolution) need none.
 SAME_MEANING = {alias: names[0] for names in options.spellings(TrainConfig).values()
                 for alias in names[1:] if "_" in alias}
+DESTS = {name: dest for dest, names in options.spellings(TrainConfig).items() for name in names}
+"""Each flag spelling of the config -> the dotted field it sets (its argparse dest)."""
 
 # diffusers' flags that take several values after one flag (nargs="+"); ours repeat the flag instead.
 SEVERAL_VALUES = {"--validation_prompt": "--validation-prompt", "--validation_image": "--validation-image"}
@@ -55,8 +57,7 @@ def add_diffusers_spellings(parser: argparse.ArgumentParser) -> None:
     """Accept diffusers' several-values forms and --use_8bit_adam; reject its flags with no meaning here."""
     g = parser.add_argument_group("diffusers' train_controlnet.py spellings with a different form")
     for theirs, ours in SEVERAL_VALUES.items():
-        dest = parser._option_string_actions[ours].dest
-        g.add_argument(theirs, dest=dest, nargs="+", action="extend", default=argparse.SUPPRESS,
+        g.add_argument(theirs, dest=DESTS[ours], nargs="+", action="extend", default=argparse.SUPPRESS,
                        metavar=ours.lstrip("-").split("-")[-1].upper(),
                        help=f"as {ours}, with several values after one flag (diffusers' form)")
     g.add_argument("--use_8bit_adam", dest="optim.optimizer", action="store_const", const="adamw8bit",

@@ -124,7 +124,7 @@ def shard_settings(run: dict) -> dict:
 
 def resolve_map_settings(cfg: GenerateConfig, run: dict) -> tuple[str, str, int]:
     """Conditioner, palette and resolution: flags first, then the run's shards and config, then defaults."""
-    from engine.condition import DEFAULT_PALETTE
+    from engine.palette import DEFAULT_PALETTE
 
     image = shard_settings(run)
     conditioner = cfg.conditioner or image.get("conditioner") or "palette"

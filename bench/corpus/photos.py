@@ -62,7 +62,7 @@ def perceptual_hash(im: Image.Image) -> int:
     """The engine's 64-bit pHash when it imports (what its dedup compares), else a numpy twin:
     8x8 low DCT frequencies of a 32x32 luma thumbnail, DC left out."""
     try:
-        from engine.dedup import phash
+        from engine.hashes import phash
     except ImportError:
         g = np.asarray(im.convert("L").resize((32, 32), Image.BOX), np.float64)
         coef = (_DCT32 @ g @ _DCT32.T).ravel()[1:]
