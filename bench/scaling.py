@@ -68,6 +68,13 @@ def stage_ms(stats: list[dict], written: int) -> dict:
     return {k: round(v / max(written, 1), 2) for k, v in total.items()}
 
 
+def warm_kernels(folder: Path, work: Path) -> None:
+    """One small untimed run first: it compiles Numba's kernels into engine/__pycache__ (a fresh checkout has
+    none), so the first timed run does not pay the compiling (Ray workers have no fork server warming them)."""
+    urls = local_list(folder, 100, work / "local-warm.parquet")
+    run_engine(urls, folder, work / "out-warm", 1, 100, ["--runner", "local"])
+
+
 def run_engine(urls: Path, root: Path, out: Path, workers: int, rows: int, extra: list[str]) -> dict:
     """One whole engine command; its rates, stage costs and memory."""
     shutil.rmtree(out, ignore_errors=True)
@@ -113,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         update_section("engine-scaling", render(json.loads(a.add_record.read_text())))
         return
     folder = ensure_corpus(a.work, a.n)
+    warm_kernels(folder, a.work)  # the 1-worker baseline must not be the run that compiles the kernels
     results = []
     for workers in [int(w) for w in a.workers.split(",")]:
         rows = a.per_worker * workers if a.cycle else min(a.n, a.per_worker * workers)
