@@ -114,3 +114,24 @@ def test_arrow_without_pandas_leaves_pandas_importable():
             "assert df['a'].tolist()[0] == 'x' and df['b'].isna().tolist() == [False, True]; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(("argv", "early"), [
+    (["shards", "in.parquet", "--output", "o"], True),
+    (["shards", "in.parquet", "--runner", "processes"], True),
+    (["shards", "in.parquet", "--runner=processes", "--workers", "2"], True),
+    (["shards", "in.parquet", "--runner", "local"], False),
+    (["shards", "in.parquet", "--run=ray"], False),  # argparse's abbreviations count too
+    (["shards", "in.parquet", "--runner"], False),  # argparse will refuse it; nothing started
+    (["shards", "in.parquet", "--ray-address", "auto"], False),
+    (["shards", "in.parquet", "--ray_address=auto"], False),
+    (["shards", "--help"], False),
+    (["condition", "a.jpg"], False),
+    ([], False),
+])
+def test_the_fork_server_starts_before_the_cli_imports_only_for_a_processes_run(argv, early):
+    """engine/__main__.py starts the fork server first thing only when the run surely uses it."""
+    from engine.prestart import surely_processes_run
+
+    assert surely_processes_run(argv) is early
