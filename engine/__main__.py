@@ -3,7 +3,10 @@
 import gc
 import sys
 
-from .cli import main
+from .prestart import start_early
+
+start_early(sys.argv[1:])  # before the CLI's imports: the fork server's preload is the start's long pole
+from .cli import main  # noqa: E402
 
 code = main()
 # The command is done (shards, stats and card written and closed). Exempting what is alive from the

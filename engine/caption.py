@@ -53,6 +53,8 @@ def clean_caption(raw: object) -> str:
 
 def storable(text: object) -> str | None:
     """The original caption in a form UTF-8 files can hold (lone surrogates escaped, not lost)."""
+    if type(text) is str and text.isascii():  # most text: nothing to escape, no round trip
+        return text
     if text is None:
         return None
     if isinstance(text, (bytes, bytearray)):

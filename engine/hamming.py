@@ -16,9 +16,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
 
 from .config import DedupConfig
 from .hashes import BAND_STARTS, BAND_WIDTHS, NBANDS
@@ -26,140 +23,28 @@ from .hashes import BAND_STARTS, BAND_WIDTHS, NBANDS
 DEFAULT_THRESHOLD = DedupConfig.near_distance
 """Default near-duplicate distance (--near-distance); bench/dedup_bench.py measured recall and false positives."""
 _STARTS, _WIDTHS = np.array(BAND_STARTS, np.int64), np.array(BAND_WIDTHS, np.int64)
-
-@intrinsic
-def _popcount(typingctx, x):
-    """Set bits of a uint64: LLVM's ctpop, one popcnt instruction (a SWAR version is 30x slower)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
-        return builder.call(fn, args)
-
-    return sig, codegen
+KERNELS = ("_popcount", "_bucket_of", "_build_band", "_ball", "_count_within", "_search_kernel", "_scan_range",
+           "_scan_kernel")
+"""The Numba kernels, in engine/hamming_kernels.py: still reachable here by these names."""
 
 
-@njit(nogil=True, cache=True)
-def _bucket_of(h, start, width, kbits):
-    """The top `kbits` bits of the band [start, start + width) of h: its bucket number."""
-    return np.int64((h >> np.uint64(start + width - kbits)) & np.uint64((1 << kbits) - 1))
+def _kernels():
+    """engine/hamming_kernels.py, imported on first use: Numba loads when a kernel first runs, not
+    with this module (a driver whose index stays small never loads it: ~0.4 CPU-s)."""
+    from . import hamming_kernels
+
+    return hamming_kernels
 
 
-@njit(nogil=True, cache=True)
-def _build_band(hashes, n, start, width, kbits, offsets, ids, sorted_h):
-    """Counting sort of entries 0..n-1 by bucket into offsets[2^kbits + 1], ids[n] and sorted_h[n]."""
-    nb = 1 << kbits
-    offsets[:] = 0
-    for i in range(n):
-        offsets[_bucket_of(hashes[i], start, width, kbits) + 1] += 1
-    for b in range(nb):
-        offsets[b + 1] += offsets[b]
-    fill = offsets[:-1].copy()
-    for i in range(n):
-        b = _bucket_of(hashes[i], start, width, kbits)
-        ids[fill[b]] = i
-        sorted_h[fill[b]] = hashes[i]
-        fill[b] += 1
-
-
-@njit(nogil=True, cache=True)
-def _ball(base, kb, r, out):
-    """Write every kb-bit value within Hamming distance r of `base` into out; returns how many."""
-    m = 0
-    pos = np.empty(max(r, 1), np.int64)
-    for nflip in range(min(r, kb) + 1):
-        for t in range(nflip):
-            pos[t] = t
-        while True:
-            b = base
-            for t in range(nflip):
-                b ^= np.int64(1) << pos[t]
-            out[m] = b
-            m += 1
-            t = nflip - 1  # advance to the next combination of nflip positions
-            while t >= 0 and pos[t] == kb - nflip + t:
-                t -= 1
-            if t < 0:
-                break
-            pos[t] += 1
-            for u in range(t + 1, nflip):
-                pos[u] = pos[u - 1] + 1
-    return m
-
+def __getattr__(name: str):
+    """A kernel by its name here (tests and benches call them so)."""
+    if name in KERNELS:
+        return getattr(_kernels(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 def ball_size(kb: int, r: int) -> int:
     """How many kb-bit values lie within distance r of one (probes per band)."""
     return sum(math.comb(kb, i) for i in range(min(r, kb) + 1))
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _count_within(sh, lo, hi, q, uk):
-    """How many of sh[lo:hi] lie within uk of q (no early exit, so LLVM vectorises it)."""
-    c = 0
-    for p in range(lo, hi):
-        c += _popcount(sh[p] ^ q) <= uk
-    return c
-
-
-@njit(nogil=True, cache=True)
-def _search_kernel(queries, k, hashes, n_static, n_total, starts, widths, kbits, radii, offsets, ids, sorted_h,
-                   scratch, out):
-    """Write (query, entry, distance) of every stored hash within k into `out`; returns how many
-    there are (if more than out holds, the caller retries with a bigger one). Probes the bands within
-    their radii, then scans the entries added since the last rebuild; an entry may be reported once
-    per band that finds it.
-
-    offsets: (bands, 2^kbits + 1) bucket starts per band; ids: (bands, n_static) entry ids sorted by
-    bucket; sorted_h: the hashes in the same order, so a bucket is verified with one sequential read.
-    The hot loops only store into a preallocated array: growing one there costs 6x.
-    """
-    cap = out.shape[0]
-    n = 0
-    uk = np.uint64(k)
-    for qi in range(queries.shape[0]):
-        q = queries[qi]
-        if n_static > 0:
-            for j in range(starts.shape[0]):
-                if radii[j] < 0:
-                    continue
-                off, sh, idj = offsets[j], sorted_h[j], ids[j]  # 1-D views: tight inner loop
-                m = _ball(_bucket_of(q, starts[j], widths[j], kbits[j]), kbits[j], radii[j], scratch)
-                for t in range(m):
-                    b = scratch[t]
-                    lo, hi = off[b], off[b + 1]
-                    if _count_within(sh, lo, hi, q, uk) == 0:
-                        continue  # the usual case, decided by a branch-free (SIMD) loop
-                    for p in range(lo, hi):
-                        d = _popcount(sh[p] ^ q)
-                        if d <= uk:
-                            if n < cap:
-                                out[n, 0], out[n, 1], out[n, 2] = qi, idj[p], d
-                            n += 1
-        n = _scan_range(q, qi, uk, hashes, n_static, n_total, out, n)
-    return n
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _scan_range(q, qi, uk, hashes, lo, hi, out, n):
-    """Append (query, entry, distance) for hashes[lo:hi] within uk of q; returns the new count."""
-    cap = out.shape[0]
-    for i in range(lo, hi):
-        d = _popcount(hashes[i] ^ q)
-        if d <= uk:
-            if n < cap:
-                out[n, 0], out[n, 1], out[n, 2] = qi, i, d
-            n += 1
-    return n
-
-
-@njit(nogil=True, cache=True)
-def _scan_kernel(queries, k, hashes, n_total, out):
-    """Like _search_kernel by a plain scan of hashes[:n_total] (the small table of pending claims)."""
-    n = 0
-    uk = np.uint64(k)
-    for qi in range(queries.shape[0]):
-        n = _scan_range(queries[qi], qi, uk, hashes, 0, n_total, out, n)
-    return n
 
 
 NUMPY_PAIRS = 1 << 18
@@ -198,7 +83,7 @@ def scan(queries: np.ndarray, k: int, hashes: np.ndarray) -> np.ndarray:
     queries = np.ascontiguousarray(queries, np.uint64)
     if len(queries) * len(hashes) <= NUMPY_PAIRS:
         return _scan_numpy(queries, k, hashes)
-    return _collect(_scan_kernel, queries, k, hashes, len(hashes))
+    return _collect(_kernels()._scan_kernel, queries, k, hashes, len(hashes))
 
 
 def band_radii(k: int) -> np.ndarray:
@@ -233,7 +118,7 @@ def build_tables(phash: np.ndarray, n: int) -> Tables:
     t = Tables(n, np.array([kb] * NBANDS, np.int64), np.zeros((NBANDS, (1 << kb) + 1), np.int32),
                np.zeros((NBANDS, n), np.int32), np.zeros((NBANDS, n), np.uint64))
     for j in range(NBANDS if n else 0):  # no entries: the zeroed offsets are the tables already
-        _build_band(phash, n, BAND_STARTS[j], BAND_WIDTHS[j], kb, t.offsets[j], t.ids[j], t.sorted[j])
+        _kernels()._build_band(phash, n, BAND_STARTS[j], BAND_WIDTHS[j], kb, t.offsets[j], t.ids[j], t.sorted[j])
     return t
 
 
@@ -322,7 +207,7 @@ class HammingIndex:
             hits = scan(queries, self.k, snap.phash[: snap.n])
             return np.unique(hits, axis=0) if len(hits) > 1 else hits
         scratch = np.empty(ball_size(int(t.kbits.max()), int(self.radii.max())), np.int64)
-        hits = _collect(_search_kernel, np.ascontiguousarray(queries, np.uint64), self.k, snap.phash,
+        hits = _collect(_kernels()._search_kernel, np.ascontiguousarray(queries, np.uint64), self.k, snap.phash,
                         t.n_static, snap.n, _STARTS, _WIDTHS, t.kbits, self.radii, t.offsets, t.ids, t.sorted,
                         scratch)
         return np.unique(hits, axis=0) if len(hits) > 1 else hits

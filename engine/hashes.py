@@ -3,7 +3,7 @@
   content_hash  xxh3_64 of the downloaded bytes: the same file at two URLs.
   pixel_hash    xxh3_64 of the decoded RGB pixels and their shape: the same picture re-saved with
                 other metadata or in a lossless format.
-  phash         64-bit DCT perceptual hash (Numba): re-encoded, rescaled, slightly cropped copies land
+  phash         64-bit DCT perceptual hash (Numba, engine/hash_kernels.py): re-encoded, rescaled, slightly cropped copies land
                 within a small Hamming distance of each other.
 
 Hashes are unsigned 64-bit Python ints. Parquet and Arrow store them as int64 with the same bits
@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import numpy as np
 import xxhash
-from numba import njit
 
 PHASH_VERSION = 1
 """Bump whenever `phash` changes its bits: run.json records it (engine/fingerprint.py), so a resumed
@@ -84,97 +83,26 @@ _DCT = np.array([[math.cos(math.pi * (2 * x + 1) * u / (2 * PHASH_SIDE)) for x i
                  for u in range(int(_ZZ_UV.max()) + 1)], np.float64)
 
 
-@njit(nogil=True, cache=True)
-def _carry(short, whole):
-    """whole += short; short = 0 (the uint16 row sums before they could overflow)."""
-    for i in range(short.shape[0]):
-        whole[i] += short[i]
-        short[i] = 0
+KERNELS = ("_carry", "_gray_thumbnail", "_phash_kernel")
+"""The Numba kernels, in engine/hash_kernels.py: still reachable here by these names."""
 
 
-@njit(nogil=True, cache=True)
-def _gray_thumbnail(rgb, n):
-    """Luma of `rgb` area-averaged onto n x n (exact box weights, any size in, no aliasing).
+def __getattr__(name: str):
+    """A kernel by its name here, importing Numba and the kernels then (tests read their signatures)."""
+    if name in KERNELS:
+        from . import hash_kernels
 
-    Per output row, the input rows wholly inside it are summed as integers (uint8 into uint16, 16
-    lanes per vector, carried into uint32 every 257 rows) and the at most two rows it shares with a
-    neighbour are added weighted; luma is taken of those sums (it is linear), then the n x n
-    horizontal binning is cheap. The sums are exact, so the hash is that of the plain box average.
-    """
-    h, w = rgb.shape[0], rgb.shape[1]
-    sy, sx = h / n, w / n
-    flat = rgb.reshape(h, w * 3)
-    m = w * 3
-    short = np.zeros(m, np.uint16)  # up to 257 rows of 255 fit
-    whole = np.zeros(m, np.uint32)
-    part = np.zeros(m, np.float32)
-    luma = np.empty((n, w), np.float64)
-    for oy in range(n):
-        y0, y1 = oy * sy, (oy + 1) * sy
-        whole[:] = 0
-        part[:] = 0
-        rows = 0
-        for y in range(int(y0), min(int(math.ceil(y1)), h)):
-            wy = min(y + 1.0, y1) - max(float(y), y0)
-            src = flat[y]
-            if wy == 1.0:
-                for i in range(m):
-                    short[i] += np.uint16(src[i])
-                rows += 1
-                if rows == 257:
-                    _carry(short, whole)
-                    rows = 0
-            elif wy > 0:
-                f = np.float32(wy)
-                for i in range(m):
-                    part[i] += f * np.float32(src[i])
-        _carry(short, whole)
-        for x in range(w):
-            luma[oy, x] = (0.299 * (whole[3 * x] + part[3 * x]) + 0.587 * (whole[3 * x + 1] + part[3 * x + 1])
-                           + 0.114 * (whole[3 * x + 2] + part[3 * x + 2]))
-    out = np.empty((n, n), np.float64)
-    for ox in range(n):
-        x0, x1 = ox * sx, (ox + 1) * sx
-        for oy in range(n):
-            s = 0.0
-            for x in range(int(x0), min(int(math.ceil(x1)), w)):
-                wx = min(x + 1.0, x1) - max(float(x), x0)
-                if wx > 0:
-                    s += wx * luma[oy, x]
-            out[oy, ox] = s / (sx * sy)
-    return out
-
-
-@njit(nogil=True, cache=True)
-def _phash_kernel(rgb, dct, zz_uv, zz_bit):
-    """64 low DCT frequencies of the thumbnail, each bit set where the coefficient beats their median."""
-    side = dct.shape[1]
-    g = _gray_thumbnail(rgb, side)
-    t = np.zeros((dct.shape[0], side), np.float64)  # rows: frequency u, columns: x (no BLAS needed)
-    for u in range(dct.shape[0]):
-        for y in range(side):
-            f = dct[u, y]
-            for x in range(side):
-                t[u, x] += f * g[y, x]
-    coef = np.empty(zz_uv.shape[0], np.float64)
-    for c in range(zz_uv.shape[0]):
-        u, v = zz_uv[c, 0], zz_uv[c, 1]
-        s = 0.0
-        for x in range(dct.shape[1]):
-            s += t[u, x] * dct[v, x]
-        coef[c] = s
-    med = np.median(coef)
-    h = np.uint64(0)
-    for c in range(coef.shape[0]):
-        if coef[c] > med:
-            h |= np.uint64(1) << np.uint64(zz_bit[c])
-    return h
+        return getattr(hash_kernels, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def phash(rgb: np.ndarray) -> int:
     """64-bit DCT perceptual hash of a decoded RGB uint8 (H, W, 3) image, as an unsigned int."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"phash wants an (H, W, 3) uint8 RGB array, got {rgb.dtype} {rgb.shape}")
+    # Numba loads where pixels are hashed, not where this module is imported (the driver)
+    from .hash_kernels import _phash_kernel
+
     return int(_phash_kernel(np.ascontiguousarray(rgb), _DCT, _ZZ_UV, _ZZ_BIT))
 
 

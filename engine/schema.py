@@ -113,6 +113,13 @@ def shard_kinds(run_kinds: dict[str, str], schema: pa.Schema) -> dict[str, str]:
 
 def as_kind(value, kind: str):
     """`value` as a JSON value of `kind`; a missing or unrepresentable one as MISSING[kind]."""
+    exact = type(value)  # the usual values first, without the numbers ABCs' slow isinstance checks
+    if exact is str and kind == STRING:
+        return storable(value)
+    if exact is int and kind == INT:
+        return value
+    if exact is float and kind == FLOAT:
+        return value if math.isfinite(value) else MISSING[kind]
     if value is None:
         return MISSING[kind]
     if kind == STRING:

@@ -57,12 +57,14 @@ RUN_AND_LIST_MODULES = """
 import json, sys
 from engine.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "ray": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))}))
+print(json.dumps({"code": code, "ray": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")),
+                  "numba": "numba" in sys.modules}))
 """
 
 
 def test_a_run_on_worker_processes_never_imports_ray(tmp_path):
-    """The default runner on one machine, a real run: the driver ends without Ray in sys.modules."""
+    """The default runner on one machine, a real run: the driver ends without Ray in sys.modules, and
+    without Numba (its index stayed under the first band tables: engine/hamming_kernels.py never loaded)."""
     (tmp_path / "photos").mkdir()
     for name in ("astronaut", "coffee"):
         (tmp_path / "photos" / f"{name}.jpg").write_bytes(encode(scaled(photo(name), 320, 300)))
@@ -72,7 +74,7 @@ def test_a_run_on_worker_processes_never_imports_ray(tmp_path):
                           "--image-size", "256"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert report == {"code": 0, "ray": []}
+    assert report == {"code": 0, "ray": [], "numba": False}
     stats = json.loads((Path(out) / "stats.json").read_text())
     assert stats["config"]["runner"] == "processes" and stats["outcomes"] == {"ok": 2}
 
@@ -114,3 +116,24 @@ def test_arrow_without_pandas_leaves_pandas_importable():
             "assert df['a'].tolist()[0] == 'x' and df['b'].isna().tolist() == [False, True]; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(("argv", "early"), [
+    (["shards", "in.parquet", "--output", "o"], True),
+    (["shards", "in.parquet", "--runner", "processes"], True),
+    (["shards", "in.parquet", "--runner=processes", "--workers", "2"], True),
+    (["shards", "in.parquet", "--runner", "local"], False),
+    (["shards", "in.parquet", "--run=ray"], False),  # argparse's abbreviations count too
+    (["shards", "in.parquet", "--runner"], False),  # argparse will refuse it; nothing started
+    (["shards", "in.parquet", "--ray-address", "auto"], False),
+    (["shards", "in.parquet", "--ray_address=auto"], False),
+    (["shards", "--help"], False),
+    (["condition", "a.jpg"], False),
+    ([], False),
+])
+def test_the_fork_server_starts_before_the_cli_imports_only_for_a_processes_run(argv, early):
+    """engine/__main__.py starts the fork server first thing only when the run surely uses it."""
+    from engine.prestart import surely_processes_run
+
+    assert surely_processes_run(argv) is early
