@@ -52,6 +52,16 @@ def test_packed_buffer_is_sent_as_a_handle():
     assert plain.data_ptr() != ptr  # what the check above would catch: the reduction copied it
 
 
+def test_dataloader_passes_the_views_through_unrebuilt():
+    """The worker's default_convert and the pin thread's pin_memory hand the packed batch's views on as they are
+    (rebuilding their nested tuples cost the training process's pin thread GIL time every batch)."""
+    from torch.utils.data._utils.collate import default_convert
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    spec = pack(batches(1)[0])["spec"]
+    assert pin_memory(spec) is spec and default_convert(spec) is spec
+
+
 def test_prefetch_on_the_cpu_passes_batches_through():
     """On the CPU the loop gets the very batch objects the loader made, in order."""
     src = batches(4)

@@ -10,7 +10,22 @@ storage into fresh shared memory only when it is not shared already (`_share_fd_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Views:
+    """How to rebuild each tensor of a packed batch from its buffer: (key, dtype, shape, stride, storage offset,
+    byte start) per tensor.
+
+    One opaque object, so DataLoader's default_convert (in the worker) and pin_memory (in the training
+    process's pin thread, holding the GIL) pass it through instead of rebuilding its ~100 nested tuples
+    every batch (0.18 and 0.25 ms a batch, measured).
+    """
+
+    entries: tuple
 
 
 def pack(batch: dict) -> dict:
@@ -32,7 +47,7 @@ def pack(batch: dict) -> dict:
     buf = shared_bytes(-(-offset // 16) * 16)  # a whole number of elements of any dtype
     for start, storage in starts.values():
         buf[start:start + storage.nbytes()] = torch.empty(0, dtype=torch.uint8).set_(storage)
-    return {"packed": buf, "spec": spec}
+    return {"packed": buf, "spec": Views(tuple(spec))}
 
 
 def shared_bytes(nbytes: int) -> torch.Tensor:
@@ -45,7 +60,7 @@ def unpack(batch: dict) -> dict:
     if "packed" not in batch:
         return batch
     buf, out = batch["packed"], {}
-    for key, dtype, shape, stride, offset, start in batch["spec"]:
+    for key, dtype, shape, stride, offset, start in batch["spec"].entries:
         size = dtype.itemsize
         out[key] = buf.view(dtype).as_strided(shape, stride, start // size + offset)
     return out
