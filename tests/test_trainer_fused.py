@@ -122,3 +122,47 @@ def test_models_and_buffers_are_freed_with_the_optimizer():
     del m, opt
     gc.collect()
     assert flat() is None
+
+
+def test_flat_gradients_attach_at_first_gradient_and_later_ones_fire_no_hooks():
+    """Flat gradients appear at a step's first gradient (not at forward), its hooks are then off for the rest of
+    the step and every accumulation pass, and zero_grad frees the gradients and arms the hooks again;
+    accumulated passes still equal bitsandbytes' per-tensor AdamW8bit bit for bit."""
+    a, b = net(), net()
+    per_tensor, fused = bnb.optim.AdamW8bit(groups(a), lr=1e-3), FusedAdamW8bit(groups(b), lr=1e-3)
+    hooks = lambda: sum(len(p._post_accumulate_grad_hooks or {}) for p in b.parameters())  # noqa: E731
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for m, opt, gen in ((a, per_tensor, gen_a), (b, fused, gen_b)):
+            opt.zero_grad()
+            loss = m(torch.randn(16, 37, generator=gen)).pow(2).mean()
+            if opt is fused:
+                assert all(f.grad is None for f in fused.flat_params())  # not beside the forward's activations
+                assert hooks() == len(fused.model_params)
+            for _ in range(3):  # accumulation passes
+                loss.backward(retain_graph=True)
+            if opt is fused:
+                assert hooks() == 1  # the first gradient's parameter keeps its hook (autograd was iterating it)
+                assert all(f.grad is not None for f in fused.flat_params())
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    fused.zero_grad()
+    assert hooks() == len(fused.model_params) and all(f.grad is None for f in fused.flat_params())
+
+
+def test_finite_guard_uses_the_clipping_norm_once():
+    """With a clipping norm the guard decides on it (no second pass over the gradients) and forgets it after."""
+    from trainer.fused import FiniteGuard
+
+    w = torch.nn.Parameter(torch.ones(4))
+    opt, guard = torch.optim.SGD([w], lr=0.5), FiniteGuard()
+    w.grad = torch.tensor([1.0, float("inf"), 0.0, 0.0])
+    guard.norm = torch.nn.utils.clip_grad_norm_([w], 1.0)
+    guard.step(opt)
+    assert torch.equal(w.detach(), torch.ones(4)) and guard.norm is None  # inf gradient: step skipped
+    w.grad = torch.ones(4)
+    guard.norm = torch.tensor(float("nan"))  # the norm alone decides, whatever the gradients hold
+    guard.step(opt)
+    assert torch.equal(w.detach(), torch.ones(4))
+    guard.step(opt)  # no norm: min/max of the (finite) gradients, the step is taken
+    assert torch.equal(w.detach(), torch.full((4,), 0.5))

@@ -37,6 +37,31 @@ def test_pack_round_trip():
             assert back[k].untyped_storage().data_ptr() == packed["packed"].untyped_storage().data_ptr()
 
 
+def test_packed_buffer_is_sent_as_a_handle():
+    """A worker's queue pickles the packed buffer in place: it is in shared memory already, so the reduction does
+    not move it into a fresh segment (a second copy of every batch, which a plain buffer gets)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    buf = pack(batches(1)[0])["packed"]
+    ptr = buf.data_ptr()
+    ForkingPickler.dumps(buf)
+    assert buf.is_shared() and buf.data_ptr() == ptr
+    plain = torch.zeros(64, dtype=torch.uint8)
+    ptr = plain.data_ptr()
+    ForkingPickler.dumps(plain)
+    assert plain.data_ptr() != ptr  # what the check above would catch: the reduction copied it
+
+
+def test_dataloader_passes_the_views_through_unrebuilt():
+    """The worker's default_convert and the pin thread's pin_memory hand the packed batch's views on as they are
+    (rebuilding their nested tuples cost the training process's pin thread GIL time every batch)."""
+    from torch.utils.data._utils.collate import default_convert
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    spec = pack(batches(1)[0])["spec"]
+    assert pin_memory(spec) is spec and default_convert(spec) is spec
+
+
 def test_prefetch_on_the_cpu_passes_batches_through():
     """On the CPU the loop gets the very batch objects the loader made, in order."""
     src = batches(4)

@@ -16,6 +16,7 @@ from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
 from trainer.data import META_KEYS, ShardDataError, ShardStream
 from trainer.distributed import World, agree_max, all_sum, gather, no_sync
+from trainer.fused import FiniteGuard
 from trainer.lanes import merge_lanes, record_lanes
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
 from trainer.models import Models, autocast
@@ -129,11 +130,6 @@ class Run:
         return autocast(self.device, self.weight_dtype)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors of a batch onto the device (asynchronously from pinned memory)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in META_KEYS}
-
-
 def next_pass(run: Run, batches, merge: int) -> dict:
     """The next `merge` micro-batches, concatenated on the host; the data position follows the last one."""
     t0 = time.perf_counter()
@@ -164,7 +160,7 @@ def pass_loss(run: Run, batch: dict, merge: int, passes: int, sync: bool = True)
     models = run.step_models or run.models
     with no_sync(models, not sync):
         with run.autocast():
-            loss = step_loss(models, run.objective, to_device(batch, run.device), run.generator,
+            loss = step_loss(models, run.objective, batch, run.generator,  # on the device already: trainer.prefetch
                              run.cfg.model.only_mid_control, chunks=merge, share=(run.world.rank, run.world.size))
         if "blank" in batch:
             loss = loss * 0.0  # nothing to learn from black images; the all-reduce still needs this rank's gradients
@@ -185,7 +181,7 @@ def count_flops(run: Run, batch: dict, merge: int) -> float:
     one = {k: v[:1] for k, v in batch.items() if k not in META_KEYS}
     with FlopCounterMode(display=False) as counter:
         with run.autocast():
-            loss = step_loss(run.models, run.objective, to_device(one, run.device), gen,
+            loss = step_loss(run.models, run.objective, one, gen,
                              run.cfg.model.only_mid_control)  # run.models: never the DDP wrappers
         loss.backward()
     run.optimizer.zero_grad(set_to_none=True)  # through the optimizer: the fused one's grads are views of its flat buffers
@@ -210,8 +206,7 @@ def train_loop(run: Run) -> TrainState:
         batches.stage()  # received while the GPU runs this backward, not after scaler.step's sync
         run.log.waited(time.perf_counter() - t0)
         run.scaler.unscale_(run.optimizer)
-        if cfg.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
+        clip_gradients(run)
         run.scaler.step(run.optimizer)  # skips the step when any gradient is inf/NaN
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
@@ -228,6 +223,15 @@ def train_loop(run: Run) -> TrainState:
         if run.validation.due(st.step, stopping):
             run.validation.write(run)
     return st
+
+
+def clip_gradients(run: Run) -> None:
+    """Clip the gradients' global norm to --max-grad-norm (0: off); FiniteGuard's finiteness check reuses the norm,
+    which is inf or NaN exactly when some gradient is (or their squares overflow: a step not worth taking)."""
+    if run.cfg.optim.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.optim.max_grad_norm)
+        if isinstance(run.scaler, FiniteGuard):
+            run.scaler.norm = norm
 
 
 def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
