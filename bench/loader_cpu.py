@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -60,18 +58,11 @@ def main() -> None:
         from trainer.synthetic import write_shards
 
         write_shards(WORK / "shards", n_shards=8, per_shard=200, size=96)
-    code = str(Path(__file__).resolve().parents[1])
-    variants = {"this": code, **({"baseline": str(Path(args.baseline).resolve())} if args.baseline else {})}
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    from bench.results import checkouts, run_alternately
+
     child = ["--workers", str(args.workers), "--batches", str(args.batches), "--batch", str(args.batch),
              "--resolution", str(args.resolution)]
-    for _ in range(args.repeats):
-        for name, path in variants.items():  # alternating, so both see the same load on the box
-            env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *child], env=env,
-                                 capture_output=True, text=True, check=True).stdout
-            runs[name].append(json.loads(out.splitlines()[-1]))
-            print(name, {k: round(v, 3) for k, v in runs[name][-1].items()}, flush=True)
+    runs = run_alternately(str(Path(__file__).resolve()), child, checkouts(args.baseline), args.repeats)
     med = {name: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in rs[0]} for name, rs in runs.items()}
     print("median", json.dumps(med))
     if args.baseline:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,17 +96,11 @@ def main() -> None:
 
         write_shards(WORK / "shards", n_shards=4, per_shard=50, size=48)
         build_tiny_model(WORK / "model")
-    code = str(Path(__file__).resolve().parents[1])
-    variants = {"this": code, **({"baseline": str(Path(args.baseline).resolve())} if args.baseline else {})}
+    from bench.results import checkouts, run_alternately
+
     child = [a for a in sys.argv[1:] if a != "--baseline" and a != args.baseline]
-    runs: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, path in variants.items():  # alternating, so both see the same load on the box
-            env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *child], env=env,
-                                 capture_output=True, text=True, check=True).stdout
-            runs[name].append(json.loads(out.splitlines()[-1])["thread_cpu_ms_per_step"])
-            print(name, round(runs[name][-1], 3), flush=True)
+    results = run_alternately(str(Path(__file__).resolve()), child, checkouts(args.baseline), args.repeats)
+    runs = {name: [r["thread_cpu_ms_per_step"] for r in rs] for name, rs in results.items()}
     for stat, pick in (("median", lambda v: sorted(v)[len(v) // 2]), ("min", min)):  # min: least disturbed by load
         got = {name: pick(v) for name, v in runs.items()}
         ratio = f", ratio this/baseline {got['this'] / got['baseline']:.3f}" if args.baseline else ""
