@@ -28,6 +28,7 @@ def test_defaults_follow_the_recipe():
     assert cfg.model.gradient_checkpointing is True
     assert cfg.data.train_batch_size * cfg.optim.gradient_accumulation_steps >= 32
     assert cfg.data.proportion_empty_prompts == 0.5
+    assert cfg.data.pin_memory is True and parse("--no-pin-memory").data.pin_memory is False
     assert cfg.checkpoint.checkpointing_steps == 500 and cfg.checkpoint.checkpoints_total_limit == 3
 
 

@@ -43,6 +43,10 @@ class DataConfig:
     """Samples held in the in-stream shuffle buffer (shard order is shuffled per epoch as well)."""
     num_workers: int = field(default=4, metadata=opt("--dataloader-num-workers", "--dataloader_num_workers"))
     """DataLoader worker processes that decode JPEG/PNG; 0 decodes in the training process."""
+    pin_memory: bool = True
+    """On CUDA, the DataLoader pins each batch in a thread of the training process (so its copy to the GPU
+    overlaps the step); --no-pin-memory copies from the workers' shared memory instead (a synchronous copy,
+    no pin thread competing with the training thread for the GIL)."""
     max_failed_batches: int = 50
     """Stop with an error naming the shard and member after this many batches in a row with no decodable sample."""
     resize: bool = False

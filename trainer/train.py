@@ -68,7 +68,7 @@ def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = N
     checkpoints = Checkpointer.of(cfg)
     state = checkpoints.resume(cfg, world, models, optimizer, scaler, generator)
     loader = build_loader(cfg.data, models.tokenizer, cfg.seed,
-                          resume_position(state), pin_memory=device.type == "cuda", rank=world.rank, world=world.size)
+                          resume_position(state), pin_memory=device.type == "cuda" and cfg.data.pin_memory, rank=world.rank, world=world.size)
     state.extra["data_layout"] = dataclasses.asdict(loader.dataset.layout)  # kept by every checkpoint
     log = (RunLog(Path(cfg.output), state.step, cfg.max_train_steps, enable_bar) if world.main
            else SilentLog(Path(cfg.output), state.step, cfg.max_train_steps))
