@@ -124,9 +124,11 @@ def steady_rate(records: list[dict], samples_per_step: int, skip: int) -> float:
 
 
 def record_rates(records: list[dict], samples_per_step: int) -> list[list]:
-    """(step, samples/s since the previous record, data_wait) of every record: where a run slowed down."""
+    """(step, samples/s since the previous record, data_wait, host_busy, process_cpu) of every record: where a
+    run slowed down, and whether the training thread (host_busy near 1: bound by host work) or waiting did it."""
     return [[b["step"], round((b["step"] - a["step"]) * samples_per_step / (b["time"] - a["time"]), 1),
-             round(b.get("data_wait", 0.0), 3)] for a, b in itertools.pairwise(records)]
+             round(b.get("data_wait", 0.0), 3), b.get("host_busy"), b.get("process_cpu")]
+            for a, b in itertools.pairwise(records)]
 
 
 # name -> settings. "tutorial": batch 1 x accumulation 4 with checkpointing (ours runs it as one pass of 4);

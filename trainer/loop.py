@@ -252,6 +252,8 @@ def log_step(run: Run, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> None:
         "lr": run.optimizer.param_groups[0]["lr"],
         "samples_per_s": (rate := run.log.rate(st.step, samples_per_step)),
         "data_wait": run.log.data_wait(),
+        "host_busy": run.log.host_busy[0],
+        "process_cpu": run.log.host_busy[1],
         "mfu": mfu(rate, run.flops_per_sample, run.peak_flops),
         "gpu_mem_gb": gpu_memory_gb(run.device),
         "loss_scale": float(run.scaler.get_scale()),

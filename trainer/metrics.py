@@ -19,6 +19,11 @@ class RunLog:
     """Seconds the training thread waited for batches since the last record (trainer.loop adds them)."""
     window_s = 1e-9
     """Wall seconds between the last two records (set by `rate`)."""
+    host = (0.0, 0.0)
+    """CPU seconds of the training thread and of the whole training process at the last record."""
+    host_busy = (0.0, 0.0)
+    """The last window's CPU time over its wall time: the training thread's (1.0: the step is bound by
+    host work) and the whole process's (cores: the pin-memory thread and CUDA's own threads included)."""
 
     def __init__(self, output: Path, start_step: int, total_steps: int, enable_bar: bool = True) -> None:
         output = Path(output)
@@ -30,6 +35,7 @@ class RunLog:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         disable=not enable_bar, dynamic_ncols=True)
         self.last_step, self.last_time = start_step, time.perf_counter()
+        self.host = (time.thread_time(), time.process_time())
 
     def rate(self, step: int, samples_per_step: int) -> float:
         """Samples per second since the previous call."""
@@ -37,6 +43,9 @@ class RunLog:
         self.window_s = max(now - self.last_time, 1e-9)
         rate = (step - self.last_step) * samples_per_step / self.window_s
         self.last_step, self.last_time = step, now
+        host = (time.thread_time(), time.process_time())  # called from the training thread
+        self.host_busy = tuple(round((h - h0) / self.window_s, 3) for h, h0 in zip(host, self.host, strict=True))
+        self.host = host
         return rate
 
     def waited(self, seconds: float) -> None:
@@ -79,6 +88,7 @@ class SilentLog(RunLog):
 
     def __init__(self, output: Path, start_step: int, total_steps: int, enable_bar: bool = False) -> None:
         self.last_step, self.last_time = start_step, time.perf_counter()
+        self.host = (time.thread_time(), time.process_time())
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Rank 0 writes the record."""
