@@ -181,8 +181,9 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         than the 340 firings it saves. A parameter whose hook dict was replaced gets a new registration.
         """
         for i, (p, handle) in enumerate(zip(self.model_params, self._handles, strict=True)):
-            hooks = handle.hooks_dict_ref()
-            if hooks is None or hooks is not p._post_accumulate_grad_hooks:
+            # RemovableHandle's fields are torch internals: a torch without them takes the registration path
+            hooks = getattr(handle, "hooks_dict_ref", lambda: None)()
+            if hooks is None or hooks is not getattr(p, "_post_accumulate_grad_hooks", None) or not hasattr(handle, "id"):
                 self._handles[i] = p.register_post_accumulate_grad_hook(self._fire)
             else:
                 hooks[handle.id] = self._fire
