@@ -144,9 +144,17 @@ def next_pass(run: Run, batches, merge: int) -> dict:
         st.samples = run.stream.samples_after(st.batches)
     if merge == 1:
         return parts[0]
-    own = [p for p in parts if "blank" not in p]  # a blank stand-in among this rank's own micro-batches repeats one
-    parts, blank = [p if "blank" not in p else (own or [p])[0] for p in parts], {} if own else {"blank": True}
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in META_KEYS} | blank
+    return merged(parts)
+
+
+def merged(parts: list[dict]) -> dict:
+    """Micro-batches concatenated into one pass. A blank stand-in among real micro-batches is replaced by a
+    repeat of the first real one (it would teach black images); a pass of stand-ins only stays blank."""
+    own = [p for p in parts if "blank" not in p]
+    if own:
+        parts = [p if "blank" not in p else own[0] for p in parts]
+    tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in META_KEYS}
+    return tensors if own else tensors | {"blank": True}
 
 
 def pass_loss(run: Run, batch: dict, merge: int, passes: int, sync: bool = True) -> torch.Tensor:
