@@ -95,9 +95,34 @@ def run_engine(urls: Path, root: Path, out: Path, workers: int, rows: int, extra
             "img_s": round(written / seconds, 1), "steady_img_s": round(written / window, 1),
             "steady_rows_s": round(rows / window, 1), "cpu_ms_per_row": round(
                 sum(s["cpu_ms"]["total"] for s in stats) / rows, 2),
-            "window_s": round(window, 2), "shard_size": shard, "load": round(load, 1),
+            "window_s": round(window, 2), "busy_rows_s": busy_rate(stats), "shard_size": shard,
+            "load": round(load, 1),
             "cpu_ms": stage_ms(stats, written), "peak_rss_mb": max(s["peak_rss_mb"] for s in stats),
             "outcomes": run["outcomes"]}
+
+
+def busy_rate(stats: list[dict]) -> float | None:
+    """Rows/s while every worker process had a shard running: a long run's rate, free of the first shards'
+    start and the last wave's tail (in a short run with a few shards a worker, idle workers at the end weigh
+    on the steady figure; a run of thousands of shards hardly has a tail). None when no such window exists.
+
+    A shard's rows are counted in proportion to the part of its window inside the all-busy window.
+    """
+    by_worker: dict[tuple, list] = {}
+    for s in stats:
+        by_worker.setdefault((s.get("host"), s.get("pid")), []).append(s["window"])
+    start = max(min(w[0] for w in ws) for ws in by_worker.values())
+    end = min(max(w[1] for w in ws) for ws in by_worker.values())
+    if end <= start:
+        return None
+    rows = sum(s["rows"] * overlap(s["window"], start, end) for s in stats)
+    return round(rows / (end - start), 1)
+
+
+def overlap(window: list[float], start: float, end: float) -> float:
+    """The share of a shard's [first start, last end] window that lies inside [start, end]."""
+    inside = min(window[1], end) - max(window[0], start)
+    return max(0.0, inside) / max(window[1] - window[0], 1e-9)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,11 +177,15 @@ def render(rec: dict) -> str:
              "read from disk (`--local-root`), dedup on, default flags; one whole command per worker count. "
              "Steady = rows over the window from the first shard's start to the last shard's end (Ray start "
              "and shutdown excluded); efficiency = steady rows/s / (workers x the 1-worker figure).", "",
-             "| workers | rows | img/s (whole command) | rows/s (steady) | efficiency | CPU-ms per row |"
-             " cores busy | peak RSS per worker, MB | load at start |", "|---|---|---|---|---|---|---|---|---|"]
+             "Rows/s (all busy) counts only the time in which every worker process had a shard running "
+             "(bench.scaling.busy_rate: a long run's rate, without the last wave's tail).", "",
+             "| workers | rows | img/s (whole command) | rows/s (steady) | efficiency | rows/s (all busy) |"
+             " CPU-ms per row | cores busy | peak RSS per worker, MB | load at start |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rec["results"]:
         rate, cpu = r.get("steady_rows_s", r["steady_img_s"]), r.get("cpu_ms_per_row", r["cpu_ms"].get("total"))
-        lines.append(f"| {r['workers']} | {r['rows']} | {r['img_s']} | {rate} | {r['efficiency']} | {cpu} "
+        lines.append(f"| {r['workers']} | {r['rows']} | {r['img_s']} | {rate} | {r['efficiency']} "
+                     f"| {r.get('busy_rows_s') or 'n/a'} | {cpu} "
                      f"| {rate * cpu / 1000:.1f} | {r['peak_rss_mb']} | {r['load']} |")
     long = rec.get("long")
     if long:
