@@ -144,10 +144,13 @@ CASES = {
     # the same without the DataLoader's pin-memory thread (is its GIL use what the loader phase loses?)
     "ours-b8-l1-compile-nopin": dict(kind="ours", batch=8, levels=1, compile=True, pin=False, steps=400,
                                      resident_steps=100),
+    "ours-b8-l1-compile-cl": dict(kind="ours", batch=8, levels=1, compile=True, channels_last=True, steps=400,
+                                  resident_steps=100),
     "ours-b8-l2-compile": dict(kind="ours", batch=8, levels=2, compile=True, steps=300),
     # the best-throughput setting (MFU goal): no checkpointing, larger micro-batches, memory no object
     "ours-best-b16": dict(kind="ours", batch=16, levels=0, compile=True, steps=160),
     "ours-best-b32": dict(kind="ours", batch=32, levels=0, compile=True, steps=100),
+    "ours-best-b16-cl": dict(kind="ours", batch=16, levels=0, compile=True, channels_last=True, steps=160),
     "ours-tutorial-unfused": dict(kind="ours", batch=1, accum=4, merge=4, fused=False, steps=120),
     "ours-lowmem": dict(kind="ours", batch=1, accum=4, low_memory=True, steps=60),
     "ours-lowmem-merged": dict(kind="ours", batch=1, accum=4, merge=4, low_memory=True, steps=100),
@@ -178,7 +181,8 @@ def resident_batches(loader, device, n: int = 16):
 
 def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, accum: int = 1, merge: int = 1,
              levels: int | None = None, compile: bool = False, resident_steps: int = 0, skip: int = 20,
-             low_memory: bool = False, fused: bool = True, pin: bool = True, log_every: int = 5) -> dict:
+             low_memory: bool = False, fused: bool = True, pin: bool = True, channels_last: bool = False,
+             log_every: int = 5) -> dict:
     """Train with trainer.loop in this process (no validation, no export); return throughput, memory, MFU.
 
     With resident_steps, the same run then continues that many steps on 16 batches already on the GPU:
@@ -199,7 +203,7 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         data=DataConfig(shards=shards, resolution=512, train_batch_size=batch, num_workers=workers,
                         pin_memory=pin),
         model=ModelConfig(model=str(model), variant="fp16", gradient_checkpointing=True, checkpoint_levels=levels,
-                          compile=compile, low_memory=low_memory),
+                          compile=compile, low_memory=low_memory, channels_last=channels_last),
         optim=OptimConfig(learning_rate=1e-5, optimizer="adamw8bit", gradient_accumulation_steps=accum,
                           merge_micro_batches=merge, fused_optimizer=fused),
         checkpoint=CheckpointConfig(checkpointing_steps=10**6), max_train_steps=steps, mixed_precision="fp16",
@@ -226,7 +230,7 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
     on_gpu = steady_rate(records, batch * accum, skip=steps + 10) if resident_steps else None
     res = {
         "steps": steps, "batch": batch, "accum": accum, "merge": merge, "levels": levels, "compile": compile,
-        "low_memory": low_memory, "fused": fused, "pin": pin,
+        "low_memory": low_memory, "fused": fused, "pin": pin, "channels_last": channels_last,
         "wall_s": round(time.perf_counter() - t0, 1), "samples_per_s": round(rate, 2),
         "resident_samples_per_s": round(on_gpu, 2) if on_gpu else None,
         "loader_vs_resident": round(rate / on_gpu, 3) if on_gpu else None,
@@ -417,6 +421,7 @@ def ours_flags(r: dict) -> str:
     flags += " --low-memory" if r.get("low_memory") else ""
     flags += " --no-fused-optimizer" if r.get("fused") is False else ""
     flags += " --no-pin-memory" if r.get("pin") is False else ""
+    flags += " --channels-last" if r.get("channels_last") else ""
     return flags
 
 

@@ -136,3 +136,13 @@ def test_cuda_precomputed_merged_compiled_run(assets, tmp_path):
     assert result.step == 4 and all(r["loss"] < 10 for r in records)
     assert all(0 < r["mfu"] < 1 for r in records)
     print("precomputed + merged + compiled:", [(round(r["loss"], 4), round(r["mfu"], 5)) for r in records])
+
+
+def test_cuda_channels_last_compiled_run_without_pin_thread(assets, tmp_path):
+    """--channels-last with torch.compile, and --no-pin-memory (synchronous copies from shared memory), on CUDA."""
+    cfg = config(assets, tmp_path / "run", steps=3, checkpoint_levels=1, compile=True, channels_last=True)
+    cfg.data.pin_memory = False
+    result = train(cfg, enable_bar=False)
+    records = log(tmp_path / "run")
+    assert result.step == 3 and all(r["loss"] < 10 for r in records)
+    assert all(0 < r["host_busy"] <= 1.05 for r in records)

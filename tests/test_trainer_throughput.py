@@ -104,3 +104,24 @@ def test_checkpoint_levels_select_blocks_and_keep_the_loss(assets):
                  "conditioning_pixel_values": torch.rand(2, 3, 32, 32, generator=g)}
         losses.append(step_loss(models, Objective(models.noise_scheduler), batch, g))
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_channels_last_runs_the_same_math(assets):
+    """--channels-last puts the trainable and frozen UNets' weights and inputs in NHWC; loss and gradients match."""
+    from trainer.models import load_models
+    from trainer.objective import Objective, step_loss
+
+    out = []
+    for channels_last in (False, True):
+        models = load_models(ModelConfig(model=str(assets["model"]), channels_last=channels_last),
+                             torch.device("cpu"), torch.float32)
+        conv = models.controlnet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        g = torch.Generator().manual_seed(0)
+        batch = {"latents": torch.randn(2, 4, 8, 8, generator=g), "encoder_hidden_states": torch.randn(2, 77, 32, generator=g),
+                 "conditioning_pixel_values": torch.rand(2, 3, 32, 32, generator=g)}
+        loss = step_loss(models, Objective(models.noise_scheduler), batch, g)
+        loss.backward()
+        out.append((loss.detach(), conv.grad.clone()))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-3, atol=1e-6)

@@ -94,6 +94,9 @@ class ModelConfig:
     (where activations are largest; SD 1.5 has 4 levels), keep the rest; default: every level."""
     compile: bool = False
     """torch.compile the ControlNet and the UNet (minutes of compiling at start; pays on long CUDA runs)."""
+    channels_last: bool = False
+    """Run the ControlNet and the UNet in channels-last (NHWC) memory format, the layout of Tensor Core
+    convolutions on CUDA (same math; not yet measured on a GPU: bench/RESULTS.md, train)."""
     low_memory: bool = False
     """The 4.5 GiB setting (SD 1.5 fits a 6 GB card): trainable weights and gradients in bf16 (no fp32
     copy, no autocast), the fused 8-bit AdamW with stochastically rounded bf16 updates, everything

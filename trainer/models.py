@@ -40,6 +40,8 @@ class Models:
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     controlnet: ControlNetModel
+    memory_format: torch.memory_format = torch.contiguous_format
+    """The ControlNet's and UNet's (and so their inputs') memory format: channels_last with --channels-last."""
 
 
 class UnsafeWeightsError(OSError):
@@ -123,6 +125,10 @@ def prepare(models: Models, cfg: ModelConfig, device: torch.device, weight_dtype
             m.train()
     for m in (models.unet, models.vae, models.controlnet):
         m.set_attn_processor(AttnProcessor2_0())
+    if cfg.channels_last:  # NHWC: the layout Tensor Core convolutions run in, no transposes around each conv
+        models.memory_format = torch.channels_last
+        for m in (models.unet, models.controlnet):
+            m.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:
         models.controlnet.enable_gradient_checkpointing()
         if cfg.gradient_checkpointing_unet:

@@ -93,7 +93,8 @@ class Objective:
 def controlnet_loss(models: Models, objective: Objective, latents, text, cond, noise, t,
                     only_mid_control: bool = False) -> torch.Tensor:
     """ControlNet forward, UNet forward with its residuals, MSE (in fp32) against the target."""
-    noisy = objective.noisy(latents, noise, t)
+    noisy = objective.noisy(latents, noise, t).contiguous(memory_format=models.memory_format)
+    cond = cond.contiguous(memory_format=models.memory_format)
     down, mid = models.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
     if only_mid_control:
         down = [torch.zeros_like(d) for d in down]
