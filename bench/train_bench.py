@@ -134,7 +134,7 @@ def record_rates(records: list[dict], samples_per_step: int) -> list[list]:
 # name -> settings. "tutorial": batch 1 x accumulation 4 with checkpointing (ours runs it as one pass of 4);
 # "b8": batch 8 with checkpointing. levels: checkpoint only the blocks at that many highest resolutions.
 CASES = {
-    "ours-tutorial": dict(kind="ours", batch=1, accum=4, merge=4, steps=120, resident_steps=40),
+    "ours-tutorial": dict(kind="ours", batch=1, accum=4, merge=4, steps=200, resident_steps=80),
     "ours-tutorial-1x4": dict(kind="ours", batch=1, accum=4, merge=1, steps=60),
     "ours-tutorial-compile": dict(kind="ours", batch=1, accum=4, merge=4, compile=True, steps=260),
     "ours-b8": dict(kind="ours", batch=8, steps=160),
