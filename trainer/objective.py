@@ -93,8 +93,9 @@ class Objective:
 def controlnet_loss(models: Models, objective: Objective, latents, text, cond, noise, t,
                     only_mid_control: bool = False) -> torch.Tensor:
     """ControlNet forward, UNet forward with its residuals, MSE (in fp32) against the target."""
-    noisy = objective.noisy(latents, noise, t).contiguous(memory_format=models.memory_format)
-    cond = cond.contiguous(memory_format=models.memory_format)
+    noisy = objective.noisy(latents, noise, t)
+    if models.memory_format == torch.channels_last:  # otherwise each input keeps its layout (a map's is NHWC-like)
+        noisy, cond = (x.contiguous(memory_format=torch.channels_last) for x in (noisy, cond))
     down, mid = models.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
     if only_mid_control:
         down = [torch.zeros_like(d) for d in down]
