@@ -9,8 +9,8 @@ the Content-Type header.
 
 from __future__ import annotations
 
+import functools
 import io
-import threading
 import warnings
 from dataclasses import dataclass
 
@@ -25,7 +25,6 @@ from .imagepolicy import BUDGET, COST, Rejected, check_pixels, open_image, sniff
 # one per image, which would flood a run's log; truncation is checked explicitly instead.
 warnings.filterwarnings("ignore", category=UserWarning, module="turbojpeg")
 
-_TJ = threading.local()
 # EXIF orientation -> (number of 90-degree counter-clockwise turns, flip left-right first)
 _ORIENT = {2: (0, True), 3: (2, False), 4: (2, True), 5: (1, True), 6: (3, False), 7: (3, True), 8: (1, False)}
 
@@ -40,13 +39,14 @@ class Decoded:
     format: str
 
 
+@functools.cache
 def turbojpeg():
-    """A TurboJPEG handle per thread (the library's handles are not shared between threads)."""
-    if not hasattr(_TJ, "handle"):
-        from turbojpeg import TurboJPEG
+    """The process's TurboJPEG wrapper, shared by every thread: it only holds the library's functions,
+    and each of its calls makes (and destroys) its own libjpeg-turbo handle. One per thread loaded a
+    new ctypes library object, in a reference cycle, for each shard's new threads (issue 10)."""
+    from turbojpeg import TurboJPEG
 
-        _TJ.handle = TurboJPEG()
-    return _TJ.handle
+    return TurboJPEG()
 
 
 def jpeg_complete(data: bytes) -> bool:

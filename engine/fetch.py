@@ -216,6 +216,25 @@ def _backoff(cfg: FetchConfig, attempt: int) -> float:
     return min(cfg.backoff * (2 ** (attempt - 1)), 30.0)
 
 
+def _record(result: FetchResult, failure: _Failure) -> bool:
+    """Put the failure's outcome into `result`; whether another attempt may help (a function of its
+    own, so no local of fetch() holds the exception)."""
+    result.outcome, result.reason, result.status = failure.outcome, failure.reason, failure.status
+    return failure.retry
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Forget the tracebacks of a handled failure and of its causes: only its text is kept. They hold
+    frames in reference cycles (the frame that keeps the exception, asyncio.wait_for's task holding
+    it), and through those frames the shard being downloaded, which then outlived its run until
+    Python's rare full collection: a worker's memory crept from shard to shard (issue 10)."""
+    for _ in range(10):
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 async def fetch(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> FetchResult:
     """Download one URL with retries; never raises (cancellation aside)."""
     start = time.monotonic()
@@ -229,9 +248,9 @@ async def fetch(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> F
             result.outcome, result.reason = None, ""
             break
         except Exception as exc:  # noqa: BLE001 -- every failure becomes an outcome, by design
-            failure = _classify(exc)
-            result.outcome, result.reason, result.status = failure.outcome, failure.reason, failure.status
-            if not failure.retry or attempt > cfg.retries:
+            retry = _record(result, _classify(exc))
+            _drop_tracebacks(exc)
+            if not retry or attempt > cfg.retries:
                 break
             await asyncio.sleep(_backoff(cfg, attempt))
     result.seconds = time.monotonic() - start

@@ -109,20 +109,21 @@ class StageClock:
 class ClaimBatcher:
     """Collects dedup claims for a moment and sends them in one call (one round trip per batch)."""
 
-    def __init__(self, claim: Claim, executor: ThreadPoolExecutor, max_batch: int = 64, max_wait: float = 0.1,
-                 open_rows: Callable[[], int] | None = None):
+    def __init__(self, claim: Claim, executor: ThreadPoolExecutor, max_batch: int = 64, max_wait: float = 0.1):
         self.claim, self.executor = claim, executor
         self.max_batch, self.max_wait = max_batch, max_wait
-        self.open_rows = open_rows  # rows of the shard without an outcome: when all wait here, none can join
         self.pending: list[tuple[IndexClaim, asyncio.Future]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.cpu = 0.0  # thread CPU seconds of the claim calls (the shard's "claims" stage)
 
-    async def submit(self, item: IndexClaim):
-        """The verdict for one claim, once its batch has been answered."""
+    async def submit(self, item: IndexClaim, open_rows: int | None = None):
+        """The verdict for one claim, once its batch has been answered. `open_rows`: the shard's rows
+        without an outcome; when all of them wait here, none can join. A count, not a callback into
+        the shard: a callback would tie the shard and its batcher in a reference cycle, which kept
+        every finished shard's rows alive until Python's rare full collection (issue 10)."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((item, future))
-        if len(self.pending) >= self.max_batch or (self.open_rows and len(self.pending) >= self.open_rows()):
+        if len(self.pending) >= self.max_batch or (open_rows is not None and len(self.pending) >= open_rows):
             self.flush()  # full, or the shard's last rows: waiting max_wait would only delay its end
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(self.max_wait, self.flush)
@@ -175,8 +176,7 @@ class ShardRun:
         self.kinds = shard_kinds(shard.kinds, shard.table.schema)
         self.cpu = ThreadPoolExecutor(2, thread_name_prefix="cpu")
         self.io = ThreadPoolExecutor(1, thread_name_prefix="io")  # one thread: tar writes stay ordered
-        self.claims = ClaimBatcher(claim, self.io, open_rows=lambda: len(self.rows) - self.done) \
-            if claim and cfg.dedup.enabled else None
+        self.claims = ClaimBatcher(claim, self.io) if claim and cfg.dedup.enabled else None
         self.clusters: Counter = Counter()
         self.examples: dict[str, str] = {}
         self.done = self.written = self.reported_done = self.reported_written = 0
@@ -220,7 +220,7 @@ class ShardRun:
         if not self.claims or prep.hashes is None:
             return None
         try:
-            verdict = await self.claims.submit(IndexClaim(self.key(index), *prep.hashes))
+            verdict = await self.claims.submit(IndexClaim(self.key(index), *prep.hashes), len(self.rows) - self.done)
         except Exception as exc:
             raise IndexUnavailable(f"dedup index failed: {type(exc).__name__}: {exc}") from exc
         if verdict.status == O.NEW:
