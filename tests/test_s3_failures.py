@@ -1,6 +1,6 @@
 """The object store is not what the user said: an endpoint that refuses or is no object store, a
 missing bucket, credentials refused or absent, an input object missing or no parquet, a gs://
-store out of reach, and a store that goes away mid-run. Each ends in one `error:` line naming the
+store out of reach or stalled, and a store that goes away mid-run. Each ends in one `error:` line naming the
 flag, bucket, input or credentials to change, a non-zero exit, no traceback, within the SDKs'
 timeouts; the store gone mid-run leaves only whole shards and the rerun accounts for every row once.
 
@@ -12,10 +12,12 @@ MinIO or a healed network would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -321,3 +323,96 @@ def test_a_store_gone_mid_run_does_not_hold_the_exit_for_a_hung_lease_renewal(s3
         assert [t for t in threading.enumerate() if t.name == "lease" and t.is_alive()]
     finally:
         relay.cut()  # the stuck request fails now and the renewal ends
+
+
+class Stalled:
+    """A server on 127.0.0.1 that takes every connection and request and never answers (`headers`: it
+    sends a response's status line and headers, and a first byte of the body, then nothing more), as
+    a hung object store does. close() resets every connection: the abandoned requests then end."""
+
+    def __init__(self, headers: bool = False):
+        self.headers, self.conns = headers, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(1 << 16)
+            if self.headers:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+
+@pytest.fixture
+def stalled():
+    """Stalled servers made by the test (`stalled(headers=True)`), closed after it."""
+    made = []
+    yield lambda headers=False: made.append(Stalled(headers)) or made[-1]
+    for server in made:
+        server.close()
+
+
+def test_a_stalled_gs_store_at_start_is_one_line_in_bounded_time(one_row, corpus, stalled, monkeypatch, capsys):
+    # the SDK alone holds each request 120 s, its stall timeout; the store gives up at GCS_STALL_S (30 s in a run)
+    monkeypatch.setattr(S, "GCS_STALL_S", 0.5)
+    hits = sum(corpus.hits.values())
+    for headers in (False, True):
+        endpoint = stalled(headers).endpoint
+        one_error(capsys, shards(one_row, "gs://bucket/stalled", "--s3-endpoint", endpoint), 2,
+                  "--output gs://bucket/stalled", f"at --s3-endpoint {endpoint} got no answer in 0.5 s",
+                  "check that the server runs and answers")
+    assert sum(corpus.hits.values()) == hits  # stopped before any download
+    # a whole CLI process ends too, though the abandoned request's thread is still stuck in the SDK
+    endpoint = stalled().endpoint
+    code = ("import sys; from engine import storage; from engine.cli import main; storage.GCS_STALL_S = 0.5; "
+            f"sys.exit(main(['shards', {str(one_row)!r}, '--output', 'gs://bucket/p', '--s3-endpoint', {endpoint!r}, "
+            "'--runner', 'local', '--no-progress']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "got no answer in 0.5 s" in errors[0], errors[0]
+
+
+def test_a_gs_store_stalled_mid_run_fails_the_shard_then_stops_the_run(stalled, monkeypatch, tmp_path):
+    monkeypatch.setattr(S, "GCS_STALL_S", 0.5)
+    server = stalled(headers=True)
+    store = S.ObjectStore("gs://bucket/mid", server.endpoint)
+    folder = tmp_path / "shard"
+    folder.mkdir()
+    for ext in (".tar", ".parquet", ".stats.json"):
+        (folder / f"00003{ext}").write_bytes(b"x" * 100)
+    from engine.write import ShardWriteError
+
+    # a worker's upload: its shard fails (nothing marked), with the request and the endpoint named
+    with pytest.raises(ShardWriteError, match=f"uploading shard 00003 to gs://bucket/mid.*{server.endpoint}.*got no "
+                                              "answer in 0.5 s"):
+        store.upload_shard(folder, "00003", "run")
+    for ask in (lambda: store._upload(folder / "00003.tar", "00003.tar"), lambda: store.open("00001.parquet"),
+                lambda: store.write_json("stats.json", {})):
+        with pytest.raises(S.Stalled, match="got no answer"):
+            ask()
+    # the driver's check after a failed shard: the store is lost, the run stops; nothing more is asked
+    with pytest.raises(S.StoreLost, match=f"stopped answering mid-run .*--s3-endpoint {server.endpoint}"):
+        store.reachable()
+    asked = len(server.conns)
+    with pytest.raises(OSError, match="stopped answering mid-run"):
+        store.names()
+    assert len(server.conns) == asked
