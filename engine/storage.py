@@ -424,28 +424,62 @@ class ObjectStore(Leased):
 
 
 class BoundedFile:
-    """A gs:// object opened for reading whose every call (read, read_at, seek, size, close) is a request
-    under the store's deadline; once one stalled, closing it does not wait on that request again."""
+    """A gs:// object opened for reading, as a seekable binary file (what pq.read_table, tarfile and
+    engine/objinput.py ask of one) whose every request is a positional read under the store's
+    deadline; seek and tell are kept here (pyarrow's GCS file asks the store at a seek to the end)."""
 
     def __init__(self, store: ObjectStore, name: str, file):
-        self._store, self._name, self._file, self._stalled = store, name, file, False
-
-    def __getattr__(self, attr: str):
-        value = getattr(self._file, attr)
-        return (lambda *args: self._call(value, *args)) if callable(value) else value
+        self._store, self._name, self._file, self._pos = store, name, file, 0
+        self.closed = False
+        self._size: int | None = None
 
     def _call(self, method, *args):
         """One call of the pyarrow file under the store's deadline."""
-        try:
-            return self._store._ask(f"reading {self._name} of", method, *args)
-        except Stalled:
-            self._stalled = True
-            raise
+        if self.closed:
+            raise ValueError(f"{self._name}: I/O operation on a closed file")
+        return self._store._ask(f"reading {self._name} of", method, *args)
+
+    def size(self) -> int:
+        """The object's size in bytes (asked once)."""
+        if self._size is None:
+            self._size = self._call(lambda: self._file.size())
+        return self._size
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        """`nbytes` bytes from `offset` (fewer at the end)."""
+        return self._call(lambda: self._file.read_at(nbytes, offset))
+
+    def read(self, nbytes: int | None = -1) -> bytes:
+        """The next `nbytes` bytes (all that is left when -1 or None)."""
+        left = max(0, self.size() - self._pos)
+        nbytes = left if nbytes is None or nbytes < 0 else min(nbytes, left)
+        data = self.read_at(nbytes, self._pos) if nbytes else b""
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move the position (0: from the start, 1: from here, 2: from the end); no request but the size."""
+        self._pos = offset + (0, self._pos, self.size() if whence == 2 else 0)[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        """The position."""
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
 
     def close(self) -> None:
-        """Close the file, unless a request of it stalled (the abandoned thread still holds it)."""
-        if not self._stalled:
-            self._call(self._file.close)
+        """Let go of pyarrow's file without closing it: its close() asks whether it is closed, which
+        for a GCS file never read in sequence opens a read request, holding the GIL (seen blocking
+        every thread of the process); positional reads leave nothing open to close."""
+        self.closed, self._file = True, None
 
     def __enter__(self):
         return self

