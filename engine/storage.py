@@ -426,7 +426,9 @@ class ObjectStore(Leased):
 class BoundedFile:
     """A gs:// object opened for reading, as a seekable binary file (what pq.read_table, tarfile and
     engine/objinput.py ask of one) whose every request is a positional read under the store's
-    deadline; seek and tell are kept here (pyarrow's GCS file asks the store at a seek to the end)."""
+    deadline; seek and tell are kept here (pyarrow's GCS file asks the store at a seek to the end).
+    Not bounded: the first call's closed() check inside pyarrow opens a read request holding the GIL,
+    so a server stalling at exactly that request freezes the process for the SDK's 120 s."""
 
     def __init__(self, store: ObjectStore, name: str, file):
         self._store, self._name, self._file, self._pos = store, name, file, 0

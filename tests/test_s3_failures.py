@@ -7,7 +7,8 @@ timeouts; the store gone mid-run leaves only whole shards and the rerun accounts
 A real moto server on 127.0.0.1 (conftest's `s3`), with moto's own IAM enforcement switched on for
 the credential cases; "gone" is a TCP relay in front of it that is cut (connections refused, open
 ones reset) and mended on the same port, so the store comes back with what it held, as a restarted
-MinIO or a healed network would.
+MinIO or a healed network would. gs:// runs against fake-gcs-server (a GCS JSON API server) behind
+the same relay, stalled instead of cut: pyarrow's GCS client has no request timeout of its own.
 """
 
 from __future__ import annotations
