@@ -469,12 +469,15 @@ class BoundedFile:
         return self._pos
 
     def readable(self) -> bool:
+        """Yes: it is read."""
         return True
 
     def seekable(self) -> bool:
+        """Yes: reads are by position."""
         return True
 
     def writable(self) -> bool:
+        """No: objects are put whole (ObjectStore.write)."""
         return False
 
     def close(self) -> None:
