@@ -36,6 +36,12 @@ SCHEMES = ("s3://", "gs://", "gcs://")
 MARKER = f"[0-9][0-9][0-9][0-9][0-9]*{STATS_SUFFIX}"
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 GCS_RETRY_S = 20.0  # how long a GCS request is retried (pyarrow's default, 15 min, looks like a hang)
+# How long one gs:// call may take before it is abandoned. pyarrow sets no request timeout on its GCS
+# client: google-cloud-cpp's own stall timeout (120 s without a byte, not reachable from pyarrow) holds
+# each request to a server that takes it and never answers for 2 min (several per failed shard), and
+# one trickling a byte a second forever. So each call runs on a thread the store stops waiting for
+# (ObjectStore._ask). Above GCS_RETRY_S: the SDK's own error, when it has one, comes first.
+GCS_STALL_S = 30.0
 
 
 class OutputError(ValueError):
@@ -47,6 +53,34 @@ class StoreLost(RuntimeError):
     """The object store of --output stopped answering mid-run: the run stops, its complete shards
     are kept (each vouched for by its marker), and a rerun resumes once the store answers again.
     Not an OSError: the runners take those for a dead worker and carry on."""
+
+
+class Stalled(OSError):
+    """A gs:// request the store took and never answered within GCS_STALL_S (an OSError, as any failed
+    request: the paths that handle those, the store lost mid-run included, handle it alike)."""
+
+
+def bounded(call, seconds: float, what: str):
+    """call()'s value, or its exception, when it ends within `seconds`; else Stalled naming `what`. The
+    stuck call is left on its daemon thread (nothing can stop a request inside the C++ SDK), which
+    keeps whatever it uses alive: no stream of it is closed, so no object is completed half-written."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # handed to the caller below, whatever it is
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True, name="gcs-call")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise Stalled(f"{what} got no answer in {seconds:g} s (pyarrow's GCS client has no request timeout of its "
+                      "own: the request was abandoned)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -187,12 +221,20 @@ class ObjectStore(Leased):
     def _key(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def _ask(self, what: str, call, *args):
+        """call(*args), a request to the store: as is for s3:// (the SDK's timeouts bound it), under a
+        deadline of GCS_STALL_S for gs:// (Stalled past it; `what` names the request in its message)."""
+        if self.scheme == "s3":
+            return call(*args)
+        return bounded(lambda: call(*args), GCS_STALL_S,
+                       f"{what} {self.url} at {storefail.where(self.scheme, self.endpoint)}")
+
     def names(self, pattern: str = "*") -> list[str]:
         """Sorted names of the objects directly under the prefix matching the glob `pattern`."""
         import pyarrow.fs as pafs
 
         self._alive()
-        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        infos = self._ask("listing", self.fs.get_file_info, pafs.FileSelector(self.root, allow_not_found=True))
         return sorted(n for i in infos if i.type == pafs.FileType.File
                       and fnmatch.fnmatchcase(n := i.base_name, pattern))
 
@@ -200,23 +242,29 @@ class ObjectStore(Leased):
         """An object's bytes, None when it does not exist."""
         self._alive()
         try:
-            with self.fs.open_input_stream(self._key(name)) as f:
-                return f.read()
+            return self._ask(f"reading {name} of", self._read, self._key(name))
         except FileNotFoundError:
             return None
+
+    def _read(self, key: str) -> bytes:
+        """An object's bytes (FileNotFoundError when there is none)."""
+        with self.fs.open_input_stream(key) as f:
+            return f.read()
 
     def size(self, name: str) -> int | None:
         """An object's size, None when there is none."""
         import pyarrow.fs as pafs
 
         self._alive()
-        info = self.fs.get_file_info(self._key(name))
+        info = self._ask(f"asking for {name} in", self.fs.get_file_info, self._key(name))
         return info.size if info.type == pafs.FileType.File else None
 
     def open(self, name: str):
         """An object opened for random-access reads (parquet footers, column chunks)."""
         self._alive()
-        return self.fs.open_input_file(self._key(name))
+        if self.scheme == "s3":
+            return self.fs.open_input_file(self._key(name))
+        return BoundedFile(self, name, self._ask(f"opening {name} of", self.fs.open_input_file, self._key(name)))
 
     def local(self, name: str) -> Path | None:
         """None: objects have no path on this machine."""
@@ -225,7 +273,11 @@ class ObjectStore(Leased):
     def write(self, name: str, data: bytes) -> None:
         """Put one object whole (it is visible only once complete)."""
         self._alive()
-        with self.fs.open_output_stream(self._key(name)) as f:
+        self._ask(f"writing {name} to", self._put, self._key(name), data)
+
+    def _put(self, key: str, data: bytes) -> None:
+        """Put one object whole."""
+        with self.fs.open_output_stream(key) as f:
             f.write(data)
 
     def write_json(self, name: str, obj: dict) -> None:
@@ -237,7 +289,7 @@ class ObjectStore(Leased):
         "prefix/" folder marker after every delete."""
         if self.size(name) is not None:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.delete_file(self._key(name))
+                self._ask(f"deleting {name} of", self.fs.delete_file, self._key(name))
 
     def tidy(self) -> int:
         """Nothing to tidy: an interrupted upload leaves no object (the staging folders are local)."""
@@ -275,8 +327,27 @@ class ObjectStore(Leased):
 
     def _upload(self, path: Path, name: str) -> None:
         """Stream a local file into one object (multipart for big tars; the object appears at the end)."""
+        if self.scheme != "s3":
+            return self._upload_bounded(path, name)
         with open(path, "rb") as src, self.fs.open_output_stream(self._key(name)) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
+
+    def _upload_bounded(self, path: Path, name: str) -> None:
+        """_upload for gs://, each request under the deadline (a tar's chunks one by one, not the whole
+        upload at once). A stalled one is left open: closing it would complete a truncated object."""
+        what = f"uploading {name} to"
+        dst = self._ask(what, self.fs.open_output_stream, self._key(name))
+        with open(path, "rb") as src:
+            try:
+                while chunk := src.read(8 << 20):
+                    self._ask(what, dst.write, chunk)
+            except Stalled:
+                raise
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self._ask(what, dst.close)  # as the with-block of s3:// does
+                raise
+        self._ask(what, dst.close)  # the object appears now, whole
 
     def check(self, what: str | None = None) -> None:
         """A clear OutputError, naming the flag or credentials to change, when the bucket cannot be
@@ -285,9 +356,10 @@ class ObjectStore(Leased):
 
         what = what or f"--output {self.url}"
         try:
-            if self._quick().get_file_info(self.bucket).type != pafs.FileType.Directory:
+            if self._ask("asking for the bucket of", self._quick().get_file_info, self.bucket).type \
+                    != pafs.FileType.Directory:
                 self._no_bucket(what)
-            self._quick().get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+            self._ask("listing", self._quick().get_file_info, pafs.FileSelector(self.root, allow_not_found=True))
         except OSError as exc:
             raise self.failure(exc, what) from None
 
@@ -297,7 +369,7 @@ class ObjectStore(Leased):
         import pyarrow.fs as pafs
 
         if self.scheme != "s3":
-            return self.fs  # GCS: bounded by GCS_RETRY_S already
+            return self.fs  # GCS: retried for GCS_RETRY_S, each call bounded by GCS_STALL_S (_ask)
         if self._quick_fs is None:
             self._quick_fs = pafs.S3FileSystem(endpoint_override=self.endpoint, connect_timeout=5, request_timeout=10,
                                                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
@@ -335,7 +407,7 @@ class ObjectStore(Leased):
         if self.lost:
             raise StoreLost(self.lost)
         try:
-            self._quick().get_file_info(self.bucket)
+            self._ask("asking for the bucket of", self._quick().get_file_info, self.bucket)
             taken = self.lease_taken()
         except OSError as exc:
             self.lost = ("the object store stopped answering mid-run (complete shards are kept: rerun the same "
@@ -349,6 +421,76 @@ class ObjectStore(Leased):
         failed request's: the run's closing writes give up on it as on any)."""
         if self.lost:
             raise OSError(self.lost)
+
+
+class BoundedFile:
+    """A gs:// object opened for reading, as a seekable binary file (what pq.read_table, tarfile and
+    engine/objinput.py ask of one) whose every request is a positional read under the store's
+    deadline; seek and tell are kept here (pyarrow's GCS file asks the store at a seek to the end).
+    Not bounded: the first call's closed() check inside pyarrow opens a read request holding the GIL,
+    so a server stalling at exactly that request freezes the process for the SDK's 120 s."""
+
+    def __init__(self, store: ObjectStore, name: str, file):
+        self._store, self._name, self._file, self._pos = store, name, file, 0
+        self.closed = False
+        self._size: int | None = None
+
+    def _call(self, method, *args):
+        """One call of the pyarrow file under the store's deadline."""
+        if self.closed:
+            raise ValueError(f"{self._name}: I/O operation on a closed file")
+        return self._store._ask(f"reading {self._name} of", method, *args)
+
+    def size(self) -> int:
+        """The object's size in bytes (asked once)."""
+        if self._size is None:
+            self._size = self._call(lambda: self._file.size())
+        return self._size
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        """`nbytes` bytes from `offset` (fewer at the end)."""
+        return self._call(lambda: self._file.read_at(nbytes, offset))
+
+    def read(self, nbytes: int | None = -1) -> bytes:
+        """The next `nbytes` bytes (all that is left when -1 or None)."""
+        left = max(0, self.size() - self._pos)
+        nbytes = left if nbytes is None or nbytes < 0 else min(nbytes, left)
+        data = self.read_at(nbytes, self._pos) if nbytes else b""
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move the position (0: from the start, 1: from here, 2: from the end); no request but the size."""
+        self._pos = offset + (0, self._pos, self.size() if whence == 2 else 0)[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        """The position."""
+        return self._pos
+
+    def readable(self) -> bool:
+        """Yes: it is read."""
+        return True
+
+    def seekable(self) -> bool:
+        """Yes: reads are by position."""
+        return True
+
+    def writable(self) -> bool:
+        """No: objects are put whole (ObjectStore.write)."""
+        return False
+
+    def close(self) -> None:
+        """Let go of pyarrow's file without closing it: its close() asks whether it is closed, which
+        for a GCS file never read in sequence opens a read request, holding the GIL (seen blocking
+        every thread of the process); positional reads leave nothing open to close."""
+        self.closed, self._file = True, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 _STORES: dict[tuple, object] = {}

@@ -18,6 +18,7 @@ DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE", "TOKEN", "UNRECOGN
 UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "CURL error", "Could not connect", "Could not resolve",
                "Timeout was reached", "UNAVAILABLE")
 NOT_A_STORE = ("RESOURCE_NOT_FOUND",)  # a 404 without an S3 error body: a web server, not an object store
+STALLED = ("got no answer in",)  # a gs:// request abandoned at its deadline (engine/storage.py, Stalled)
 TLS = ("SSL", "TLS")  # https spoken to a plain-http server (or a certificate refused)
 DETAIL_CHARS = 300  # of the SDK's text kept in a message (google-cloud-cpp's runs to 1,000+ characters)
 
@@ -88,6 +89,8 @@ def explain(exc: BaseException, what: str, scheme: str, endpoint: str | None, an
     cause and the flag, variable or file to change first, then the SDK's own words."""
     text, server = one_line(exc), where(scheme, endpoint)
     detail = text if len(text) <= DETAIL_CHARS else text[:DETAIL_CHARS] + "..."
+    if any(k in text for k in STALLED):  # its own text names the server, the request and the deadline
+        return f"{what}: {text}; check that the server runs and answers, and the network to it"
     if any(k in text for k in DENIED):
         return (f"{what}: access refused by {server}; credentials: {credentials(scheme, anonymous)}; "
                 f"give ones allowed to read and write there ({detail})")

