@@ -264,6 +264,22 @@ class Relay:
                 pass
 
 
+def break_after_first_marker(proc: subprocess.Popen, names, break_store, mend_store) -> str:
+    """Once the run has marked its first shard (`names()` lists the store's objects), break its connection to
+    the store with `break_store()`; the run's stderr once it has stopped on its own (no hang), the store then
+    mended with `mend_store()`."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(n[0].isdigit() and n.endswith(".stats.json") for n in names()):
+        time.sleep(0.1)
+    break_store()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        mend_store()
+    return err
+
+
 @pytest.mark.slow
 def test_a_store_gone_mid_run_stops_it_with_whole_shards_and_the_rerun_counts_every_row_once(corpus, s3, tmp_path):
     endpoint, client = s3
@@ -271,15 +287,7 @@ def test_a_store_gone_mid_run_stops_it_with_whole_shards_and_the_rerun_counts_ev
     via = f"http://127.0.0.1:{relay.port}"
     cmd = s3_cmd(corpus.parquet, "gone", via, "--runner", "processes", "--shard-size", "8")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any(n.endswith(".stats.json") for n in objects(client, "gone")):
-        time.sleep(0.2)
-    relay.cut()
-    try:
-        _, err = proc.communicate(timeout=120)  # it stops on its own: no hang
-    finally:
-        proc.kill()
-        relay.mend()
+    err = break_after_first_marker(proc, lambda: objects(client, "gone"), relay.cut, relay.mend)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in err, err
     assert "the object store stopped answering mid-run" in errors[0] and f"cannot reach --s3-endpoint {via}" \
@@ -472,16 +480,8 @@ def test_a_gs_store_stalled_mid_run_stops_it_with_whole_shards_and_the_rerun_cou
             "storage.GCS_STALL_S = 2.0; sys.exit(main(sys.argv[1:]))")  # each request's deadline (30 s in a run)
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(n[0].isdigit() and n.endswith(".stats.json")
-                                                  for n in gcs_objects(gcs, "stall")):
-        time.sleep(0.1)
-    relay.stall()  # the server takes every request from now on and answers none
-    try:
-        _, err = proc.communicate(timeout=120)  # it stops on its own: no hang
-    finally:
-        proc.kill()
-        relay.cut()
+    # the server takes every request from the first marker on and answers none
+    err = break_after_first_marker(proc, lambda: gcs_objects(gcs, "stall"), relay.stall, relay.cut)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in err, err
     assert all(s in errors[0] for s in ("the object store stopped answering mid-run", "rerun the same command",
