@@ -144,9 +144,10 @@ def test_a_node_killed_mid_run_loses_nothing(cluster, slow_shards, tmp_path, cap
     finished a shard (it is then busy with one of its own: every shard lasts seconds); its shard
     is retried on the others or left pending, and a rerun finishes the folder. On a loaded box the
     kill can land while the doomed node holds no running shard (nothing to retry): the scenario is
-    then run again, up to three times, so the retry path is always exercised once."""
+    then run again, up to five times, so the retry path is always exercised once (one CI run on the
+    2-core box missed three times in a row)."""
     table = pq.read_table(slow_shards, columns=["expected_outcome"])
-    for attempt in range(3):
+    for attempt in range(5):
         out = tmp_path / f"cluster{attempt}"
         stats = kill_a_node_during(cluster, cfg(slow_shards, out, cluster.address, workers=3, shard_size=6))
         assert not list(out.glob("*.tmp"))
@@ -159,7 +160,7 @@ def test_a_node_killed_mid_run_loses_nothing(cluster, slow_shards, tmp_path, cap
         assert len(ok_keys(out)) == stats["written"] == 35
         if "retrying" in capfd.readouterr().err:  # the kill hit a running shard
             return
-    pytest.fail("in three runs the killed node never held a running shard")
+    pytest.fail("in five runs the killed node never held a running shard")
 
 
 def kill_a_node_during(cluster, config) -> dict:
