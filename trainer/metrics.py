@@ -34,6 +34,10 @@ class RunLog:
         self.tb = _summary_writer(output / "tensorboard", purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         disable=not enable_bar, dynamic_ncols=True)
+        self.start_clock(start_step)
+
+    def start_clock(self, start_step: int) -> None:
+        """The step, wall time and CPU times the first record's window starts from (in the training thread)."""
         self.last_step, self.last_time = start_step, time.perf_counter()
         self.host = (time.thread_time(), time.process_time())
 
@@ -87,8 +91,7 @@ class SilentLog(RunLog):
     """The log of a torchrun rank other than 0: keeps the step clock for the throughput, writes nothing."""
 
     def __init__(self, output: Path, start_step: int, total_steps: int, enable_bar: bool = False) -> None:
-        self.last_step, self.last_time = start_step, time.perf_counter()
-        self.host = (time.thread_time(), time.process_time())
+        self.start_clock(start_step)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Rank 0 writes the record."""

@@ -1,8 +1,9 @@
 """Batches on the GPU before the step asks for them: a one-batch-ahead copy on a side CUDA stream.
 
-The DataLoader (pin_memory=True) receives and pins batches in its own thread; here batch n+1's copy to
-the device is issued on a side stream (non_blocking, from pinned memory) before step n runs, so the
-copy overlaps step n's kernels and the training thread spends no time on it. On the CPU the batches
+The DataLoader (pin_memory=True, the default) receives and pins batches in its own thread; here batch
+n+1's copy to the device is issued on a side stream (non_blocking, from pinned memory) before step n
+runs, so the copy overlaps step n's kernels and the training thread spends no time on it. Under
+--no-pin-memory the same call copies from the workers' shared memory and returns when the copy is done. On the CPU the batches
 pass through unchanged. The entries describing the stream (trainer.data.META_KEYS) stay on the host:
 the loop reads them without a device sync.
 
