@@ -182,11 +182,12 @@ def resident_batches(loader, device, n: int = 16):
 def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, accum: int = 1, merge: int = 1,
              levels: int | None = None, compile: bool = False, resident_steps: int = 0, skip: int = 20,
              low_memory: bool = False, fused: bool = True, pin: bool = True, channels_last: bool = False,
-             log_every: int = 5) -> dict:
+             log_every: int = 5, trace: int = 0, name: str = "ours") -> dict:
     """Train with trainer.loop in this process (no validation, no export); return throughput, memory, MFU.
 
     With resident_steps, the same run then continues that many steps on 16 batches already on the GPU:
-    the loader's rate against the rate with no loading at all.
+    the loader's rate against the rate with no loading at all. With trace (and resident_steps), `trace` more
+    steps of each phase run under torch.profiler (bench/trace_summary.py), outside the rates.
     """
     import gc
 
@@ -218,16 +219,20 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         train_loop(run)
         torch.cuda.synchronize()
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        traces = {}
         if resident_steps:
+            traces["loader"] = traced(run, trace, f"{name}-loader")
             run.loader = resident_batches(run.loader, run.device)
             run.cfg.max_train_steps += resident_steps
             train_loop(run)
             torch.cuda.synchronize()
+            traces["resident"] = traced(run, trace, f"{name}-resident")
         run.log.close()
     records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     loading = [r for r in records if r["step"] <= steps]
     rate = steady_rate(loading, batch * accum, skip=skip)
-    on_gpu = steady_rate(records, batch * accum, skip=steps + 10) if resident_steps else None
+    resident = [r for r in records if r["step"] <= steps + trace + resident_steps]
+    on_gpu = steady_rate(resident, batch * accum, skip=steps + trace + 10) if resident_steps else None
     res = {
         "steps": steps, "batch": batch, "accum": accum, "merge": merge, "levels": levels, "compile": compile,
         "low_memory": low_memory, "fused": fused, "pin": pin, "channels_last": channels_last,
@@ -242,8 +247,39 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         "rates": record_rates(records, batch * accum),
         "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"], "loss_scale": records[-1]["loss_scale"],
     }
+    if trace:
+        res["traces"] = traces
     del run
     return res
+
+
+def traced(run, steps: int, name: str) -> dict | None:
+    """`steps` more steps of the run under torch.profiler; the gzipped Chrome trace goes to WORK/traces (and
+    $OUT when set), its summary (bench/trace_summary.py) is returned. None when steps is 0."""
+    if not steps:
+        return None
+    import gzip
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.trace_summary import summarize
+    from trainer.loop import train_loop
+
+    run.cfg.max_train_steps += steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_loop(run)
+        torch.cuda.synchronize()
+    raw = WORK / "traces" / f"{name}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(raw))
+    trace = json.loads(raw.read_text())
+    packed = raw.with_suffix(".json.gz")
+    packed.write_bytes(gzip.compress(raw.read_bytes(), 6))
+    raw.unlink()
+    if os.environ.get("OUT"):
+        shutil.copy(packed, Path(os.environ["OUT"]) / packed.name)
+    return summarize(trace, steps)
 
 
 def peak_at(model: Path, shards: str, workers: int, batch: int, low_memory: bool) -> float:
@@ -518,8 +554,8 @@ def setup(n_shards: int, workers: int) -> tuple[Path, str, str, Path]:
     return model, shards, pre, peer_data
 
 
-def run_case(name: str, model: Path, pre: str, peer_data: Path, workers: int, scale: float) -> dict:
-    """One named case of CASES."""
+def run_case(name: str, model: Path, pre: str, peer_data: Path, workers: int, scale: float, trace: int = 0) -> dict:
+    """One named case of CASES (trace: steps of each phase to profile, for cases with a resident phase)."""
     spec = dict(CASES[name])
     kind, steps = spec.pop("kind"), max(30, int(spec.pop("steps", 30) * scale))
     try:
@@ -527,7 +563,8 @@ def run_case(name: str, model: Path, pre: str, peer_data: Path, workers: int, sc
             return run_peer(model, peer_data, workers, steps=steps, **spec)
         if kind == "fits":
             return largest_batches(model, pre, workers, **spec)
-        return run_ours(model, pre, workers, steps=steps, **spec)
+        return run_ours(model, pre, workers, steps=steps, trace=trace if spec.get("resident_steps") else 0,
+                        name=name, **spec)
     except Exception as e:  # noqa: BLE001 - one failing case (out of memory, say) must not lose the rest
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -540,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--shards", type=int, default=5, help="shards of 64 samples of 512x512 to generate")
     p.add_argument("--profile", action="store_true", help="only profile a small-batch step (prints, records nothing)")
+    p.add_argument("--trace", type=int, default=0,
+                   help="profile this many more steps with the loader and on resident batches (torch.profiler; "
+                        "summaries in results.json, gzipped traces in bench/.work/train/traces)")
     p.add_argument("--record", type=Path, default=None, help="write RESULTS.md from a saved results.json")
     p.add_argument("--compile-cache", type=Path, default=None,
                    help="torch.compile artifacts: loaded before the runs when the file exists, saved after (same card and "
@@ -576,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("peer") and not PEER_SCRIPT.exists():
             res["runs"][name] = {"error": f"no peer script at {PEER_SCRIPT}"}
             continue
-        res["runs"][name] = run_case(name, model, pre, peer_data, args.workers, args.steps_scale)
+        res["runs"][name] = run_case(name, model, pre, peer_data, args.workers, args.steps_scale, args.trace)
         print(name, json.dumps(res["runs"][name])[:1500], flush=True)
         save(res)
     if args.compile_cache and (saved := torch.compiler.save_cache_artifacts()):
