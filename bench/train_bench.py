@@ -146,6 +146,9 @@ CASES = {
                                      resident_steps=100),
     "ours-b8-l1-compile-cl": dict(kind="ours", batch=8, levels=1, compile=True, channels_last=True, steps=400,
                                   resident_steps=100),
+    # attention without cuDNN's kernels (flash instead): the host work a call costs, and the GPU's
+    "ours-b8-l1-compile-nocudnn": dict(kind="ours", batch=8, levels=1, compile=True, sdpa="no-cudnn", steps=400,
+                                       resident_steps=100),
     "ours-b8-l2-compile": dict(kind="ours", batch=8, levels=2, compile=True, steps=300),
     # the best-throughput setting (MFU goal): no checkpointing, larger micro-batches, memory no object
     "ours-best-b16": dict(kind="ours", batch=16, levels=0, compile=True, steps=160),
@@ -172,26 +175,35 @@ PRESETS = {
 
 def resident_batches(loader, device, n: int = 16):
     """The loader's first n batches moved to the GPU once, then repeated: the 'data already on the GPU' case."""
-    from trainer.data import META_KEYS
+    from trainer.prefetch import moved
 
     it = iter(loader)
-    cached = [{k: (v if k in META_KEYS else v.to(device)) for k, v in next(it).items()} for _ in range(n)]
+    cached = [moved(next(it), device) for _ in range(n)]  # the same device layout as the loader phase's batches
     return itertools.cycle(cached)
 
 
 def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, accum: int = 1, merge: int = 1,
              levels: int | None = None, compile: bool = False, resident_steps: int = 0, skip: int = 20,
              low_memory: bool = False, fused: bool = True, pin: bool = True, channels_last: bool = False,
-             log_every: int = 5, trace: int = 0, name: str = "ours") -> dict:
+             log_every: int = 5, trace: int = 0, name: str = "ours", sdpa: str | None = None) -> dict:
     """Train with trainer.loop in this process (no validation, no export); return throughput, memory, MFU.
 
     With resident_steps, the same run then continues that many steps on 16 batches already on the GPU:
     the loader's rate against the rate with no loading at all. With trace (and resident_steps), `trace` more
-    steps of each phase run under torch.profiler (bench/trace_summary.py), outside the rates.
+    steps of each phase run under torch.profiler (bench/trace_summary.py), outside the rates. sdpa="no-cudnn"
+    keeps PyTorch's attention off its cuDNN kernels for the run (flash or memory-efficient ones instead).
     """
     import gc
 
     import torch
+
+    if sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            return run_ours(model, shards, workers, batch, steps, accum, merge, levels, compile, resident_steps, skip,
+                            low_memory, fused, pin, channels_last, log_every, trace, name) | {"sdpa": sdpa}
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(True)
 
     from trainer.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
     from trainer.loop import train_loop

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.packing import pack, unpack
-from trainer.prefetch import Lookahead, prefetch
+from trainer.prefetch import Lookahead, moved, prefetch
 
 pytestmark = pytest.mark.quick
 
@@ -60,6 +60,23 @@ def test_dataloader_passes_the_views_through_unrebuilt():
 
     spec = pack(batches(1)[0])["spec"]
     assert pin_memory(spec) is spec and default_convert(spec) is spec
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_moved_copies_each_storage_once_and_keeps_the_views(packed):
+    """A batch (a worker's packed one, or one collated in the training process) is copied storage by storage: every
+    tensor comes out with its values, dtype, shape and strides (no gather into a contiguous host copy first), the
+    latents' two views still share one copy, and the stream's entries are not copied."""
+    batch = batches(1)[0]
+    src = unpack(pack(batch)) if packed else batch
+    out = moved(src, torch.device("cpu"), copy=True)
+    storages = {v.untyped_storage().data_ptr() for k, v in out.items() if k not in ("position", "failed", "lanes")}
+    assert len(storages) == (1 if packed else 4)  # latents (two views), map, ids, odd
+    assert not storages & {v.untyped_storage().data_ptr() for v in src.values()}
+    for k, v in batch.items():
+        assert out[k].dtype == v.dtype and out[k].stride() == v.stride() and torch.equal(out[k], v), k
+    assert out["latent_mean"].untyped_storage().data_ptr() == out["latent_std"].untyped_storage().data_ptr()
+    assert all(out[k] is src[k] for k in ("position", "failed", "lanes"))
 
 
 def test_prefetch_on_the_cpu_passes_batches_through():
