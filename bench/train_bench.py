@@ -231,26 +231,24 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         train_loop(run)
         torch.cuda.synchronize()
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        traces = {}
+        traces, phases = {}, []
         if resident_steps:
             traces["loader"] = traced(run, trace, f"{name}-loader")
-            run.loader = resident_batches(run.loader, run.device)
-            run.cfg.max_train_steps += resident_steps
-            train_loop(run)
-            torch.cuda.synchronize()
+            phases = alternate(run, resident_steps, ROUNDS)
             traces["resident"] = traced(run, trace, f"{name}-resident")
         run.log.close()
     records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     loading = [r for r in records if r["step"] <= steps]
     rate = steady_rate(loading, batch * accum, skip=skip)
-    resident = [r for r in records if r["step"] <= steps + trace + resident_steps]
-    on_gpu = steady_rate(resident, batch * accum, skip=steps + trace + 10) if resident_steps else None
+    on_gpu = phase_rate(records, phases, "resident", batch * accum) if resident_steps else None
+    again = phase_rate(records, phases, "loader", batch * accum) if resident_steps else None
     res = {
         "steps": steps, "batch": batch, "accum": accum, "merge": merge, "levels": levels, "compile": compile,
         "low_memory": low_memory, "fused": fused, "pin": pin, "channels_last": channels_last,
         "wall_s": round(time.perf_counter() - t0, 1), "samples_per_s": round(rate, 2),
         "resident_samples_per_s": round(on_gpu, 2) if on_gpu else None,
-        "loader_vs_resident": round(rate / on_gpu, 3) if on_gpu else None,
+        "loader_again_samples_per_s": round(again, 2) if again else None,
+        "loader_vs_resident": round(again / on_gpu, 3) if on_gpu else None,
         "peak_allocated_gib": round(allocated / 2**30, 2), "peak_reserved_gib": round(reserved / 2**30, 2),
         "peak_nvidia_smi_gib": round(poll.peak_mib / 1024, 2), "gpu_util_pct": poll.mean_util(),
         "flops_per_sample": run.flops_per_sample, "peak_flops": run.peak_flops,
@@ -263,6 +261,46 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         res["traces"] = traces
     del run
     return res
+
+
+ROUNDS = 2
+"""Resident and loader phases alternate this many times after the main run: both see the same drift of the
+card's and host's speed, which moved 5-step records by +-15% within a run."""
+PHASE_SKIP = 10
+"""Steps at the start of each phase left out of its rate (the loader's workers restart at each phase)."""
+
+
+def alternate(run, resident_steps: int, rounds: int) -> list[tuple[str, int, int]]:
+    """Continue the run in 2 x rounds phases of resident_steps // rounds steps: batches already on the GPU,
+    then the loader again, and so on. Returns (kind, first step, last step) of each phase."""
+    import torch
+
+    from trainer.loop import train_loop
+
+    loader, resident = run.loader, resident_batches(run.loader, run.device)
+    phases = []
+    for i in range(2 * rounds):
+        kind, first = ("resident", resident) if i % 2 == 0 else ("loader", loader), run.state.step
+        run.loader = kind[1]
+        run.cfg.max_train_steps += resident_steps // rounds
+        train_loop(run)
+        torch.cuda.synchronize()
+        phases.append((kind[0], first, run.state.step))
+    run.loader = resident
+    return phases
+
+
+def phase_rate(records: list[dict], phases: list[tuple[str, int, int]], kind: str, samples_per_step: int) -> float:
+    """Samples/s over the phases of one kind, each without its first PHASE_SKIP steps."""
+    samples = seconds = 0.0
+    for k, first, last in phases:
+        if k != kind:
+            continue
+        for a, b in itertools.pairwise(records):
+            if a["step"] >= first + PHASE_SKIP and b["step"] <= last:
+                samples += (b["step"] - a["step"]) * samples_per_step
+                seconds += b["time"] - a["time"]
+    return samples / seconds if seconds else float("nan")
 
 
 def traced(run, steps: int, name: str) -> dict | None:
@@ -514,8 +552,14 @@ def markdown(res: dict) -> str:
         lines.append(f"| {setting_of(name)} | {what} | {r['samples_per_s']} | {ratio} | "
                      f"{r.get('peak_allocated_gib', 'n/a')} GiB | {r.get('peak_reserved_gib', 'n/a')} GiB | {mfu} |")
     lines += fits_lines(runs)
-    lines += ["", "Data loading against batches already on the GPU (the same run continued on 16 resident batches):"]
-    lines += [f"- {n}: loader {r['samples_per_s']} samples/s, resident {r['resident_samples_per_s']}: "
+    if any("loader_again_samples_per_s" in r for r in runs.values()):
+        lines += ["", f"Data loading against batches already on the GPU: the same run continued in {2 * ROUNDS} "
+                  "alternating phases (16 batches kept on the GPU, then the shard loader again; the first "
+                  f"{PHASE_SKIP} steps of each left out):"]
+    else:  # a run saved before the phases alternated
+        lines += ["", "Data loading against batches already on the GPU (the same run continued on 16 resident batches):"]
+    lines += [f"- {n}: loader {r.get('loader_again_samples_per_s', r['samples_per_s'])} samples/s, "
+              f"resident {r['resident_samples_per_s']}: "
               f"**{r['loader_vs_resident']:.1%}**" for n, r in runs.items() if r.get("loader_vs_resident")]
     lines += ["", "Reproduce on your own GPU: put diffusers' `examples/controlnet/train_controlnet.py` at "
               f"`{PEER_SCRIPT}`, then `python -m bench.train_bench --cases one-run --steps-scale 0.5` (the goals' "

@@ -1,6 +1,8 @@
-"""bench/trace_summary.py on a hand-made Chrome trace: GPU busy time is the union of kernel intervals."""
+"""The GPU benchmark's arithmetic, on hand-made inputs: bench/trace_summary.py (GPU busy time is the union of kernel
+intervals) and bench/train_bench.py's rates over alternating loader and resident phases."""
 
 from bench.trace_summary import summarize, union_ms
+from bench.train_bench import PHASE_SKIP, phase_rate
 
 
 def test_union_merges_overlaps_and_reports_gaps():
@@ -26,3 +28,17 @@ def test_summary_of_two_steps():
     assert s["runtime_calls_per_step"]["cudaStreamSynchronize"] == [0.5, 1.5]
     assert s["threads"]["1"]["aten::mm"] == 10.0
     assert summarize({"traceEvents": []}, steps=1) == {"error": "no CPU or GPU events in the trace"}
+
+
+def test_phase_rate_skips_each_phase_start_and_sums_the_phases_of_one_kind():
+    # records every 5 steps; phases: resident 100-150, loader 150-200, resident 200-250 (10 steps/s resident,
+    # 5 steps/s loader), with a slow first record in each phase that the skip leaves out
+    records, t = [{"step": 100, "time": 0.0}], 0.0
+    for first, last, rate in ((100, 150, 10.0), (150, 200, 5.0), (200, 250, 10.0)):
+        for step in range(first + 5, last + 1, 5):
+            t += 5 / rate if step > first + PHASE_SKIP else 5.0
+            records.append({"step": step, "time": t})
+    phases = [("resident", 100, 150), ("loader", 150, 200), ("resident", 200, 250)]
+    assert phase_rate(records, phases, "resident", samples_per_step=8) == 80.0
+    assert phase_rate(records, phases, "loader", samples_per_step=8) == 40.0
+    assert phase_rate(records, [], "loader", samples_per_step=8) != phase_rate(records, [], "loader", 8)  # nan
