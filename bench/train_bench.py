@@ -146,6 +146,10 @@ CASES = {
                                      resident_steps=100),
     "ours-b8-l1-compile-cl": dict(kind="ours", batch=8, levels=1, compile=True, channels_last=True, steps=400,
                                   resident_steps=100),
+    # the whole micro-step's ControlNet + UNet replayed as CUDA graphs (the compiled step is host-bound: MFU goal)
+    "ours-b8-l1-graphs": dict(kind="ours", batch=8, levels=1, cuda_graphs=True, steps=400, resident_steps=100),
+    "ours-tutorial-graphs": dict(kind="ours", batch=1, accum=4, merge=4, cuda_graphs=True, steps=260, resident_steps=80),
+    "ours-best-b16-graphs": dict(kind="ours", batch=16, levels=0, cuda_graphs=True, steps=160),
     # attention without cuDNN's kernels (flash instead): the host work a call costs, and the GPU's
     "ours-b8-l1-compile-nocudnn": dict(kind="ours", batch=8, levels=1, compile=True, sdpa="no-cudnn", steps=400,
                                        resident_steps=100),
@@ -185,7 +189,8 @@ def resident_batches(loader, device, n: int = 16):
 def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, accum: int = 1, merge: int = 1,
              levels: int | None = None, compile: bool = False, resident_steps: int = 0, skip: int = 20,
              low_memory: bool = False, fused: bool = True, pin: bool = True, channels_last: bool = False,
-             log_every: int = 5, trace: int = 0, name: str = "ours", sdpa: str | None = None) -> dict:
+             log_every: int = 5, trace: int = 0, name: str = "ours", sdpa: str | None = None,
+             cuda_graphs: bool = False) -> dict:
     """Train with trainer.loop in this process (no validation, no export); return throughput, memory, MFU.
 
     With resident_steps, the same run then continues that many steps on 16 batches already on the GPU:
@@ -201,7 +206,8 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         torch.backends.cuda.enable_cudnn_sdp(False)
         try:
             return run_ours(model, shards, workers, batch, steps, accum, merge, levels, compile, resident_steps, skip,
-                            low_memory, fused, pin, channels_last, log_every, trace, name) | {"sdpa": sdpa}
+                            low_memory, fused, pin, channels_last, log_every, trace, name,
+                            cuda_graphs=cuda_graphs) | {"sdpa": sdpa}
         finally:
             torch.backends.cuda.enable_cudnn_sdp(True)
 
@@ -216,7 +222,8 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
         data=DataConfig(shards=shards, resolution=512, train_batch_size=batch, num_workers=workers,
                         pin_memory=pin),
         model=ModelConfig(model=str(model), variant="fp16", gradient_checkpointing=True, checkpoint_levels=levels,
-                          compile=compile, low_memory=low_memory, channels_last=channels_last),
+                          compile=compile, low_memory=low_memory, channels_last=channels_last,
+                          cuda_graphs=cuda_graphs),
         optim=OptimConfig(learning_rate=1e-5, optimizer="adamw8bit", gradient_accumulation_steps=accum,
                           merge_micro_batches=merge, fused_optimizer=fused),
         checkpoint=CheckpointConfig(checkpointing_steps=10**6), max_train_steps=steps, mixed_precision="fp16",
@@ -244,7 +251,7 @@ def run_ours(model: Path, shards: str, workers: int, batch: int, steps: int, acc
     again = phase_rate(records, phases, "loader", batch * accum) if resident_steps else None
     res = {
         "steps": steps, "batch": batch, "accum": accum, "merge": merge, "levels": levels, "compile": compile,
-        "low_memory": low_memory, "fused": fused, "pin": pin, "channels_last": channels_last,
+        "low_memory": low_memory, "fused": fused, "pin": pin, "channels_last": channels_last, "cuda_graphs": cuda_graphs,
         "wall_s": round(time.perf_counter() - t0, 1), "samples_per_s": round(rate, 2),
         "resident_samples_per_s": round(on_gpu, 2) if on_gpu else None,
         "loader_again_samples_per_s": round(again, 2) if again else None,
@@ -504,6 +511,7 @@ def ours_flags(r: dict) -> str:
     flags += f" --merge-micro-batches {r['merge']}" if r.get("merge", 1) > 1 else ""
     flags += f" --checkpoint-levels {r['levels']}" if r.get("levels") is not None else ""
     flags += " --compile" if r.get("compile") else ""
+    flags += " --cuda-graphs" if r.get("cuda_graphs") else ""
     flags += " --low-memory" if r.get("low_memory") else ""
     flags += " --no-fused-optimizer" if r.get("fused") is False else ""
     flags += " --no-pin-memory" if r.get("pin") is False else ""

@@ -125,3 +125,29 @@ def test_channels_last_runs_the_same_math(assets):
         out.append((loss.detach(), conv.grad.clone()))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-3, atol=1e-6)
+
+
+def test_one_denoiser_module_runs_the_same_math(assets, tmp_path):
+    """--cuda-graphs' Denoiser (ControlNet and UNet as one module, what torch.compile graphs whole) gives the loss and
+    gradients of the two models called apart, bitwise, eager on the CPU; --cuda-graphs off CUDA is refused up front."""
+    import dataclasses
+
+    from trainer.models import load_models
+    from trainer.objective import Denoiser, Objective, step_loss
+    from trainer.train import build_run
+
+    models = load_models(ModelConfig(model=str(assets["model"])), torch.device("cpu"), torch.float32)
+    out = []
+    for denoiser in (None, Denoiser(models.controlnet, models.unet)):
+        g = torch.Generator().manual_seed(0)
+        batch = {"latents": torch.randn(2, 4, 8, 8, generator=g), "encoder_hidden_states": torch.randn(2, 77, 32, generator=g),
+                 "conditioning_pixel_values": torch.rand(2, 3, 32, 32, generator=g)}
+        models.controlnet.zero_grad(set_to_none=True)
+        loss = step_loss(dataclasses.replace(models, denoiser=denoiser), Objective(models.noise_scheduler), batch, g)
+        loss.backward()
+        out.append((loss.detach(), models.controlnet.conv_in.weight.grad.clone()))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    cfg = config(assets, tmp_path)
+    cfg.model.cuda_graphs = True
+    with pytest.raises(ValueError, match="--cuda-graphs needs one CUDA device"):
+        build_run(cfg, enable_bar=False)

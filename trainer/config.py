@@ -94,6 +94,11 @@ class ModelConfig:
     (where activations are largest; SD 1.5 has 4 levels), keep the rest; default: every level."""
     compile: bool = False
     """torch.compile the ControlNet and the UNet (minutes of compiling at start; pays on long CUDA runs)."""
+    cuda_graphs: bool = False
+    """torch.compile the ControlNet, the UNet and the residuals between them as one graph in mode
+    "reduce-overhead": each pass's forward and backward are replayed as CUDA graphs instead of ~775 kernel
+    launches from Python, which bound the compiled batch-8 step on an H200 (GPU busy 88 ms of a ~140 ms step:
+    bench/RESULTS.md, train). CUDA, one process; takes the place of --compile. Not yet measured on a GPU."""
     channels_last: bool = False
     """Run the ControlNet and the UNet in channels-last (NHWC) memory format, the layout of Tensor Core
     convolutions on CUDA (same math; not yet measured on a GPU: bench/RESULTS.md, train)."""

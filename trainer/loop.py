@@ -166,6 +166,8 @@ def pass_loss(run: Run, batch: dict, merge: int, passes: int, sync: bool = True)
     if run.flops_per_sample is None:
         run.flops_per_sample = count_flops(run, batch, merge)
     models = run.step_models or run.models
+    if models.denoiser is not None:  # --cuda-graphs: the last pass's graph outputs are no longer read
+        torch.compiler.cudagraph_mark_step_begin()
     with no_sync(models, not sync):
         with run.autocast():
             loss = step_loss(models, run.objective, batch, run.generator,  # on the device already: trainer.prefetch

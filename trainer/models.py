@@ -42,6 +42,8 @@ class Models:
     controlnet: ControlNetModel
     memory_format: torch.memory_format = torch.contiguous_format
     """The ControlNet's and UNet's (and so their inputs') memory format: channels_last with --channels-last."""
+    denoiser: torch.nn.Module | None = None
+    """ControlNet and UNet as one compiled module (trainer.objective.Denoiser, --cuda-graphs); None: called apart."""
 
 
 class UnsafeWeightsError(OSError):

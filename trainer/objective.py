@@ -96,12 +96,33 @@ def controlnet_loss(models: Models, objective: Objective, latents, text, cond, n
     noisy = objective.noisy(latents, noise, t)
     if models.memory_format == torch.channels_last:  # otherwise each input keeps its layout (a map's is NHWC-like)
         noisy, cond = (x.contiguous(memory_format=torch.channels_last) for x in (noisy, cond))
-    down, mid = models.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+    if models.denoiser is not None:
+        pred = models.denoiser(noisy, t, text, cond)
+    else:
+        pred = predict(models.controlnet, models.unet, noisy, t, text, cond, only_mid_control)
+    return F.mse_loss(pred.float(), objective.target(latents, noise, t).float())
+
+
+def predict(controlnet, unet, noisy, t, text, cond, only_mid_control: bool = False) -> torch.Tensor:
+    """The UNet's prediction with the ControlNet's residuals added."""
+    down, mid = controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
     if only_mid_control:
         down = [torch.zeros_like(d) for d in down]
-    pred = models.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                       mid_block_additional_residual=mid, return_dict=False)[0]
-    return F.mse_loss(pred.float(), objective.target(latents, noise, t).float())
+    return unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+class Denoiser(torch.nn.Module):
+    """ControlNet and UNet as one module, so torch.compile makes them one graph (--cuda-graphs): compiled apart,
+    under CUDA graphs the ControlNet's outputs would live in memory the UNet's replay overwrites."""
+
+    def __init__(self, controlnet, unet, only_mid_control: bool = False):
+        super().__init__()
+        self.controlnet, self.unet, self.only_mid_control = controlnet, unet, only_mid_control
+
+    def forward(self, noisy, t, text, cond) -> torch.Tensor:
+        """The UNet's prediction (trainer.objective.predict)."""
+        return predict(self.controlnet, self.unet, noisy, t, text, cond, self.only_mid_control)
 
 
 def step_loss(models: Models, objective: Objective, batch: dict, generator: torch.Generator,

@@ -17,7 +17,7 @@ from trainer.lanes import resume_position
 from trainer.loop import Run, StopSignal, effective_batch, train_loop
 from trainer.metrics import RunLog, SilentLog, measure_matmul_flops
 from trainer.models import DTYPES, Models, load_models, param_groups
-from trainer.objective import Objective
+from trainer.objective import Denoiser, Objective
 from trainer.optim import build_optimizer, build_scaler, grad_params
 from trainer.schedule import Checkpointer, Validator
 
@@ -51,6 +51,9 @@ def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = N
     device = init(world, resolve_device(cfg.device))
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("fp16 training needs CUDA: pass --mixed-precision no (or bf16) on the CPU")
+    if cfg.model.cuda_graphs and (device.type != "cuda" or world.size > 1):
+        raise ValueError("--cuda-graphs needs one CUDA device and one process (not the CPU, not torchrun): "
+                         "use --compile there")
     weight_dtype = DTYPES[cfg.mixed_precision]
     torch.manual_seed(cfg.seed)
     meta = precomputed_meta(cfg.data.shards, cfg.data.resolution)
@@ -78,7 +81,7 @@ def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = N
         generator=generator, loader=loader, state=state, log=log, device=device, weight_dtype=weight_dtype,
         params=grad_params(optimizer, groups), base_lrs=base_lrs,
         checkpoints=checkpoints, validation=Validator.of(cfg),
-        step_models=compiled(step_models) if cfg.model.compile else (step_models if world.size > 1 else None),
+        step_models=step_models_of(cfg, step_models, world),
         peak_flops=measure_matmul_flops(device), world=world, stream=loader.dataset,
         failed_synced=state.failed_samples,
     )
@@ -91,6 +94,21 @@ def check_precomputed(meta: dict, models: Models, model: str) -> None:
         raise ValueError(f"the shards were precomputed with {meta['model']} ({meta['latent_channels']} latent channels, "
                          f"{meta['text_dim']}-d text) but --model {model} expects {unet.in_channels} and "
                          f"{unet.cross_attention_dim}: run `python -m trainer precompute --model {model}` again")
+
+
+def step_models_of(cfg: TrainConfig, models: Models, world: World) -> Models | None:
+    """The models the step calls: graphed (--cuda-graphs), compiled (--compile), DDP-wrapped, or None (the plain ones)."""
+    if cfg.model.cuda_graphs:
+        return graphed(models, cfg.model.only_mid_control)
+    if cfg.model.compile:
+        return compiled(models)
+    return models if world.size > 1 else None
+
+
+def graphed(models: Models, only_mid_control: bool) -> Models:
+    """--cuda-graphs: ControlNet and UNet compiled as one module in mode "reduce-overhead" (CUDA graphs)."""
+    denoiser = Denoiser(models.controlnet, models.unet, only_mid_control)
+    return dataclasses.replace(models, denoiser=torch.compile(denoiser, mode="reduce-overhead"))
 
 
 def compiled(models: Models) -> Models:
