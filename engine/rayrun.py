@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import uuid
@@ -88,7 +89,6 @@ class RayRunner:
         in_flight: dict = {}
         limit = self.cfg.workers + max(1, self.cfg.workers // 4)
         shards = iter(shards)
-        exhausted = False
         client = self.client()
 
         def submit(shard: Shard, attempt: int) -> None:
@@ -96,32 +96,70 @@ class RayRunner:
             in_flight[ref] = (shard, attempt)
 
         try:
-            while in_flight or not exhausted:
-                while not exhausted and len(in_flight) < limit:
-                    shard = next(shards, None)
-                    if shard is None:
-                        exhausted = True
-                        break
-                    submit(shard, 1)
-                if not in_flight:
-                    break
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
-                self._drain(progress)
-                for ref in ready:
-                    shard, attempt = in_flight.pop(ref)
-                    again = settle(self.cfg, shard, attempt, _result(ref, shard), progress, on_done)
-                    if again:
-                        submit(shard, again)
-            self._drain(progress)
+            with deferred_signals() as stopped:
+                self._loop(shards, progress, on_done, in_flight, limit, submit, stopped)
         except BaseException:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
+            if not self.owns_ray:  # a local Ray dies with ray.shutdown(); cancelling its tasks first races them
+                for ref in in_flight:
+                    ray.cancel(ref, force=True)
             raise
+
+    def _loop(self, shards, progress, on_done, in_flight: dict, limit: int, submit, stopped) -> None:
+        """Submit and settle shards until all have a status; a deferred Ctrl-C or SIGTERM ends it between Ray calls."""
+        exhausted = False
+        while in_flight or not exhausted:
+            while not exhausted and len(in_flight) < limit:
+                shard = next(shards, None)
+                if shard is None:
+                    exhausted = True
+                    break
+                submit(shard, 1)
+            if not in_flight:
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            self._drain(progress)
+            for ref in ready:
+                shard, attempt = in_flight.pop(ref)
+                again = settle(self.cfg, shard, attempt, _result(ref, shard), progress, on_done)
+                if again:
+                    submit(shard, again)
+            if stopped():
+                raise KeyboardInterrupt
+        self._drain(progress)
+        if stopped():  # the signal came with the last shard: the run still ends as interrupted, as asked
+            raise KeyboardInterrupt
 
     def _drain(self, progress: Progress) -> None:
         """Move the counter actor's counts (by shard and attempt) onto the progress display."""
         for shard, attempt, rows, written in ray.get(self.progress_actor.take.remote()):
             progress.add(rows, written, shard, attempt)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Ctrl-C (SIGINT) and SIGTERM only set a flag while the run loop calls Ray; the loop raises KeyboardInterrupt
+    between calls (within its 0.5 s wait). Raised inside ray.wait or ray.get, the interrupt can trip a check in
+    Ray's core worker and end the driver with exit 1 and a C++ stack trace instead of the clean exit 130 (seen
+    once in CI). A second signal acts at once. Yields the flag's reader; off the main thread, nothing changes."""
+    hit: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h not in (signal.SIG_IGN, None)}  # an ignored signal stays so
+
+    def note(signum, _frame) -> None:
+        hit.append(signum)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    for sig in previous:
+        signal.signal(sig, note)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def join_check(address: str | None) -> None:

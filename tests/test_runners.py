@@ -137,3 +137,23 @@ def test_the_fork_server_starts_before_the_cli_imports_only_for_a_processes_run(
     from engine.prestart import surely_processes_run
 
     assert surely_processes_run(argv) is early
+
+
+def test_ray_runner_defers_a_first_ctrl_c_to_between_ray_calls():
+    """The Ray run loop's first SIGINT only sets its flag (raised inside a Ray call it can crash Ray's core worker);
+    a second one interrupts at once, and the handlers are back as they were afterwards."""
+    import os
+    import signal
+    import time
+
+    from engine.rayrun import deferred_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    with deferred_signals() as stopped:
+        assert not stopped()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopped()  # no KeyboardInterrupt: the loop raises it at its next check
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # Python runs the handler at once, and the interrupt ends this sleep
+    assert signal.getsignal(signal.SIGINT) is before
