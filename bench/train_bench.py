@@ -174,6 +174,8 @@ PRESETS = {
     # the goals' rows in one call of under 10 minutes (with --steps-scale 0.5 on an H200)
     "one-run": ["peer-b8", "ours-b8-l1-compile", "peer-tutorial", "ours-tutorial", "ours-lowmem"],
     "memory": ["ours-lowmem", "ours-lowmem-merged", "fits-lowmem", "fits-default"],
+    # CUDA graphs against the compiled step and diffusers, in one call of under 10 minutes (--steps-scale 0.5)
+    "graphs": ["peer-b8", "ours-b8-l1-graphs", "ours-b8-l1-compile", "ours-tutorial-graphs"],
 }
 
 
