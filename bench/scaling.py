@@ -95,10 +95,22 @@ def run_engine(urls: Path, root: Path, out: Path, workers: int, rows: int, extra
             "img_s": round(written / seconds, 1), "steady_img_s": round(written / window, 1),
             "steady_rows_s": round(rows / window, 1), "cpu_ms_per_row": round(
                 sum(s["cpu_ms"]["total"] for s in stats) / rows, 2),
-            "window_s": round(window, 2), "busy_rows_s": busy_rate(stats), "shard_size": shard,
+            "window_s": round(window, 2), "busy_rows_s": busy_rate(stats), "shard_size": last_value(cmd, "--shard-size"),
             "load": round(load, 1),
             "cpu_ms": stage_ms(stats, written), "peak_rss_mb": max(s["peak_rss_mb"] for s in stats),
             "outcomes": run["outcomes"]}
+
+
+def last_value(args: list[str], flag: str) -> int:
+    """The value argparse gives an int flag repeated in `args`: the last `--flag N` or `--flag=N` wins (so the JSON
+    names the shard size a run used when --engine-args overrides bench.scaling's own)."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+    return int(found)
 
 
 def busy_rate(stats: list[dict]) -> float | None:

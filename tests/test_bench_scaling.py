@@ -27,3 +27,10 @@ def test_a_worker_that_starts_late_moves_the_window_start():
 
 def test_no_common_window_gives_none():
     assert busy_rate([shard(1, 0, 5, 10), shard(2, 6, 9, 10)]) is None
+
+
+def test_the_recorded_shard_size_is_the_one_the_run_used():
+    from bench.scaling import last_value
+
+    assert last_value(["--shard-size", "25", "--workers", "2", "--shard-size", "500"], "--shard-size") == 500
+    assert last_value(["--shard-size", "25", "--shard-size=40"], "--shard-size") == 40
