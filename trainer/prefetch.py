@@ -46,13 +46,14 @@ def _copy(batch: dict, device: torch.device, side: torch.cuda.Stream) -> dict:
 
 
 def moved(batch: dict, device: torch.device, non_blocking: bool = False, copy: bool = False) -> dict:
-    """The batch's tensors on `device` (or copied there anew, with copy): each host storage copied once, whole, and its tensors rebuilt as the same
-    views (dtype, shape, strides, offset) of the copy; the stream's entries (META_KEYS) stay where they are.
+    """The batch's tensors on `device` (copied anew even there, with copy): each storage copied once, whole, and
+    its tensors rebuilt as the same views (dtype, shape, strides, offset) of the copy; the stream's entries
+    (META_KEYS) stay where they are.
 
     A tensor copied alone whose strides `to` does not keep (a view with gaps: the latent mean, every other block
     of the collated latents) is first gathered into a contiguous host copy in the training thread: 8-20 ms a
-    batch of 8 at 512 px on a lent H200's host (bench/RESULTS.md "train"), on the step's critical path. A packed
-    worker batch (trainer/packing.py) is one storage, so this is one transfer of one pinned buffer.
+    tensor of a batch of 8 at 512 px on a lent H200's host, profiled (bench/RESULTS.md "train"), on the step's
+    critical path. A packed worker batch (trainer/packing.py) is one storage: one transfer of one pinned buffer.
     Every storage of a collated batch is covered by its tensors, so copying storages whole copies nothing extra.
     """
     copies, out = {}, {}
