@@ -56,7 +56,7 @@ class Opened:
     """An object input opened for random access, with its last bytes (the parquet footer) read."""
 
     file: object
-    """pyarrow's file of the object; a BufferReader of `tail` when that holds all of it."""
+    """The store's file of the object (ObjectStore.open); a BufferReader of `tail` when that holds all of it."""
     size: int
     """The object's size in bytes (from the open's HEAD)."""
     tail: bytes
@@ -114,7 +114,8 @@ def _exists(url: str) -> bool:
 
 def opened(url: str) -> Opened:
     """The object at `url` opened and its tail read: once per run (one HEAD, one GET; a second GET
-    only for a footer longer than TAIL). FileNotFoundError when there is none; other OSErrors as raised."""
+    only for a footer longer than TAIL; gs://: the whole object, storage.BoundedFile). FileNotFoundError
+    when there is none; other OSErrors as raised."""
     return per_run(("open", url), lambda: _open(url))
 
 

@@ -260,11 +260,15 @@ class ObjectStore(Leased):
         return info.size if info.type == pafs.FileType.File else None
 
     def open(self, name: str):
-        """An object opened for random-access reads (parquet footers, column chunks)."""
+        """An object opened for random-access reads (parquet footers, column chunks): pyarrow's file
+        for s3://; for gs:// a BoundedFile, never pyarrow's (see there). FileNotFoundError when none."""
         self._alive()
         if self.scheme == "s3":
             return self.fs.open_input_file(self._key(name))
-        return BoundedFile(self, name, self._ask(f"opening {name} of", self.fs.open_input_file, self._key(name)))
+        size = self.size(name)
+        if size is None:
+            raise FileNotFoundError(f"{self.url}/{name}: no such object")
+        return BoundedFile(self, name, size)
 
     def local(self, name: str) -> Path | None:
         """None: objects have no path on this machine."""
@@ -425,31 +429,71 @@ class ObjectStore(Leased):
 
 class BoundedFile:
     """A gs:// object opened for reading, as a seekable binary file (what pq.read_table, tarfile and
-    engine/objinput.py ask of one) whose every request is a positional read under the store's
-    deadline; seek and tell are kept here (pyarrow's GCS file asks the store at a seek to the end).
-    Not bounded: the first call's closed() check inside pyarrow opens a read request holding the GIL,
-    so a server stalling at exactly that request freezes the process for the SDK's 120 s."""
+    engine/objinput.py ask of one) whose every request is under the store's deadline. Its bytes come
+    from one sequential download (open_input_stream, then reads of CHUNK bytes, each its own call),
+    kept in an anonymous local temporary file as they arrive: a read downloads up to its end only, once.
+    Not pyarrow's GCS random-access file: its first read makes its request inside a closed() check that
+    holds the GIL, so a server stalling there froze the whole process, deadline thread included, for
+    google-cloud-cpp's 120 s. Costs local disk (TMPDIR, freed at close) up to the object's size, never
+    memory; a parquet's footer is at its end, so a parquet is downloaded whole, every column."""
 
-    def __init__(self, store: ObjectStore, name: str, file):
-        self._store, self._name, self._file, self._pos = store, name, file, 0
+    CHUNK = 8 << 20  # bytes per bounded read: GCS_STALL_S for 8 MiB holds on a link of 2.5 Mbit/s or more
+
+    def __init__(self, store: ObjectStore, name: str, size: int):
+        self._store, self._name, self._size, self._pos = store, name, size, 0
+        self._spool = tempfile.TemporaryFile(prefix="ctrlnet-gs-")  # unlinked: nothing is left after a kill
+        self._have, self._stream, self._failed = 0, None, None
+        self._lock = threading.Lock()  # one download extends the spool at a time
         self.closed = False
-        self._size: int | None = None
 
     def _call(self, method, *args):
-        """One call of the pyarrow file under the store's deadline."""
-        if self.closed:
-            raise ValueError(f"{self._name}: I/O operation on a closed file")
+        """One call of the download under the store's deadline."""
         return self._store._ask(f"reading {self._name} of", method, *args)
 
+    def _fill(self, end: int) -> None:
+        """Download until the spool holds the object's first `end` bytes (or all of it)."""
+        if self.closed:
+            raise ValueError(f"{self._name}: I/O operation on a closed file")
+        with self._lock:
+            while self._have < min(end, self._size):
+                if self._failed:  # the stream is dead, or still held by a stalled call: not asked again
+                    raise OSError(self._failed)
+                try:
+                    self._spool.write(self._next())
+                except OSError as exc:
+                    self._failed, self._stream = str(exc), None  # a stuck call keeps the stream it uses
+                    raise
+            self._spool.flush()  # what read_at's pread sees
+            if self._have >= self._size:
+                self._drop()
+
+    def _next(self) -> bytes:
+        """The download's next chunk (opened at the first); an OSError when it ends before the object's size."""
+        if self._stream is None:
+            self._stream = self._call(self._store.fs.open_input_stream, self._store._key(self._name), None)
+        chunk = self._call(self._stream.read, min(self.CHUNK, self._size - self._have))
+        if not chunk:
+            raise OSError(f"{self._store.url}/{self._name} ended after {self._have} of its {self._size} bytes "
+                          "(replaced while read?)")
+        self._have += len(chunk)
+        return chunk
+
+    def _drop(self) -> None:
+        """Close the download under the deadline (one left unread asks the store to stop)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                self._call(stream.close)
+
     def size(self) -> int:
-        """The object's size in bytes (asked once)."""
-        if self._size is None:
-            self._size = self._call(lambda: self._file.size())
+        """The object's size in bytes (asked when opened)."""
         return self._size
 
     def read_at(self, nbytes: int, offset: int) -> bytes:
         """`nbytes` bytes from `offset` (fewer at the end)."""
-        return self._call(lambda: self._file.read_at(nbytes, offset))
+        nbytes = max(0, min(nbytes, self._size - offset))
+        self._fill(offset + nbytes)
+        return os.pread(self._spool.fileno(), nbytes, offset) if nbytes else b""
 
     def read(self, nbytes: int | None = -1) -> bytes:
         """The next `nbytes` bytes (all that is left when -1 or None)."""
@@ -460,7 +504,7 @@ class BoundedFile:
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        """Move the position (0: from the start, 1: from here, 2: from the end); no request but the size."""
+        """Move the position (0: from the start, 1: from here, 2: from the end); no request."""
         self._pos = offset + (0, self._pos, self.size() if whence == 2 else 0)[whence]
         return self._pos
 
@@ -481,10 +525,12 @@ class BoundedFile:
         return False
 
     def close(self) -> None:
-        """Let go of pyarrow's file without closing it: its close() asks whether it is closed, which
-        for a GCS file never read in sequence opens a read request, holding the GIL (seen blocking
-        every thread of the process); positional reads leave nothing open to close."""
-        self.closed, self._file = True, None
+        """Stop the download (under the deadline) and free the local copy."""
+        if not self.closed:
+            self.closed = True
+            with self._lock:
+                self._drop()
+                self._spool.close()
 
     def __enter__(self):
         return self

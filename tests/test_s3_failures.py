@@ -492,8 +492,7 @@ def test_a_gs_store_stalled_mid_run_stops_it_with_whole_shards_and_the_rerun_cou
     assert 0 < len(markers) < total, "the stall must land midway"
     assert {f"{i:05d}" for i in completed(S.ObjectStore("gs://bucket/stall", gcs))} == markers  # each one whole
     relay.mend()
-    # the same command, once the store answers again, finishes the run (another process: this one runs the
-    # relay, which a request holding the GIL would stop: pyarrow's GCS file asks the store in closed())
+    # the same command, once the store answers again, finishes the run (in another process, as a user would)
     rerun = subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     after = {n: v for n, v in gcs_objects(gcs, "stall").items() if n[0].isdigit()}
@@ -506,3 +505,56 @@ def test_a_gs_store_stalled_mid_run_stops_it_with_whole_shards_and_the_rerun_cou
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in got.glob("[0-9]*.tar")), shardshuffle=False)]
     assert len(keys) == len(set(keys)) == run_rows(got).column("outcome").to_pylist().count("ok")  # each sample once
     assert S.LEASE not in gcs_objects(gcs, "stall")
+
+
+class HoldsDownloads(Relay):
+    """A Relay that carries every request (metadata, listings) but an object's download (`alt=media`),
+    which it takes and never answers, nor anything after it on that connection: a store stalling at
+    exactly the first read of an object opened for random access."""
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        held = False
+        try:
+            while data := src.recv(1 << 16):  # a request's first line: sent whole (the client then waits)
+                held = held or (data.startswith(b"GET ") and b"alt=media" in data.split(b"\r\n", 1)[0])
+                if not held:
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_a_gs_object_read_at_random_is_bounded_and_right(gcs, monkeypatch, tmp_path, capsys):
+    from engine import objinput
+
+    table = pa.table({"URL": [f"http://x/{i}.jpg" for i in range(3000)], "TEXT": ["a photo"] * 3000})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=1000)
+    blob = (tmp_path / "in.parquet").read_bytes()
+    S.ObjectStore("gs://bucket/reads", gcs).write("in.parquet", blob)
+    # a normal read, in chunks of 4 KiB: each slice as stored, and the table as written
+    monkeypatch.setattr(S.BoundedFile, "CHUNK", 4096)
+    with S.ObjectStore("gs://bucket/reads", gcs).open("in.parquet") as f:
+        assert f.size() == len(blob) and f.read(10) == blob[:10] and f.read_at(5000, 9000) == blob[9000:14000]
+        assert f.seek(-100, 2) == len(blob) - 100 and f.read() == blob[-100:] and f.read_at(50, 3) == blob[3:53]
+        assert pq.read_table(f).equals(table)
+    monkeypatch.setattr(objinput, "input_endpoint", gcs)
+    assert objinput.parquet_file("gs://bucket/reads/in.parquet").read().equals(table)
+    with pytest.raises(FileNotFoundError):
+        S.ObjectStore("gs://bucket/reads", gcs).open("none.parquet")
+    # the store answers the open (metadata), then takes the download and never answers: each read gives up
+    # at the deadline (pyarrow's own file froze the process there for the SDK's 120 s, deadline thread included)
+    monkeypatch.setattr(S, "GCS_STALL_S", 0.5)
+    relay = HoldsDownloads(int(gcs.rsplit(":", 1)[1]))
+    via = f"http://127.0.0.1:{relay.port}"
+    try:
+        f = S.ObjectStore("gs://bucket/reads", via).open("in.parquet")
+        for _ in range(2):  # the second is refused at once: the stalled call still holds the download
+            with pytest.raises(OSError, match=f"reading in.parquet of gs://bucket/reads at --s3-endpoint {via} got no "
+                                              "answer in 0.5 s"):
+                f.read_at(10, 0)
+        f.close()
+        # the same as a run's input: one error line naming it, exit 2, as every stalled request at start
+        one_error(capsys, shards("gs://bucket/reads/in.parquet", str(tmp_path / "out"), "--s3-endpoint", via), 2,
+                  "input gs://bucket/reads/in.parquet", f"at --s3-endpoint {via} got no answer in 0.5 s",
+                  "check that the server runs and answers")
+    finally:
+        relay.cut()
