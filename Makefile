@@ -87,7 +87,7 @@ generate: setup  ## make generate IMAGE=photo.jpg PROMPT='a house' [CONTROLNET=c
 
 bench: bench-remap bench-engine bench-dedup bench-dedup-cost  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
 
-bench-engine: setup  ## engine vs img2dataset on the loopback corpus, alternating (~7 min; first run +2.5 min corpus)
+bench-engine: setup  ## engine vs img2dataset on the loopback corpus (nginx when installed), alternating (~7 min; first run +2.5 min corpus)
 	$(PY) -m bench.engine_bench
 
 bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick

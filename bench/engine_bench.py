@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench import corpus
+from bench.nginx import NginxServer, nginx_binary
+from bench.nginx import version as nginx_version
 from bench.results import RESULTS, machine_line, update_section
 
 HERE = Path(__file__).parent
@@ -146,6 +148,18 @@ class ServerPool:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.main.stop()
+
+
+def serving(folder: Path, a: argparse.Namespace):
+    """The server the run uses (a.server: nginx when found, else the aiohttp pool); sets a.served_by."""
+    binary = nginx_binary() if a.server in ("auto", "nginx") else None
+    if a.server == "nginx" and not binary:
+        raise SystemExit("--server nginx: no nginx binary found (Debian: apt-get install nginx-light)")
+    if binary:
+        a.served_by = nginx_version(binary)
+        return NginxServer(folder, a.server_processes, WORK / "nginx", binary)
+    a.served_by = "aiohttp"
+    return ServerPool(folder, a.server_processes)
 
 
 def _probe_slice(args: tuple[list[str], int]) -> tuple[int, float, float]:
@@ -376,7 +390,7 @@ def render(records: dict) -> str:
             f"({c['mb_total']} MB; shorter side 512-767/768-1023/>=1024: "
             f"{' / '.join(f'{x:.0%}' for x in c['split'])}; mean {c['kb_small']} KB below 1024, "
             f"{c['kb_large']} KB above), shard size {r['shard_size']}, concurrency {r['concurrency']}, "
-            f"{r.get('server_processes', 1)} server process(es)"
+            f"{r.get('server_processes', 1)} {r.get('server', 'aiohttp')} server process(es)"
             f"{', serving ' + str(c['server_img_s']) + ' img/s alone' if c.get('server_img_s') else ''}"
             f"{', ' + r['note'] if r.get('note') else ''}; load average at start "
             f"{r['img2dataset'].get('load', 0):.1f} (img2dataset) / {r['engine'].get('load', 0):.1f} (engine); "
@@ -420,7 +434,7 @@ def record(a: argparse.Namespace, facts: dict, i2d: ToolRun, eng: ToolRun, versi
         "concurrency": a.concurrency, "shard_size": a.shard_size, "corpus": facts,
         "img2dataset": asdict(i2d), "engine": asdict(eng), "img2dataset_version": version,
         "ratio": eng.images_per_s / i2d.images_per_s, "note": a.note, "server_processes": a.server_processes,
-        "cores": a.cores,
+        "cores": a.cores, "server": a.served_by,
     }
 
 
@@ -453,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each tool; the fastest counts")
     ap.add_argument("--no-fixed", dest="fixed", action="store_false", help="skip measuring the fixed cost per run")
     ap.add_argument("--server-processes", type=int, default=max(1, cores // 4), help="corpus server processes (default: cores / 4)")
+    ap.add_argument("--server", choices=("auto", "nginx", "aiohttp"), default="auto",
+                    help="what serves the corpus: nginx (cheapest per image, as the issue measured) when found, else aiohttp")
     ap.add_argument("--no-probe", dest="probe", action="store_false", help="skip measuring the server alone first")
     ap.add_argument("--only", choices=("both", "img2dataset", "engine"), default="both", help="run one tool only (no results written)")
     ap.add_argument("--img2dataset-python", default=None, help="an interpreter that already imports img2dataset (skips the venv)")
@@ -483,10 +499,10 @@ def main(argv: list[str] | None = None) -> None:
     prefix = ensure_img2dataset(a.img2dataset_python, a.peer_wheels) if a.only != "engine" else []
     warm_page_cache(folder)
     runs: dict[str, list[ToolRun]] = {"img2dataset": [], "engine": []}
-    with ServerPool(folder, a.server_processes) as srv:
+    with serving(folder, a) as srv:
         urls = url_list(folder, srv.base_url, WORK / "run" / "urls.parquet")
         print(f"{facts['n']} images, {facts['mb_total']} MB, served at {srv.base_url} by {a.server_processes} "
-              f"process(es); {a.workers} workers, {a.concurrency} in flight each, shards of {a.shard_size}", flush=True)
+              f"{a.served_by} process(es); {a.workers} workers, {a.concurrency} in flight each, shards of {a.shard_size}", flush=True)
         if a.probe:
             url_strings = pq.read_table(urls, columns=["URL"]).column(0).to_pylist()
             facts["server_img_s"] = round(probe_server(url_strings, a.workers))

@@ -108,11 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=2000, help="rows of the bench corpus")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--server", choices=("auto", "nginx", "aiohttp"), default="auto", help="as bench.engine_bench")
     ap.add_argument("engine_args", nargs="*", help="extra engine flags (after --)")
     a = ap.parse_args(argv)
     a.shard_size = max(50, a.n // (4 * a.workers))  # as bench.engine_bench
     folder = EB.cached_corpus(2000, 0)
-    with EB.ServerPool(folder, 1) as server:
+    a.server_processes = 1
+    with EB.serving(folder, a) as server:
+        print(f"served by {a.served_by}")
         full = EB.url_list(folder, server.base_url, EB.WORK / "run" / "tl-urls.parquet")
         urls = full.with_name("tl-n.parquet")
         pq.write_table(pq.read_table(full).slice(0, a.n), urls)

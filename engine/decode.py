@@ -50,9 +50,11 @@ def turbojpeg():
 
 
 def jpeg_complete(data: bytes) -> bool:
-    """Whether an end-of-image marker follows the last scan (libjpeg only warns when it is missing)."""
+    """Whether an end-of-image marker follows the last scan (libjpeg only warns when it is missing).
+    The scan markers are looked for after the last EOI only: a backward search for the last one
+    crossed the whole entropy-coded body (0.14 ms a photo, against 0.002)."""
     eoi = data.rfind(b"\xff\xd9")
-    return eoi != -1 and eoi > data.rfind(b"\xff\xda")
+    return eoi != -1 and data.find(b"\xff\xda", eoi) == -1
 
 
 def exif_orientation(data: bytes) -> int:

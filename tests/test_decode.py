@@ -4,7 +4,7 @@ from PIL import Image
 
 from engine import outcomes as O
 from engine.config import ImageConfig
-from engine.decode import Rejected, decode, jpeg_scale, sniff
+from engine.decode import Rejected, decode, jpeg_complete, jpeg_scale, sniff
 
 from .conftest import encode, scaled
 
@@ -110,6 +110,18 @@ def test_truncated_jpeg_and_png_are_decode_errors(astronaut):
         with pytest.raises(Rejected) as e:
             decode(data, CFG)
         assert e.value.outcome == O.DECODE_ERROR
+
+
+def test_a_jpeg_is_complete_only_with_an_end_marker_after_its_last_scan(astronaut):
+    base = encode(scaled(astronaut, 640, 600), quality=90)
+    progressive = encode(scaled(astronaut, 640, 600), quality=90, progressive=True)  # several scans
+    assert progressive.count(b"\xff\xda") > 1
+    assert jpeg_complete(base) and jpeg_complete(progressive)
+    assert jpeg_complete(base + b"trailing bytes after the image")  # what some servers append
+    cut = progressive[: progressive.rfind(b"\xff\xda") + 100]  # last scan begun, never ended
+    assert not jpeg_complete(cut) and not jpeg_complete(base[:-2])
+    # an end marker, then another image begun: the last scan has no end marker after it
+    assert not jpeg_complete(base + base[: base.find(b"\xff\xda") + 50])
 
 
 def test_garbage_after_magic_is_a_decode_error():
