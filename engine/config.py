@@ -38,7 +38,7 @@ class FetchConfig:
     backoff: float = 0.5
     """Seconds before the first retry; doubles with every further retry."""
     max_bytes: int = 32 * 1024 * 1024
-    """Largest body accepted; bigger ones are cut off early and counted as too_large."""
+    """Largest body accepted, on the wire and decoded; bigger ones are cut off early and counted as too_large."""
     max_redirects: int = 5
     """Redirect hops followed (http and https targets only)."""
     user_agent: str = USER_AGENT

@@ -16,8 +16,8 @@ HTTP_ERROR = "http_error"                # 4xx/5xx after retries (reason holds t
 TIMEOUT = "timeout"                      # connect or total timeout, slow drip included
 CONNECTION_ERROR = "connection_error"    # refused, reset, DNS, TLS (reason "TLS: ..." for certificates)
 INCOMPLETE_BODY = "incomplete_body"      # connection closed before Content-Length bytes arrived
-TOO_LARGE = "too_large"                  # body beyond --max-bytes
-REDIRECT_ERROR = "redirect_error"        # loop, too many hops, or a non-http(s) target
+TOO_LARGE = "too_large"                  # body beyond --max-bytes, on the wire or decoded (gzip, deflate)
+REDIRECT_ERROR = "redirect_error"        # loop, too many hops, a non-http(s) or malformed target
 OPTED_OUT = "opted_out"                  # X-Robots-Tag noai / noimageai
 # decode stage
 NOT_AN_IMAGE = "not_an_image"            # HTML, SVG, text, empty body

@@ -191,6 +191,11 @@ PRIVATE_HOSTS = [
     ("0x7f.1", True), ("2130706433", False), ("017700000001", False), ("127.1", False),
     pytest.param("[::1]", True, marks=V6), pytest.param("[::ffff:127.0.0.1]", True, marks=V6),
     ("10.0.0.1", False), ("169.254.169.254", False), ("[fe80::1%25lo]", False), ("[64:ff9b::7f00:1]", False),
+    # more spellings of loopback and of "any": hex, octal, short, IPv4-mapped hex, unspecified, and
+    # fullwidth digits or ideographic dots that IDNA folds into 127.0.0.1
+    ("0x7f000001", False), ("0177.0.0.1", False), ("127.0.0.0x1", False), ("0", False), ("[::]", False),
+    ("[::ffff:7f00:1]", False), ("[0:0:0:0:0:ffff:127.0.0.1]", False), ("[::127.0.0.1]", False),
+    ("\uff11\uff12\uff17.\uff10.\uff10.\uff11", False), ("127\u30020\u30020\u30021", False),
 ]
 
 
