@@ -10,7 +10,7 @@ the Content-Type header.
 from __future__ import annotations
 
 import functools
-import io
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -21,9 +21,13 @@ from . import outcomes as O
 from .config import ImageConfig
 from .imagepolicy import BUDGET, COST, Rejected, check_pixels, open_image, sniff  # noqa: F401 -- re-exported
 
-# libjpeg's warnings (corrupt bytes it skipped, a missing end marker) reach us as Python warnings,
-# one per image, which would flood a run's log; truncation is checked explicitly instead.
-warnings.filterwarnings("ignore", category=UserWarning, module="turbojpeg")
+# libjpeg's first warning of a decode (PyTurboJPEG passes it to warnings.warn) names what it had to
+# repair. These mean pixels are missing or wrong (libjpeg fills them with gray): the image is refused.
+# Others ("N extraneous bytes before marker", JFIF/Adobe header oddities) are common in good photos.
+DAMAGE = ("premature end", "bad huffman code", "bad arithmetic code", "instead of rst")
+SCAN_LIMIT = "scans"
+"""Marks libjpeg-turbo's refusal of a progressive JPEG of more than 500 scans (TJFLAG_LIMITSCANS): each scan,
+however few its bytes, is a pass over every block, so 25,000 of them in 1 MB take minutes of CPU."""
 
 # EXIF orientation -> (number of 90-degree counter-clockwise turns, flip left-right first)
 _ORIENT = {2: (0, True), 3: (2, False), 4: (2, True), 5: (1, True), 6: (3, False), 7: (3, True), 8: (1, False)}
@@ -39,14 +43,34 @@ class Decoded:
     format: str
 
 
+class JpegWarnings(threading.local):
+    """Stands in for the `warnings` module inside PyTurboJPEG, whose only use of it is to report libjpeg's
+    warning after a decode: the message goes to the calling thread's list instead of the process-wide
+    warnings machinery (not thread-safe to capture, and one message per image would flood a run's log)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def warn(self, message, *args, **kwargs) -> None:
+        """Record the message for the decode running on this thread."""
+        self.seen.append(str(message))
+
+    def __getattr__(self, name):
+        return getattr(warnings, name)
+
+
+JPEG_WARNINGS = JpegWarnings()
+
+
 @functools.cache
 def turbojpeg():
     """The process's TurboJPEG wrapper, shared by every thread: it only holds the library's functions,
     and each of its calls makes (and destroys) its own libjpeg-turbo handle. One per thread loaded a
     new ctypes library object, in a reference cycle, for each shard's new threads (issue 10)."""
-    from turbojpeg import TurboJPEG
+    import turbojpeg as module
 
-    return TurboJPEG()
+    module.warnings = JPEG_WARNINGS
+    return module.TurboJPEG()
 
 
 def jpeg_complete(data: bytes) -> bool:
@@ -57,13 +81,37 @@ def jpeg_complete(data: bytes) -> bool:
     return eoi != -1 and data.find(b"\xff\xda", eoi) == -1
 
 
+def exif_segment(data: bytes) -> bytes | None:
+    """The first APP1 Exif segment of a JPEG's header (what Pillow reads), found by walking the marker
+    segments up to the first scan: it may follow megabytes of ICC profile or XMP, so no fixed prefix of
+    the file is sure to hold it."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no more header segments
+            return None
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\x00\x00":
+            return data[pos + 4:end]
+        pos = end
+    return None
+
+
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation tag of a JPEG (1 when absent or unreadable); reads headers only."""
-    if b"Exif\x00\x00" not in data[:65536]:
+    segment = exif_segment(data)
+    if segment is None:
         return 1
     try:
-        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:  # sniffed JPEG: no other plugin
-            value = im.getexif().get(0x0112, 1)
+        exif = Image.Exif()
+        exif.load(segment)
+        value = exif.get(0x0112, 1)
         return value if value in range(1, 9) else 1
     except Exception:  # noqa: BLE001 -- a broken EXIF block must not cost the image
         return 1
@@ -104,8 +152,6 @@ def jpeg_scale(width: int, height: int, target: int) -> tuple[int, int]:
 
 def decode_jpeg(data: bytes, cfg: ImageConfig) -> Decoded:
     """JPEG through libjpeg-turbo, downscaled in the DCT domain, EXIF orientation applied."""
-    from turbojpeg import TJPF_RGB
-
     tj = turbojpeg()
     try:
         width, height, _, _ = tj.decode_header(data)
@@ -117,10 +163,27 @@ def decode_jpeg(data: bytes, cfg: ImageConfig) -> Decoded:
     upright = (height, width) if orientation >= 5 else (width, height)
     check_size(*upright, cfg)
     try:
-        rgb = tj.decode(data, pixel_format=TJPF_RGB, scaling_factor=jpeg_scale(width, height, cfg.image_size))
-    except OSError:
+        rgb = tj_decode(data, jpeg_scale(width, height, cfg.image_size))
+    except OSError as exc:
+        if SCAN_LIMIT in str(exc):  # never to Pillow, which has no scan limit
+            raise Rejected(O.DECODE_ERROR, f"jpeg: {exc}") from None
         return decode_pillow(data, cfg, "jpeg")  # CMYK / YCCK: libjpeg-turbo cannot make RGB of them
     return Decoded(orient(rgb, orientation), upright[0], upright[1], "jpeg")
+
+
+def tj_decode(data: bytes, scale: tuple[int, int]) -> np.ndarray:
+    """RGB pixels from libjpeg-turbo at `scale`, at most 500 progressive scans; Rejected when libjpeg
+    had to fill in damaged or missing data (DAMAGE)."""
+    from turbojpeg import TJFLAG_LIMITSCANS, TJPF_RGB
+
+    seen = JPEG_WARNINGS.seen
+    seen.clear()
+    rgb = turbojpeg().decode(data, pixel_format=TJPF_RGB, scaling_factor=scale, flags=TJFLAG_LIMITSCANS)
+    damage = next((m for m in seen if any(d in m.lower() for d in DAMAGE)), None)
+    seen.clear()
+    if damage:
+        raise Rejected(O.DECODE_ERROR, f"damaged jpeg: {damage}")
+    return rgb
 
 
 BAND_BYTES = 1 << 20
@@ -135,14 +198,34 @@ def over_white(rgba: np.ndarray) -> np.ndarray:
     return (255 - (ink * alpha + 127) // 255).astype(np.uint8)
 
 
+def scaled_gray(values: np.ndarray, scale: np.float32) -> np.ndarray:
+    """(H, W) float32 -> (H, W, 1) uint8: times `scale`, rounded and clipped; NaN (float TIFF) as 0."""
+    out = np.nan_to_num(values * scale + 0.5, copy=False, nan=0.0)  # a new array: Pillow's view is read-only
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)[..., None]
+
+
+def finite_top(im: Image.Image) -> float:
+    """The largest finite value of a float image (0 when none), read in row bands."""
+    rows, top = max(1, BAND_BYTES // (4 * max(1, im.width))), 0.0
+    for y in range(0, im.height, rows):
+        band = np.asarray(im.crop((0, y, im.width, min(im.height, y + rows))), np.float32)
+        top = max(top, float(np.max(band, initial=0.0, where=np.isfinite(band))))
+    return top
+
+
 def band_converter(im: Image.Image):
-    """A function: one row band of `im` (a Pillow image) -> uint8 RGB, or gray that broadcasts to RGB."""
+    """A function: one row band of `im` (a Pillow image) -> uint8 RGB, or gray that broadcasts to RGB.
+
+    32-bit gray is scaled by its range: up to 255 as is, above as 16-bit; float gray whose values all lie
+    within 0..1 (the usual convention of float TIFF) as 0..1."""
     if im.mode.startswith("I;16"):
         return lambda band: (np.asarray(band) >> 8).astype(np.uint8)[..., None]
     if im.mode in ("I", "F"):
         top = im.getextrema()[1]  # one pass over Pillow's pixels, no copy
-        scale = np.float32(255.0 / 65535.0 if top > 255 else 1.0)
-        return lambda band: np.clip(np.asarray(band, np.float32) * scale + 0.5, 0, 255).astype(np.uint8)[..., None]
+        if not np.isfinite(top):  # NaN (it ends Pillow's search where it starts) or infinity: finite values only
+            top = finite_top(im)
+        scale = np.float32(255.0 / 65535.0 if top > 255 else 255.0 if im.mode == "F" and top <= 1 else 1.0)
+        return lambda band: scaled_gray(np.asarray(band, np.float32), scale)
     if im.mode in ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
         return lambda band: over_white(np.asarray(band.convert("RGBA")))  # a palette's transparency via Pillow
     if im.mode == "RGB":

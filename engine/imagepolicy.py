@@ -114,7 +114,18 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Im
         raise Rejected(O.DECODE_ERROR, f"{fmt}: {type(exc).__name__}: {exc}"[:200]) from None
     with im:
         check_pixels(*im.size, max_pixels, fmt)
+        check_tile(im, max_pixels)
         yield im
+
+
+def check_tile(im: Image.Image, max_pixels: int) -> None:
+    """Reject a TIFF whose declared tile is above the pixel limit: libtiff decodes a tile at a time into a
+    buffer of the tile's full size, whatever the image's (an 800x640 image declaring 65520x8192 tiles
+    took 1.5 GiB)."""
+    tags = getattr(im, "tag_v2", None)
+    width, height = (int(tags.get(tag) or 0) for tag in (322, 323)) if tags is not None else (0, 0)
+    if width * height > max_pixels:
+        raise Rejected(O.DECOMPRESSION_BOMB, f"tiff tile {width}x{height} exceeds {max_pixels} pixels (--max-pixels)")
 
 
 class PixelBudget:
