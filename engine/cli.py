@@ -68,11 +68,7 @@ def run_shards(a: argparse.Namespace) -> int:
 
     print(f"engine: {len(cfg.inputs)} input(s) -> {cfg.output} ({cfg.workers} workers, runner {cfg.runner})",
           file=sys.stderr)
-    try:
-        stats = run(cfg)
-    except KeyboardInterrupt:
-        print("\ninterrupted: complete shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+    stats = run(cfg)  # Ctrl-C and SIGTERM: main() says what is kept
     print(summary(stats))
     print(f"shards in {cfg.output if '://' in cfg.output else Path(cfg.output).resolve()}")
     if stats["outcomes"].get(O.BLOCKED_ADDRESS):
@@ -133,6 +129,10 @@ def run_preview(a: argparse.Namespace) -> int:
     return 0
 
 
+INTERRUPTED = {"shards": ": complete shards are kept; rerun the same command to resume"}
+"""What an interrupted command leaves, by command (the rest: nothing worth saying)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m engine` and `ctrlnet-shards`."""
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return {"shards": run_shards, "condition": run_condition, "preview": run_preview}[a.command](a)
+    except KeyboardInterrupt:  # here, not around run(): a signal during the imports or the planning too
+        print(f"\ninterrupted{INTERRUPTED.get(a.command, '')}", file=sys.stderr)
+        return 130
     except StoreLost as exc:  # the object store went away mid-run; its message says to rerun
         print(f"error: {exc}", file=sys.stderr)
         return 1
