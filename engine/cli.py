@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:  # bad flags or inputs: say which
-        print(f"error: {exc}", file=sys.stderr)
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        print(f"error: {text}", file=sys.stderr)
         return 2
     except OSError as exc:  # the disk failed mid-run (full, I/O error): complete shards are kept
         print(f"error: {exc}; complete shards are kept: rerun the same command once the disk or object store is fixed",

@@ -26,7 +26,7 @@ from . import outcomes as O
 from . import storage as S
 from .claims import iter_rebuild_items
 from .config import EngineConfig
-from .plan import iter_shards
+from .plan import check_inputs, iter_shards
 from .runners import LocalRunner, Progress
 from .sample import STATS_SUFFIX, shard_name
 from .storage import OutputError, lock_output, usable_output  # noqa: F401 -- moved there, still importable here
@@ -157,8 +157,10 @@ def run(cfg: EngineConfig, on_shard: Callable[[dict], None] | None = None) -> di
                               local_roots=tuple(os.path.abspath(p) for p in cfg.local_roots))
     objinput.input_endpoint = cfg.s3_endpoint  # for s3:// inputs, which only this driver reads
     store = S.store_of(cfg)  # a folder or an object store (engine/storage.py)
-    with objinput.run_scope(), store.lock():  # each s3:// input listed and opened once in this run
-        return _run(cfg, store, on_shard)  # store.held: the lease's run id, carried to every shard
+    with objinput.run_scope():  # each s3:// input listed and opened once in this run
+        check_inputs(cfg.inputs, cfg.url_col, cfg.caption_col)  # unusable inputs: refused before --output is made
+        with store.lock():
+            return _run(cfg, store, on_shard)  # store.held: the lease's run id, carried to every shard
 
 
 def start_run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore) -> tuple[int, dict[int, dict]]:

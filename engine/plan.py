@@ -16,10 +16,11 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import objinput, schema, sources
+from . import objinput, schema, sources, storage
 from . import outcomes as O
 from .config import FilterConfig, ImageConfig
 from .netpolicy import CREDENTIALS, refused_url
+from .storefail import one_line
 
 URL_NAMES = ("url", "image_url", "link")
 CAPTION_NAMES = ("text", "caption", "alt", "title")
@@ -53,15 +54,23 @@ def list_inputs(inputs: tuple[str, ...] | list[str]) -> list[Path]:
 
 
 def find_column(names: list[str], wanted: str | None, candidates: tuple[str, ...]) -> str | None:
-    """The column named `wanted`, else the first candidate present, matched case-insensitively."""
-    lower = {n.lower(): n for n in names}
+    """The column named `wanted`, else the first candidate present, matched case-insensitively.
+
+    A KeyError when the match is ambiguous (`URL` and `url` both present): picking one silently
+    would read the other's values as the URLs, or the captions, of every row."""
+    if wanted and wanted in names:
+        return wanted
+    flag = "--caption-col" if candidates == CAPTION_NAMES else "--url-col"
+    for name in ([wanted] if wanted else candidates):
+        matches = [n for n in names if n.lower() == name.lower()]
+        if len(matches) > 1:
+            raise KeyError(f"columns {' and '.join(map(repr, matches))} differ only by case: "
+                           f"name the one to use exactly with {flag}")
+        if matches:
+            return matches[0]
     if wanted:
-        if wanted in names:
-            return wanted
-        if wanted.lower() in lower:
-            return lower[wanted.lower()]
         raise KeyError(f"column {wanted!r} not found; columns are {names}")
-    return next((lower[c] for c in candidates if c in lower), None)
+    return None
 
 
 def _normalize(batch: pa.RecordBatch, url_col: str | None, caption_col: str | None) -> pa.Table:
@@ -120,6 +129,26 @@ def _without_credentials(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.replace_substring_regex(col, pattern=CREDENTIALS, replacement=r"\1", max_replacements=1)
 
 
+def check_inputs(inputs, url_col: str | None = None, caption_col: str | None = None) -> None:
+    """Refuse, before the output is touched, inputs the plan could not read at all: a file that is no
+    parquet, one without a URL (path) column, a --url-col or --caption-col it lacks, or columns that
+    differ only by case, a folder without images. Footers, lists and folder listings only; each error
+    names the input."""
+    for inp in sources.expand(inputs):  # FileNotFoundError: a folder or glob without images
+        if inp.kind == "images":
+            continue  # its rows are built with `url` and `caption`
+        if inp.kind != "parquet":
+            sources.read_table(inp, url_col)  # KeyError naming the list when it has no path column
+            continue
+        names = objinput.parquet_file(inp.path).schema_arrow.names  # ValueError: not a parquet file
+        try:
+            if find_column(names, url_col, URL_NAMES) is None:
+                raise KeyError(f"no URL column (looked for {URL_NAMES}, any case) among {names}; use --url-col")
+            find_column(names, caption_col, CAPTION_NAMES)
+        except KeyError as exc:
+            raise KeyError(f"input {inp.path}: {exc.args[0]}") from None
+
+
 def iter_shards(inputs, shard_size: int, url_col: str | None = None, caption_col: str | None = None,
                 batch_rows: int = 65_536) -> Iterator[Shard]:
     """Stream all input rows in order and yield them cut into shards of `shard_size` rows."""
@@ -131,7 +160,8 @@ def iter_shards(inputs, shard_size: int, url_col: str | None = None, caption_col
     kinds = schema.input_kinds(tuple(str(i) for i in inputs), url_col, caption_col)
     for inp in found:
         for batch in _batches(inp, min(batch_rows, max(shard_size, 1024)), url_col):
-            pending.append(_normalize(batch, *((url_col, caption_col) if inp.kind != "images" else ("url", "caption"))))
+            table = _normalize(batch, *((url_col, caption_col) if inp.kind != "images" else ("url", "caption")))
+            pending.append(_conform(table, kinds))
             pending_rows += batch.num_rows
             while pending_rows >= shard_size:
                 table = pa.concat_tables(pending, promote_options="permissive")
@@ -142,11 +172,91 @@ def iter_shards(inputs, shard_size: int, url_col: str | None = None, caption_col
         yield Shard(shard_id, shard_id * shard_size, pa.concat_tables(pending, promote_options="permissive"), roots, kinds)
 
 
+def _conform(table: pa.Table, kinds: dict[str, str]) -> pa.Table:
+    """Each column as the one Arrow type of its run-wide kind (engine/schema.py), the caption as text:
+    input files that type a column differently (`tag` text in one, ints in another) otherwise
+    cannot be joined into one shard. The values written to KEY.json are the same either way."""
+    for i, name in enumerate(table.column_names):
+        kind = schema.STRING if name == "caption" else kinds.get(name)
+        target = ARROW_TYPES.get(kind)
+        if target is not None and table.column(i).type != target:
+            table = table.set_column(i, name, _as_type(table.column(i), kind, target))
+    return table
+
+
+ARROW_TYPES = {schema.STRING: pa.string(), schema.INT: pa.int64(), schema.FLOAT: pa.float64(), schema.BOOL: pa.bool_()}
+
+
+def _as_type(col: pa.ChunkedArray, kind: str, target: pa.DataType) -> pa.ChunkedArray:
+    """`col` as `target`: cast by Arrow where it can (int32 -> int64, decimal -> float64, large or
+    dictionary strings), else value by value as KEY.json writes them (schema.as_text; bytes of a
+    caption decoded as clean_caption does)."""
+    if kind != schema.STRING or pa.types.is_large_string(col.type) or pa.types.is_null(col.type) or (
+            pa.types.is_dictionary(col.type) and pa.types.is_string(col.type.value_type)):
+        try:
+            return col.cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    if kind == schema.STRING:
+        values = [None if v is None else v.decode("utf-8", "replace") if isinstance(v, bytes) else schema.as_text(v)
+                  for v in col.to_pylist()]
+    else:
+        values = [None if v is None else schema.as_kind(v, kind) for v in col.to_pylist()]
+    return pa.chunked_array([pa.array(values, target)])
+
+
+UNREADABLE = schema.UNREADABLE  # the stand-in rows' reason column (_parquet_batches)
+
+
 def _batches(inp: sources.Input, batch_rows: int, url_col: str | None) -> Iterator[pa.RecordBatch]:
     """An input's rows, batch by batch: parquet streamed, the others by engine/sources.py."""
     if inp.kind == "parquet":
-        return objinput.parquet_file(inp.path).iter_batches(batch_size=batch_rows)
+        return _parquet_batches(inp.path, batch_rows)
     return sources.batches(inp, batch_rows, url_col)
+
+
+def _parquet_batches(path, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A parquet input's rows, streamed. A local file's row group that cannot be decoded (a damaged
+    page) gives stand-in rows carrying the reason (UNREADABLE): each ends `error`, counted, and the rest
+    of the file is still read. An object's read errors are the store's (the run stops; a rerun)."""
+    pf = objinput.parquet_file(path)
+    done = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            done += batch.num_rows
+            yield batch
+        return
+    except (OSError, pa.ArrowException):
+        if storage.is_url(path):
+            raise
+    yield from _groups_from(pf, done, batch_rows, Path(path).name)  # damaged after row `done`
+
+
+def _groups_from(pf, skip: int, batch_rows: int, name: str) -> Iterator[pa.RecordBatch]:
+    """The rows of `pf` from row `skip` on, one row group at a time (so that one damaged group costs
+    only its own rows), a group that cannot be read replaced by stand-ins."""
+    first = 0
+    for group in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        drop, first = max(0, skip - first), first + rows  # drop: this group's rows already given
+        if drop >= rows:
+            continue
+        done = 0
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group]):
+                part = batch.slice(max(0, drop - done))
+                done += batch.num_rows
+                if part.num_rows:
+                    yield part
+        except (OSError, pa.ArrowException) as exc:
+            reason = f"input {name} row group {group} unreadable: {one_line(exc)}"
+            yield _stand_ins(pf.schema_arrow, rows - max(done, drop), reason)
+
+
+def _stand_ins(file_schema: pa.Schema, rows: int, reason: str) -> pa.RecordBatch:
+    """`rows` rows of nulls in the file's columns, with `reason` in UNREADABLE."""
+    return pa.RecordBatch.from_arrays([pa.nulls(rows, f.type) for f in file_schema] + [pa.array([reason] * rows, pa.string())],
+                                      names=[*file_schema.names, UNREADABLE])
 
 
 def check_url(url: object) -> str | None:

@@ -29,6 +29,8 @@ ENGINE_FIELDS = {
     "format": STRING, "shard": INT, "row": INT, "content_hash": STRING, "pixel_hash": STRING, "phash": STRING,
 }
 RESERVED = {"url", "caption"}  # the input's URL and caption columns, renamed by engine/plan.py
+UNREADABLE = "__engine_unreadable__"
+"""Column of the stand-in rows of a damaged part of a parquet input (engine/plan.py): never written."""
 
 
 def kind_of(arrow_type: pa.DataType) -> str:
@@ -108,7 +110,7 @@ def shard_kinds(run_kinds: dict[str, str], schema: pa.Schema) -> dict[str, str]:
     any the run's parquet footers did not show (inputs read otherwise) typed by the shard's own schema."""
     kinds = dict(run_kinds)
     kinds.update({f.name: kind_of(f.type) for f in schema if f.name not in kinds and f.name not in RESERVED})
-    return {name: kind for name, kind in kinds.items() if name not in ENGINE_FIELDS}
+    return {name: kind for name, kind in kinds.items() if name not in ENGINE_FIELDS and name != UNREADABLE}
 
 
 def as_kind(value, kind: str):

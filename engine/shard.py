@@ -28,7 +28,7 @@ from .crop import center_crop
 from .decode import Rejected, decode
 from .fetch import fetch, make_session
 from .hashes import ImageHashes, image_hashes, to_int64
-from .plan import Shard, prefilter
+from .plan import UNREADABLE, Shard, prefilter
 from .quality import colorfulness
 from .sample import IMAGE_SIZE, encode_jpeg, encode_map_png, encode_png, sample_key, shard_name
 from .schema import sample_json, shard_kinds
@@ -234,6 +234,8 @@ class ShardRun:
     def screen(self, index: int) -> tuple[str, str] | None:
         """Outcome and reason for a row dropped before download (metadata, empty caption)."""
         row = self.rows[index]
+        if row.get(UNREADABLE):  # a stand-in for a row of a damaged parquet input (plan._parquet_batches)
+            return O.ERROR, row[UNREADABLE]
         url = row.get("url")
         if self.roots and isinstance(url, str) and url.strip() and local.is_local(url.strip()):
             row = {**row, "url": local.PLACEHOLDER_URL}  # the path itself is checked by local.read

@@ -246,15 +246,16 @@ def _csv_records(path: Path) -> list[dict]:
 
 
 def _jsonl_records(path: Path) -> list[dict]:
-    """A JSONL's rows; a line that is not a JSON object is kept as a row without a URL (counted, not lost)."""
+    """A JSONL's rows; a line that is not a JSON object is kept as a row without a URL (counted, not lost).
+    A byte order mark is skipped, as in a CSV (editors on Windows write one)."""
     records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
                 value = None
             records.append(value if isinstance(value, dict) else {})
     return records
