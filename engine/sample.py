@@ -117,6 +117,17 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 
 def caption_text(sample: dict) -> str:
-    """The sample's KEY.txt as text (stripped UTF-8, empty when absent)."""
-    text = sample.get(TXT, b"")
-    return text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else str(text)
+    """The sample's KEY.txt as stripped text; raises ValueError when the member is missing or not UTF-8.
+
+    Every sample has a txt (an empty one for no caption), so a missing one is damage (a tar cut after the
+    sample's jpg: members are written cond.png, jpg, json, txt) and bytes that are not UTF-8 are not the
+    engine's: training on them would teach the empty prompt, or U+FFFD, for that picture's caption."""
+    text = sample.get(TXT)
+    if text is None:
+        raise ValueError(f"no {TXT}")
+    if not isinstance(text, bytes):
+        return str(text).strip()
+    try:
+        return text.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{TXT} is not UTF-8 ({exc.reason} at byte {exc.start})") from None

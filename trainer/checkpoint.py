@@ -103,6 +103,10 @@ def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """--resume names a folder that is not a complete checkpoint (the CLI prints it as one line, exit 2)."""
+
+
 def resolve_resume(resume: str | None, output: Path) -> Path | None:
     """The checkpoint folder `--resume` names: `latest` is the newest complete one (or none)."""
     if not resume:
@@ -114,7 +118,7 @@ def resolve_resume(resume: str | None, output: Path) -> Path | None:
     if not path.exists() and (Path(output) / resume).exists():  # diffusers' form: a name inside --output
         path = Path(output) / resume
     if not is_complete(path):
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (state.json missing or "
+        raise CheckpointNotFoundError(f"--resume {resume}: not a complete checkpoint folder (state.json missing or "
                                 "files truncated); use --resume latest to pick the newest complete one")
     return path
 

@@ -8,7 +8,9 @@ and help text are the field's, so the parser and the dataclasses cannot drift ap
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from pathlib import Path
 
 from engine import options
 from trainer.config import TrainConfig
@@ -65,6 +67,30 @@ def subcommand(argv: list[str] | None) -> int | None:
     return None
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside the training loop (loading, the final save and export), or a second Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    """Signal handler outside the loop (trainer.loop.StopSignal replaces it inside): stop at once."""
+    raise Interrupted(signum)
+
+
+def interrupted_message(output: str) -> str:
+    """What an interrupted run leaves: the newest complete checkpoint, or that there is none."""
+    from trainer.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(output))
+    if not found:
+        return "interrupted before any checkpoint was complete: none was written; rerun the same command to start again"
+    return (f"interrupted before a checkpoint of the current step was complete; the newest complete checkpoint is "
+            f"{found[-1][1]} (continue with --resume latest)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and exit 0 when done, 130/143 when stopped by SIGINT/SIGTERM (checkpoint saved)."""
     command = subcommand(argv)
@@ -76,10 +102,33 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # a signal while torch imports and the models load, or during the final save and export, stops at once (a
+    # half-written checkpoint is never resumed: trainer.checkpoint) and says what is left; in the loop
+    # trainer.loop.StopSignal takes over and saves first
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    try:
+        return run_training(cfg)
+    except KeyboardInterrupt as e:  # Interrupted, or the loop's second Ctrl-C
+        print(f"\n{interrupted_message(cfg.output)}", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _main_thread() -> bool:
+    """Signal handlers can be set only in the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_training(cfg: TrainConfig) -> int:
+    """Train; each known failure is one line on stderr and its exit status (2 data/settings, 3 NaN, 4 memory)."""
     import torch
 
-    from trainer.checkpoint import ResumeMismatchError
-    from trainer.data import ShardDataError
+    from trainer.checkpoint import CheckpointNotFoundError, ResumeMismatchError
+    from trainer.data import ShardDataError, ShardSetError
     from trainer.loop import NonFiniteLossError
     from trainer.models import UnsafeWeightsError
     from trainer.train import train
@@ -93,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('trainer.data.ShardDataError: ')}",
               file=sys.stderr)
         return 2
-    except (ResumeMismatchError, UnsafeWeightsError) as e:
+    except (ResumeMismatchError, UnsafeWeightsError, ShardSetError, CheckpointNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:

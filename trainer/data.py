@@ -69,8 +69,23 @@ def expand_shards(pattern: str) -> list[str]:
     """Brace-expand a shard pattern (several joined by `::`) into a list of URLs or paths."""
     urls = [u for part in pattern.split("::") for u in braceexpand(part.strip()) if u]
     if not urls:
-        raise ValueError(f"--shards {pattern!r} names no shard")
+        raise ShardSetError(f"--shards {pattern!r} names no shard")
     return urls
+
+
+def check_local_shards(urls: list[str]) -> None:
+    """Refuse a shard set with local paths that do not exist or are empty files, before training.
+
+    Read errors are otherwise counted and skipped (a tar damaged in the middle still gives its first samples),
+    but a missing local file is a wrong --shards (a typo, a range past the last shard): counted, it would leave
+    the run training on part of the data every epoch with nothing but a count to say so. Remote URLs and pipe:
+    commands are only known when read."""
+    local = [u.removeprefix("file:") for u in urls if not u.startswith("pipe:") and "://" not in u]
+    bad = [(p, "missing") if not Path(p).is_file() else (p, "empty") for p in local
+           if not Path(p).is_file() or Path(p).stat().st_size == 0]
+    if bad:
+        shown = ", ".join(f"{p} ({why})" for p, why in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ShardSetError(f"--shards: {len(bad)} of {len(urls)} shard(s) missing or empty: {shown}")
 
 
 def _mix(*xs: int) -> int:
@@ -115,7 +130,12 @@ class SampleError(ValueError):
 
 
 class ShardDataError(RuntimeError):
-    """No sample decoded in --max-failed-batches batches in a row; names the shard and the member."""
+    """No sample decoded in --max-failed-batches batches in a row, or no tar readable at all; names the shard
+    and the member (the CLI prints it as one line, exit 2)."""
+
+
+class ShardSetError(ValueError):
+    """The shard set does not fit this run, found before training (the CLI prints it as one line, exit 2)."""
 
 
 def decode_member(sample: dict, key: str) -> Image.Image:
@@ -136,8 +156,18 @@ def load_pair(sample: dict, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     image = decode_member(sample, IMAGE_KEY)
     cond = decode_member(sample, COND_KEY)
     if cond.size != image.size:
+        check_same_shape(image.size, cond.size)
         cond = cond.resize(image.size, Image.NEAREST)
     return resize_crop(image, resolution, Image.BILINEAR), resize_crop(cond, resolution, Image.NEAREST)
+
+
+def check_same_shape(image: tuple[int, int], cond: tuple[int, int]) -> None:
+    """A map of another size than its image is scaled onto it (a map made at another resolution lines up);
+    one of another aspect ratio cannot line up with it (stretched, it would teach a map that does not match the
+    picture), so the sample is refused (counted). One pixel of rounding either way is allowed."""
+    (w, h), (cw, ch) = image, cond
+    if abs(cw * h - ch * w) > max(w, h, cw, ch):
+        raise SampleError(f"{COND_KEY} is {cw}x{ch} but {IMAGE_KEY} is {w}x{h} (another aspect ratio)")
 
 
 def local_stats(pattern: str) -> list[tuple[Path, dict]]:
@@ -161,7 +191,7 @@ def check_image_size(pattern: str, resolution: int, resize: bool) -> None:
     for path, stats in local_stats(pattern):
         size = stats.get(S.IMAGE_SIZE)
         if isinstance(size, int) and size != resolution:
-            raise ValueError(f"{path.name} says its shard holds {size} px images ({S.IMAGE_SIZE}) but --resolution is "
+            raise ShardSetError(f"{path.name} says its shard holds {size} px images ({S.IMAGE_SIZE}) but --resolution is "
                              f"{resolution}: pass --resolution {size}, or --resize to resize every sample to {resolution}")
 
 
@@ -171,31 +201,63 @@ def precomputed_meta(pattern: str, resolution: int) -> dict | None:
     meta_path = Path(first).parent / META_FILE
     if first.startswith("pipe:") or not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta["resolution"] != resolution:
-        raise ValueError(f"the shards were precomputed at {meta['resolution']} px: pass --resolution "
-                         f"{meta['resolution']}, or precompute again with --resolution {resolution}")
-    meta["empty_prompt"] = np.load(meta_path.parent / EMPTY_FILE, allow_pickle=False)
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta["empty_prompt"] = np.load(meta_path.parent / EMPTY_FILE, allow_pickle=False)  # never unpickled
+        fields = {k: meta[k] for k in ("resolution", "latent_channels", "text_dim")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ShardSetError(f"{meta_path.parent}: {META_FILE} or {EMPTY_FILE} unreadable ({type(exc).__name__}: "
+                            f"{exc}); run `python -m trainer precompute` again into an empty folder") from None
+    if fields["resolution"] != resolution:
+        raise ShardSetError(f"the shards were precomputed at {fields['resolution']} px: pass --resolution "
+                            f"{fields['resolution']}, or precompute again with --resolution {resolution}")
     return meta
 
 
-def load_precomputed(sample: dict, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Latent [mean, std] (fp16), caption embedding (fp16) and RGB map of a precomputed sample."""
-    latent, embed = npy_load(sample[LATENT_KEY]), npy_load(sample[EMBED_KEY])
+def load_precomputed(sample: dict, resolution: int, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Latent [mean, std] (fp16), caption embedding (fp16) and RGB map of a precomputed sample.
+
+    Each array must have exactly the shape and dtype `precompute` writes (the latent's from precompute.json,
+    the embedding's those of the stored empty prompt) and be finite: one of another shape would stop the run
+    when the batch is stacked, another dtype would change the whole batch's, and a NaN would stop it as a
+    "non-finite loss". Such a sample is refused and counted instead. np.load never unpickles (npy_load)."""
+    side = resolution // meta.get("vae_scale_factor", 8)  # 8: SD's VAE, for precompute.json files older than it
+    latent = npy_member(sample, LATENT_KEY, (2, meta["latent_channels"], side, side), np.float16)
+    empty = meta["empty_prompt"]
+    embed = npy_member(sample, EMBED_KEY, empty.shape, empty.dtype)
     cond = np.asarray(decode_member(sample, COND_KEY), dtype=np.uint8)
-    if latent.ndim != 4 or latent.shape[0] != 2 or cond.shape[:2] != (resolution, resolution):
-        raise ValueError(f"precomputed sample {sample.get('__key__')} does not match --resolution {resolution}")
+    if cond.shape[:2] != (resolution, resolution):
+        raise SampleError(f"{COND_KEY} is {cond.shape[1]}x{cond.shape[0]}, not --resolution {resolution}")
     return latent, embed, cond
 
 
+def npy_member(sample: dict, key: str, shape: tuple, dtype) -> np.ndarray:
+    """A precomputed .npy member of exactly this shape and dtype, finite; else SampleError naming what differs."""
+    data = sample.get(key)
+    if not isinstance(data, bytes):
+        raise SampleError(f"no {key}" + ("" if LATENT_KEY in sample else " (a sample that was not precomputed)"))
+    try:
+        array = npy_load(data)  # allow_pickle=False: an object array is refused, never unpickled
+    except (ValueError, OSError, EOFError) as exc:
+        raise SampleError(f"{key} unreadable ({exc})"[:300]) from None
+    if array.shape != tuple(shape) or array.dtype != dtype:
+        raise SampleError(f"{key} is {array.dtype} {list(array.shape)}, not {np.dtype(dtype)} {list(shape)}")
+    if not np.isfinite(array).all():
+        raise SampleError(f"{key} holds NaN or infinite values")
+    return array
+
+
 def resize_crop(img: Image.Image, size: int, resample: int) -> np.ndarray:
-    """Shorter side to `size`, then a center crop; the map uses NEAREST so palette values stay exact."""
+    """Shorter side to `size`, then a center crop; the map uses NEAREST so palette values stay exact.
+
+    The center square is cut from the source and only it is resized (Pillow's `box`): resizing the whole
+    image first made a 20000x1 picture at 512 px a 10-gigapixel intermediate (MemoryError, or a worker
+    killed for memory); square images, the engine's, come out the same either way."""
     w, h = img.size
-    if min(w, h) != size:
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-        w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    if side != size:
+        return np.asarray(img.resize((size, size), resample, box=(left, top, left + side, top + side)), dtype=np.uint8)
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
@@ -216,6 +278,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world = rank, world
         self.first = start.samples if start.samples is not None else start.batches * cfg.train_batch_size
         self.urls = expand_shards(cfg.shards)
+        check_local_shards(self.urls)
         self._last_failure = ""  # the latest undecodable sample: shard URL, member, reason
         self.meta = precomputed_meta(cfg.shards, cfg.resolution)
         check_image_size(cfg.shards, cfg.resolution, cfg.resize)
@@ -248,7 +311,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             # a lane whose tars hold nothing this epoch gets others the next; all of them empty is an error
             empty = empty + 1 if n == 0 else 0
             if empty >= (1 if self.layout.lanes == 1 else 50):
-                raise RuntimeError(f"no readable samples in {self.cfg.shards!r} ({handler.errors} read errors)")
+                raise ShardDataError(f"no readable samples in {self.cfg.shards!r} ({handler.errors} read errors: "
+                                     "not tars, or cut before their first member)")
             epoch, skip = epoch + 1, 0
 
     def _needs(self, rank: int, wid: int, nw: int) -> set[int]:
@@ -357,9 +421,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         A rank whose whole share fails borrows from the rest of the global batch it read (in order), so ranks
         stay in step: a global batch is dropped only when all of it fails, which every rank then finds alike.
         """
-        if not self.meta and any(LATENT_KEY in sample for _, sample in members + others):
-            raise RuntimeError(f"{self.cfg.shards!r} holds precomputed samples but no {META_FILE} was found beside "
-                               "the first shard: pass the local shard paths that `python -m trainer precompute` wrote")
         decoded, failed = self._decode_all(members)
         if not decoded and others:
             decoded, _ = self._decode_all(others)
@@ -389,8 +450,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         """One sample's arrays and (possibly dropped) caption; raises when it cannot be decoded."""
         text = caption_of(sample, index, self.seed, self.cfg.proportion_empty_prompts)
         if self.meta:
-            latent, embed, cond = load_precomputed(sample, self.cfg.resolution)
+            latent, embed, cond = load_precomputed(sample, self.cfg.resolution, self.meta)
             return latent, cond, self.meta["empty_prompt"] if text == "" else embed
+        if LATENT_KEY in sample and IMAGE_KEY not in sample:
+            # counted like any sample without a jpg (a shard set mixing both trains on its pixel samples); a set of
+            # precomputed shards only stops at --max-failed-batches with this reason, before its first step
+            raise SampleError(f"a precomputed sample ({LATENT_KEY}, no {IMAGE_KEY}) but no {META_FILE} was found "
+                              "beside the first shard: pass the local shard paths that `python -m trainer precompute` wrote")
         img, cond = load_pair(sample, self.cfg.resolution)
         return img, cond, text
 

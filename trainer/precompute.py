@@ -177,6 +177,7 @@ def convert_shard(enc: Encoders, url: str, dest: Path, cfg: PrecomputeConfig) ->
         pending: list = []
         for sample in tarfile_samples([{"url": url}], handler=on_error):
             try:
+                caption(sample)  # a missing or non-UTF-8 txt is refused here as in training (engine.sample)
                 img, cond = load_pair(sample, cfg.resolution)
             except Exception:  # noqa: BLE001 - an undecodable sample is skipped and counted
                 counts["failed"] += 1

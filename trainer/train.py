@@ -11,7 +11,7 @@ import torch
 
 from engine.atomic import write_text_atomic
 from trainer.config import TrainConfig
-from trainer.data import build_loader, precomputed_meta
+from trainer.data import ShardSetError, build_loader, precomputed_meta
 from trainer.distributed import World, init, shutdown, world_from_env, wrap
 from trainer.lanes import resume_position
 from trainer.loop import Run, StopSignal, effective_batch, train_loop
@@ -91,9 +91,9 @@ def check_precomputed(meta: dict, models: Models, model: str) -> None:
     """Precomputed latents and embeddings must fit the UNet being trained; the error says what to redo."""
     unet = models.unet.config
     if meta["latent_channels"] != unet.in_channels or meta["text_dim"] != unet.cross_attention_dim:
-        raise ValueError(f"the shards were precomputed with {meta['model']} ({meta['latent_channels']} latent channels, "
-                         f"{meta['text_dim']}-d text) but --model {model} expects {unet.in_channels} and "
-                         f"{unet.cross_attention_dim}: run `python -m trainer precompute --model {model}` again")
+        raise ShardSetError(f"the shards were precomputed with {meta.get('model')} ({meta['latent_channels']} latent channels, "
+                            f"{meta['text_dim']}-d text) but --model {model} expects {unet.in_channels} and "
+                            f"{unet.cross_attention_dim}: run `python -m trainer precompute --model {model}` again")
 
 
 def step_models_of(cfg: TrainConfig, models: Models, world: World) -> Models | None:
