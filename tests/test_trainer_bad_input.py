@@ -274,12 +274,21 @@ def test_the_cli_says_one_line_and_exits_2(source, model, tmp_path, capsys, case
 SIGNAL_AT = """
 import importlib, os, signal, sys
 module, name = sys.argv[1].split(":")
-module, signum = importlib.import_module(module), getattr(signal, sys.argv[2])
-real = getattr(module, name)
-def hit(*a, **k):
-    os.kill(os.getpid(), signum)
-    return real(*a, **k)
-setattr(module, name, hit)
+signum = getattr(signal, sys.argv[2])
+if module == "import":  # as `name` starts importing (inside `import torch`): a half-imported torch
+    class Hook:
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == name:
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signum)
+    sys.meta_path.insert(0, Hook())
+else:
+    module = importlib.import_module(module)
+    real = getattr(module, name)
+    def hit(*a, **k):
+        os.kill(os.getpid(), signum)
+        return real(*a, **k)
+    setattr(module, name, hit)
 from trainer.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -288,11 +297,13 @@ sys.exit(main(sys.argv[3:]))
 @pytest.mark.slow
 @pytest.mark.parametrize("where, sig, status, says", [
     ("trainer.train:load_models", "SIGTERM", 143, "none was written"),
+    ("import:torch.autograd", "SIGINT", 130, "interrupted while starting"),  # re-importing torch to list
+    # the checkpoints failed ("partially initialized module 'torch'"): a RuntimeError traceback, exit 1
     ("trainer.schedule:export_final", "SIGINT", 130, "the newest complete checkpoint is"),
 ])
 def test_a_signal_outside_the_loop_says_what_is_left(source, model, tmp_path, where, sig, status, says):
-    """SIGTERM while the models load (it killed the run silently, exit -15) and Ctrl-C during the final export
-    (a KeyboardInterrupt traceback): one line saying whether a checkpoint is there to resume, exit 128 + signal."""
+    """SIGTERM while the models load (it killed the run silently, exit -15), Ctrl-C inside `import torch` and
+    during the final export (a KeyboardInterrupt traceback): one line saying whether a checkpoint is there to resume, exit 128 + signal."""
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-c", SIGNAL_AT, where, sig, *train_args(str(source), model, out)],
                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,

@@ -82,8 +82,11 @@ def _interrupt(signum, frame) -> None:
 
 def interrupted_message(output: str) -> str:
     """What an interrupted run leaves: the newest complete checkpoint, or that there is none."""
-    from trainer.checkpoint import list_checkpoints
-
+    try:
+        from trainer.checkpoint import list_checkpoints
+    except Exception:  # noqa: BLE001 - interrupted inside `import torch`: a second import fails half-way
+        return ("interrupted while starting: no checkpoint of this run was written (--resume latest continues "
+                "from an earlier complete one, if any)")
     found = list_checkpoints(Path(output))
     if not found:
         return "interrupted before any checkpoint was complete: none was written; rerun the same command to start again"
@@ -96,20 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     command = subcommand(argv)
     if command is not None:
         return command
-    ns = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(ns)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # a signal while torch imports and the models load, or during the final save and export, stops at once (a
-    # half-written checkpoint is never resumed: trainer.checkpoint) and says what is left; in the loop
-    # trainer.loop.StopSignal takes over and saves first
+    # a signal while the flags are read, torch imports and the models load, or during the final save and export,
+    # stops at once (a half-written checkpoint is never resumed: trainer.checkpoint) and says what is left; in the
+    # loop trainer.loop.StopSignal takes over and saves first
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    cfg = None
     try:
+        try:
+            cfg = config_from_args(build_parser().parse_args(argv))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return run_training(cfg)
     except KeyboardInterrupt as e:  # Interrupted, or the loop's second Ctrl-C
-        print(f"\n{interrupted_message(cfg.output)}", file=sys.stderr)
+        print(f"\n{interrupted_message(cfg.output) if cfg else 'interrupted: nothing was written'}", file=sys.stderr)
         return 128 + int(getattr(e, "signum", signal.SIGINT))
     finally:
         for s, h in old.items():
