@@ -196,3 +196,15 @@ def test_resume_into_another_model_shape_names_the_model(tmp_path):
     check_resume(path, config, old.config)  # the same shape passes
     with pytest.raises(ResumeMismatchError, match=r"block_out_channels \[32, 64\] \(now \[16, 32\]\).*--model models/tiny-a"):
         check_resume(path, config, controlnet((16, 32)).config)
+
+
+def test_a_resume_keeps_the_log_up_to_its_step_past_a_torn_line(tmp_path):
+    """A line cut short (power loss, full disk) must not stop the resume: records past the checkpoint and
+    anything unreadable are dropped, the rest kept."""
+    from trainer.metrics import RunLog
+
+    log = tmp_path / "train_log.jsonl"
+    records = [json.dumps({"step": s, "loss": 0.1 * s}) for s in (1, 2, 3)]
+    log.write_text("\n".join(records) + '\n{"step": 4, "lo')
+    RunLog(tmp_path, start_step=2, total_steps=5, enable_bar=False).close()
+    assert log.read_text().splitlines() == records[:2]

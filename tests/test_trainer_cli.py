@@ -80,6 +80,14 @@ def test_errors_name_the_flag(args, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
+def test_flags_this_device_cannot_run_are_one_line_not_a_traceback(tmp_path, capsys):
+    """Found when the device is known (build_run), after the flags parsed: still one line and exit 2."""
+    args = ["--shards", "s/{00000..00001}.tar", "--model", "m", "--output", str(tmp_path / "o")]
+    assert main([*args, "--cuda-graphs", "--device", "cpu", "--mixed-precision", "no"]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graphs" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_help_runs_as_a_module():
     """`python -m trainer --help` lists the interface flags."""
     out = subprocess.run([sys.executable, "-m", "trainer", "--help"], capture_output=True, text=True,

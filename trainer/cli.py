@@ -134,7 +134,7 @@ def run_training(cfg: TrainConfig) -> int:
     from trainer.data import ShardDataError, ShardSetError
     from trainer.loop import NonFiniteLossError
     from trainer.models import UnsafeWeightsError
-    from trainer.train import train
+    from trainer.train import SetupError, train
 
     try:
         result = train(cfg, enable_bar=cfg.progress)
@@ -145,7 +145,7 @@ def run_training(cfg: TrainConfig) -> int:
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('trainer.data.ShardDataError: ')}",
               file=sys.stderr)
         return 2
-    except (ResumeMismatchError, UnsafeWeightsError, ShardSetError, CheckpointNotFoundError) as e:
+    except (ResumeMismatchError, UnsafeWeightsError, ShardSetError, CheckpointNotFoundError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:

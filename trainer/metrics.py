@@ -110,8 +110,17 @@ def _drop_records_after(path: Path, step: int) -> None:
     """Keep only the records of steps up to `step` (all of them gone for a fresh start at 0)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text().splitlines() if (logged := _step_of(line)) is not None and logged <= step]
     write_text_atomic(path, "".join(line + "\n" for line in keep))  # a crash here keeps the old log
+
+
+def _step_of(line: str) -> int | None:
+    """A record's step; None for a line that is no record (one torn by a power loss or a full disk would
+    otherwise stop every resume with a JSONDecodeError; it is dropped with the records past the checkpoint)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _summary_writer(path: Path, purge_step: int):

@@ -45,14 +45,18 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+class SetupError(ValueError):
+    """Flags this device or these shards cannot run, found before any step (the CLI: one line, exit 2)."""
+
+
 def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = None) -> Run:
     """Models, optimizer, scaler and generator; state restored from --resume; then the data stream."""
     world = world or World()
     device = init(world, resolve_device(cfg.device))
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
-        raise ValueError("fp16 training needs CUDA: pass --mixed-precision no (or bf16) on the CPU")
+        raise SetupError("fp16 training needs CUDA: pass --mixed-precision no (or bf16) on the CPU")
     if cfg.model.cuda_graphs and (device.type != "cuda" or world.size > 1):
-        raise ValueError("--cuda-graphs needs one CUDA device and one process (not the CPU, not torchrun): "
+        raise SetupError("--cuda-graphs needs one CUDA device and one process (not the CPU, not torchrun): "
                          "use --compile there")
     weight_dtype = DTYPES[cfg.mixed_precision]
     torch.manual_seed(cfg.seed)
@@ -61,7 +65,7 @@ def build_run(cfg: TrainConfig, enable_bar: bool = True, world: World | None = N
     if meta is not None:
         check_precomputed(meta, models, cfg.model.model)
     elif cfg.model.low_memory and device.type == "cuda":
-        raise ValueError("--low-memory needs precomputed shards (no VAE or text encoder on the GPU): run "
+        raise SetupError("--low-memory needs precomputed shards (no VAE or text encoder on the GPU): run "
                          "`python -m trainer precompute --shards ... --model ... --output DIR` and train on DIR")
     groups = param_groups(models, cfg.model, cfg.optim.learning_rate, cfg.optim.decoder_learning_rate)
     optimizer = build_optimizer(groups, cfg.optim)
