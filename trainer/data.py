@@ -488,8 +488,12 @@ class _Loader(torch.utils.data.DataLoader):
 
 
 def _worker_init(_: int) -> None:
-    """Workers ignore Ctrl-C: the main process decides when to stop (after saving a checkpoint)."""
+    """Workers ignore Ctrl-C and SIGTERM: the main process decides when to stop (after saving a checkpoint), and
+    its workers must deliver the batches of the step it finishes first. torchrun sends the signal to each rank's
+    whole process group, workers included (one killed by it failed the step: "DataLoader worker is killed by
+    signal: Terminated", no checkpoint); a worker whose process is gone ends by itself (DataLoader's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_memory: bool, rank: int = 0,
