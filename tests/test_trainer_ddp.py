@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.trainer_helpers import tiny_assets, tiny_config
+from trainer.checkpoint import list_checkpoints
 from trainer.config import (
     DataConfig,
     TrainConfig,
@@ -27,6 +32,7 @@ from trainer.tiny import build_tiny_tokenizer
 from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -104,17 +110,21 @@ def single_config(assets, output: Path) -> TrainConfig:
                        data={"train_batch_size": 4, "num_workers": 4, "proportion_empty_prompts": 0.5})
 
 
-def run_torchrun(assets, output: Path, extra: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=2 -m trainer` with batch 2 per process (gloo); `extra` flags win."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
+def torchrun_cmd(assets, output: Path, extra: list[str], entry: tuple[str, ...] = ("-m", "trainer")) -> list[str]:
+    """`torchrun --nproc_per_node=2 -m trainer` (or `entry`) with batch 2 per process (gloo); `extra` flags win."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry,
            "--shards", assets["shards"], "--model", str(assets["model"]), "--output", str(output),
            "--resolution", "32", "--train-batch-size", "2", "--shuffle-buffer", "4",
            "--proportion-empty-prompts", "0.5", "--learning-rate", "1e-3", "--optimizer", "adamw",
            "--gradient-accumulation-steps", "4", "--lr-scheduler", "constant", "--lr-warmup-steps", "0",
            "--checkpointing-steps", "1000", "--validation-steps", "1000", "--mixed-precision", "no",
            "--device", "cpu", "--log-every", "1", "--seed", "3", "--no-progress", *extra]
+
+
+def run_torchrun(assets, output: Path, extra: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """torchrun_cmd run to its end."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(torchrun_cmd(assets, output, extra), capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def torchrun(assets, output: Path, extra: list[str]) -> subprocess.CompletedProcess:
@@ -266,3 +276,79 @@ def test_two_processes_train_like_one_with_the_doubled_batch(assets, tmp_path):
     stream = ShardStream(data_config(assets, 2), assets["tokenizer"], 3)
     expected = take(stream, 20)[-1]["position"].tolist()  # after 40 samples in one process from the start
     assert after["samples"] == 40 and [after["epoch"], after["offset"]] == expected[1:]
+
+
+def stopped_pair(proc: subprocess.Popen, timeout: int = 120) -> str:
+    """The output of a torchrun launcher once it and both ranks have ended (all killed if they outlive `timeout`:
+    a rank left waiting in a collective for its peer)."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [c.pid for c in psutil.Process(proc.pid).children(recursive=True)] + [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the ranks were still running {timeout} s after the signal: {proc.communicate()[0][-3000:]}")
+
+
+def assert_both_stopped_saved(output: str, out: Path) -> int:
+    """Both ranks said they stopped at the same step with its checkpoint saved, and it is there, complete; the step."""
+    steps = re.findall(r"stopped at step (\d+); checkpoint saved", output)
+    assert len(steps) == 2 and len(set(steps)) == 1, output[-4000:]
+    assert "DataLoader worker" not in output and "[rank" not in output, output[-4000:]  # no rank's traceback
+    step = int(steps[0])
+    assert list_checkpoints(out)[-1] == (step, out / f"checkpoint-{step}")
+    logged = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert logged[-1] == step
+    return step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_sigterm_to_torchrun_saves_a_checkpoint_with_dataloader_workers(assets, tmp_path):
+    """torchrun passes a SIGTERM (or Ctrl-C) on to each rank's whole process group: its DataLoader workers died
+    of it ("DataLoader worker is killed by signal: Terminated" on both ranks, no checkpoint). They now ignore it:
+    both ranks stop at the same step, save it and say so."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(torchrun_cmd(assets, out, ["--max-train-steps", "1000", "--dataloader-num-workers", "1",
+                                                       "--gradient-accumulation-steps", "1"]),
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = out / "train_log.jsonl"
+    while proc.poll() is None and len(log.read_text().splitlines() if log.exists() else []) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert_both_stopped_saved(stopped_pair(proc), out)
+
+
+# Rank 1 receives SIGTERM while the checkpoint of step 2 is written: after that step's agreement, so rank 0 never
+# hears of it there (as when torchrun's signal reaches one rank just before, the other just after a step's end).
+LATE_SIGNAL = """
+import os, signal, sys
+import trainer.schedule as schedule
+real = schedule.gather_lanes
+def late(run):
+    if run.world.rank == 1 and run.state.step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(run)
+schedule.gather_lanes = late
+from trainer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_signal_one_rank_sees_after_a_step_stops_both_at_the_next(assets, tmp_path):
+    """A stop signal that reaches rank 1 after a step's agreement made it leave the loop alone (and say it had
+    saved that step) while rank 0 trained on and waited for it in the next all-reduce. It is now agreed at the next
+    step: both ranks stop there, save it and say so."""
+    script = tmp_path / "late_signal.py"
+    script.write_text(LATE_SIGNAL)
+    out = tmp_path / "out"
+    cmd = torchrun_cmd(assets, out, ["--max-train-steps", "6", "--checkpointing-steps", "2",
+                                     "--gradient-accumulation-steps", "1", "--dataloader-num-workers", "0"],
+                       entry=(str(script),))
+    proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert assert_both_stopped_saved(stopped_pair(proc), out) == 3
+    assert [s for s, _ in list_checkpoints(out)] == [2, 3]

@@ -38,6 +38,11 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.requested: int | None = None
+        """The signal this process received (set by the handler at any moment)."""
+        self.agreed: int | None = None
+        """The signal every rank agreed on after a step (trainer.loop.train_loop): the loop stops there, saved.
+        Under torchrun a signal can reach one rank after that step's agreement and another rank before it: acting on
+        `requested` alone, the first would leave the loop while the other trains on, waiting for it in a collective."""
         self._old: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
@@ -206,7 +211,7 @@ def train_loop(run: Run) -> TrainState:
     batches = Lookahead(prefetch(run.loader, run.device))  # on CUDA each batch is on the device before its step
     loss_sum = torch.zeros((), device=run.device)
     nonfinite = torch.zeros((), dtype=torch.int32, device=run.device)
-    while st.step < cfg.max_train_steps and run.stop.requested is None:
+    while st.step < cfg.max_train_steps and run.stop.agreed is None:
         set_lr(run.optimizer, run.base_lrs, lr_factor(st.step, cfg.optim, cfg.max_train_steps))
         for i in range(passes):
             loss = pass_loss(run, next_pass(run, batches, merge), merge, passes, sync=i == passes - 1)
@@ -222,12 +227,12 @@ def train_loop(run: Run) -> TrainState:
         run.optimizer.zero_grad(set_to_none=True)
         st.step += 1
         stop, dropped = agree_max(run.world, run.device, run.stop.requested or 0, run.dropped.peak)
-        run.stop.requested = stop or None
+        run.stop.agreed = stop or None  # a signal seen after this (while saving, validating) stops the next step
         check_dropped(run, dropped)
         run.log.advance()
         if st.step % cfg.log_every == 0 or st.step == cfg.max_train_steps:
             log_step(run, loss_sum, nonfinite)
-        stopping = run.stop.requested is not None
+        stopping = run.stop.agreed is not None
         if run.checkpoints.due(st.step, stopping):
             run.checkpoints.write(run)
         if run.validation.due(st.step, stopping):

@@ -136,8 +136,8 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
         with StopSignal() as stop:
             run.stop = stop
             result.step = train_loop(run).step
-        result.stopped_by_signal = stop.requested
-        if stop.requested is None:  # a stopped run saved its checkpoint in the loop, and ends there
+        result.stopped_by_signal = stop.agreed  # the loop saved a checkpoint at the step where it stopped
+        if stop.agreed is None:  # a stopped run saved its checkpoint in the loop, and ends there
             result.controlnet = run.checkpoints.finish(run)
             run.validation.finish(run)
     finally:
