@@ -278,13 +278,15 @@ def test_two_processes_train_like_one_with_the_doubled_batch(assets, tmp_path):
     assert after["samples"] == 40 and [after["epoch"], after["offset"]] == expected[1:]
 
 
-def stopped_pair(proc: subprocess.Popen, timeout: int = 120) -> str:
-    """The output of a torchrun launcher once it and both ranks have ended (all killed if they outlive `timeout`:
-    a rank left waiting in a collective for its peer)."""
+def stopped_pair(proc: subprocess.Popen, tree: list[int], timeout: int = 120) -> str:
+    """The output of a torchrun launcher once it and both ranks have ended (the processes of `tree` all killed if
+    they outlive `timeout`: a rank left waiting in a collective for its peer, or training on alone)."""
     try:
         return proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        for pid in [c.pid for c in psutil.Process(proc.pid).children(recursive=True)] + [proc.pid]:
+        with contextlib.suppress(psutil.NoSuchProcess):  # the launcher's children as they are now, if it lives
+            tree = tree + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree + [proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the ranks were still running {timeout} s after the signal: {proc.communicate()[0][-3000:]}")
@@ -313,11 +315,35 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_with_dataloader_workers(assets, 
                                                        "--gradient-accumulation-steps", "1"]),
                             env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    tree = training(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    assert_both_stopped_saved(stopped_pair(proc, tree), out)
+
+
+def training(proc: subprocess.Popen, out: Path) -> list[int]:
+    """Once torchrun's run has logged two steps: the pids of its ranks and their workers."""
     log = out / "train_log.jsonl"
     while proc.poll() is None and len(log.read_text().splitlines() if log.exists() else []) < 2:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    assert_both_stopped_saved(stopped_pair(proc), out)
+    return [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(assets, tmp_path):
+    """torchrun starts each rank in a session of its own: when the launcher was SIGKILLed (or OOM-killed) the ranks
+    trained on to the end unseen, writing into --output (a rerun with --resume latest wrote there too). Now they
+    notice, stop at the same step, save it and say so."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(torchrun_cmd(assets, out, ["--max-train-steps", "400", "--gradient-accumulation-steps", "1",
+                                                       "--dataloader-num-workers", "0"]),
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    tree = training(proc, out)
+    proc.kill()
+    output = stopped_pair(proc, tree)
+    assert "the torchrun launcher is gone" in output
+    assert_both_stopped_saved(output, out)
 
 
 # Rank 1 receives SIGTERM while the checkpoint of step 2 is written: after that step's agreement, so rank 0 never
@@ -350,5 +376,5 @@ def test_a_signal_one_rank_sees_after_a_step_stops_both_at_the_next(assets, tmp_
                        entry=(str(script),))
     proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert assert_both_stopped_saved(stopped_pair(proc), out) == 3
+    assert assert_both_stopped_saved(stopped_pair(proc, []), out) == 3
     assert [s for s, _ in list_checkpoints(out)] == [2, 3]

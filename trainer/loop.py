@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -36,7 +37,9 @@ class StopSignal:
     a plain flag.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, launcher: int | None = None) -> None:
+        self.launcher = launcher
+        """Under torchrun, the pid of the launcher that started this rank (see launcher_gone)."""
         self.requested: int | None = None
         """The signal this process received (set by the handler at any moment)."""
         self.agreed: int | None = None
@@ -49,6 +52,19 @@ class StopSignal:
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signum
+
+    def launcher_gone(self) -> bool:
+        """True, and a stop requested as by SIGTERM, once torchrun's launcher has died (SIGKILL, the OOM killer).
+
+        torchrun starts each rank in a session of its own and forwards signals itself: with the launcher gone
+        nothing stops the ranks, which trained on to the end, writing into --output, while a rerun with --resume
+        latest wrote there too. The rank is then the child of another process: it stops at the next step, saved.
+        """
+        if self.launcher is None or os.getppid() == self.launcher:
+            return False
+        self.launcher = None
+        self.requested = self.requested or int(signal.SIGTERM)
+        return True
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -226,6 +242,8 @@ def train_loop(run: Run) -> TrainState:
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         st.step += 1
+        if run.stop.launcher_gone():
+            run.log.note("the torchrun launcher is gone: stopping at this step (every rank, checkpoint saved)")
         stop, dropped = agree_max(run.world, run.device, run.stop.requested or 0, run.dropped.peak)
         run.stop.agreed = stop or None  # a signal seen after this (while saving, validating) stops the next step
         check_dropped(run, dropped)
