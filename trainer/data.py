@@ -30,9 +30,11 @@ caption dropout then swaps in the empty prompt's stored embedding (trainer.objec
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import os
 import random
 import signal
 from collections import deque
@@ -488,12 +490,17 @@ class _Loader(torch.utils.data.DataLoader):
 
 
 def _worker_init(_: int) -> None:
-    """Workers ignore Ctrl-C and SIGTERM: the main process decides when to stop (after saving a checkpoint), and
-    its workers must deliver the batches of the step it finishes first. torchrun sends the signal to each rank's
-    whole process group, workers included (one killed by it failed the step: "DataLoader worker is killed by
-    signal: Terminated", no checkpoint); a worker whose process is gone ends by itself (DataLoader's watchdog)."""
+    """Workers leave their process's group and ignore Ctrl-C: the main process decides when to stop (after saving a
+    checkpoint), and its workers must deliver the batches of the step it finishes first.
+
+    torchrun sends SIGTERM and SIGINT to each rank's whole process group (os.killpg): a worker killed by it failed
+    the step ("DataLoader worker is killed by signal: Terminated", no checkpoint). Ignoring SIGTERM instead would
+    stall an exit: multiprocessing ends its workers with SIGTERM and then waits for them. In a group of their own
+    they still end with their process (DataLoader's shutdown, or its watchdog once the process is gone).
+    """
+    with contextlib.suppress(OSError):  # not allowed for a session leader (never a DataLoader worker)
+        os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_memory: bool, rank: int = 0,
