@@ -265,6 +265,8 @@ def test_two_processes_train_like_one_with_the_doubled_batch(assets, tmp_path):
     for a, b in zip(logs, ones, strict=True):  # the logged loss is the mean over both processes
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert "effective batch 16 = batch 2 x accumulation 4 x 2 process(es)" in proc.stdout
+    assert proc.stdout.count(f"ControlNet in {tmp_path / 'two' / 'controlnet'}") == 1  # rank 1 said "in None"
+    assert "done: 2 steps; rank 0 wrote the ControlNet" in proc.stdout
     state = json.loads((tmp_path / "two" / "checkpoint-2" / "state.json").read_text())
     assert state["samples"] == 32  # 2 steps x 16 samples, counted globally
     # one process resumes the two processes' run: it continues at global sample 32 (8 samples a step now)

@@ -154,7 +154,8 @@ def run_training(cfg: TrainConfig) -> int:
     if result.stopped_by_signal is not None:
         print(f"stopped at step {result.step}; checkpoint saved. Continue with --resume latest", flush=True)
         return 128 + int(result.stopped_by_signal)
-    print(f"done: {result.step} steps; ControlNet in {result.controlnet}", flush=True)
+    where = f"ControlNet in {result.controlnet}" if result.controlnet else "rank 0 wrote the ControlNet"  # torchrun
+    print(f"done: {result.step} steps; {where}", flush=True)
     return 0
 
 
