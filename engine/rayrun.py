@@ -45,6 +45,7 @@ class RayRunner:
         self.token = uuid.uuid4().hex
 
     def __enter__(self):
+        self.sigterm = sigterm_handler()
         if not ray.is_initialized():
             join_check(self.cfg.ray_address)
             try:
@@ -52,6 +53,12 @@ class RayRunner:
                          **ray_init_args(self.cfg))
             except ConnectionError as exc:  # an OSError, which the CLI would blame on the disk
                 raise RuntimeError(f"--ray-address {self.cfg.ray_address}: {exc}") from None
+            except SystemExit as exc:  # Ray's own handler (below) met a SIGTERM during ray.init
+                if exc.code == signal.SIGTERM and self.sigterm is not None:
+                    raise KeyboardInterrupt from None
+                raise
+            finally:
+                put_back_sigterm(self.sigterm)
             self.owns_ray = True
         else:
             self.owns_ray = False
@@ -77,6 +84,7 @@ class RayRunner:
             S.store_of(self.cfg).delete(TOKEN_FILE)
         if self.owns_ray:
             ray.shutdown()
+            put_back_sigterm(self.sigterm)
         return False
 
     def client(self) -> D.DedupClient | None:
@@ -160,6 +168,24 @@ def deferred_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def sigterm_handler():
+    """The SIGTERM handler in place before Ray starts (the CLI's: the clean exit 130), or None off the main thread
+    or where Python installed none."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handler = signal.getsignal(signal.SIGTERM)
+    return handler if callable(handler) or handler in (signal.SIG_IGN, signal.SIG_DFL) else None
+
+
+def put_back_sigterm(handler) -> None:
+    """Reinstall `handler` for SIGTERM. ray.init replaces it with its own (sys.exit(15): exit 15, no message), and
+    after ray.shutdown Ray's core worker leaves SIGTERM at its default action (death by the signal, exit -15, no
+    message) while Python still names Ray's handler; either way a scheduler's stop outside the run loop skipped
+    the CLI's one line and exit 130 (found by killing `--runner ray` runs at random moments)."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def join_check(address: str | None) -> None:

@@ -192,3 +192,52 @@ def test_sigterm_before_the_run_starts_exits_130_with_one_line_and_no_traceback(
     assert res.stderr.strip().splitlines()[-1] == \
         "interrupted: complete shards are kept; rerun the same command to resume"
     assert not out.exists()  # stopped before the output folder was touched
+
+
+SIGTERM_AROUND_RAY = """
+import os, signal, sys
+import ray._private.utils as ray_utils
+import engine.rayrun as R
+
+def term():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+moment = sys.argv.pop(1)
+if moment == "in_ray_init":  # just after ray.init put in its own handler, before it returned
+    set_handler = ray_utils.set_sigterm_handler
+    def set_then_term(handler):
+        set_handler(handler)
+        ray_utils.set_sigterm_handler = set_handler
+        term()
+    ray_utils.set_sigterm_handler = set_then_term
+elif moment == "after_ray_init":  # Ray up, the run loop not yet begun
+    write_token = R.write_token
+    def term_then_write(*args):
+        term()
+        write_token(*args)
+    R.write_token = term_then_write
+else:  # "after_ray_shutdown": every shard done, Ray stopped, the summary not yet printed
+    leave = R.RayRunner.__exit__
+    def leave_then_term(self, *exc):
+        leave(self, *exc)
+        term()
+    R.RayRunner.__exit__ = leave_then_term
+from engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("moment", ["in_ray_init", "after_ray_init", "after_ray_shutdown"])
+def test_sigterm_around_the_ray_run_loop_exits_130_with_one_line(tmp_path, moment):
+    """ray.init swaps the CLI's SIGTERM handler for its own (sys.exit(15)) and, after ray.shutdown, Ray's core
+    worker leaves SIGTERM at its default action: a scheduler's stop outside the run loop ended `--runner ray` with
+    exit 15 or -15 and no message (seen killing random runs). Now each window takes the clean path."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "coffee.jpg").write_bytes(encode(scaled(photo("coffee"), 320, 300)))
+    res = subprocess.run([sys.executable, "-c", SIGTERM_AROUND_RAY, moment, "shards", str(tmp_path / "photos"),
+                          "--output", str(tmp_path / "out"), "--runner", "ray", "--workers", "1", "--no-progress",
+                          "--min-image-size", "256", "--image-size", "256"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 130, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == \
+        "interrupted: complete shards are kept; rerun the same command to resume"
