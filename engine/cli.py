@@ -14,7 +14,7 @@ from pathlib import Path
 from . import options
 from . import outcomes as O
 from .config import ConditionConfig, EngineConfig, PreviewConfig
-from .storage import StoreLost
+from .storage import RunnerLost, StoreLost
 
 
 def subcommand(sub, name: str, cls: type, **kw) -> argparse.ArgumentParser:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # here, not around run(): a signal during the imports or the planning too
         print(f"\ninterrupted{INTERRUPTED.get(a.command, '')}", file=sys.stderr)
         return 130
-    except StoreLost as exc:  # the object store went away mid-run; its message says to rerun
+    except (StoreLost, RunnerLost) as exc:  # the object store or a Ray actor went away mid-run; its message says to rerun
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:  # bad flags or inputs: say which

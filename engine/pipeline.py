@@ -213,7 +213,7 @@ def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callabl
             if done:  # asked only then: the process runner builds its index while the run starts
                 rebuild_index(runner.client(), out, dict(done))
             runner.run(todo, progress, finished)
-    except S.StoreLost as exc:  # said once the closing writes are tried, with what the run leaves
+    except (S.StoreLost, S.RunnerLost) as exc:  # said once the closing writes are tried, with what the run leaves
         stopped = exc
     finally:
         progress.close()
@@ -227,6 +227,6 @@ def _run(cfg: EngineConfig, out: S.LocalStore | S.ObjectStore, on_shard: Callabl
             result["unsaved"] = f"could not write {out.url}/stats.json: {exc}"
         card.write_card(out, cfg, result)  # README.md: features for datasets.load_dataset(OUTPUT), counts
     if stopped or out.lost:  # lost: also a lease taken over once the last shard was marked
-        raise S.StoreLost(f"{stopped or out.lost} [{len(done)} shards complete, "
+        raise (type(stopped) if stopped else S.StoreLost)(f"{stopped or out.lost} [{len(done)} shards complete, "
                           f"{result['outcomes'].get(PENDING, 0)} of {rows} rows pending]") from None
     return result

@@ -25,7 +25,7 @@ from . import storage as S
 from .config import EngineConfig
 from .counter import ProgressCounter
 from .plan import Shard
-from .runners import OutputError, Progress, settle
+from .runners import OutputError, Progress, RunnerLost, settle
 
 TOKEN_FILE = ".driver-token"  # this run's random token: a task writes only where it finds it (same folder)
 PROBE_TIMEOUT = 300.0  # seconds for every node to answer the shared-folder check (runtime_env setup included)
@@ -139,7 +139,13 @@ class RayRunner:
 
     def _drain(self, progress: Progress) -> None:
         """Move the counter actor's counts (by shard and attempt) onto the progress display."""
-        for shard, attempt, rows, written in ray.get(self.progress_actor.take.remote()):
+        try:
+            counts = ray.get(self.progress_actor.take.remote())
+        except ray.exceptions.RayActorError as exc:  # its process died: the run cannot dedup or count on
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunnerLost(f"the Ray actor holding the dedup index and progress counts died mid-run ({cause}); "
+                             "rerun the same command to resume") from None
+        for shard, attempt, rows, written in counts:
             progress.add(rows, written, shard, attempt)
 
 

@@ -19,7 +19,7 @@ from . import dedup as D
 from .config import EngineConfig
 from .plan import Shard
 from .sample import shard_name
-from .storage import OutputError  # noqa: F401 -- the Ray runner raises it from here
+from .storage import OutputError, RunnerLost  # noqa: F401 -- the Ray runner raises them from here
 
 
 class Progress:

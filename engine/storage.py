@@ -55,6 +55,13 @@ class StoreLost(RuntimeError):
     Not an OSError: the runners take those for a dead worker and carry on."""
 
 
+class RunnerLost(RuntimeError):
+    """A part of the runner that the whole run needs died mid-run (under Ray: the actor holding the dedup index
+    and the progress counts, its worker process killed or out of memory): the run stops, its complete shards are
+    kept (each vouched for by its marker), and a rerun resumes. Said in one line, exit 1, not as a traceback.
+    Here, beside StoreLost, so the CLI catches it without importing the runners."""
+
+
 class Stalled(OSError):
     """A gs:// request the store took and never answered within GCS_STALL_S (an OSError, as any failed
     request: the paths that handle those, the store lost mid-run included, handle it alike)."""

@@ -241,3 +241,49 @@ def test_sigterm_around_the_ray_run_loop_exits_130_with_one_line(tmp_path, momen
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == \
         "interrupted: complete shards are kept; rerun the same command to resume"
+
+
+KILL_THE_INDEX_ACTOR = """
+import signal, sys
+import psutil
+import engine.rayrun as R
+
+settle = R.settle
+
+def settle_then_kill(*args):
+    '''After the first shard settles, SIGKILL the Ray worker process of the dedup index and progress actor
+    (what the OOM killer or a stray kill does) and wait until it is gone.'''
+    R.settle = settle
+    actor = next(p for p in psutil.Process().children(recursive=True)
+                 if (p.cmdline() or [""])[0].startswith("ray::IndexAndCounter"))
+    actor.send_signal(signal.SIGKILL)
+    actor.wait(30)
+    return settle(*args)
+
+R.settle = settle_then_kill
+from engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_ray_index_actor_killed_mid_run_stops_the_run_in_one_line_and_a_rerun_finishes(tmp_path):
+    """The actor holding the dedup index and the progress counts, SIGKILLed mid-run, crashed the driver with
+    ActorDiedError's traceback (exit 1, seen killing random Ray workers). Now one line that says to rerun,
+    exit 1, complete shards kept and stats.json written; the rerun finishes every row."""
+    (tmp_path / "photos").mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        (tmp_path / "photos" / f"{name}.jpg").write_bytes(encode(scaled(photo(name), 320, 300)))
+    out = tmp_path / "out"
+    args = ["shards", str(tmp_path / "photos"), "--output", str(out), "--runner", "ray", "--workers", "1",
+            "--shard-size", "1", "--no-progress", "--min-image-size", "256", "--image-size", "256"]
+    res = subprocess.run([sys.executable, "-c", KILL_THE_INDEX_ACTOR, *args], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the Ray actor holding the dedup index and progress counts died mid-run")
+    assert "rerun the same command to resume" in last and "rows pending]" in last
+    assert json.loads((out / "stats.json").read_text())["outcomes"].get("pending")
+    res = subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out / "stats.json").read_text())["outcomes"] == {"ok": 3}
