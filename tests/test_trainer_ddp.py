@@ -310,16 +310,20 @@ def assert_both_stopped_saved(output: str, out: Path) -> int:
 @pytest.mark.timeout(200)
 def test_sigterm_to_torchrun_saves_a_checkpoint_with_dataloader_workers(assets, tmp_path):
     """torchrun passes a SIGTERM (or Ctrl-C) on to each rank's whole process group: its DataLoader workers died
-    of it ("DataLoader worker is killed by signal: Terminated" on both ranks, no checkpoint). They now ignore it:
-    both ranks stop at the same step, save it and say so."""
+    of it ("DataLoader worker is killed by signal: Terminated" on both ranks, no checkpoint). They now run in a
+    process group of their own: both ranks stop at the same step, save it and say so."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(torchrun_cmd(assets, out, ["--max-train-steps", "1000", "--dataloader-num-workers", "1",
-                                                       "--gradient-accumulation-steps", "1"]),
-                            env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_torchrun(assets, out, ["--max-train-steps", "1000", "--dataloader-num-workers", "1"])
     tree = training(proc, out)
     proc.send_signal(signal.SIGTERM)
     assert_both_stopped_saved(stopped_pair(proc, tree), out)
+
+
+def start_torchrun(assets, out: Path, extra: list[str]) -> subprocess.Popen:
+    """A 2-process torchrun of the tiny model, one optimizer step per batch, output piped (read by stopped_pair)."""
+    return subprocess.Popen(torchrun_cmd(assets, out, [*extra, "--gradient-accumulation-steps", "1"]),
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def training(proc: subprocess.Popen, out: Path) -> list[int]:
@@ -337,10 +341,7 @@ def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(assets, tmp_path
     trained on to the end unseen, writing into --output (a rerun with --resume latest wrote there too). Now they
     notice, stop at the same step, save it and say so."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(torchrun_cmd(assets, out, ["--max-train-steps", "400", "--gradient-accumulation-steps", "1",
-                                                       "--dataloader-num-workers", "0"]),
-                            env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_torchrun(assets, out, ["--max-train-steps", "400", "--dataloader-num-workers", "0"])
     tree = training(proc, out)
     proc.kill()
     output = stopped_pair(proc, tree)
