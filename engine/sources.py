@@ -214,7 +214,13 @@ def records(inp: Input) -> list[dict]:
 
 def read_table(inp: Input, url_col: str | None = None) -> pa.Table:
     """A CSV/JSONL list as a table; relative local paths made absolute against the list's folder.
-    A path column named as PATH_NAMES says (HF imagefolder's file_name too) becomes `url`."""
+    A path column named as PATH_NAMES says (HF imagefolder's file_name too) becomes `url`. Parsed once
+    per run (objinput.per_run): the input check, the run's column types and the shards all ask for it."""
+    return objinput.per_run(("list", str(inp.path), url_col), lambda: _read_table(inp, url_col))
+
+
+def _read_table(inp: Input, url_col: str | None) -> pa.Table:
+    """read_table, parsing the list."""
     from .plan import URL_NAMES, find_column  # plan imports this module
 
     rows = records(inp)

@@ -187,3 +187,19 @@ def test_an_input_rooted_at_the_file_system_root_is_refused(tmp_path):
     with pytest.raises(ValueError, match="whole file system"):
         sources.roots([sources.Input("images", Path("/"), "/*.jpg")])
     assert sources.roots([sources.Input("csv", tmp_path / "list.csv", "list.csv")]) == (str(tmp_path),)
+
+
+def test_a_list_is_parsed_once_per_run(tmp_path, monkeypatch):
+    """The input check, the column types and the shards all read a CSV/JSONL list: one parse per run."""
+    from engine import objinput, plan
+
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,caption,tag\n" + "".join(f"p{i}.jpg,cap {i},{i}\n" for i in range(30)))
+    parses = []
+    real = sources.records
+    monkeypatch.setattr(sources, "records", lambda inp: parses.append(inp.path) or real(inp))
+    with objinput.run_scope():
+        plan.check_inputs([str(lst)])
+        rows = sum(s.table.num_rows for s in plan.iter_shards([str(lst)], 10))
+        assert sources.table_schema(lst, None) is not None
+    assert rows == 30 and parses == [lst]
