@@ -42,3 +42,19 @@ def test_phase_rate_skips_each_phase_start_and_sums_the_phases_of_one_kind():
     assert phase_rate(records, phases, "resident", samples_per_step=8) == 80.0
     assert phase_rate(records, phases, "loader", samples_per_step=8) == 40.0
     assert phase_rate(records, [], "loader", samples_per_step=8) != phase_rate(records, [], "loader", 8)  # nan
+
+
+def test_a_saved_result_renders_under_its_own_title_with_ratios_against_the_peer():
+    from bench.train_bench import TITLE, markdown
+
+    ours = {"batch": 8, "accum": 1, "levels": 1, "cuda_graphs": True, "samples_per_s": 84.0, "mfu": 0.28,
+            "flops_per_sample": 2.5e12, "peak_allocated_gib": 8.3, "peak_reserved_gib": 10.3}
+    res = {"gpu": "card", "torch": "t", "diffusers": "d", "bnb": "b", "workers": 8, "peak_tflops": 700.0,
+           "peak_flops": 7e14, "runs": {"peer-b8": {"batch": 8, "accum": 1, "samples_per_s": 28.0,
+                                                    "peak_allocated_gib": 9.4, "peak_reserved_gib": 10.6},
+                                        "ours-b8-l1-graphs": ours}}
+    text = markdown(res, "### later call")
+    assert text.startswith("### later call\n") and TITLE not in text
+    assert "--checkpoint-levels 1 --cuda-graphs` | 84.0 | **3.00x** | 8.3 GiB" in text
+    assert "| b8 | diffusers, batch 8 x accumulation 1 | 28.0 | 1.00x | 9.4 GiB | 10.6 GiB | 10.0% |" in text
+    assert markdown(res).startswith(TITLE)
