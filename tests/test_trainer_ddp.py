@@ -349,6 +349,26 @@ def test_ranks_whose_launcher_was_killed_stop_with_a_checkpoint(assets, tmp_path
     assert_both_stopped_saved(output, out)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_killed_rank_leaves_one_line_on_the_other(assets, tmp_path):
+    """A rank SIGKILLed mid-run (the OOM killer, a lost host): the other's next collective fails. It printed gloo's
+    RuntimeError as a traceback; now it says in one line that another process stopped and where to resume from."""
+    out = tmp_path / "out"
+    proc = start_torchrun(assets, out, ["--max-train-steps", "400", "--dataloader-num-workers", "0",
+                                        "--checkpointing-steps", "1"])
+    tree = training(proc, out)
+    rank1 = [pid for pid in tree if psutil.Process(pid).environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
+    output = stopped_pair(proc, tree)
+    line = re.search(r"error: rank 0: another process of this run stopped \((.+)\); the newest complete checkpoint "
+                     r"is (\S+): rerun the same command with --resume latest", output)
+    assert line, output[-4000:]
+    assert "[rank" not in output, output[-4000:]  # no rank's traceback
+    assert Path(line.group(2)) == list_checkpoints(out)[-1][1]
+
+
 # Rank 1 receives SIGTERM while the checkpoint of step 2 is written: after that step's agreement, so rank 0 never
 # hears of it there (as when torchrun's signal reaches one rank just before, the other just after a step's end).
 LATE_SIGNAL = """

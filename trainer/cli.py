@@ -8,6 +8,7 @@ and help text are the field's, so the parser and the dataclasses cannot drift ap
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -94,6 +95,30 @@ def interrupted_message(output: str) -> str:
             f"{found[-1][1]} (continue with --resume latest)")
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another rank of this torchrun died (killed, out of
+    memory, its host gone): gloo says so in a RuntimeError naming its transport, NCCL and the store in
+    torch.distributed.DistError. Only in a run of several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or "gloo" in str(e)
+
+
+def peer_lost_message(e: BaseException, output: str) -> str:
+    """One line for the ranks that outlive a lost peer: which rank, the library's own first line (cut), and where
+    the run can continue from (nothing of the step in flight is saved: its gradients never met)."""
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    first = first.split("] ", 1)[-1].split(". ", 1)[0][:160]  # gloo prefixes its source path and line
+    from trainer.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(output))
+    where = (f"the newest complete checkpoint is {found[-1][1]}: rerun the same command with --resume latest"
+             if found else "no checkpoint was complete yet: rerun the same command to start again")
+    return f"rank {os.environ.get('RANK', '?')}: another process of this run stopped ({first}); {where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, train, and exit 0 when done, 130/143 when stopped by SIGINT/SIGTERM (checkpoint saved)."""
     command = subcommand(argv)
@@ -127,7 +152,8 @@ def _main_thread() -> bool:
 
 
 def run_training(cfg: TrainConfig) -> int:
-    """Train; each known failure is one line on stderr and its exit status (2 data/settings, 3 NaN, 4 memory)."""
+    """Train; each known failure is one line on stderr and its exit status (2 data/settings, 3 NaN, 4 memory,
+    5 another rank of a torchrun lost)."""
     import torch
 
     from trainer.checkpoint import CheckpointNotFoundError, ResumeMismatchError
@@ -151,6 +177,11 @@ def run_training(cfg: TrainConfig) -> int:
     except torch.OutOfMemoryError as e:
         print(f"error: {str(e).splitlines()[0]}\n{memory_advice(cfg)}", file=sys.stderr)
         return 4
+    except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors too
+        if not peer_lost(e):
+            raise
+        print(f"error: {peer_lost_message(e, cfg.output)}", file=sys.stderr)
+        return 5
     if result.stopped_by_signal is not None:
         print(f"stopped at step {result.step}; checkpoint saved. Continue with --resume latest", flush=True)
         return 128 + int(result.stopped_by_signal)
