@@ -2,7 +2,7 @@
 
 Each fix is as narrow as its cause. Casts of models with nothing to keep in float32 go through torch's own
 Module.to (diffusers' cast warns on every call; trainer/models.py `place`). Loading bars of diffusers and transformers are switched off only while models
-load (`loading`); the hub's download bars stay. One transformers notice is dropped (`_NoTorchvision`).
+load (`loading`); the hub's download bars stay. One transformers notice and one bitsandbytes notice are dropped (`_NoTorchvision`, `_NoHubKernel`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,25 @@ class _NoTorchvision(logging.Filter):
         return "requires torchvision (not installed); falling back to" not in record.getMessage()
 
 
+class _NoHubKernel(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning, logged on
+    import on CPUs with AVX512-BF16 when the `kernels` package (a dependency of transformers) is installed:
+    bitsandbytes then asks the Hub for a 4-bit matmul kernel, which this trainer never calls (its 8-bit
+    optimizer has kernels of its own), and the advice it gives (`pip install kernels`) is already taken."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to load CPU gemm_4bit_forward" not in record.getMessage()
+
+
+FILTERS = {"transformers.utils.import_utils": _NoTorchvision, "bitsandbytes.backends.cpu.ops": _NoHubKernel}
+
+
 def install_filters() -> None:
-    """Attach the filter above to the one transformers logger that emits the notice (idempotent)."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _NoTorchvision) for f in logger.filters):
-        logger.addFilter(_NoTorchvision())
+    """Attach the filters above to the one logger each notice comes from (idempotent)."""
+    for name, kind in FILTERS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 @contextlib.contextmanager
