@@ -369,6 +369,48 @@ def test_a_killed_rank_leaves_one_line_on_the_other(assets, tmp_path):
     assert Path(line.group(2)) == list_checkpoints(out)[-1][1]
 
 
+# Rank 0 marks that it is inside init_process_group; rank 1 gets there only once the launcher is gone (a rank still
+# loading when torchrun's launcher was killed). The launcher holds the store they meet at.
+EARLY_KILL = """
+import os, sys, time
+from pathlib import Path
+import trainer
+import trainer.distributed as d
+real = d.dist.init_process_group
+def marked(*args, **kwargs):
+    if os.environ["RANK"] == "0":
+        Path(os.environ["MARK"]).touch()
+    else:
+        while os.getppid() == trainer.PARENT_AT_START:
+            time.sleep(0.05)
+    return real(*args, **kwargs)
+d.dist.init_process_group = marked
+from trainer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_ranks_whose_launcher_was_killed_before_they_met_end_in_one_line(assets, tmp_path):
+    """A launcher killed before the ranks had all started their process group left the ones already waiting there
+    (and those that came later) waiting for each other up to init's 30-minute timeout. Each now ends in one line."""
+    script, mark, out = tmp_path / "early_kill.py", tmp_path / "rank0-in-init", tmp_path / "out"
+    script.write_text(EARLY_KILL)
+    cmd = torchrun_cmd(assets, out, ["--dataloader-num-workers", "0"], entry=(str(script),))
+    proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MARK": str(mark)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not mark.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    tree = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    time.sleep(0.5)
+    proc.kill()
+    output = stopped_pair(proc, tree, timeout=60)
+    for rank in (0, 1):
+        assert f"error: rank {rank}: the torchrun launcher is gone before the processes met" in output, output[-3000:]
+    assert "Traceback" not in output and not list_checkpoints(out), output[-3000:]
+
+
 # Rank 1 receives SIGTERM while the checkpoint of step 2 is written: after that step's agreement, so rank 0 never
 # hears of it there (as when torchrun's signal reaches one rank just before, the other just after a step's end).
 LATE_SIGNAL = """

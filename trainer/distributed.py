@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,8 @@ class World:
     """Number of processes (torchrun's WORLD_SIZE)."""
     local_rank: int = 0
     """Rank on this host: the CUDA device index."""
+    launcher: int | None = None
+    """Under torchrun, the pid of the launcher that started this process (see launcher_watch)."""
 
     @property
     def main(self) -> bool:
@@ -39,8 +43,11 @@ class World:
 
 def world_from_env() -> World:
     """The world torchrun describes in the environment (one process when it does not)."""
+    import trainer
+
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")),
+                 trainer.PARENT_AT_START if size > 1 else None)
 
 
 def init(world: World, device: torch.device) -> torch.device:
@@ -52,8 +59,43 @@ def init(world: World, device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        with launcher_watch(world):
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return device
+
+
+@contextlib.contextmanager
+def launcher_watch(world: World, every: float = 0.25):
+    """While the process group starts: the ranks meet at a store torchrun's launcher holds, so with the launcher
+    killed first (SIGKILL, the OOM killer) they waited for each other up to init's 30-minute timeout. This process
+    then ends in one line instead; nothing was trained or written yet. (After init, trainer.loop's per-step check
+    stops the ranks, saved.)"""
+    if world.launcher is None:
+        yield
+        return
+    met = threading.Event()
+
+    def gone() -> None:
+        print(f"error: rank {world.rank}: the torchrun launcher is gone before the processes met; nothing was "
+              "trained or written: run the command again", file=sys.stderr, flush=True)
+        os._exit(143)  # the main thread may be inside the store's C++ wait: nothing else ends it
+
+    def watch() -> None:
+        while not met.wait(every):
+            if os.getppid() != world.launcher:
+                gone()
+
+    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    except dist.DistError:  # a rank already connected to the launcher's store loses the connection instead
+        if os.getppid() != world.launcher:
+            gone()
+        raise
+    finally:
+        met.set()
+        thread.join()
 
 
 def shutdown(world: World) -> None:

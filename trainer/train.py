@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +133,7 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
                  f"{cfg.optim.gradient_accumulation_steps} x {world.size} process(es)")
     result = TrainResult(output=output, step=0, log=output / "train_log.jsonl")
     try:
-        with StopSignal(launcher=os.getppid() if world.size > 1 else None) as stop:
+        with StopSignal(launcher=world.launcher) as stop:
             run.stop = stop
             result.step = train_loop(run).step
         result.stopped_by_signal = stop.agreed  # the loop saved a checkpoint at the step where it stopped
