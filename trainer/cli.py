@@ -97,13 +97,14 @@ def interrupted_message(output: str) -> str:
 
 def peer_lost(e: BaseException) -> bool:
     """Whether `e` is a collective that failed because another rank of this torchrun died (killed, out of
-    memory, its host gone): gloo says so in a RuntimeError naming its transport, NCCL and the store in
-    torch.distributed.DistError. Only in a run of several processes."""
+    memory, its host gone): gloo says so in a RuntimeError from its transport (the source path in the message:
+    gloo/transport/tcp/pair.cc), NCCL and the store in torch.distributed.DistError. Only in a run of several
+    processes; gloo's other errors (a shape that differs between ranks, say) keep their traceback."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False
     import torch.distributed as dist
 
-    return isinstance(e, dist.DistError) or "gloo" in str(e)
+    return isinstance(e, dist.DistError) or "gloo/transport/" in str(e)
 
 
 def peer_lost_message(e: BaseException, output: str) -> str:
