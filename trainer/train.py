@@ -142,7 +142,11 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
             run.validation.finish(run)
     finally:
         run.log.close()
-    shutdown(world)
+    if result.stopped_by_signal is None:
+        shutdown(world)
+    # A stopped run ends without shutdown's barrier and teardown: its ranks already met at the stop's checkpoint
+    # barrier, and in CI runs a rank left there after its peer had gone (torchrun's launcher killed, or a signal)
+    # hung in that last barrier or destroy_process_group, never saying it had stopped.
     result.checkpoints, result.validation_grids = run.checkpoints.saved, run.validation.grids
     result.last_loss = _last_loss(output / "train_log.jsonl")
     return result
