@@ -126,7 +126,8 @@ def auth(s3):
     iam.put_user_policy(UserName=name, PolicyName="read-only", PolicyDocument=json.dumps({
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Resource": "*",  # s3:HeadBucket: moto's action of a bucket's HEAD
-                       "Action": ["s3:GetObject", "s3:ListBucket", "s3:HeadBucket"]}]}))
+                       # s3:ListObjectsV2: moto 5.2.6 checks a listing under the operation's name (AWS: s3:ListBucket)
+                       "Action": ["s3:GetObject", "s3:ListBucket", "s3:HeadBucket", "s3:ListObjectsV2"]}]}))
     key = iam.create_access_key(UserName=name)["AccessKey"]
     requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
     try:
