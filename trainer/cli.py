@@ -84,15 +84,22 @@ def _interrupt(signum, frame) -> None:
 def interrupted_message(output: str) -> str:
     """What an interrupted run leaves: the newest complete checkpoint, or that there is none."""
     try:
-        from trainer.checkpoint import list_checkpoints
+        newest = newest_checkpoint(output)
     except Exception:  # noqa: BLE001 - interrupted inside `import torch`: a second import fails half-way
         return ("interrupted while starting: no checkpoint of this run was written (--resume latest continues "
                 "from an earlier complete one, if any)")
-    found = list_checkpoints(Path(output))
-    if not found:
+    if newest is None:
         return "interrupted before any checkpoint was complete: none was written; rerun the same command to start again"
     return (f"interrupted before a checkpoint of the current step was complete; the newest complete checkpoint is "
-            f"{found[-1][1]} (continue with --resume latest)")
+            f"{newest} (continue with --resume latest)")
+
+
+def newest_checkpoint(output: str) -> Path | None:
+    """The newest complete checkpoint folder of the run in `output`, if any."""
+    from trainer.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(output))
+    return found[-1][1] if found else None
 
 
 def peer_lost(e: BaseException) -> bool:
@@ -112,11 +119,9 @@ def peer_lost_message(e: BaseException, output: str) -> str:
     the run can continue from (nothing of the step in flight is saved: its gradients never met)."""
     first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
     first = first.split("] ", 1)[-1].split(". ", 1)[0][:160]  # gloo prefixes its source path and line
-    from trainer.checkpoint import list_checkpoints
-
-    found = list_checkpoints(Path(output))
-    where = (f"the newest complete checkpoint is {found[-1][1]}: rerun the same command with --resume latest"
-             if found else "no checkpoint was complete yet: rerun the same command to start again")
+    newest = newest_checkpoint(output)
+    where = (f"the newest complete checkpoint is {newest}: rerun the same command with --resume latest"
+             if newest else "no checkpoint was complete yet: rerun the same command to start again")
     return f"rank {os.environ.get('RANK', '?')}: another process of this run stopped ({first}); {where}"
 
 

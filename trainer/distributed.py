@@ -64,6 +64,12 @@ def init(world: World, device: torch.device) -> torch.device:
     return device
 
 
+def launcher_gone(launcher: int | None) -> bool:
+    """Whether torchrun's launcher `launcher` (World.launcher) has died: its ranks, in sessions of their own, are
+    then children of another process. False for one process (launcher None)."""
+    return launcher is not None and os.getppid() != launcher
+
+
 @contextlib.contextmanager
 def launcher_watch(world: World, every: float = 0.25):
     """While the process group starts: the ranks meet at a store torchrun's launcher holds, so with the launcher
@@ -82,7 +88,7 @@ def launcher_watch(world: World, every: float = 0.25):
 
     def watch() -> None:
         while not met.wait(every):
-            if os.getppid() != world.launcher:
+            if launcher_gone(world.launcher):
                 gone()
 
     thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
@@ -90,7 +96,7 @@ def launcher_watch(world: World, every: float = 0.25):
     try:
         yield
     except dist.DistError:  # a rank already connected to the launcher's store loses the connection instead
-        if os.getppid() != world.launcher:
+        if launcher_gone(world.launcher):
             gone()
         raise
     finally:

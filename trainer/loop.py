@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
 from trainer.data import META_KEYS, ShardDataError, ShardStream
-from trainer.distributed import World, agree_max, all_sum, gather, no_sync
+from trainer.distributed import World, agree_max, all_sum, gather, launcher_gone, no_sync
 from trainer.fused import FiniteGuard
 from trainer.lanes import merge_lanes, record_lanes
 from trainer.metrics import RunLog, gpu_memory_gb, mfu
@@ -60,7 +59,7 @@ class StopSignal:
         nothing stops the ranks, which trained on to the end, writing into --output, while a rerun with --resume
         latest wrote there too. The rank is then the child of another process: it stops at the next step, saved.
         """
-        if self.launcher is None or os.getppid() == self.launcher:
+        if not launcher_gone(self.launcher):
             return False
         self.launcher = None
         self.requested = self.requested or int(signal.SIGTERM)
