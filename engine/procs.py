@@ -178,16 +178,13 @@ def _worker_main(conn, cfg: EngineConfig, driver_pid: int, lease: str | None = N
     lock = threading.Lock()  # one request and its answer at a time on the pipe
 
     def ask(index: int, method, *args):
-        with lock:
-            conn.send(("call", index, method, args))
-            kind, value = conn.recv()
+        kind, value = _to_driver(conn, lock, ("call", index, method, args), answer=True)
         if kind != "ok":
             raise DriverError(f"dedup index: {value}")
         return value
 
     def report(rows: int, written: int) -> None:
-        with lock:
-            conn.send(("progress", rows, written))
+        _to_driver(conn, lock, ("progress", rows, written))
 
     n = cfg.dedup.index_shards if cfg.dedup.enabled else 0
     client = D.DedupClient(range(n), ask, parallel=False) if n else None
@@ -196,8 +193,24 @@ def _worker_main(conn, cfg: EngineConfig, driver_pid: int, lease: str | None = N
         _reset_peak_rss()
         status = process_shard(shard, cfg, client.claim if client else None, report, origin, lease)
         _LIBC.release()
+        _to_driver(conn, lock, ("done", status))
+
+
+DRIVER_GONE = (BrokenPipeError, ConnectionResetError, EOFError)
+"""What the pipe raises once the driver has died (SIGKILL, OOM) with its end open."""
+
+
+def _to_driver(conn, lock: threading.Lock, message: tuple, answer: bool = False):
+    """Send `message` (and wait for the answer when `answer`). A driver that is gone ends this worker
+    at once and quietly, as _die_with_driver's watch does a moment later: no one is left to report to,
+    and a traceback from every orphaned worker would bury the driver's own last line. A shard it had not
+    published is redone by the next run, which removes its .tmp files."""
+    try:
         with lock:
-            conn.send(("done", status))
+            conn.send(message)
+            return conn.recv() if answer else None
+    except DRIVER_GONE:
+        os._exit(1)
 
 
 class _Glibc:

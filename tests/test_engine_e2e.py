@@ -173,6 +173,33 @@ def test_sigkill_midway_then_rerun_gives_the_same_keys(corpus, local_run, tmp_pa
     assert not list(killed.glob("*.tmp"))
 
 
+def test_workers_of_a_sigkilled_driver_end_quietly_and_a_rerun_finishes(corpus, local_run, tmp_path):
+    """`--runner processes`: SIGKILL the driver alone (an OOM kill, `kill -9 PID`) once a shard is done.
+    Its workers find their pipe broken at their next message and end within seconds without a
+    traceback each (they printed BrokenPipeError's); the rerun finishes with the same keys."""
+    import psutil
+
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(engine_cmd(corpus.parquet, out, "--runner", "processes"), stdout=sink, stderr=sink)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(out.glob("[0-9]*.stats.json")):
+        time.sleep(0.05)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert any(p.name() for p in tree), "the fork server and its workers run"
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"outlived the driver: {alive}"
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    rerun = subprocess.run(engine_cmd(corpus.parquet, out, "--runner", "processes"), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    check_run(out, corpus.parquet)
+    assert set(read_samples(out)) == set(read_samples(local_run))
+    assert not list(out.glob("*.tmp"))
+
+
 def test_a_sigkilled_worker_fails_only_its_shard_which_is_retried(corpus, local_run, tmp_path):
     """`--runner processes`: SIGKILL one worker process mid-shard; its shard is retried on a fresh
     worker and the run finishes with every row's outcome and the keys of an uninterrupted run."""
