@@ -17,7 +17,7 @@ from pathlib import Path
 from . import options
 from . import outcomes as O
 from .config import ConditionConfig, EngineConfig, PreviewConfig
-from .storage import RunnerLost, StoreLost
+from .storage import RunnerLost, StoreLost, Terminated
 
 
 def subcommand(sub, name: str, cls: type, **kw) -> argparse.ArgumentParser:
@@ -165,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     condition_parser(sub)
     preview_parser(sub)
     a = parser.parse_args(argv)
-    # SIGTERM (a scheduler's stop) takes the same clean path as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM (a scheduler's stop) takes the same clean path as Ctrl-C, and ends with 143 where Ctrl-C ends with 130.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Terminated()))
     try:
         return {"shards": run_shards, "condition": run_condition, "preview": run_preview}[a.command](a)
-    except KeyboardInterrupt:  # here, not around run(): a signal during the imports or the planning too
+    except KeyboardInterrupt as exc:  # here, not around run(): a signal during the imports or the planning too
         print(f"\ninterrupted{INTERRUPTED.get(a.command, '')}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except (StoreLost, RunnerLost) as exc:  # the object store or a Ray actor went away mid-run; its message says to rerun
         print(f"error: {exc}", file=sys.stderr)
         return 1

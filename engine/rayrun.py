@@ -55,7 +55,7 @@ class RayRunner:
                 raise RuntimeError(f"--ray-address {self.cfg.ray_address}: {exc}") from None
             except SystemExit as exc:  # Ray's own handler (below) met a SIGTERM during ray.init
                 if exc.code == signal.SIGTERM and self.sigterm is not None:
-                    raise KeyboardInterrupt from None
+                    raise S.Terminated() from None
                 raise
             finally:
                 put_back_sigterm(self.sigterm)
@@ -132,10 +132,10 @@ class RayRunner:
                 if again:
                     submit(shard, again)
             if stopped():
-                raise KeyboardInterrupt
+                raise S.interrupt(stopped())
         self._drain(progress)
         if stopped():  # the signal came with the last shard: the run still ends as interrupted, as asked
-            raise KeyboardInterrupt
+            raise S.interrupt(stopped())
 
     def _drain(self, progress: Progress) -> None:
         """Move the counter actor's counts (by shard and attempt) onto the progress display."""
@@ -154,10 +154,11 @@ def deferred_signals():
     """Ctrl-C (SIGINT) and SIGTERM only set a flag while the run loop calls Ray; the loop raises KeyboardInterrupt
     between calls (within its 0.5 s wait). Raised inside ray.wait or ray.get, the interrupt can trip a check in
     Ray's core worker and end the driver with exit 1 and a C++ stack trace instead of the clean exit 130 (seen
-    once in CI). A second signal acts at once. Yields the flag's reader; off the main thread, nothing changes."""
+    once in CI). A second signal acts at once. Yields the flag's reader (the first signal's number, 0 before
+    any); off the main thread, nothing changes."""
     hit: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     previous = {s: h for s, h in previous.items() if h not in (signal.SIG_IGN, None)}  # an ignored signal stays so
@@ -170,14 +171,14 @@ def deferred_signals():
     for sig in previous:
         signal.signal(sig, note)
     try:
-        yield lambda: bool(hit)
+        yield lambda: hit[0] if hit else 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def sigterm_handler():
-    """The SIGTERM handler in place before Ray starts (the CLI's: the clean exit 130), or None off the main thread
+    """The SIGTERM handler in place before Ray starts (the CLI's: the clean exit 143), or None off the main thread
     or where Python installed none."""
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -189,7 +190,7 @@ def put_back_sigterm(handler) -> None:
     """Reinstall `handler` for SIGTERM. ray.init replaces it with its own (sys.exit(15): exit 15, no message), and
     after ray.shutdown Ray's core worker leaves SIGTERM at its default action (death by the signal, exit -15, no
     message) while Python still names Ray's handler; either way a scheduler's stop outside the run loop skipped
-    the CLI's one line and exit 130 (found by killing `--runner ray` runs at random moments)."""
+    the CLI's one line and exit 143 (found by killing `--runner ray` runs at random moments)."""
     if handler is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
 

@@ -256,10 +256,12 @@ def test_the_default_runner_is_processes_on_one_machine_and_ray_with_an_address(
         EngineConfig(inputs=("x",), output="o", ray_address="auto", runner="local")
 
 
-@pytest.mark.parametrize("runner", ["ray", "processes"])
-def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(corpus, local_run, tmp_path, runner):
-    """SIGINT (Ctrl-C) midway: exit 130 promptly, no temporary files, complete shards kept, and no
-    worker process of this runner left behind."""
+@pytest.mark.parametrize(("runner", "stop", "status"), [("ray", signal.SIGINT, 130), ("processes", signal.SIGINT, 130),
+                                                      ("ray", signal.SIGTERM, 143), ("processes", signal.SIGTERM, 143)])
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(corpus, local_run, tmp_path, runner, stop, status):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) midway: exit 130 or 143 (128 + the signal, as a shell
+    reports it; SIGTERM ended 130 too before) promptly, no temporary files, complete shards kept, and no worker
+    process of this runner left behind."""
     import psutil
 
     out = tmp_path / "interrupted"
@@ -273,9 +275,9 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(corpus, local_run, tmp_path
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     children = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == status, err[-2000:]
     if runner == "processes":  # Ray's own daemons take their time; ours must be gone with the driver
         assert children and not psutil.wait_procs(children, timeout=10)[1]
     assert "rerun the same command" in err

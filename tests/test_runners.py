@@ -179,15 +179,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigterm_before_the_run_starts_exits_130_with_one_line_and_no_traceback(tmp_path):
+def test_sigterm_before_the_run_starts_exits_143_with_one_line_and_no_traceback(tmp_path):
     """A SIGTERM (or Ctrl-C) during the CLI's imports and planning took the clean path only once `run`
-    had begun: earlier, a KeyboardInterrupt traceback and exit -2 (SIGINT). Now exit 130 and the one line."""
+    had begun: earlier, a KeyboardInterrupt traceback and exit -2 (SIGINT). Now exit 143 (128 + SIGTERM) and the one line."""
     parquet = tmp_path / "in.parquet"
     pq.write_table(pa.table({"URL": ["http://127.0.0.1:9/a.jpg"], "TEXT": ["a"]}), parquet)
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_IMPORTING, "shards", str(parquet), "--output", str(out),
                           "--runner", "local", "--no-progress"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 130, res.stderr[-2000:]
+    assert res.returncode == 143, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == \
         "interrupted: complete shards are kept; rerun the same command to resume"
@@ -228,7 +228,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("moment", ["in_ray_init", "after_ray_init", "after_ray_shutdown"])
-def test_sigterm_around_the_ray_run_loop_exits_130_with_one_line(tmp_path, moment):
+def test_sigterm_around_the_ray_run_loop_exits_143_with_one_line(tmp_path, moment):
     """ray.init swaps the CLI's SIGTERM handler for its own (sys.exit(15)) and, after ray.shutdown, Ray's core
     worker leaves SIGTERM at its default action: a scheduler's stop outside the run loop ended `--runner ray` with
     exit 15 or -15 and no message (seen killing random runs). Now each window takes the clean path."""
@@ -237,7 +237,7 @@ def test_sigterm_around_the_ray_run_loop_exits_130_with_one_line(tmp_path, momen
     res = subprocess.run([sys.executable, "-c", SIGTERM_AROUND_RAY, moment, "shards", str(tmp_path / "photos"),
                           "--output", str(tmp_path / "out"), "--runner", "ray", "--workers", "1", "--no-progress",
                           "--min-image-size", "256", "--image-size", "256"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 130, res.stderr[-2000:]
+    assert res.returncode == 143, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == \
         "interrupted: complete shards are kept; rerun the same command to resume"
