@@ -171,7 +171,8 @@ class EngineConfig:
     workers: int = field(default_factory=usable_cores, metadata=opt("--workers", "--processes-count"))
     """Shard tasks running at once (img2dataset's --processes_count)."""
     ray_address: str | None = None
-    """Join this Ray cluster ('auto' or host:port) and run the shards there (runner 'ray')."""
+    """Join this Ray cluster ('auto', host:port, or ray://host:port for Ray Client) and run the shards there
+    (runner 'ray')."""
     runner: str | None = field(default=None, metadata=opt(choices=("ray", "local", "processes")))
     """'processes' (worker processes of this machine, no Ray: the default without --ray-address),
     'ray' (Ray tasks: the default with --ray-address; a local Ray without one) or 'local' (threads
@@ -187,7 +188,7 @@ class EngineConfig:
     s3_endpoint: str | None = field(default=None, metadata=opt(metavar="URL"))
     """Endpoint URL of an S3-compatible server for an s3:// --output or INPUT (MinIO, Ceph, R2, ...: e.g.
     http://minio:9000); default: AWS. Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
-    or ~/.aws, on every node that writes shards."""
+    or ~/.aws, on every node that writes shards. For gs://, the endpoint of a GCS emulator."""
     local_roots: tuple[str, ...] = field(default=(), metadata=opt("--local-root", metavar="DIR"))
     """Folders whose files may be read when a row's URL is a plain path or file:// URL (engine/local.py;
     repeat the flag for several). The folder of an INPUT folder, glob or CSV/JSONL list is always allowed;

@@ -49,7 +49,7 @@ def memory_advice(cfg: TrainConfig) -> str:
     if m.unlock_decoder:
         tips.append("drop --unlock-decoder (trains and stores the UNet decoder too)")
     if not m.low_memory:
-        tips.append("--low-memory (bf16 weights and gradients, fused 8-bit AdamW: SD 1.5 in about 4.5 GiB)")
+        tips.append("--low-memory (bf16 weights and gradients, fused 8-bit AdamW: SD 1.5 in about 4.1 GiB)")
     tips.append(f"--resolution {max(8, d.resolution // 2 // 8 * 8)} (now {d.resolution}; activations scale with its square)")
     return "CUDA ran out of memory. Flags that lower memory:\n  " + "\n  ".join(tips)
 

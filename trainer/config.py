@@ -98,14 +98,16 @@ class ModelConfig:
     """torch.compile the ControlNet, the UNet and the residuals between them as one graph in mode
     "reduce-overhead": each pass's forward and backward are replayed as CUDA graphs instead of ~775 kernel
     launches from Python, which bound the compiled batch-8 step on an H200 (GPU busy 88 ms of a ~140 ms step:
-    bench/RESULTS.md, train). CUDA, one process; takes the place of --compile. Not yet measured on a GPU."""
+    bench/RESULTS.md, train). CUDA, one process; takes the place of --compile. Measured on an H200: batch 8 with
+    --checkpoint-levels 1 at 3.11x diffusers' samples/s (bench/RESULTS.md, train-graphs)."""
     channels_last: bool = False
     """Run the ControlNet and the UNet in channels-last (NHWC) memory format, the layout of Tensor Core
     convolutions on CUDA (same math; not yet measured on a GPU: bench/RESULTS.md, train)."""
     low_memory: bool = False
-    """The 4.5 GiB setting (SD 1.5 fits a 6 GB card): trainable weights and gradients in bf16 (no fp32
-    copy, no autocast), the fused 8-bit AdamW with stochastically rounded bf16 updates, everything
-    checkpointed, precomputed shards on CUDA (no VAE/text encoder on the GPU). Implies bf16."""
+    """The low-memory setting (SD 1.5 in 4.1 GiB peak allocated at effective batch 4 on an H200, so a 6 GB card:
+    bench/RESULTS.md): trainable weights and gradients in bf16 (no fp32 copy, no autocast), the fused 8-bit
+    AdamW with stochastically rounded bf16 updates, everything checkpointed, precomputed shards on CUDA (no
+    VAE/text encoder on the GPU). Implies bf16."""
 
     def __post_init__(self) -> None:
         if self.low_memory:
@@ -116,7 +118,7 @@ class ModelConfig:
                 ("--unlock-decoder", self.unlock_decoder)) if bad]
             if defeats:
                 raise ValueError(f"--low-memory cannot be combined with {', '.join(defeats)}: it keeps more "
-                                 "activations or trains more weights than 4.5 GiB hold; drop them or --low-memory")
+                                 "activations or trains more weights than its ~4.1 GiB hold; drop them or --low-memory")
         if self.checkpoint_levels is not None and self.checkpoint_levels < 0:
             raise ValueError("--checkpoint-levels must be 0 or more")
         if not self.model:
