@@ -1,7 +1,5 @@
 """`python -m trainer`: see trainer.cli."""
 
-import sys
+from trainer.cli import entry
 
-from trainer.cli import main
-
-sys.exit(main())
+entry()

@@ -150,6 +150,25 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, h)
 
 
+def entry() -> None:
+    """`python -m trainer` and `ctrlnet-train`: main(), then the process ends with its exit status.
+
+    The status is decided and its line printed when main() returns, but the interpreter then spends about 1.5 s
+    tearing down torch, diffusers and their atexit callbacks, with Python's own handlers back in place: a second
+    Ctrl-C there (pressed just after `stopped at step N`, or after `done`) printed a KeyboardInterrupt traceback
+    from an atexit callback, or ended the process by SIGINT. A signal in that window now ends it at once, quietly,
+    with the status already reported (its files are all written and closed)."""
+    code = main()
+
+    def _exit_quietly(signum, frame) -> None:
+        os._exit(code)  # print() flushed the last line already; nothing is left to write
+
+    if _main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _exit_quietly)
+    sys.exit(code)
+
+
 def _main_thread() -> bool:
     """Signal handlers can be set only in the main thread."""
     import threading
@@ -197,4 +216,4 @@ def run_training(cfg: TrainConfig) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()
