@@ -140,3 +140,29 @@ def test_resume_after_a_crash_rewrites_the_log(assets, tmp_path):
     train(config(assets, tmp_path, 4, every=2, resume="latest"), enable_bar=False)
     steps = [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_rerun_removes_what_a_killed_export_left(assets, tmp_path):
+    """Found SIGKILLing the CLI at random moments: a kill during the final export left `controlnet.<8 hex>.tmp/`
+    (a whole ControlNet: 1.4 GB for SD 1.5) beside controlnet/, and the resume that finished the run kept it, as
+    every later one would. These are engine.atomic's temporaries between writing and renaming (a kill while the
+    log is rewritten at a resume leaves `train_log.jsonl.<8 hex>.tmp`); a run's start now removes the ones of its
+    own outputs, and nothing else."""
+    from diffusers import ControlNetModel
+
+    from engine.atomic import stage
+    from engine.atomic import tmp_path as atomic_tmp
+    from trainer.export import save_single_file
+
+    out = tmp_path / "run"
+    train(config(assets, out, 3), enable_bar=False)
+    net = ControlNetModel.from_pretrained(str(out / "controlnet"))
+    # what export_final and RunLog's rewrite leave when killed before their renames, written by the same calls
+    net.save_pretrained(atomic_tmp(out / "controlnet"), safe_serialization=True)
+    stage(out / "controlnet-fp16.safetensors", lambda tmp: save_single_file(net, tmp))
+    stage(out / "train_log.jsonl", lambda tmp: tmp.write_text('{"step": 1}\n'))
+    (out / "notes.0a1b2c3d.tmp").write_text("not the run's")
+    assert len(list(out.glob("*.tmp"))) == 4
+    train(config(assets, out, 4, resume="latest"), enable_bar=False)
+    assert [p.name for p in out.glob("*.tmp")] == ["notes.0a1b2c3d.tmp"]
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -29,6 +29,11 @@ from engine.atomic import publish_dir
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
+# What engine.atomic leaves of a run's own outputs when the process is killed (SIGKILL, the OOM killer) between
+# writing and renaming: NAME.<8 hex>.tmp beside NAME (engine.atomic.tmp_path). The export's are as large as the
+# ControlNet (and the UNet); a rerun writes under a new name, so nothing else ever removes them.
+STALE_WRITE_RE = re.compile(r"^(controlnet|controlnet-fp16\.safetensors|unet|train_log\.jsonl|train_config\.json)"
+                            r"\.[0-9a-f]{8}\.tmp$")
 STATE_FILE = "state.json"
 
 
@@ -124,13 +129,18 @@ def resolve_resume(resume: str | None, output: Path) -> Path | None:
 
 
 def prune(output: Path, keep: int | None) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints and any stale temporary folders."""
+    """Delete all but the newest `keep` complete checkpoints, any stale temporary folders, and the temporary
+    files and folders of the run's atomic writes (the export, the log) left by a killed process."""
     removed = [p for p in Path(output).glob(TMP_PREFIX + "*")]
+    removed += [p for p in Path(output).glob("*.tmp") if STALE_WRITE_RE.match(p.name)]
     found = list_checkpoints(output)
     if keep is not None and len(found) > keep:
         removed += [p for _, p in found[: len(found) - keep]]
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return removed
 
 
