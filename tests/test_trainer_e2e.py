@@ -187,3 +187,50 @@ def test_the_console_script_ends_like_python_m_trainer():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["ctrlnet-train"] == "trainer.cli:entry"
     assert "entry()" in (ROOT / "trainer" / "__main__.py").read_text()
+
+
+# `python -m trainer` killed (SIGKILL) inside checkpoint retention: after the first file of the checkpoint it
+# deletes is gone. An audit hook sees shutil.rmtree start on a folder holding a state.json and the unlinks after it.
+KILL_WHILE_PRUNING = """
+import os, runpy, signal, sys
+from pathlib import Path
+seen = []
+def hook(event, args):
+    if event == "shutil.rmtree" and (Path(args[0]) / "state.json").is_file():
+        seen.append(args[0])
+    elif event == "os.remove" and seen:
+        seen.append(args[0])
+        if len(seen) == 3:  # the first file is gone, the second about to go
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.argv[0] = "trainer"
+runpy.run_module("trainer", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_nothing_behind(tmp_path):
+    """Found reading the retention code after the stress test's kills: prune deleted checkpoint-N in place, so a
+    kill part-way (SIGKILL, or a second Ctrl-C landing between two unlinks: it comes right after a save, when users
+    press it) left a checkpoint-N that is no longer complete, which no later run chose or removed (for SD 1.5 up to
+    ~2 GB of optimizer state and weights). The folder is now renamed to a temporary name first, which the next run
+    removes."""
+    from trainer.checkpoint import is_complete
+
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=4, size=32)
+    model = build_tiny_model(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["--shards", str(tmp_path / "shards" / "00000.tar"), "--model", str(model), "--output", str(out),
+            "--device", "cpu", "--mixed-precision", "no", "--resolution", "32", "--train-batch-size", "2",
+            "--gradient-accumulation-steps", "1", "--optimizer", "adamw", "--max-train-steps", "3", "--no-progress",
+            "--dataloader-num-workers", "0", "--checkpointing-steps", "1", "--checkpoints-total-limit", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_PRUNING, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [2]  # checkpoint-1 was being deleted after checkpoint-2's save
+    done = subprocess.run(cli(*args, "--resume", "latest"), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in done.stdout
+    left = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+    assert left == ["checkpoint-3"] and is_complete(out / "checkpoint-3"), left

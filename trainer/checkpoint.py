@@ -16,6 +16,7 @@ unpickled.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -138,10 +139,25 @@ def prune(output: Path, keep: int | None) -> list[Path]:
         removed += [p for _, p in found[: len(found) - keep]]
     for p in removed:
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
+            _delete_dir(p)
         else:
             p.unlink(missing_ok=True)
     return removed
+
+
+def _delete_dir(path: Path) -> None:
+    """Delete a folder; a checkpoint is first renamed to a temporary name, so that a kill part-way through (a
+    SIGKILL, a second Ctrl-C between two unlinks) leaves a temporary folder, removed by the next prune, and not a
+    checkpoint-N that is no longer complete, which nothing would ever choose or remove."""
+    if CKPT_RE.match(path.name):
+        doomed = path.with_name(f"{TMP_PREFIX}{path.name.removeprefix('checkpoint-')}.deleted")
+        shutil.rmtree(doomed, ignore_errors=True)
+        try:
+            os.replace(path, doomed)
+            path = doomed
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # --- checking that a resume continues the same run ------------------------------------------------
