@@ -145,24 +145,32 @@ def test_learns_from_the_conditioning_map(tmp_path):
     assert after_true < 0.75 * after_shuffled, (before_true, after_true, after_shuffled)
 
 
-# A program that is `python -m trainer` with one exit handler more, registered first so that it runs last: it sends
-# the process a signal while the interpreter tears down torch and diffusers after the run's last line. A second
-# Ctrl-C pressed just after `stopped at step N` (or one after `done`) lands there: the ~1.5 s it lasts are the
-# window that the stress test hit by chance; sent from the handler, the signal lands there every time.
+# `python -m trainer` that sends itself a signal once the run's last line is printed: from an exit handler
+# registered first (so it runs last), or from an object's __del__ that runs while the interpreter tears its modules
+# down. A second Ctrl-C pressed just after `stopped at step N` (or one after `done`) lands in one of these ~1.5 s;
+# the stress test hit them by chance, sent from here the signal lands there every time.
 SIGNAL_AT_EXIT = """
 import atexit, os, runpy, signal, sys
-atexit.register(lambda: (os.kill(os.getpid(), signal.{name}), sum(range(1000))))
+def send():
+    os.kill(os.getpid(), signal.{name})
+    sum(range(1000))  # Python runs its handler between two bytecodes
+class Late:
+    __del__ = lambda self: send()
+if "{moment}" == "atexit":
+    atexit.register(send)
+else:
+    late = Late()  # a global of __main__: deleted in the module teardown
 sys.argv[0] = "trainer"
 runpy.run_module("trainer", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
-def test_a_signal_while_the_finished_process_exits_is_quiet(tmp_path, name):
+@pytest.mark.parametrize(("name", "moment"), [("SIGINT", "atexit"), ("SIGINT", "teardown"), ("SIGTERM", "teardown")])
+def test_a_signal_while_the_finished_process_exits_is_quiet(tmp_path, name, moment):
     """Found killing runs at random moments (2 Ctrl-C 0.3 s apart, the first during validation): the run stopped,
     saved and said so, then the second Ctrl-C printed `Exception ignored in atexit callback` and a KeyboardInterrupt
-    traceback, or ended the process by SIGINT (-2); a SIGTERM there ended it by SIGTERM (-15) after `done`. The
-    process now ends at once with the status its last line reported, and prints nothing more."""
+    traceback, or killed the process by SIGINT (exit -2, not 130); a SIGTERM after `done` killed it (-15, not 0).
+    The process now ends with the status its last line reported, and prints nothing more."""
     write_shards(tmp_path / "shards", n_shards=1, per_shard=4, size=32)
     model = build_tiny_model(tmp_path / "model")
     args = ["--shards", str(tmp_path / "shards" / "00000.tar"), "--model", str(model), "--output", str(tmp_path / "out"),
@@ -170,8 +178,9 @@ def test_a_signal_while_the_finished_process_exits_is_quiet(tmp_path, name):
             "--gradient-accumulation-steps", "1", "--optimizer", "adamw", "--max-train-steps", "1", "--no-progress",
             "--dataloader-num-workers", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, "-c", SIGNAL_AT_EXIT.format(name=name), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    program = SIGNAL_AT_EXIT.replace("{name}", name).replace("{moment}", moment)
+    done = subprocess.run([sys.executable, "-c", program, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1].startswith("done: 1 steps")
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr

@@ -8,6 +8,7 @@ and help text are the field's, so the parser and the dataclasses cannot drift ap
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import sys
@@ -153,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """`python -m trainer` and `ctrlnet-train`: main(), then the process ends with its exit status.
 
-    The status is decided and its line printed when main() returns, but the interpreter then spends about 1.5 s
-    tearing down torch, diffusers and their atexit callbacks, with Python's own handlers back in place: a second
-    Ctrl-C there (pressed just after `stopped at step N`, or after `done`) printed a KeyboardInterrupt traceback
-    from an atexit callback, or ended the process by SIGINT. A signal in that window now ends it at once, quietly,
-    with the status already reported (its files are all written and closed)."""
+    The status is decided and its line printed when main() returns; the interpreter would then spend about 1.5 s
+    running torch's and diffusers' exit handlers and tearing down their modules with Python's own signal handling
+    back in place: a second Ctrl-C there (pressed just after `stopped at step N`, or after `done`) printed a
+    KeyboardInterrupt traceback from an atexit callback, or killed the process by SIGINT (-2; a SIGTERM: -15) once
+    Python had reset its handlers. Now a signal during the exit handlers ends the process at once, quietly, with the
+    status already reported, and the module teardown is skipped (every file is written and closed by then), as
+    engine.cli.exit_now does for the engine."""
     code = main()
 
     def _exit_quietly(signum, frame) -> None:
@@ -166,7 +169,10 @@ def entry() -> None:
     if _main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _exit_quietly)
-    sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _main_thread() -> bool:
