@@ -166,3 +166,19 @@ def test_a_rerun_removes_what_a_killed_export_left(assets, tmp_path):
     train(config(assets, out, 4, resume="latest"), enable_bar=False)
     assert [p.name for p in out.glob("*.tmp")] == ["notes.0a1b2c3d.tmp"]
     assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_resume_at_the_last_step_keeps_its_checkpoint(assets, tmp_path):
+    """Found in the kill-and-resume stress: a run stopped during its final export was resumed from checkpoint-30 at
+    step 30, and saved checkpoint-30 again before exporting ("saved .../checkpoint-30"): the same state rewritten
+    (GBs for SD 1.5), the complete folder deleted before the copy's rename (a kill there left no checkpoint of that
+    step). The resumed step's checkpoint now counts as saved; the export is written."""
+    out = tmp_path / "run"
+    train(config(assets, out, 3), enable_bar=False)
+    before = (out / "checkpoint-3").stat().st_ino
+    shutil.rmtree(out / "controlnet")  # as if the run was stopped in its export
+    (out / "controlnet-fp16.safetensors").unlink()
+    resumed = train(config(assets, out, 3, resume="latest"), enable_bar=False)
+    assert resumed.step == 3 and (out / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (out / "checkpoint-3").stat().st_ino == before  # the very folder, not a rewritten copy
+    assert_bitwise_equal(weights(out / "controlnet"), weights(out / "checkpoint-3" / "controlnet"))

@@ -59,6 +59,7 @@ class Checkpointer:
         state = load_checkpoint(ckpt, models.controlnet, optimizer, scaler, generator, unet=unet, config=cfg.to_dict())
         if world.main:
             print(f"resumed from {ckpt} at step {state.step}", flush=True)
+        self.last_step = state.step  # saved already: `finish` at this step (a run stopped in its export) keeps it
         return state
 
     def due(self, step: int, stopping: bool) -> bool:
