@@ -312,3 +312,43 @@ def test_a_signal_outside_the_loop_says_what_is_left(source, model, tmp_path, wh
     assert "Traceback" not in run.stderr and says in run.stderr, run.stderr[-3000:]
     if "export" in where:
         assert f"{out / 'checkpoint-2'}" in run.stderr
+
+
+# As SIGNAL_AT, but the signal is handled inside a weakref callback, where Python prints an exception that the
+# handler raises ("Exception ignored in ...") and drops it: importlib's module locks have such callbacks, which
+# run all through diffusers' imports while the models load.
+SIGNAL_IN_A_CALLBACK = """
+import os, signal, sys, weakref
+import trainer.train as t
+signum = getattr(signal, sys.argv[1])
+real = t.load_models
+class Thing:
+    pass
+def load_models(*a, **k):
+    thing = Thing()
+    ref = weakref.ref(thing, lambda _: (os.kill(os.getpid(), signum), sum(range(1000))))
+    del thing  # the callback runs here, and the handler inside it
+    return real(*a, **k)
+t.load_models = load_models
+from trainer.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_python_drops_while_loading_still_stops_the_run(source, model, tmp_path, sig, status):
+    """Found stress-killing torchrun runs: a SIGTERM while the models loaded reached one rank inside importlib's
+    weakref callback; it printed `Exception ignored in: <function _get_module_lock.<locals>.cb ...>` and
+    `trainer.cli.Interrupted`, and that rank trained on (the other had stopped; it failed at the next collective).
+    In one process the run trained to its end, exit 0. Such a signal now stops the run at its first step, saved."""
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", SIGNAL_IN_A_CALLBACK, sig,
+                          *train_args(str(source), model, out, "--max-train-steps", "5")],
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == status, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "stopped at step 1; checkpoint saved" in run.stdout
+    from trainer.checkpoint import list_checkpoints
+
+    assert [s for s, _ in list_checkpoints(out)] == [1] and not (out / "controlnet").exists()

@@ -77,9 +77,26 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_raised: list[int] = []
+"""Signals _interrupt raised for in this run (see unraised_signal)."""
+
+
 def _interrupt(signum, frame) -> None:
     """Signal handler outside the loop (trainer.loop.StopSignal replaces it inside): stop at once."""
+    _raised.append(signum)
     raise Interrupted(signum)
+
+
+def unraised_signal() -> int | None:
+    """A signal _interrupt raised for whose exception never reached main(), and forgets it.
+
+    A handler runs wherever Python is: inside a weakref callback or a __del__ (importlib's module locks while
+    diffusers imports, say) the Interrupted it raises is printed as `Exception ignored in ...` and dropped, and the
+    run went on to train to its end. main() ends the run on the ones that reach it; the loop asks for the others
+    when it starts (trainer.train), and stops at its first step, saved."""
+    signum = _raised[-1] if _raised else None
+    _raised.clear()
+    return signum
 
 
 def interrupted_message(output: str) -> str:
@@ -134,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     # a signal while the flags are read, torch imports and the models load, or during the final save and export,
     # stops at once (a half-written checkpoint is never resumed: trainer.checkpoint) and says what is left; in the
     # loop trainer.loop.StopSignal takes over and saves first
+    _raised.clear()
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
     cfg = None
     try:

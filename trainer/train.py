@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.atomic import write_text_atomic
+from trainer.cli import unraised_signal
 from trainer.config import TrainConfig
 from trainer.data import ShardSetError, build_loader, precomputed_meta
 from trainer.distributed import World, init, shutdown, world_from_env, wrap
@@ -134,6 +135,7 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
     result = TrainResult(output=output, step=0, log=output / "train_log.jsonl")
     try:
         with StopSignal(launcher=world.launcher) as stop:
+            stop.requested = unraised_signal()  # a signal while loading whose exception Python dropped: step 1 stops
             run.stop = stop
             result.step = train_loop(run).step
         result.stopped_by_signal = stop.agreed  # the loop saved a checkpoint at the step where it stopped
