@@ -352,3 +352,49 @@ def test_a_signal_python_drops_while_loading_still_stops_the_run(source, model, 
     from trainer.checkpoint import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(out)] == [1] and not (out / "controlnet").exists()
+
+
+# Ctrl-C at step 1's log, then a second one handled inside a weakref callback (as inside the DataLoader iterator's
+# __del__, which joins its workers when the loop ends), where Python drops the KeyboardInterrupt it raises.
+SECOND_CTRL_C_IN_A_CALLBACK = """
+import os, signal, sys, weakref
+import trainer.loop as loop
+real, sent = loop.log_step, []
+class Thing:
+    pass
+def log_step(*a, **k):
+    if not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: (os.kill(os.getpid(), signal.SIGINT), sum(range(1000))))
+        del thing
+    return real(*a, **k)
+loop.log_step = log_step
+from trainer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_every", ["1", "10"])
+def test_a_second_ctrl_c_python_drops_is_neither_lost_nor_a_traceback(source, model, tmp_path, log_every):
+    """Found in the kill-and-resume stress (2 Ctrl-C 0.24 s apart): the second one landed in the DataLoader
+    iterator's __del__ as the loop ended, and printed 21 lines, `Exception ignored in: <function
+    _MultiProcessingDataLoaderIter.__del__ ...>` and a KeyboardInterrupt traceback, over the run's one line. Python
+    drops such an exception: the run now still stops, says so in one line, and prints no traceback. Logged at step
+    1, the first Ctrl-C stops the run at step 2, saved; logged only at the last step (5), the dropped second Ctrl-C
+    let the run go on to export and exit 0: it now stops before the export."""
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", SECOND_CTRL_C_IN_A_CALLBACK,
+                          *train_args(str(source), model, out, "--max-train-steps", "5", "--log-every", log_every)],
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 130, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr[-3000:]
+    if log_every == "1":
+        assert run.stdout.splitlines()[-1] == "stopped at step 2; checkpoint saved. Continue with --resume latest"
+    else:
+        assert run.stderr.strip().splitlines() == [
+            "interrupted before any checkpoint was complete: none was written; rerun the same command to start again"]
+        assert not (out / "controlnet").exists()

@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     # loop trainer.loop.StopSignal takes over and saves first
     _raised.clear()
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable_hook(sys.unraisablehook)
     cfg = None
     try:
         try:
@@ -167,6 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        sys.unraisablehook = unraisable
+
+
+def _unraisable_hook(previous):
+    """sys.unraisablehook without the `Exception ignored in ...` traceback of our own signal handlers' exceptions
+    (Interrupted, the loop's second Ctrl-C): the handlers note them, and the run stops on them all the same
+    (unraised_signal, trainer.loop.StopSignal.__exit__); anything else is reported as before."""
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+    return hook
 
 
 def entry() -> None:

@@ -45,10 +45,13 @@ class StopSignal:
         """The signal every rank agreed on after a step (trainer.loop.train_loop): the loop stops there, saved.
         Under torchrun a signal can reach one rank after that step's agreement and another rank before it: acting on
         `requested` alone, the first would leave the loop while the other trains on, waiting for it in a collective."""
+        self.forced = False
+        """A second Ctrl-C came (its KeyboardInterrupt may have been dropped: see __exit__)."""
         self._old: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested is not None and signum == signal.SIGINT:
+            self.forced = True
             raise KeyboardInterrupt
         self.requested = signum
 
@@ -71,9 +74,13 @@ class StopSignal:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+        # A second Ctrl-C raised inside a __del__ or weakref callback (the DataLoader iterator's, joining its workers)
+        # is dropped by Python: unless the loop stopped anyway, it still stops the run here, before the export.
+        if self.forced and exc_type is None and self.agreed is None:
+            raise KeyboardInterrupt
 
 
 @dataclass
