@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from engine import options
+from trainer import interrupts
 from trainer.config import TrainConfig
 from trainer.flags import add_diffusers_spellings
 
@@ -69,36 +70,6 @@ def subcommand(argv: list[str] | None) -> int | None:
     return None
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside the training loop (loading, the final save and export), or a second Ctrl-C."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__()
-        self.signum = signum
-
-
-_raised: list[int] = []
-"""Signals _interrupt raised for in this run (see unraised_signal)."""
-
-
-def _interrupt(signum, frame) -> None:
-    """Signal handler outside the loop (trainer.loop.StopSignal replaces it inside): stop at once."""
-    _raised.append(signum)
-    raise Interrupted(signum)
-
-
-def unraised_signal() -> int | None:
-    """A signal _interrupt raised for whose exception never reached main(), and forgets it.
-
-    A handler runs wherever Python is: inside a weakref callback or a __del__ (importlib's module locks while
-    diffusers imports, say) the Interrupted it raises is printed as `Exception ignored in ...` and dropped, and the
-    run went on to train to its end. main() ends the run on the ones that reach it; the loop asks for the others
-    when it starts (trainer.train), and stops at its first step, saved."""
-    signum = _raised[-1] if _raised else None
-    _raised.clear()
-    return signum
-
-
 def interrupted_message(output: str) -> str:
     """What an interrupted run leaves: the newest complete checkpoint, or that there is none."""
     try:
@@ -151,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     # a signal while the flags are read, torch imports and the models load, or during the final save and export,
     # stops at once (a half-written checkpoint is never resumed: trainer.checkpoint) and says what is left; in the
     # loop trainer.loop.StopSignal takes over and saves first
-    _raised.clear()
-    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
-    unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable_hook(sys.unraisablehook)
+    interrupts.forget()
+    old = {s: signal.signal(s, interrupts.interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    unraisable, sys.unraisablehook = sys.unraisablehook, interrupts.unraisable_hook(sys.unraisablehook)
     cfg = None
     try:
         try:
@@ -169,16 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         sys.unraisablehook = unraisable
-
-
-def _unraisable_hook(previous):
-    """sys.unraisablehook without the `Exception ignored in ...` traceback of our own signal handlers' exceptions
-    (Interrupted, the loop's second Ctrl-C): the handlers note them, and the run stops on them all the same
-    (unraised_signal, trainer.loop.StopSignal.__exit__); anything else is reported as before."""
-    def hook(unraisable) -> None:
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-            previous(unraisable)
-    return hook
 
 
 def entry() -> None:

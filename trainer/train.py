@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from engine.atomic import write_text_atomic
-from trainer.cli import unraised_signal
 from trainer.config import TrainConfig
 from trainer.data import ShardSetError, build_loader, precomputed_meta
 from trainer.distributed import World, init, shutdown, world_from_env, wrap
+from trainer.interrupts import unraised_signal
 from trainer.lanes import resume_position
 from trainer.loop import Run, StopSignal, effective_batch, train_loop
 from trainer.metrics import RunLog, SilentLog, measure_matmul_flops
