@@ -55,3 +55,41 @@ def test_progress_png_rows_are_pairs_and_columns_are_steps(tmp_path):
     for (pair, step), colour in colours.items():
         col = (500, 1000, 1500).index(step)
         assert tuple(sheet[16 + pair * 64 + 32, col * 64 + 32]) == colour
+
+
+def test_a_validation_image_cut_short_leaves_its_cell_blank(tmp_path):
+    """A validation PNG cut short (a kill while Pillow wrote it, before they were written through a rename) made
+    every later progress sheet raise, and with it the resumed run at its next validation step."""
+    from trainer.plots import write_progress_png
+
+    val = tmp_path / "validation"
+    val.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(val / "step-000010_p0_s0.png")
+    whole = val / "step-000020_p0_s0.png"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(whole)
+    whole.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(OSError):  # what the sheet met
+        Image.open(whole).convert("RGB")
+    with Image.open(write_progress_png(tmp_path, cell=32)) as im:
+        sheet = np.asarray(im.convert("RGB"))
+    assert tuple(sheet[16 + 16, 16]) == (200, 10, 10)
+    assert tuple(sheet[16 + 16, 32 + 16]) == (255, 255, 255)  # the cut image's cell, blank
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["progress.png", "validation"]  # no temporary left
+
+
+def test_a_run_start_removes_the_temporaries_of_killed_plot_writes(tmp_path):
+    """trainer.checkpoint.prune (each run's start, each save) removes what a kill between writing and renaming
+    leaves of loss.png, progress.png and the validation images, and nothing else of those folders."""
+    from engine.atomic import tmp_path as atomic_tmp
+    from trainer.checkpoint import prune
+
+    (tmp_path / "validation").mkdir()
+    left = [atomic_tmp(tmp_path / "loss.png"), atomic_tmp(tmp_path / "progress.png"),
+            atomic_tmp(tmp_path / "validation" / "step-000010_p0_s1.png"),
+            atomic_tmp(tmp_path / "validation" / "step-000010_grid.png")]
+    kept = [tmp_path / "loss.png", tmp_path / "validation" / "step-000010_p0_s0.png",
+            tmp_path / "validation" / "notes.0a1b2c3d.tmp", tmp_path / "photo.png.0a1b2c3d.tmp"]
+    for p in left + kept:
+        p.write_bytes(b"x")
+    prune(tmp_path, None)
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)

@@ -33,8 +33,9 @@ TMP_PREFIX = ".tmp-checkpoint-"
 # What engine.atomic leaves of a run's own outputs when the process is killed (SIGKILL, the OOM killer) between
 # writing and renaming: NAME.<8 hex>.tmp beside NAME (engine.atomic.tmp_path). The export's are as large as the
 # ControlNet (and the UNet); a rerun writes under a new name, so nothing else ever removes them.
-STALE_WRITE_RE = re.compile(r"^(controlnet|controlnet-fp16\.safetensors|unet|train_log\.jsonl|train_config\.json)"
-                            r"\.[0-9a-f]{8}\.tmp$")
+STALE_WRITE_RE = re.compile(r"^(controlnet|controlnet-fp16\.safetensors|unet|train_log\.jsonl|train_config\.json"
+                            r"|loss\.png|progress\.png|step-\d+_[\w-]+\.png)\.[0-9a-f]{8}\.tmp$")
+STALE_WRITE_DIRS = ("", "validation")  # the output folder and its validation images (trainer.plots.save_png)
 STATE_FILE = "state.json"
 
 
@@ -131,9 +132,10 @@ def resolve_resume(resume: str | None, output: Path) -> Path | None:
 
 def prune(output: Path, keep: int | None) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, any stale temporary folders, and the temporary
-    files and folders of the run's atomic writes (the export, the log) left by a killed process."""
+    files and folders of the run's atomic writes (the export, the log, the plots and validation images) left by a
+    killed process."""
     removed = [p for p in Path(output).glob(TMP_PREFIX + "*")]
-    removed += [p for p in Path(output).glob("*.tmp") if STALE_WRITE_RE.match(p.name)]
+    removed += [p for d in STALE_WRITE_DIRS for p in (Path(output) / d).glob("*.tmp") if STALE_WRITE_RE.match(p.name)]
     found = list_checkpoints(output)
     if keep is not None and len(found) > keep:
         removed += [p for _, p in found[: len(found) - keep]]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from engine.atomic import write_atomic
+
 SIZE = (800, 400)
 MARGIN = (70, 30, 20, 50)  # left, top, right, bottom
 CELL_NAME = re.compile(r"step-(\d+)_p(\d+)_s0\.png")  # validate.py's name of a pair's first sample
@@ -73,8 +75,14 @@ def draw_loss(steps: list[int], losses: list[float], path: Path, log_steps: bool
     axis = "step (log)" if log_steps else "step"
     d.text((left, 8), f"loss (light: raw, dark: smoothed) vs {axis}; last {losses[-1]:.4g}" if losses
            else "loss: no records yet", fill=AXIS)
-    im.save(path)
+    save_png(im, path)
     return path
+
+
+def save_png(im: Image.Image, path: Path) -> None:
+    """Write a PNG through a temporary sibling and a rename: a kill while it is written (SIGKILL, the OOM killer)
+    leaves the previous file or none, never a truncated one, which the next progress sheet would have to open."""
+    write_atomic(Path(path), lambda tmp: im.save(tmp, format="PNG"))
 
 
 def write_loss_png(output: Path) -> Path:
@@ -107,7 +115,16 @@ def write_progress_png(output: Path, cell: int = 128) -> Path | None:
         draw.text((col * cell + 3, 2), f"step {step}", fill=AXIS)
         for row, pair in enumerate(pairs):
             if (pair, step) in cells:
-                with Image.open(cells[(pair, step)]) as im:
-                    sheet.paste(im.convert("RGB").resize((cell, cell)), (col * cell, label + row * cell))
-    sheet.save(output / "progress.png")
+                paste_cell(sheet, cells[(pair, step)], cell, (col * cell, label + row * cell))
+    save_png(sheet, output / "progress.png")
     return output / "progress.png"
+
+
+def paste_cell(sheet: Image.Image, path: Path, cell: int, at: tuple[int, int]) -> None:
+    """One validation image into the sheet; one that cannot be read (cut short by a kill before these were written
+    atomically, or removed meanwhile) leaves its cell blank rather than failing the run at its validation step."""
+    try:
+        with Image.open(path) as im:
+            sheet.paste(im.convert("RGB").resize((cell, cell)), at)
+    except (OSError, SyntaxError, ValueError):
+        pass

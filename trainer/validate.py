@@ -21,6 +21,7 @@ from PIL import Image
 from engine.imagepolicy import open_image
 from trainer.config import ValidationConfig
 from trainer.models import Models, autocast
+from trainer.plots import save_png
 
 
 def build_pipeline(models: Models) -> StableDiffusionControlNetPipeline:
@@ -108,7 +109,7 @@ def run_validation(models: Models, cfg: ValidationConfig, step: int, out_dir: Pa
                     named.append((f"p{i}_guess", guess[0]))
                 for name, im in named:
                     path = out_dir / f"step-{step:06d}_{name}.png"
-                    im.save(path)
+                    save_png(im, path)
                     paths.append(path)
                     means.append(float(np.asarray(im).mean()))
                     row.append(im)
@@ -116,5 +117,5 @@ def run_validation(models: Models, cfg: ValidationConfig, step: int, out_dir: Pa
     finally:
         models.controlnet.train(was_training)
     grid = out_dir / f"step-{step:06d}_grid.png"
-    make_grid(rows).save(grid)
+    save_png(make_grid(rows), grid)
     return {"images": paths, "grid": grid, "all_black": bool(means) and max(means) < 1.0}
