@@ -79,8 +79,8 @@ def interrupted_message(output: str) -> str:
                 "from an earlier complete one, if any)")
     if newest is None:
         return "interrupted before any checkpoint was complete: none was written; rerun the same command to start again"
-    return (f"interrupted before a checkpoint of the current step was complete; the newest complete checkpoint is "
-            f"{newest} (continue with --resume latest)")
+    # not "before the current step's checkpoint": stopped in the final export, that checkpoint is the newest
+    return f"interrupted; the newest complete checkpoint is {newest} (continue with --resume latest)"
 
 
 def newest_checkpoint(output: str) -> Path | None:
