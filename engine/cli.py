@@ -7,9 +7,6 @@ its users feel at home.
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
-import os
 import signal
 import sys
 from pathlib import Path
@@ -17,7 +14,8 @@ from pathlib import Path
 from . import options
 from . import outcomes as O
 from .config import ConditionConfig, EngineConfig, PreviewConfig
-from .storage import RunnerLost, StoreLost, Terminated
+from .stopping import Interrupted, exit_now, exit_status
+from .storage import RunnerLost, StoreLost
 
 
 def subcommand(sub, name: str, cls: type, **kw) -> argparse.ArgumentParser:
@@ -141,22 +139,6 @@ def entry() -> None:
     exit_now(main())
 
 
-def exit_now(code: int) -> None:
-    """End this process with `code` once Python's exit handlers (Ray's, multiprocessing's) have run, skipping
-    the C++ libraries' static destructors. Under load about one command in 70 aborted there after its work
-    was done and its files closed ("terminate called without an active exception", exit 134 instead of the
-    command's own status: pyarrow's idle thread pools torn down at exit), so a successful run could read as a
-    crash to a script or a scheduler."""
-    # The command is done (shards, stats and card written and closed). Exempting what is alive from the
-    # interpreter's last garbage collections saves 0.1-0.2 s of every command's wall time (~600 modules
-    # of numpy, pyarrow and Numba objects to traverse).
-    gc.freeze()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse and run one command; its exit status (tests call this in their own process: no exit here)."""
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
@@ -166,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     preview_parser(sub)
     a = parser.parse_args(argv)
     # SIGTERM (a scheduler's stop) takes the same clean path as Ctrl-C, and ends with 143 where Ctrl-C ends with 130.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Terminated()))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Interrupted(signal.SIGTERM)))
     try:
         return {"shards": run_shards, "condition": run_condition, "preview": run_preview}[a.command](a)
     except KeyboardInterrupt as exc:  # here, not around run(): a signal during the imports or the planning too
         print(f"\ninterrupted{INTERRUPTED.get(a.command, '')}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return exit_status(exc)
     except (StoreLost, RunnerLost) as exc:  # the object store or a Ray actor went away mid-run; its message says to rerun
         print(f"error: {exc}", file=sys.stderr)
         return 1

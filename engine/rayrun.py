@@ -26,6 +26,7 @@ from .config import EngineConfig
 from .counter import ProgressCounter
 from .plan import Shard
 from .runners import OutputError, Progress, RunnerLost, settle
+from .stopping import Interrupted
 
 TOKEN_FILE = ".driver-token"  # this run's random token: a task writes only where it finds it (same folder)
 PROBE_TIMEOUT = 300.0  # seconds for every node to answer the shared-folder check (runtime_env setup included)
@@ -55,7 +56,7 @@ class RayRunner:
                 raise RuntimeError(f"--ray-address {self.cfg.ray_address}: {exc}") from None
             except SystemExit as exc:  # Ray's own handler (below) met a SIGTERM during ray.init
                 if exc.code == signal.SIGTERM and self.sigterm is not None:
-                    raise S.Terminated() from None
+                    raise Interrupted(signal.SIGTERM) from None
                 raise
             finally:
                 put_back_sigterm(self.sigterm)
@@ -132,10 +133,10 @@ class RayRunner:
                 if again:
                     submit(shard, again)
             if stopped():
-                raise S.interrupt(stopped())
+                raise Interrupted(stopped())
         self._drain(progress)
         if stopped():  # the signal came with the last shard: the run still ends as interrupted, as asked
-            raise S.interrupt(stopped())
+            raise Interrupted(stopped())
 
     def _drain(self, progress: Progress) -> None:
         """Move the counter actor's counts (by shard and attempt) onto the progress display."""

@@ -62,18 +62,6 @@ class RunnerLost(RuntimeError):
     Here, beside StoreLost, so the CLI catches it without importing the runners."""
 
 
-class Terminated(KeyboardInterrupt):
-    """A SIGTERM (a scheduler's stop): Ctrl-C's clean path, whose exit status is then 143 (128 + SIGTERM) rather
-    than 130, as a shell reports a process the signal ended (and as the trainer exits). Here for the same reason."""
-
-
-def interrupt(signum: int) -> KeyboardInterrupt:
-    """The exception that stops a run for signal `signum`: Terminated for SIGTERM, KeyboardInterrupt otherwise."""
-    import signal
-
-    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
 class Stalled(OSError):
     """A gs:// request the store took and never answered within GCS_STALL_S (an OSError, as any failed
     request: the paths that handle those, the store lost mid-run included, handle it alike)."""

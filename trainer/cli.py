@@ -8,13 +8,13 @@ and help text are the field's, so the parser and the dataclasses cannot drift ap
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import signal
 import sys
 from pathlib import Path
 
 from engine import options
+from engine.stopping import exit_now, exit_status
 from trainer import interrupts
 from trainer.config import TrainConfig
 from trainer.flags import add_diffusers_spellings
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_training(cfg)
     except KeyboardInterrupt as e:  # Interrupted, or the loop's second Ctrl-C
         print(f"\n{interrupted_message(cfg.output) if cfg else 'interrupted: nothing was written'}", file=sys.stderr)
-        return 128 + int(getattr(e, "signum", signal.SIGINT))
+        return exit_status(e)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -143,27 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """`python -m trainer` and `ctrlnet-train`: main(), then the process ends with its exit status.
-
-    The status is decided and its line printed when main() returns; the interpreter would then spend about 1.5 s
-    running torch's and diffusers' exit handlers and tearing down their modules with Python's own signal handling
-    back in place: a second Ctrl-C there (pressed just after `stopped at step N`, or after `done`) printed a
-    KeyboardInterrupt traceback from an atexit callback, or killed the process by SIGINT (-2; a SIGTERM: -15) once
-    Python had reset its handlers. Now a signal during the exit handlers ends the process at once, quietly, with the
-    status already reported, and the module teardown is skipped (every file is written and closed by then), as
-    engine.cli.exit_now does for the engine."""
-    code = main()
-
-    def _exit_quietly(signum, frame) -> None:
-        os._exit(code)  # print() flushed the last line already; nothing is left to write
-
-    if _main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, _exit_quietly)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
+    """`python -m trainer` and `ctrlnet-train`: main(), then the process ends with its exit status, quietly even
+    when a second Ctrl-C lands in torch's and diffusers' exit handlers (engine.stopping.exit_now)."""
+    exit_now(main())
 
 
 def _main_thread() -> bool:

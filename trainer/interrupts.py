@@ -6,16 +6,7 @@ signals inside the loop.
 
 from __future__ import annotations
 
-import signal
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside the training loop (loading, the final save and export), or a second Ctrl-C."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__()
-        self.signum = signum
-
+from engine.stopping import Interrupted
 
 _raised: list[int] = []
 """Signals `interrupt` raised for in this run (see unraised_signal)."""
