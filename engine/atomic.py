@@ -7,7 +7,9 @@ precomputed shards and logs (trainer.checkpoint, trainer.precompute, trainer.met
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import os
 import shutil
 import uuid
@@ -71,13 +73,51 @@ def fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
+RENAME_EXCHANGE = 2  # renameat2(2): swap two paths in one step (Linux 3.15+, most local file systems)
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None where there is none (not Linux, glibc before 2.28)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the system or file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_cwd = -100  # AT_FDCWD: both paths as given
+    return fn(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
-    """Flush a finished temporary folder, rename it to `final` (replacing an older one), flush the parent."""
+    """Flush a finished temporary folder and rename it to `final`, then flush the parent.
+
+    An older `final` is swapped with `tmp` in one step and deleted from there: deleting it in place
+    first (as before) left a half-deleted export or checkpoint when a kill landed in between, and the
+    whole new folder under a temporary name that the next run removes. Where the file system cannot
+    swap, the old folder is renamed aside first, which narrows that window to two renames. Either
+    way what a kill leaves besides `final` has a temporary name (the trainer's next start removes it).
+    """
     fsync_tree(tmp)
+    old = None
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        if exchange(tmp, final):
+            old = tmp
+        else:
+            old = tmp_path(final)
+            os.replace(final, old)
+    if old is not tmp:
+        os.replace(tmp, final)
     fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_dir_atomic(final: Path, write: Callable[[Path], object]) -> None:

@@ -33,7 +33,7 @@ TMP_PREFIX = ".tmp-checkpoint-"
 # What engine.atomic leaves of a run's own outputs when the process is killed (SIGKILL, the OOM killer) between
 # writing and renaming: NAME.<8 hex>.tmp beside NAME (engine.atomic.tmp_path). The export's are as large as the
 # ControlNet (and the UNet); a rerun writes under a new name, so nothing else ever removes them.
-STALE_WRITE_RE = re.compile(r"^(controlnet|controlnet-fp16\.safetensors|unet|train_log\.jsonl|train_config\.json"
+STALE_WRITE_RE = re.compile(r"^(checkpoint-\d+|controlnet|controlnet-fp16\.safetensors|unet|train_log\.jsonl|train_config\.json"
                             r"|loss\.png|progress\.png|step-\d+_[\w-]+\.png)\.[0-9a-f]{8}\.tmp$")
 STALE_WRITE_DIRS = ("", "validation")  # the output folder and its validation images (trainer.plots.save_png)
 STATE_FILE = "state.json"
