@@ -29,7 +29,7 @@ CHUNK = 256 * 1024
 SCHEMES = ("http", "https")
 # The codings asked for (Accept-Encoding) are the ones _Decoder undoes; aiohttp's own decoding is off.
 ACCEPT_ENCODING = "gzip, deflate"
-GZIP, DEFLATE = ("gzip", "x-gzip"), ("deflate",)
+GZIP, DEFLATE, IDENTITY = ("gzip", "x-gzip"), ("deflate",), ("", "identity")
 MAX_MEMBERS = 1024  # concatenated gzip/deflate streams in one body (aiohttp's cap); each costs a decompressor
 
 
@@ -45,6 +45,9 @@ class FetchResult:
     final_url: str | None = None
     attempts: int = 0
     seconds: float = 0.0
+    encoding: str = ""
+    """A Content-Encoding the body came with and still has (br, zstd, a list of codings: never asked for), named
+    when the body then fails to decode."""
 
 
 class _Failure(Exception):
@@ -155,7 +158,8 @@ def _redirect_target(url: str, resp: aiohttp.ClientResponse, seen: set[str]) -> 
 class _Decoder:
     """A body's Content-Encoding undone within --max-bytes: gzip (concatenated members too), deflate
     (zlib-wrapped or raw), or none. Other codings (br, zstd: never asked for) and lists of codings are
-    left as they came, as aiohttp leaves unknown ones: the decode stage names what the bytes are.
+    left as they came, as aiohttp leaves unknown ones: the decode stage names what the bytes are, and the
+    row's reason the coding (FetchResult.encoding).
 
     aiohttp's decoding is off (make_session): it decodes inside the connection, so --max-bytes could
     only count its output. A compressed stream that decodes to nothing (empty deflate blocks) was then
@@ -168,6 +172,7 @@ class _Decoder:
         self.coding = (coding or "").strip().lower()
         self.max_bytes, self.left, self.members = max_bytes, max_bytes, 0
         self.inflate = None
+        self.undone = "" if self.coding in GZIP + DEFLATE + IDENTITY else self.coding[:40]
 
     def _take(self, piece: bytes) -> bytes:
         """`piece` counted against the budget; TOO_LARGE once the decoded body is over it."""
@@ -210,9 +215,9 @@ class _Decoder:
         return b"".join(out)
 
 
-async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> tuple[bytes, str]:
     """The whole body, decoded, refused early once it is known or seen to exceed `max_bytes`: the bytes
-    on the wire and the bytes they decode to are each held to it."""
+    on the wire and the bytes they decode to are each held to it. With it, the coding left undone ("" if none)."""
     declared = resp.content_length
     if declared is not None and declared > max_bytes:
         raise _Failure(O.TOO_LARGE, f"Content-Length {declared} > {max_bytes}")
@@ -223,7 +228,7 @@ async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
         if size > max_bytes:
             raise _Failure(O.TOO_LARGE, f"body over {max_bytes} bytes")
         parts.append(decoder.feed(chunk))
-    return b"".join(parts)
+    return b"".join(parts), decoder.undone
 
 
 async def _open(session: aiohttp.ClientSession, url: str, redirected: bool) -> aiohttp.ClientResponse:
@@ -238,8 +243,9 @@ async def _open(session: aiohttp.ClientSession, url: str, redirected: bool) -> a
         raise
 
 
-async def _attempt(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> tuple[bytes, int, str]:
-    """One attempt, following redirects by hand so every hop's scheme is checked."""
+async def _attempt(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> tuple[bytes, str, int, str]:
+    """One attempt, following redirects by hand so every hop's scheme is checked: (body, coding left undone,
+    status, final url)."""
     scheme = _bad_scheme(url)
     if scheme is not None:  # aiohttp calls file:, data:, ftp: connection errors (retried) and fetches ws: as http
         raise _Failure(O.INVALID_URL, f"unsupported scheme {scheme!r}" if scheme else "not an absolute url")
@@ -257,7 +263,7 @@ async def _attempt(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -
             directive = opted_out(resp.headers) if cfg.respect_optout else None
             if directive:
                 raise _Failure(O.OPTED_OUT, f"X-Robots-Tag {directive}", False, resp.status)
-            return await _read_body(resp, cfg.max_bytes), resp.status, url
+            return *await _read_body(resp, cfg.max_bytes), resp.status, url
     raise _Failure(O.REDIRECT_ERROR, f"more than {cfg.max_redirects} redirects")
 
 
@@ -335,8 +341,8 @@ async def fetch(session: aiohttp.ClientSession, url: str, cfg: FetchConfig) -> F
     for attempt in range(1, cfg.retries + 2):
         result.attempts = attempt
         try:
-            body, status, final = await asyncio.wait_for(_attempt(session, url, cfg), cfg.timeout)
-            result.body, result.status, result.final_url = body, status, final
+            body, coding, status, final = await asyncio.wait_for(_attempt(session, url, cfg), cfg.timeout)
+            result.body, result.encoding, result.status, result.final_url = body, coding, status, final
             result.outcome, result.reason = None, ""
             break
         except Exception as exc:  # noqa: BLE001 -- every failure becomes an outcome, by design

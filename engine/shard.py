@@ -262,7 +262,9 @@ class ShardRun:
             prep = await asyncio.get_running_loop().run_in_executor(
                 self.cpu, prepare, got.body, self.cfg, self.conditioner, stages)
         except Rejected as rej:
-            return self.finish(index, rej.outcome, rej.reason, **fetched)
+            # bytes a server compressed unasked (br, zstd) fail as an unknown format: say why they looked so
+            note = f" (sent with Content-Encoding {got.encoding}, never asked for, so not undone)" if got.encoding else ""
+            return self.finish(index, rej.outcome, rej.reason + note, **fetched)
         finally:
             got.body = None
             for stage, seconds in stages.items():  # merged on the loop thread: no lock needed

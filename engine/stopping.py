@@ -36,7 +36,7 @@ def exit_now(code: int) -> None:
     aborted in those destructors ("terminate called without an active exception", exit 134: pyarrow's idle thread
     pools), and a second Ctrl-C during the trainer's ~1.5 s of torch and diffusers teardown printed a
     KeyboardInterrupt traceback or ended the process by the signal (-2, -15) instead of its status."""
-    if _main_thread():
+    if main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, lambda *_: os._exit(code))  # the last line is printed: nothing is left to write
     # Exempting what is alive from the interpreter's last garbage collections saves 0.1-0.2 s of every command
@@ -48,7 +48,7 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _main_thread() -> bool:
+def main_thread() -> bool:
     """Signal handlers can be set only in the main thread."""
     import threading
 

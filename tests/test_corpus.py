@@ -7,6 +7,7 @@ import collections
 import hashlib
 import io
 import threading
+import zlib
 
 import aiohttp
 import numpy as np
@@ -23,7 +24,7 @@ OUTCOMES = {outcomes.OK, outcomes.INVALID_URL, outcomes.FILTERED_SIZE, outcomes.
             *outcomes.FETCH_OUTCOMES, *outcomes.DECODE_OUTCOMES}
 REQUIRED_CASES = {
     "http_404", "http_500", "http_429", "http_503_once", "connection_refused", "reset_mid_body", "drip",
-    "too_large", "content_length_lies", "gzip", "redirect_loop", "redirect_chain", "redirect_ftp",
+    "too_large", "content_length_lies", "gzip", "brotli_unasked", "redirect_loop", "redirect_chain", "redirect_ftp",
     "redirect_file", "html_as_jpeg", "svg_as_jpeg", "empty_as_jpeg", "text_as_jpeg", "truncated_jpeg",
     "bomb_png", "animated_gif", "cmyk", "png16", "exif_rotated_6", "exif_rotated_8", "too_small",
     "meta_small", "meta_elongated", "bad_aspect", "url_null", "url_not_a_url", "url_htp", "url_javascript",
@@ -192,6 +193,16 @@ def test_gzip_encoding(served, rows):
     assert body == (served.parquet.parent / "files" / name).read_bytes()
     resp, raw = get(url, auto_decompress=False)
     assert raw[:2] == b"\x1f\x8b"
+
+
+def test_unasked_brotli_encoding(served, rows):
+    """/br sends Content-Encoding: br (never in our Accept-Encoding) over bytes that are not the JPEG."""
+    url = one(rows, "brotli_unasked")["URL"]
+    name = url.rsplit("/", 1)[1]
+    resp, raw = get(url, auto_decompress=False)
+    assert resp.headers["Content-Encoding"] == "br"
+    original = (served.parquet.parent / "files" / name).read_bytes()
+    assert raw != original and zlib.decompress(raw, -15) == original
 
 
 def test_redirects(served, rows):

@@ -102,6 +102,16 @@ def test_every_row_gets_its_expected_outcome(corpus, any_run):
         assert {n.split(".", 1)[1] for n in names} <= {"jpg", "cond.png", "txt", "json"}
 
 
+def test_a_body_compressed_unasked_names_its_coding(corpus, local_run):
+    """A server's br (never in our Accept-Encoding) is left as it came, so the bytes look like no image; the row's
+    reason says why (it said only "unknown format (starts ...)")."""
+    rows = corpus_rows(corpus.parquet)
+    (index,) = [i for i, r in enumerate(rows) if r["case"] == "brotli_unasked"]
+    table = run_rows(local_run).to_pylist()
+    (record,) = [r for r in table if r["row"] == index]
+    assert record["outcome"] == O.UNSUPPORTED_FORMAT and "Content-Encoding br" in record["reason"], record
+
+
 def test_exif_rotated_images_come_out_upright(corpus, local_run):
     out = local_run
     rows = corpus_rows(corpus.parquet)

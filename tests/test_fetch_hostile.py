@@ -162,7 +162,7 @@ def test_small_compressed_bodies_are_decoded(coding):
     data = bytes(range(256)) * 100
     body = gzip.compress(data) if b"gzip" in coding else zlib.compress(data)
     r, raw, _ = get(reply(response([b"Content-Encoding: " + coding, b"Content-Length: %d" % len(body)], body)))
-    assert r.outcome is None and r.body == data
+    assert r.outcome is None and r.body == data and r.encoding == ""
     assert b"accept-encoding: gzip, deflate\r\n" in raw.heads[0].lower()  # only what is decoded is asked for
 
 
@@ -172,6 +172,7 @@ def test_codings_never_asked_for_are_left_as_they_came(coding):
     decode stage, which names them, as aiohttp already did for codings it does not know."""
     r, raw, _ = get(reply(response([b"Content-Encoding: " + coding, b"Content-Length: 10"], b"0123456789")))
     assert (r.outcome, r.body, raw.connections) == (None, b"0123456789", 1), r.reason
+    assert r.encoding == coding.decode()  # named in the row's reason if the bytes then fail to decode
 
 
 def test_gzip_members_are_capped():

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from engine import options
-from engine.stopping import exit_now, exit_status
+from engine.stopping import exit_now, exit_status, main_thread
 from trainer import interrupts
 from trainer.config import TrainConfig
 from trainer.flags import add_diffusers_spellings
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # stops at once (a half-written checkpoint is never resumed: trainer.checkpoint) and says what is left; in the
     # loop trainer.loop.StopSignal takes over and saves first
     interrupts.forget()
-    old = {s: signal.signal(s, interrupts.interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    old = {s: signal.signal(s, interrupts.interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread() else {}
     unraisable, sys.unraisablehook = sys.unraisablehook, interrupts.unraisable_hook(sys.unraisablehook)
     cfg = None
     try:
@@ -146,13 +146,6 @@ def entry() -> None:
     """`python -m trainer` and `ctrlnet-train`: main(), then the process ends with its exit status, quietly even
     when a second Ctrl-C lands in torch's and diffusers' exit handlers (engine.stopping.exit_now)."""
     exit_now(main())
-
-
-def _main_thread() -> bool:
-    """Signal handlers can be set only in the main thread."""
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def run_training(cfg: TrainConfig) -> int:

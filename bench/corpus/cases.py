@@ -118,6 +118,8 @@ def add_http_cases(b: Builder) -> None:
     b.add(f"lie/{name}", "incomplete_body", "content_length_lies", wh)
     name, wh = b.jpeg_file("gzip")
     b.add(f"gzip/{name}", "ok", "gzip", wh)
+    name, wh = b.jpeg_file("brotli_unasked")
+    b.add(f"br/{name}", "unsupported_format", "brotli_unasked", wh)
 
 
 def add_redirect_and_optout_cases(b: Builder) -> None:

@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import threading
+import zlib
 from pathlib import Path
 
 from aiohttp import web
@@ -168,6 +169,15 @@ class _Handlers:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPES.get(path.suffix, "image/jpeg"),
                                                 "Content-Encoding": "gzip"})
 
+    async def brotli_unasked(self, request: web.Request) -> web.Response:
+        """GET /br/{name}: the file compressed (raw deflate standing in for brotli, which the standard library
+        lacks) with Content-Encoding: br, which no client here asks for: a misconfigured CDN's answer."""
+        path = self._file(request.match_info["name"])
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        body = packer.compress(path.read_bytes()) + packer.flush()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPES.get(path.suffix, "image/jpeg"),
+                                                "Content-Encoding": "br"})
+
     async def redirect_loop(self, request: web.Request) -> web.Response:
         """GET /redirect/loop/{tag}/{0|1}: 0 -> 1 -> 0 -> ..."""
         step = 1 - int(request.match_info["step"])
@@ -219,6 +229,7 @@ def make_app(root: Path) -> tuple[web.Application, _Handlers]:
         web.get("/stall/{tag}", h.stall),
         web.get("/big/{mib:\\d+}/{tag}", h.big),
         web.get("/gzip/{name:.+}", h.gzip_file),
+        web.get("/br/{name:.+}", h.brotli_unasked),
         web.get("/redirect/loop/{tag}/{step:[01]}", h.redirect_loop),
         web.get("/redirect/chain/{hops:\\d+}/{name:.+}", h.redirect_chain),
         web.get("/redirect/scheme/{scheme:ftp|file|javascript}/{tag}", h.redirect_scheme),
