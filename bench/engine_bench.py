@@ -150,8 +150,34 @@ class ServerPool:
         self.main.stop()
 
 
+class FilesOnDisk:
+    """No server: both tools read the corpus's files through file:// URLs (img2dataset through urllib, the
+    engine under --local-root). What a many-core box measures where loopback HTTP is the limit (the lent
+    GPU hosts' gVisor sandbox holds any HTTP client near 10 img/s per worker), and a figure without the
+    server's CPU on the same cores."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder.resolve()
+
+    @property
+    def base_url(self) -> str:
+        """file:///abs/corpus/folder (url_list appends /files/NAME)."""
+        return "file://" + str(self.folder)
+
+    def __enter__(self) -> FilesOnDisk:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def serving(folder: Path, a: argparse.Namespace):
-    """The server the run uses (a.server: nginx when found, else the aiohttp pool); sets a.served_by."""
+    """The server the run uses (a.server: nginx when found, else the aiohttp pool; files: none); sets
+    a.served_by."""
+    if a.server == "files":
+        a.served_by, a.probe = "files", False  # nothing to probe
+        a.engine_args = ["--local-root", str(folder.resolve()), *a.engine_args]
+        return FilesOnDisk(folder)
     binary = nginx_binary() if a.server in ("auto", "nginx") else None
     if a.server == "nginx" and not binary:
         raise SystemExit("--server nginx: no nginx binary found (Debian: apt-get install nginx-light)")
@@ -390,7 +416,7 @@ def render(records: dict) -> str:
             f"({c['mb_total']} MB; shorter side 512-767/768-1023/>=1024: "
             f"{' / '.join(f'{x:.0%}' for x in c['split'])}; mean {c['kb_small']} KB below 1024, "
             f"{c['kb_large']} KB above), shard size {r['shard_size']}, concurrency {r['concurrency']}, "
-            f"{r.get('server_processes', 1)} {r.get('server', 'aiohttp')} server process(es)"
+            f"{served(r)}"
             f"{', serving ' + str(c['server_img_s']) + ' img/s alone' if c.get('server_img_s') else ''}"
             f"{', ' + r['note'] if r.get('note') else ''}; load average at start "
             f"{r['img2dataset'].get('load', 0):.1f} (img2dataset) / {r['engine'].get('load', 0):.1f} (engine); "
@@ -399,6 +425,13 @@ def render(records: dict) -> str:
     lines.append("")
     lines.append(f"<!-- data: {json.dumps(records, sort_keys=True)} -->")
     return "\n".join(lines)
+
+
+def served(r: dict) -> str:
+    """How a record's corpus reached the tools."""
+    if r.get("server") == "files":
+        return "read from disk by both tools (file:// URLs, no server)"
+    return f"{r.get('server_processes', 1)} {r.get('server', 'aiohttp')} server process(es)"
 
 
 def cpu_per_image(run: dict) -> str:
@@ -430,7 +463,7 @@ def stage_table(records: dict) -> list[str]:
 def record(a: argparse.Namespace, facts: dict, i2d: ToolRun, eng: ToolRun, version: str) -> dict:
     """One machine's record for the results section."""
     return {
-        "machine": a.machine or machine_line(), "date": time.strftime("%Y-%m-%d"), "workers": a.workers,
+        "machine": a.machine or machine_line() + (", file:// URLs" if a.served_by == "files" else ""), "date": time.strftime("%Y-%m-%d"), "workers": a.workers,
         "concurrency": a.concurrency, "shard_size": a.shard_size, "corpus": facts,
         "img2dataset": asdict(i2d), "engine": asdict(eng), "img2dataset_version": version,
         "ratio": eng.images_per_s / i2d.images_per_s, "note": a.note, "server_processes": a.server_processes,
@@ -467,8 +500,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each tool; the fastest counts")
     ap.add_argument("--no-fixed", dest="fixed", action="store_false", help="skip measuring the fixed cost per run")
     ap.add_argument("--server-processes", type=int, default=max(1, cores // 4), help="corpus server processes (default: cores / 4)")
-    ap.add_argument("--server", choices=("auto", "nginx", "aiohttp"), default="auto",
-                    help="what serves the corpus: nginx (cheapest per image, as the issue measured) when found, else aiohttp")
+    ap.add_argument("--server", choices=("auto", "nginx", "aiohttp", "files"), default="auto",
+                    help="what serves the corpus: nginx (cheapest per image, as the issue measured) when found, else "
+                         "aiohttp; files: no server, both tools read file:// URLs (a many-core box whose loopback "
+                         "HTTP is the limit)")
     ap.add_argument("--no-probe", dest="probe", action="store_false", help="skip measuring the server alone first")
     ap.add_argument("--only", choices=("both", "img2dataset", "engine"), default="both", help="run one tool only (no results written)")
     ap.add_argument("--img2dataset-python", default=None, help="an interpreter that already imports img2dataset (skips the venv)")
@@ -501,8 +536,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[ToolRun]] = {"img2dataset": [], "engine": []}
     with serving(folder, a) as srv:
         urls = url_list(folder, srv.base_url, WORK / "run" / "urls.parquet")
-        print(f"{facts['n']} images, {facts['mb_total']} MB, served at {srv.base_url} by {a.server_processes} "
-              f"{a.served_by} process(es); {a.workers} workers, {a.concurrency} in flight each, shards of {a.shard_size}", flush=True)
+        print(f"{facts['n']} images, {facts['mb_total']} MB at {srv.base_url} ({served(vars(a) | {'server': a.served_by})}); "
+              f"{a.workers} workers, {a.concurrency} in flight each, shards of {a.shard_size}", flush=True)
         if a.probe:
             url_strings = pq.read_table(urls, columns=["URL"]).column(0).to_pylist()
             facts["server_img_s"] = round(probe_server(url_strings, a.workers))

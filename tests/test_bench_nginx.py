@@ -33,3 +33,38 @@ def test_nginx_serves_the_files_and_stops(tmp_path):
         port = srv.port
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_files_mode_lists_file_urls_the_engine_reads_under_its_local_root(tmp_path):
+    """`--server files`: the URL list names the corpus's files as file:// URLs (what img2dataset's urllib opens),
+    and the engine gets --local-root for them; a real engine run over two of them writes both."""
+    import argparse
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench import engine_bench
+    from tests.conftest import encode, photo, scaled
+
+    folder = tmp_path / "corpus"
+    (folder / "files").mkdir(parents=True)
+    for name, rgb in (("a.jpg", photo("astronaut")), ("b.jpg", scaled(photo("coffee"), 768, 512))):
+        (folder / "files" / name).write_bytes(encode(rgb, "JPEG", quality=90))
+    pq.write_table(pa.table({"URL": [f"http://127.0.0.1:0/files/{n}" for n in ("a.jpg", "b.jpg")],
+                             "TEXT": ["a", "b"]}), folder / "corpus.parquet")
+    a = argparse.Namespace(server="files", engine_args=[], probe=True)
+    with engine_bench.serving(folder, a) as srv:
+        urls = engine_bench.url_list(folder, srv.base_url, tmp_path / "urls.parquet")
+    listed = pq.read_table(urls).column("URL").to_pylist()
+    assert listed == [(folder / "files" / n).resolve().as_uri() for n in ("a.jpg", "b.jpg")]
+    assert a.engine_args == ["--local-root", str(folder.resolve())] and a.served_by == "files" and not a.probe
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "engine", "shards", str(urls), "--output", str(tmp_path / "out"),
+                           "--workers", "1", "--no-progress", "--runner", "local", *a.engine_args],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["outcomes"] == {"ok": 2}
