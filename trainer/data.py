@@ -511,4 +511,8 @@ def build_loader(cfg: DataConfig, tokenizer, seed: int, start: Position, pin_mem
         stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
         worker_init_fn=_worker_init if cfg.num_workers else None,
         prefetch_factor=PREFETCH if cfg.num_workers else None, persistent_workers=False,
+        # DataLoader draws its workers' base seed when an iterator starts, from the global CPU generator unless
+        # given one: a resumed run starts its iterator after restoring that generator (trainer.checkpoint), so
+        # every resume moved it on by one draw and its checkpoints' rng/cpu differed from an uninterrupted run's
+        generator=torch.Generator().manual_seed(seed),
     )
