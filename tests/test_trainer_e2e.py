@@ -243,3 +243,40 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_nothing_behind(tmp_pat
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in done.stdout
     left = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
     assert left == ["checkpoint-3"] and is_complete(out / "checkpoint-3"), left
+
+
+# Kills the run where the retention after checkpoint-2's save starts (checkpoint-1 about to be renamed aside).
+KILL_BEFORE_RETENTION = """
+import os, runpy, signal, sys
+def hook(event, args):
+    if event == "shutil.rmtree" and str(args[0]).endswith(".tmp-checkpoint-1.deleted"):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.argv[0] = "trainer"
+runpy.run_module("trainer", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_kill_between_the_last_save_and_its_retention_keeps_the_limit(tmp_path):
+    """Found by the kill-at-every-I/O-event sweep: killed after the last step's checkpoint was saved but before the
+    retention that follows it, the run resumed at its last step, trained nothing, saved nothing, and so never
+    pruned: one checkpoint over --checkpoints-total-limit stayed for good. A run resumed from its newest checkpoint
+    at its last step now applies the retention (and redraws loss.png) before the export."""
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=4, size=32)
+    model = build_tiny_model(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["--shards", str(tmp_path / "shards" / "00000.tar"), "--model", str(model), "--output", str(out),
+            "--device", "cpu", "--mixed-precision", "no", "--resolution", "32", "--train-batch-size", "2",
+            "--gradient-accumulation-steps", "1", "--optimizer", "adamw", "--max-train-steps", "2", "--no-progress",
+            "--dataloader-num-workers", "0", "--checkpointing-steps", "1", "--checkpoints-total-limit", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_RETENTION, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2]
+    done = subprocess.run(cli(*args, "--resume", "latest"), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in done.stdout
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()

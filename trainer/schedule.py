@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import TrainState, load_checkpoint, prune, resolve_resume, save_checkpoint
+from trainer.checkpoint import (
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    prune,
+    resolve_resume,
+    save_checkpoint,
+)
 from trainer.config import TrainConfig
 from trainer.distributed import World, barrier
 from trainer.export import export_final
@@ -75,18 +82,27 @@ class Checkpointer:
             decoder = decoder_state(run.models) if run.cfg.model.unlock_decoder else None
             path = save_checkpoint(self.output, run.state, run.models.controlnet, run.optimizer, run.scaler,
                                    run.generator, run.cfg.to_dict(), decoder=decoder)
-            prune(self.output, self.keep)
-            write_loss_png(self.output)
+            self.tidy()
             run.log.note(f"saved {path}")
         barrier(run.world)
         self.saved.append(path)
         self.last_step = run.state.step
         return path
 
+    def tidy(self) -> None:
+        """What follows each save (rank 0): keep the newest --checkpoints-total-limit, redraw loss.png."""
+        prune(self.output, self.keep)
+        write_loss_png(self.output)
+
     def finish(self, run: Run) -> Path | None:
         """The last step's checkpoint (unless just saved), then the final export; its folder on rank 0."""
         if self.last_step != run.state.step:
             self.write(run)
+        elif run.world.main and not self.saved and [s for s, _ in list_checkpoints(self.output)][-1:] == [run.state.step]:
+            # resumed from the newest checkpoint at its last step: a kill between that checkpoint's save and the
+            # retention after it left one checkpoint over --checkpoints-total-limit (and loss.png a step behind),
+            # which nothing else removed
+            self.tidy()
         folder = None
         if run.world.main:
             folder = export_final(run.models, self.output, run.cfg.model.unlock_decoder,
