@@ -280,3 +280,46 @@ def test_a_kill_between_the_last_save_and_its_retention_keeps_the_limit(tmp_path
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in done.stdout
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+# Kills the run while it saves its step-2 validation images (the first sample written, the guess-mode one next).
+KILL_WHILE_VALIDATING = """
+import os, runpy, signal, sys
+def hook(event, args):
+    if event == "open" and "step-000002_p0_guess.png" in str(args[0]):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.argv[0] = "trainer"
+runpy.run_module("trainer", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_kill_while_validating_draws_that_step_on_resume(tmp_path):
+    """Found by the kill-at-every-I/O-event sweep: a checkpoint is saved before its step's validation images, so a
+    kill between the two (or a stop signal at that step, which skips them) lost that step's images for good: the
+    resumed run went on from the next step, leaving a gap in validation/ and in progress.png. The resumed run now
+    draws them first, the same images an uninterrupted run drew (same weights, same seed)."""
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=4, size=32)
+    model = build_tiny_model(tmp_path / "model")
+    cond = first_condition(tmp_path / "shards" / "00000.tar", tmp_path / "cond.png")
+    out = tmp_path / "out"
+    args = ["--shards", str(tmp_path / "shards" / "00000.tar"), "--model", str(model), "--output", str(out),
+            "--device", "cpu", "--mixed-precision", "no", "--resolution", "32", "--train-batch-size", "2",
+            "--gradient-accumulation-steps", "1", "--optimizer", "adamw", "--max-train-steps", "3", "--no-progress",
+            "--dataloader-num-workers", "0", "--checkpointing-steps", "1", "--validation-steps", "2",
+            "--validation-prompt", "a photo", "--validation-image", str(cond), "--validation-inference-steps", "2",
+            "--num-validation-images", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_VALIDATING, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    sample = out / "validation" / "step-000002_p0_s0.png"
+    drawn = sample.read_bytes()  # written whole before the kill
+    assert not (out / "validation" / "step-000002_grid.png").exists()
+    done = subprocess.run(cli(*args, "--resume", "latest"), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in done.stdout
+    grids = sorted(g.name for g in (out / "validation").glob("step-*_grid.png"))
+    assert grids == ["step-000002_grid.png", "step-000003_grid.png"]
+    assert sample.read_bytes() == drawn

@@ -22,7 +22,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import TrainConfig
-from trainer.distributed import World, barrier
+from trainer.distributed import World, agree_max, barrier
 from trainer.export import export_final
 from trainer.loop import Run, gather_lanes, sync_failed
 from trainer.models import Models, decoder_state
@@ -148,6 +148,18 @@ class Validator:
                 run.log.note(f"warning: validation images of step {run.state.step} are all black")
         barrier(run.world)
         self.last_step = run.state.step
+
+    def catch_up(self, run: Run) -> None:
+        """A resumed run first draws its checkpoint's step when that step was due and its grid is missing: the
+        checkpoint is saved before the images, so a kill in between (or a stop signal there, which skips them) lost
+        them for good, a gap in the validation folder and the progress sheet. Same weights, same seed: the images
+        an uninterrupted run drew."""
+        step = run.state.step
+        if not step or not self.due(step, stopping=False):
+            return
+        missing = int(run.world.main and not (self.output / f"step-{step:06d}_grid.png").exists())
+        if agree_max(run.world, run.device, missing)[0]:  # rank 0 looked; every rank takes part alike
+            self.write(run)
 
     def finish(self, run: Run) -> None:
         """The last step's images, unless just drawn."""

@@ -134,6 +134,7 @@ def train(cfg: TrainConfig, enable_bar: bool = True) -> TrainResult:
                  f"{cfg.optim.gradient_accumulation_steps} x {world.size} process(es)")
     result = TrainResult(output=output, step=0, log=output / "train_log.jsonl")
     try:
+        run.validation.catch_up(run)  # a resumed step's images that a kill left undrawn
         with StopSignal(launcher=world.launcher) as stop:
             stop.requested = unraised_signal()  # a signal while loading whose exception Python dropped: step 1 stops
             run.stop = stop
