@@ -12,8 +12,9 @@ shard is built and renamed into place in the output folder itself (engine/write.
 store it is built the same way in a local temporary folder, then uploaded: tar and parquet first,
 the NNNNN.stats.json marker last; an object store has no rename, but a single object appears whole
 or not at all, so a marker still vouches only for files already there, and resume checks their
-sizes against it as on disk (pipeline.trusted). The single-writer rule is a lease object
-(LEASE): see engine/lease.py.
+sizes against it as on disk (pipeline.trusted). A staging folder that a killed process left
+(named after its host and pid) is removed by the next process that stages a shard on that host.
+The single-writer rule is a lease object (LEASE): see engine/lease.py.
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
 from datetime import timedelta
 from pathlib import Path
 
 from . import storefail
-from .lease import LEASE, LEASE_TTL_S, RENEW_S, SETTLE_S, Leased  # noqa: F401 - importable here
+from .lease import LEASE, LEASE_TTL_S, RENEW_S, SETTLE_S, Leased, _pid_alive  # noqa: F401 - importable here
 from .sample import STATS_SUFFIX
 
 SCHEMES = ("s3://", "gs://", "gcs://")
 MARKER = f"[0-9][0-9][0-9][0-9][0-9]*{STATS_SUFFIX}"
+STAGING_PREFIX = "ctrlnet-shard-"  # an object store's local shard folders: STAGING_PREFIX + "HOST-PID-" + mkdtemp's suffix
+_STAGING_RE = re.compile(re.escape(STAGING_PREFIX) + r"(?P<host>.+)-(?P<pid>\d+)-[^-]+")
 AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 GCS_RETRY_S = 20.0  # how long a GCS request is retried (pyarrow's default, 15 min, looks like a hang)
 # How long one gs:// call may take before it is abandoned. pyarrow sets no request timeout on its GCS
@@ -195,6 +200,35 @@ class Staging:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _host() -> str:
+    """This host's name as a staging folder carries it (no path separator)."""
+    return socket.gethostname().replace(os.sep, "_") or "host"
+
+
+def staging_prefix() -> str:
+    """The name a shard's staging folder starts with: its host and process, so a later run can tell a
+    killed process's folder (removed, remove_stale_staging) from a live one's."""
+    return f"{STAGING_PREFIX}{_host()}-{os.getpid()}-"
+
+
+def remove_stale_staging(folder: str | None = None) -> int:
+    """Delete the shard staging folders that killed processes of this host left in the temporary folder
+    (`folder`, default tempfile's); how many. Found by a kill sweep: a SIGKILL mid-shard (OOM, a preempted
+    node) left the whole partial shard there for good, as nothing but its own `finally` removed it. Folders
+    of live processes, of other hosts sharing the folder, and of other names are left alone."""
+    root = Path(folder or tempfile.gettempdir())
+    removed = 0
+    for path in root.glob(f"{STAGING_PREFIX}*"):
+        match = _STAGING_RE.fullmatch(path.name)
+        if match and match["host"] == _host() and not _pid_alive(int(match["pid"])) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+_swept: list[int] = []  # this process's remove_stale_staging, done once at its first staged shard
+
+
 class ObjectStore(Leased):
     """`s3://bucket/prefix` or `gs://bucket/prefix` through pyarrow.fs; every object is put whole."""
 
@@ -309,7 +343,9 @@ class ObjectStore(Leased):
     def stage_shard(self, lease: str | None = None) -> Staging:
         """A fresh local folder to build one shard in, to be uploaded under the run id `lease` (the one
         its run's lock() took, carried to this worker; not whoever holds the lease by then)."""
-        return Staging(self, Path(tempfile.mkdtemp(prefix="ctrlnet-shard-")), lease)
+        if not _swept:
+            _swept.append(remove_stale_staging())
+        return Staging(self, Path(tempfile.mkdtemp(prefix=staging_prefix())), lease)
 
     def upload_shard(self, folder: Path, name: str, lease: str | None) -> None:
         """Upload NNNNN.tar and .parquet, then the .stats.json marker, while the run `lease` holds the

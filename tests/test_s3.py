@@ -311,3 +311,48 @@ def test_each_s3_input_is_listed_opened_and_read_once_per_run(s3, tmp_path, monk
     assert [(d["name"], d["rows"], d["bytes"]) for d in recorded] == \
         [(f"{i}.parquet", 5, client.head_object(Bucket="bucket", Key=k)["ContentLength"]) for i, k in enumerate(small)] \
         + [("wide.parquet", rows, wide.stat().st_size)]
+
+
+KILL_WHILE_STAGING = """
+import os, runpy, signal, sys
+def hook(event, args):
+    # the shard's tar renamed into place in its local staging folder, before any upload
+    if event == "os.rename" and "ctrlnet-shard-" in str(args[1]) and str(args[1]).endswith(".tar"):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.argv = ["engine", *sys.argv[1:]]
+runpy.run_module("engine", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_kill_mid_shard_leaves_no_staging_folder_after_the_rerun(s3, tmp_path):
+    """Found by a kill sweep at every file event: a run into an object store killed while a shard was
+    staged locally left that folder (the partial tar, parquet and marker) in the temporary folder for good;
+    no later run removed it. Now a shard's first staging removes those of dead processes of this host,
+    and keeps those of live ones."""
+    from .conftest import encode, photo, scaled
+
+    prefix = "ctrlnet-shard-"  # engine.storage.STAGING_PREFIX, spelt out: the test runs on the code before it too
+
+    endpoint, client = s3
+    photos, tmp = tmp_path / "photos", tmp_path / "tmp"
+    photos.mkdir()
+    tmp.mkdir()
+    for i, name in enumerate(("astronaut", "coffee", "chelsea")):
+        (photos / f"{i}.jpg").write_bytes(encode(scaled(photo(name), 600, 520)))
+    live = tmp / f"{prefix}{socket.gethostname()}-{os.getpid()}-keep"  # this live process's: it stays
+    live.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    args = ["shards", str(photos), "--output", "s3://bucket/staged", "--s3-endpoint", endpoint, "--runner", "local",
+            "--shard-size", "2", "--no-progress"]
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_STAGING, *args], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = sorted(p.name for p in tmp.glob(f"{prefix}*") if p != live)
+    assert any(".tar." in p.name for n in left for p in (tmp / n).iterdir()), left  # the kill's leftovers
+    rerun = subprocess.run([sys.executable, "-m", "engine", *args], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert [p.name for p in tmp.glob(f"{prefix}*")] == [live.name]
+    assert json.loads(client.get_object(Bucket="bucket", Key="staged/stats.json")["Body"].read())["outcomes"] == {"ok": 3}
