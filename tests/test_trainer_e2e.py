@@ -198,6 +198,25 @@ def test_the_console_script_ends_like_python_m_trainer():
     assert "entry()" in (ROOT / "trainer" / "__main__.py").read_text()
 
 
+def retention_run(tmp_path: Path, steps: int) -> tuple[Path, list[str], dict]:
+    """A tiny CPU run of `steps` steps that checkpoints every step and keeps one: (its output, flags, environment)."""
+    write_shards(tmp_path / "shards", n_shards=1, per_shard=4, size=32)
+    model = build_tiny_model(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["--shards", str(tmp_path / "shards" / "00000.tar"), "--model", str(model), "--output", str(out),
+            "--device", "cpu", "--mixed-precision", "no", "--resolution", "32", "--train-batch-size", "2",
+            "--gradient-accumulation-steps", "1", "--optimizer", "adamw", "--max-train-steps", str(steps),
+            "--no-progress", "--dataloader-num-workers", "0", "--checkpointing-steps", "1",
+            "--checkpoints-total-limit", "1"]
+    return out, args, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_with_hook(script: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGS` under a wrapper `script` (an audit hook that kills the run at some moment)."""
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
 # `python -m trainer` killed (SIGKILL) inside checkpoint retention: after the first file of the checkpoint it
 # deletes is gone. An audit hook sees shutil.rmtree start on a folder holding a state.json and the unlinks after it.
 KILL_WHILE_PRUNING = """
@@ -225,16 +244,8 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_nothing_behind(tmp_pat
     removes."""
     from trainer.checkpoint import is_complete
 
-    write_shards(tmp_path / "shards", n_shards=1, per_shard=4, size=32)
-    model = build_tiny_model(tmp_path / "model")
-    out = tmp_path / "out"
-    args = ["--shards", str(tmp_path / "shards" / "00000.tar"), "--model", str(model), "--output", str(out),
-            "--device", "cpu", "--mixed-precision", "no", "--resolution", "32", "--train-batch-size", "2",
-            "--gradient-accumulation-steps", "1", "--optimizer", "adamw", "--max-train-steps", "3", "--no-progress",
-            "--dataloader-num-workers", "0", "--checkpointing-steps", "1", "--checkpoints-total-limit", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_PRUNING, *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    out, args, env = retention_run(tmp_path, steps=3)
+    killed = run_with_hook(KILL_WHILE_PRUNING, args, env)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert [s for s, _ in list_checkpoints(out)] == [2]  # checkpoint-1 was being deleted after checkpoint-2's save
     done = subprocess.run(cli(*args, "--resume", "latest"), cwd=ROOT, env=env, capture_output=True, text=True,
@@ -262,16 +273,8 @@ def test_a_kill_between_the_last_save_and_its_retention_keeps_the_limit(tmp_path
     retention that follows it, the run resumed at its last step, trained nothing, saved nothing, and so never
     pruned: one checkpoint over --checkpoints-total-limit stayed for good. A run resumed from its newest checkpoint
     at its last step now applies the retention (and redraws loss.png) before the export."""
-    write_shards(tmp_path / "shards", n_shards=1, per_shard=4, size=32)
-    model = build_tiny_model(tmp_path / "model")
-    out = tmp_path / "out"
-    args = ["--shards", str(tmp_path / "shards" / "00000.tar"), "--model", str(model), "--output", str(out),
-            "--device", "cpu", "--mixed-precision", "no", "--resolution", "32", "--train-batch-size", "2",
-            "--gradient-accumulation-steps", "1", "--optimizer", "adamw", "--max-train-steps", "2", "--no-progress",
-            "--dataloader-num-workers", "0", "--checkpointing-steps", "1", "--checkpoints-total-limit", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_RETENTION, *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    out, args, env = retention_run(tmp_path, steps=2)
+    killed = run_with_hook(KILL_BEFORE_RETENTION, args, env)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert [s for s, _ in list_checkpoints(out)] == [1, 2]
     done = subprocess.run(cli(*args, "--resume", "latest"), cwd=ROOT, env=env, capture_output=True, text=True,
