@@ -27,7 +27,7 @@ from trainer.config import (
 )
 from trainer.data import ShardStream, raw_epoch
 from trainer.lanes import Layout, Position, record_lanes
-from trainer.synthetic import write_shards
+from trainer.synthetic import first_condition, write_shards
 from trainer.tiny import build_tiny_tokenizer
 from trainer.train import train
 
@@ -278,6 +278,25 @@ def test_two_processes_train_like_one_with_the_doubled_batch(assets, tmp_path):
     stream = ShardStream(data_config(assets, 2), assets["tokenizer"], 3)
     expected = take(stream, 20)[-1]["position"].tolist()  # after 40 samples in one process from the start
     assert after["samples"] == 40 and [after["epoch"], after["offset"]] == expected[1:]
+
+
+def test_two_ranks_draw_a_resumed_steps_missing_validation_images(assets, tmp_path):
+    """A resumed run first draws its checkpoint's step's images when they are missing (a kill between that
+    checkpoint and its images: trainer.schedule.Validator.catch_up); rank 0 looks and both ranks agree on it in one
+    all-reduce, so neither waits for the other. The missing grid is made by removing it after a finished run."""
+    cond = first_condition(Path(assets["shards"].split("{")[0]) / "00000.tar", tmp_path / "cond.png")
+    out = tmp_path / "out"
+    flags = ["--checkpointing-steps", "1", "--validation-steps", "2", "--validation-prompt", "a photo",
+             "--validation-image", str(cond), "--validation-inference-steps", "2", "--num-validation-images", "1",
+             "--gradient-accumulation-steps", "1"]
+    torchrun(assets, out, ["--max-train-steps", "2", *flags])
+    grid = out / "validation" / "step-000002_grid.png"
+    assert grid.is_file()
+    grid.unlink()
+    proc = torchrun(assets, out, ["--max-train-steps", "3", "--resume", "latest", *flags])
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stdout
+    assert sorted(g.name for g in (out / "validation").glob("step-*_grid.png")) == \
+        ["step-000002_grid.png", "step-000003_grid.png"]
 
 
 def stopped_pair(proc: subprocess.Popen, tree: list[int], timeout: int = 120) -> str:
