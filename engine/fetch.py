@@ -214,6 +214,13 @@ class _Decoder:
                 break
         return b"".join(out)
 
+    def finish(self) -> None:
+        """INCOMPLETE_BODY if the body ended inside a gzip/deflate stream: its framing (Content-Length, the
+        last chunk, the close) was complete, yet the stream's own end (and checksum) never came, so what was
+        decoded is a prefix of the image, not the image. aiohttp checks this for deflate only, not gzip."""
+        if self.inflate is not None:
+            raise _Failure(O.INCOMPLETE_BODY, f"Content-Encoding {self.coding}: stream cut short before its end marker", True)
+
 
 async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> tuple[bytes, str]:
     """The whole body, decoded, refused early once it is known or seen to exceed `max_bytes`: the bytes
@@ -228,6 +235,7 @@ async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> tuple[byte
         if size > max_bytes:
             raise _Failure(O.TOO_LARGE, f"body over {max_bytes} bytes")
         parts.append(decoder.feed(chunk))
+    decoder.finish()
     return b"".join(parts), decoder.undone
 
 

@@ -184,6 +184,22 @@ def test_gzip_members_are_capped():
     assert r.body == b"ab" * 1024
 
 
+@pytest.mark.parametrize("coding,pack", [(b"gzip", gzip.compress), (b"deflate", zlib.compress),
+                                         (b"deflate", lambda d: zlib.compress(d)[2:-4])], ids=["gzip", "zlib", "raw"])
+@pytest.mark.parametrize("keep", [10, 0.5, -4, -1], ids=["header", "half", "no-checksum", "last-byte"])
+@pytest.mark.parametrize("framing", ["length", "close"])
+def test_compressed_stream_cut_short_is_incomplete_not_a_prefix(coding, pack, keep, framing):
+    """A gzip/deflate stream cut short within complete HTTP framing (a Content-Length that counts only the
+    bytes sent, or a close) was "ok" with a prefix of the image: 153 of 25600 bytes, or b"" (the fuzzer's
+    find). The stream's own end is part of the body: incomplete_body, as for a body cut short on the wire."""
+    body = pack(bytes(range(256)) * 100)
+    cut = body[:keep if isinstance(keep, int) else int(len(body) * keep)]
+    framing_header = b"Content-Length: %d" % len(cut) if framing == "length" else b"Connection: close"
+    r, _, _ = get(reply(response([b"Content-Encoding: " + coding, framing_header], cut)))
+    assert (r.outcome, r.body) == (O.INCOMPLETE_BODY, None), (r.outcome, r.body and len(r.body))
+    assert r.reason == f"Content-Encoding {coding.decode()}: stream cut short before its end marker"
+
+
 def test_corrupt_compressed_body_is_a_named_outcome():
     """A body that is not the gzip it claims ends incomplete_body with a reason naming the coding."""
     r, _, _ = get(reply(response([b"Content-Encoding: gzip", b"Content-Length: 10"], b"0123456789")))
