@@ -115,6 +115,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Im
     with im:
         check_pixels(*im.size, max_pixels, fmt)
         check_tile(im, max_pixels)
+        check_strips(im)
         yield im
 
 
@@ -126,6 +127,22 @@ def check_tile(im: Image.Image, max_pixels: int) -> None:
     width, height = (int(tags.get(tag) or 0) for tag in (322, 323)) if tags is not None else (0, 0)
     if width * height > max_pixels:
         raise Rejected(O.DECOMPRESSION_BOMB, f"tiff tile {width}x{height} exceeds {max_pixels} pixels (--max-pixels)")
+
+
+STRIP_TAGS = {273: "StripOffsets", 279: "StripByteCounts", 324: "TileOffsets", 325: "TileByteCounts"}
+"""The TIFF tags Pillow seeks and reads by: their values must be whole numbers."""
+
+
+def check_strips(im: Image.Image) -> None:
+    """Reject a TIFF whose strip or tile offsets/sizes are not whole numbers: a StripOffsets tag stored as
+    ASCII, UNDEFINED, FLOAT or DOUBLE reached Pillow's load() as text, bytes or floats and raised TypeError
+    (found by mutation fuzzing), where every other damage ends as a decode error."""
+    tags = getattr(im, "tag_v2", None)
+    for tag, name in STRIP_TAGS.items():
+        value = tags.get(tag) if tags is not None else None
+        values = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(isinstance(v, int) for v in values):
+            raise Rejected(O.DECODE_ERROR, f"tiff {name} of type {tags.tagtype.get(tag)} (not whole numbers)")
 
 
 class PixelBudget:

@@ -402,6 +402,17 @@ def tiff_tag_patched(data: bytes, tag: str, value: int) -> bytes:
     return bytes(out)
 
 
+def tiff_tag_retyped(data: bytes, tag: str, tiff_type: int) -> bytes:
+    """A TIFF with one tag's entry given another field type (its count and value bytes left as they are)."""
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tf:
+        where = tf.pages[0].tags[tag].offset + 2  # entry: tag (2 bytes), type (2), count (4), value (4)
+    out = bytearray(data)
+    out[where:where + 2] = tiff_type.to_bytes(2, "little")
+    return bytes(out)
+
+
 def malformed(rgb: np.ndarray) -> dict:
     """Name -> (body, expected outcome), each built from the photo `rgb`."""
     jpg = encode(rgb, quality=90)
@@ -442,6 +453,8 @@ def malformed(rgb: np.ndarray) -> dict:
         "webp_riff_size_too_big": (webp[:4] + (len(webp) * 10).to_bytes(4, "little") + webp[8:], O.DECODE_ERROR),
         "webp_riff_size_too_small": (webp[:4] + (100).to_bytes(4, "little") + webp[8:], O.DECODE_ERROR),
         "tiff_strips_past_the_end": (tiff_tag_patched(tif, "StripOffsets", len(tif) + 10_000_000), O.DECODE_ERROR),
+        # ASCII, UNDEFINED, FLOAT offsets reached Pillow's load() as text/bytes/floats: TypeError, not an outcome
+        **{f"tiff_strip_offsets_of_type_{t}": (tiff_tag_retyped(tif, "StripOffsets", t), O.DECODE_ERROR) for t in (2, 7, 11, 12)},
         "tiff_ifd_past_the_end": (tif[:4] + (len(tif) + 100).to_bytes(4, "little") + tif[8:], O.DECODE_ERROR),
         "tiff_tiles_65520_wide": (tiff_tag_patched(tiled, "TileWidth", 65520), O.DECODE_ERROR),
         "tiff_tiles_65520x8192": (tiff_tag_patched(tiff_tag_patched(tiled, "TileWidth", 65520), "TileLength", 8192),
