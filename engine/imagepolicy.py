@@ -116,6 +116,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Im
         check_pixels(*im.size, max_pixels, fmt)
         check_tile(im, max_pixels)
         check_strips(im)
+        check_palette(im)
         yield im
 
 
@@ -127,6 +128,14 @@ def check_tile(im: Image.Image, max_pixels: int) -> None:
     width, height = (int(tags.get(tag) or 0) for tag in (322, 323)) if tags is not None else (0, 0)
     if width * height > max_pixels:
         raise Rejected(O.DECOMPRESSION_BOMB, f"tiff tile {width}x{height} exceeds {max_pixels} pixels (--max-pixels)")
+
+
+def check_palette(im: Image.Image) -> None:
+    """Reject a palette PNG without its PLTE chunk (required by the PNG spec; libpng refuses it too): Pillow
+    opens it with no palette, and with a tRNS chunk its convert("RGB") failed an internal assertion (the
+    trainer's decode) while the engine's band conversion made it gray (found by mutation fuzzing)."""
+    if im.format == "PNG" and im.mode in ("P", "PA") and im.palette is None:
+        raise Rejected(O.DECODE_ERROR, "png palette image without a PLTE chunk")
 
 
 STRIP_TAGS = {273: "StripOffsets", 279: "StripByteCounts", 324: "TileOffsets", 325: "TileByteCounts"}

@@ -402,6 +402,12 @@ def tiff_tag_patched(data: bytes, tag: str, value: int) -> bytes:
     return bytes(out)
 
 
+def without_chunk(png: bytes, kind: bytes) -> bytes:
+    """A PNG with its first chunk of this kind left out."""
+    at = png.index(kind) - 4
+    return png[:at] + png[at + 12 + int.from_bytes(png[at:at + 4], "big"):]
+
+
 def tiff_tag_retyped(data: bytes, tag: str, tiff_type: int) -> bytes:
     """A TIFF with one tag's entry given another field type (its count and value bytes left as they are)."""
     import tifffile
@@ -446,6 +452,8 @@ def malformed(rgb: np.ndarray) -> dict:
         "png_bad_ihdr_crc": (png[:29] + bytes(4) + png[33:], O.DECODE_ERROR),
         "png_giant_ztxt": (png[:33] + png_chunk(b"zTXt", b"comment\x00\x00" + bomb_text) + png[33:], O.DECODE_ERROR),
         "png_giant_iccp": (png[:33] + png_chunk(b"iCCP", b"icc\x00\x00" + bomb_text) + png[33:], O.DECODE_ERROR),
+        "png_palette_without_plte": (without_chunk(encode(Image.fromarray(rgb).quantize(64), "PNG", transparency=3), b"PLTE"),
+                                     O.DECODE_ERROR),
         "png_65535x65535": (png_with_size(png, 65535, 65535), O.DECOMPRESSION_BOMB),
         "png_width_0": (png_with_size(png, 0, 640), O.DECODE_ERROR),
         "png_8000x8000_tiny_body": (png_with_size(png, 8000, 8000), O.DECODE_ERROR),

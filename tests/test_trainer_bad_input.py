@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from trainer.config import DataConfig
-from trainer.data import build_loader, resize_crop
+from trainer.data import SampleError, build_loader, decode_member, resize_crop
 from trainer.lanes import Position
 from trainer.precompute import npy_bytes
 from trainer.synthetic import write_shards
@@ -116,6 +117,19 @@ def test_harmless_oddities_train(source, tmp_path, tokenizer, member, data):
         data = encoded(Image.open(io.BytesIO(jpg)).resize((80, 80)), "JPEG")
     batches = first_epoch(str(damaged(source, tmp_path / "00000.tar", member, data)), tokenizer)
     assert sum(int(b["failed"]) for b in batches) == 0
+
+
+def test_a_palette_png_without_its_palette_is_a_named_sample_error():
+    """A palette PNG with a tRNS but no PLTE chunk (mutation fuzzing): Pillow's convert("RGB") failed a bare
+    `assert self.palette is not None`, an AssertionError with no message; now a SampleError that says why."""
+    png = encoded(Image.new("P", (40, 40), 3), "PNG")
+    at = png.index(b"PLTE") - 4
+    no_plte = png[:at] + png[at + 12 + int.from_bytes(png[at:at + 4], "big"):]
+    trns = b"tRNS" + bytes([255, 255, 255, 0])
+    idat = no_plte.index(b"IDAT") - 4
+    body = no_plte[:idat] + (4).to_bytes(4, "big") + trns + zlib.crc32(trns).to_bytes(4, "big") + no_plte[idat:]
+    with pytest.raises(SampleError, match="without a PLTE chunk"):
+        decode_member({"cond.png": body}, "cond.png")
 
 
 def test_a_very_long_image_is_cropped_before_it_is_resized():
