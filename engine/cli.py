@@ -14,7 +14,7 @@ from pathlib import Path
 from . import options
 from . import outcomes as O
 from .config import ConditionConfig, EngineConfig, PreviewConfig
-from .stopping import Interrupted, exit_now, exit_status
+from .stopping import exit_now, exit_status, raise_interrupted
 from .storage import RunnerLost, StoreLost
 
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     preview_parser(sub)
     a = parser.parse_args(argv)
     # SIGTERM (a scheduler's stop) takes the same clean path as Ctrl-C, and ends with 143 where Ctrl-C ends with 130.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(Interrupted(signal.SIGTERM)))
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         return {"shards": run_shards, "condition": run_condition, "preview": run_preview}[a.command](a)
     except KeyboardInterrupt as exc:  # here, not around run(): a signal during the imports or the planning too

@@ -111,7 +111,7 @@ class Leased:
         # On this host a gone process also makes it stale at once.
         alive = time.time() - float(held.get("renewed", 0)) < LEASE_TTL_S
         if alive and held.get("host") == socket.gethostname():
-            alive = _pid_alive(int(held.get("pid", 0)))
+            alive = pid_alive(int(held.get("pid", 0)))
         return f"{held.get('host')} pid {held.get('pid')}" if alive else None
 
     def _release(self, lease: dict, renew: threading.Thread) -> None:
@@ -135,7 +135,7 @@ class Leased:
                 self.write_json(LEASE, {**lease, "renewed": time.time()})
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process of this host has this id."""
     if pid <= 0:
         return False

@@ -22,6 +22,11 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def raise_interrupted(signum: int, frame=None) -> None:
+    """A signal handler: stop with Interrupted(signum) wherever the program is (Ctrl-C's clean path)."""
+    raise Interrupted(signum)
+
+
 def exit_status(exc: KeyboardInterrupt) -> int:
     """The exit status of a command stopped by `exc` (a plain KeyboardInterrupt is Ctrl-C's)."""
     return 128 + int(getattr(exc, "signum", signal.SIGINT))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from . import storefail
-from .lease import LEASE, LEASE_TTL_S, RENEW_S, SETTLE_S, Leased, _pid_alive  # noqa: F401 - importable here
+from .lease import LEASE, LEASE_TTL_S, RENEW_S, SETTLE_S, Leased, pid_alive  # noqa: F401 - importable here
 from .sample import STATS_SUFFIX
 
 SCHEMES = ("s3://", "gs://", "gcs://")
@@ -220,13 +221,16 @@ def remove_stale_staging(folder: str | None = None) -> int:
     removed = 0
     for path in root.glob(f"{STAGING_PREFIX}*"):
         match = _STAGING_RE.fullmatch(path.name)
-        if match and match["host"] == _host() and not _pid_alive(int(match["pid"])) and path.is_dir():
+        if match and match["host"] == _host() and not pid_alive(int(match["pid"])) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
     return removed
 
 
-_swept: list[int] = []  # this process's remove_stale_staging, done once at its first staged shard
+@functools.cache
+def remove_stale_staging_once() -> int:
+    """remove_stale_staging, once per process (at its first staged shard)."""
+    return remove_stale_staging()
 
 
 class ObjectStore(Leased):
@@ -343,8 +347,7 @@ class ObjectStore(Leased):
     def stage_shard(self, lease: str | None = None) -> Staging:
         """A fresh local folder to build one shard in, to be uploaded under the run id `lease` (the one
         its run's lock() took, carried to this worker; not whoever holds the lease by then)."""
-        if not _swept:
-            _swept.append(remove_stale_staging())
+        remove_stale_staging_once()
         return Staging(self, Path(tempfile.mkdtemp(prefix=staging_prefix())), lease)
 
     def upload_shard(self, folder: Path, name: str, lease: str | None) -> None:

@@ -6,7 +6,7 @@ signals inside the loop.
 
 from __future__ import annotations
 
-from engine.stopping import Interrupted
+from engine.stopping import raise_interrupted
 
 _raised: list[int] = []
 """Signals `interrupt` raised for in this run (see unraised_signal)."""
@@ -15,7 +15,7 @@ _raised: list[int] = []
 def interrupt(signum, frame) -> None:
     """Signal handler outside the loop (trainer.loop.StopSignal replaces it inside): stop at once."""
     _raised.append(signum)
-    raise Interrupted(signum)
+    raise_interrupted(signum)
 
 
 def unraised_signal() -> int | None:

@@ -89,6 +89,11 @@ class Checkpointer:
         self.last_step = run.state.step
         return path
 
+    def newest_step(self) -> int | None:
+        """The step of the newest complete checkpoint in the output folder, if any."""
+        found = list_checkpoints(self.output)
+        return found[-1][0] if found else None
+
     def tidy(self) -> None:
         """What follows each save (rank 0): keep the newest --checkpoints-total-limit, redraw loss.png."""
         prune(self.output, self.keep)
@@ -98,7 +103,7 @@ class Checkpointer:
         """The last step's checkpoint (unless just saved), then the final export; its folder on rank 0."""
         if self.last_step != run.state.step:
             self.write(run)
-        elif run.world.main and not self.saved and [s for s, _ in list_checkpoints(self.output)][-1:] == [run.state.step]:
+        elif run.world.main and not self.saved and self.newest_step() == run.state.step:
             # resumed from the newest checkpoint at its last step: a kill between that checkpoint's save and the
             # retention after it left one checkpoint over --checkpoints-total-limit (and loss.png a step behind),
             # which nothing else removed
