@@ -13,6 +13,7 @@ section of bench/RESULTS.md, one row per machine (earlier machines' rows are kep
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -83,6 +84,49 @@ def cached_corpus(n: int, seed: int, rebuild: bool = False) -> Path:
     return folder
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def photo_corpus(source: Path, rebuild: bool = False) -> Path:
+    """A corpus folder made of the photos under `source` (searched recursively), for a side by side on
+    other pictures than the laion profile's: each distinct file once, as files/NNNNNN.<suffix> (copied:
+    nginx and the engine's --local-root both refuse links out of the folder), with a parquet like the
+    laion corpus's (caption: the file's stem; the score columns empty, as img2dataset is asked to keep them)."""
+    from PIL import Image
+
+    source = source.resolve()
+    found = sorted({p.resolve() for p in source.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file()})
+    if not found:
+        raise SystemExit(f"--photos {source}: no {'/'.join(PHOTO_SUFFIXES)} files under it")
+    key = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}" for p in found).encode()).hexdigest()[:12]
+    folder = WORK / f"corpus-photos-{key}"
+    if rebuild and folder.exists():
+        shutil.rmtree(folder)
+    if (folder / "BUILT").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "files").mkdir(parents=True)
+    rows: dict[str, list] = {"URL": [], "TEXT": [], "WIDTH": [], "HEIGHT": [], **{c: [] for c in EXTRA_COLUMNS}}
+    for i, path in enumerate(found):
+        name = f"{i:06d}{path.suffix.lower()}"
+        shutil.copyfile(path, folder / "files" / name)
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except Exception:  # noqa: BLE001 -- both tools meet it all the same; the parquet just has no size
+            width = height = None
+        for col, value in (("URL", f"http://127.0.0.1:0/files/{name}"), ("TEXT", path.stem.replace("_", " ")),
+                           ("WIDTH", width), ("HEIGHT", height), *((c, None) for c in EXTRA_COLUMNS)):
+            rows[col].append(value)
+    schema = pa.schema([("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int64()), ("HEIGHT", pa.int64()),
+                        *((c, pa.float64()) for c in EXTRA_COLUMNS)])
+    pq.write_table(pa.table(rows, schema=schema), folder / "corpus.parquet")
+    (folder / "SOURCE").write_text(f"{source}\n")
+    (folder / "BUILT").write_text(f"{len(found)} photos\n")
+    print(f"corpus of {len(found)} photos from {source} in {folder}", flush=True)
+    return folder
+
+
 def url_list(folder: Path, base_url: str, out: Path) -> Path:
     """The corpus parquet with its URLs pointed at this run's server."""
     table = pq.read_table(folder / "corpus.parquet")
@@ -96,10 +140,14 @@ def url_list(folder: Path, base_url: str, out: Path) -> Path:
 def corpus_facts(folder: Path) -> dict:
     """Shorter-side split and mean file sizes of the corpus, for the results table."""
     table = pq.read_table(folder / "corpus.parquet", columns=["URL", "WIDTH", "HEIGHT"]).to_pydict()
-    short = np.minimum(table["WIDTH"], table["HEIGHT"])
+    short = np.minimum([w or 0 for w in table["WIDTH"]], [h or 0 for h in table["HEIGHT"]])
     size = np.array([(folder / "files" / u.rsplit("/", 1)[1]).stat().st_size for u in table["URL"]])
     small, large = short < 1024, short >= 1024
+    suffixes = [u.rsplit(".", 1)[-1].lower() for u in table["URL"]]
+    source = folder / "SOURCE"
     return {
+        "formats": {s: suffixes.count(s) for s in sorted(set(suffixes))},
+        "source": source.read_text().strip() if source.exists() else "laion profile",
         "n": len(short),
         "split": [round(float(np.mean(m)), 3) for m in (short < 768, small & (short >= 768), large)],
         "kb_small": round(float(size[small].mean()) / 1e3) if small.any() else 0,
@@ -412,8 +460,9 @@ def render(records: dict) -> str:
     for r in records.values():
         c = r["corpus"]
         lines.append(
-            f"- {r['machine']}: {r['date']}, img2dataset {r['img2dataset_version']}, corpus {c['n']} JPEGs "
-            f"({c['mb_total']} MB; shorter side 512-767/768-1023/>=1024: "
+            f"- {r['machine']}: {r['date']}, img2dataset {r['img2dataset_version']}, corpus {corpus_label(c)} "
+            f"({c['mb_total']} MB; shorter side "
+            f"{'512-767' if c.get('source', 'laion profile') == 'laion profile' else 'under 768'}/768-1023/>=1024: "
             f"{' / '.join(f'{x:.0%}' for x in c['split'])}; mean {c['kb_small']} KB below 1024, "
             f"{c['kb_large']} KB above), shard size {r['shard_size']}, concurrency {r['concurrency']}, "
             f"{served(r)}"
@@ -425,6 +474,14 @@ def render(records: dict) -> str:
     lines.append("")
     lines.append(f"<!-- data: {json.dumps(records, sort_keys=True)} -->")
     return "\n".join(lines)
+
+
+def corpus_label(c: dict) -> str:
+    """What a record's corpus was: the laion profile's JPEGs, or photos from a folder (--photos) by format."""
+    if c.get("source", "laion profile") == "laion profile":
+        return f"{c['n']} JPEGs"
+    formats = ", ".join(f"{n} {s}" for s, n in c.get("formats", {}).items())
+    return f"{c['n']} photos from {c['source']} ({formats})"
 
 
 def served(r: dict) -> str:
@@ -513,9 +570,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--note", default="", help="free note for this machine's results line")
     ap.add_argument("--json-out", type=Path, default=None, help="also write this run's record here")
     ap.add_argument("--add-record", type=Path, default=None, help="merge a record written by --json-out elsewhere; run nothing")
+    ap.add_argument("--photos", type=Path, default=None,
+                    help="use the photos under this folder (recursively; JPEG, PNG, WebP, ...) as the corpus instead "
+                         "of the laion profile's; --n and --seed are then unused")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached corpus")
     ap.add_argument("--no-save", dest="save", action="store_false", help="print the figures, leave bench/RESULTS.md alone")
     a = ap.parse_args(argv)
+    if a.photos and a.shard_size is None:
+        a.n = sum(1 for p in a.photos.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)  # for the shard size only
     a.shard_size = a.shard_size or max(50, a.n // (4 * a.workers))
     a.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return a
@@ -529,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
         save(rec)
         print(f"merged the record of {rec['machine']} into {RESULTS}")
         return
-    folder = cached_corpus(a.n, a.seed, a.rebuild)
+    folder = photo_corpus(a.photos, a.rebuild) if a.photos else cached_corpus(a.n, a.seed, a.rebuild)
     facts = corpus_facts(folder)
     prefix = ensure_img2dataset(a.img2dataset_python, a.peer_wheels) if a.only != "engine" else []
     warm_page_cache(folder)

@@ -192,10 +192,12 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def over_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite (..., 4) uint8 RGBA over white with integer math (no float copy)."""
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    ink = 255 - rgba[..., :3].astype(np.uint16)
-    return (255 - (ink * alpha + 127) // 255).astype(np.uint8)
+    """Composite (..., 4) uint8 RGBA over white, rounded to the nearest value (Numba, one pass)."""
+    from .decode_kernels import over_white_into  # Numba loads only when an image has alpha
+
+    out = np.empty((*rgba.shape[:-1], 3), np.uint8)
+    over_white_into(np.ascontiguousarray(rgba).reshape(-1), out.reshape(-1))
+    return out
 
 
 def scaled_gray(values: np.ndarray, scale: np.float32) -> np.ndarray:

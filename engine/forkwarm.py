@@ -20,6 +20,7 @@ import numpy as np
 from . import shard
 from .condition import make_conditioner
 from .config import EngineConfig
+from .decode import over_white
 from .prestart import arrow_without_pandas, refused
 from .sample import encode_jpeg
 
@@ -38,9 +39,11 @@ def warm_sample() -> bytes:
 
 
 def warm() -> None:
-    """Run one sample through the default CPU stages (decode, hashes, crop, remap, PNG, JPEG)."""
+    """Run one sample through the default CPU stages (decode, hashes, crop, remap, PNG, JPEG), and
+    composite one pixel over white (the decode of any image with alpha)."""
     cfg = EngineConfig(inputs=("warm-up",), output="warm-up")  # defaults only; nothing is read or written
     shard.prepare(warm_sample(), cfg, make_conditioner(cfg.image.conditioner, cfg.image.palette))
+    over_white(np.zeros((1, 1, 4), np.uint8))
 
 
 arrow_without_pandas()

@@ -68,3 +68,50 @@ def test_files_mode_lists_file_urls_the_engine_reads_under_its_local_root(tmp_pa
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["outcomes"] == {"ok": 2}
+
+
+def test_a_folder_of_photos_becomes_a_corpus_the_engine_reads(tmp_path, monkeypatch):
+    """`--photos DIR`: every distinct photo under DIR once (a link to one already listed is the same file;
+    other files are skipped), copied under plain names, with sizes, captions and the score columns
+    img2dataset is asked to keep; a real engine run over the list writes every photo."""
+    import argparse
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from bench import engine_bench
+    from tests.conftest import encode, photo, scaled
+
+    monkeypatch.setattr(engine_bench, "WORK", tmp_path / "work")
+    src = tmp_path / "my photos"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a_cat.jpg").write_bytes(encode(photo("astronaut"), "JPEG", quality=90))
+    rgba = np.dstack([scaled(photo("coffee"), 1300, 1200), np.full((1200, 1300), 200, np.uint8)])
+    (src / "b b.PNG").write_bytes(encode(rgba, "PNG"))
+    (src / "c.webp").write_bytes(encode(scaled(photo("chelsea"), 2100, 2000), "WEBP", quality=90))
+    (src / "same.jpg").symlink_to(src / "sub" / "a_cat.jpg")
+    (src / "notes.txt").write_text("not a photo")
+
+    folder = engine_bench.photo_corpus(src)
+    table = pq.read_table(folder / "corpus.parquet").to_pydict()
+    assert sorted(p.name for p in (folder / "files").iterdir()) == ["000000.png", "000001.webp", "000002.jpg"]
+    assert table["TEXT"] == ["b b", "c", "a cat"]
+    assert list(zip(table["WIDTH"], table["HEIGHT"], strict=True)) == [(1300, 1200), (2100, 2000), (512, 512)]
+    assert all(table[c] == [None] * 3 for c in engine_bench.EXTRA_COLUMNS)
+    facts = engine_bench.corpus_facts(folder)
+    assert facts["formats"] == {"jpg": 1, "png": 1, "webp": 1} and facts["source"] == str(src.resolve())
+    assert engine_bench.photo_corpus(src) == folder  # cached: built once per folder listing
+
+    a = argparse.Namespace(server="files", engine_args=[], probe=True)
+    with engine_bench.serving(folder, a) as srv:
+        urls = engine_bench.url_list(folder, srv.base_url, tmp_path / "urls.parquet")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "engine", "shards", str(urls), "--output", str(tmp_path / "out"),
+                           "--workers", "1", "--no-progress", "--runner", "local", *a.engine_args],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["outcomes"] == {"ok": 3}

@@ -11,7 +11,7 @@ from .conftest import scaled
 pytestmark = pytest.mark.quick
 
 
-@pytest.mark.parametrize("w,h", [(512, 512), (700, 512), (512, 900), (1536, 1024), (2000, 1999)])
+@pytest.mark.parametrize("w,h", [(512, 512), (700, 512), (512, 900), (1536, 1024), (2000, 1999), (4100, 2731)])
 def test_crop_is_square_and_matches_resize_then_crop(astronaut, w, h):
     src = scaled(astronaut, w, h)
     out = center_crop(src, 512)
@@ -22,6 +22,18 @@ def test_crop_is_square_and_matches_resize_then_crop(astronaut, w, h):
     top, left = (rh - 512) // 2, (rw - 512) // 2
     diff = np.abs(out.astype(int) - ref[top:top + 512, left:left + 512].astype(int))
     assert diff.mean() < 3.0
+
+
+@pytest.mark.parametrize("name", ["bicubic", "bilinear", "box"])
+@pytest.mark.parametrize("side", [1100, 2731, 4099])
+def test_large_factors_average_fine_detail_instead_of_aliasing(name, side):
+    """One-pixel stripes shrunk 2-8x (a PNG or WebP, which no DCT scaling shrank) come out an even gray:
+    sampling them with a filter of fixed support instead would leave stripes of 0..255."""
+    stripes = np.zeros((side, side + 3, 3), np.uint8)
+    stripes[:, ::2] = 255
+    out = center_crop(stripes, 512, name).astype(int)
+    assert out.shape == (512, 512, 3)
+    assert abs(out.mean() - 127.5) < 4 and out.std() < 8
 
 
 def test_never_upscales(astronaut):

@@ -80,6 +80,17 @@ def test_alpha_is_composited_over_white(astronaut):
     assert (out.rgb == 255).all()
 
 
+def test_alpha_over_white_is_exactly_rounded_for_every_value_and_alpha():
+    """255 - ink * alpha / 255 rounded to the nearest integer, for all 65,536 (value, alpha) pairs."""
+    from engine.decode import over_white
+
+    value, alpha = (g.astype(np.uint8).ravel() for g in np.meshgrid(np.arange(256), np.arange(256)))
+    rgba = np.stack([value, 255 - value, value // 2, alpha], axis=-1).reshape(256, 256, 4)
+    ink, a = 255 - rgba[..., :3].astype(np.int64), rgba[..., 3:4].astype(np.int64)
+    assert np.array_equal(over_white(rgba), 255 - (2 * ink * a + 255) // 510)
+    assert np.array_equal(over_white(rgba[:, :7]), over_white(rgba)[:, :7])  # a strided view is read right
+
+
 def test_animated_gif_gives_first_frame(astronaut, coffee):
     frames = [Image.fromarray(scaled(p, 600, 600)).convert("P") for p in (astronaut, coffee)]
     buf = __import__("io").BytesIO()
