@@ -91,6 +91,29 @@ def test_alpha_over_white_is_exactly_rounded_for_every_value_and_alpha():
     assert np.array_equal(over_white(rgba[:, :7]), over_white(rgba)[:, :7])  # a strided view is read right
 
 
+@pytest.mark.parametrize("kind", ["lossy", "lossless", "lossy_alpha", "lossless_alpha", "exif_rotated"])
+def test_webp_decodes_to_pillows_pixels(astronaut, kind):
+    """WebP goes through OpenCV's libwebp: the same RGB as Pillow's decode (alpha over white, EXIF turn)."""
+    import io
+
+    from engine.decode import orient, over_white
+
+    rgb = scaled(astronaut, 700, 560)
+    alpha = np.tile(np.linspace(0, 255, 700, dtype=np.uint8), (560, 1))
+    im = Image.fromarray(np.dstack([rgb, alpha]), "RGBA") if "alpha" in kind else Image.fromarray(rgb)
+    kw = {"lossless": True} if kind.startswith("lossless") else {"quality": 85}
+    if kind == "exif_rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        kw["exif"] = exif.tobytes()
+    data = encode(im, "WEBP", **kw)
+    with Image.open(io.BytesIO(data)) as ref:
+        want = over_white(np.asarray(ref.convert("RGBA"))) if "alpha" in kind else np.asarray(ref.convert("RGB"))
+    out = decode(data, CFG)
+    assert out.format == "webp" and np.array_equal(out.rgb, orient(want, 6 if kind == "exif_rotated" else 1))
+    assert (out.width, out.height) == ((560, 700) if kind == "exif_rotated" else (700, 560))
+
+
 def test_animated_gif_gives_first_frame(astronaut, coffee):
     frames = [Image.fromarray(scaled(p, 600, 600)).convert("P") for p in (astronaut, coffee)]
     buf = __import__("io").BytesIO()
