@@ -517,10 +517,15 @@ def stage_table(records: dict) -> list[str]:
     return lines
 
 
+def label_suffix(a: argparse.Namespace) -> str:
+    """What sets a run's row apart from the default one of the same machine (rows are keyed by label)."""
+    return (f", photos of {a.photos.resolve()}" if a.photos else "") + (", file:// URLs" if a.served_by == "files" else "")
+
+
 def record(a: argparse.Namespace, facts: dict, i2d: ToolRun, eng: ToolRun, version: str) -> dict:
     """One machine's record for the results section."""
     return {
-        "machine": a.machine or machine_line() + (", file:// URLs" if a.served_by == "files" else ""), "date": time.strftime("%Y-%m-%d"), "workers": a.workers,
+        "machine": a.machine or machine_line() + label_suffix(a), "date": time.strftime("%Y-%m-%d"), "workers": a.workers,
         "concurrency": a.concurrency, "shard_size": a.shard_size, "corpus": facts,
         "img2dataset": asdict(i2d), "engine": asdict(eng), "img2dataset_version": version,
         "ratio": eng.images_per_s / i2d.images_per_s, "note": a.note, "server_processes": a.server_processes,

@@ -263,6 +263,17 @@ def orientation_of(im: Image.Image) -> int:
     return value if value in range(1, 9) else 1
 
 
+@functools.cache
+def opencv():
+    """The crop stage's OpenCV (already in every worker), its log quieted to fatal errors: a WebP it cannot
+    read is the row's counted outcome (Pillow then names the fault), not an "[ERROR:0@...] imdecode_" line
+    on stderr from every worker."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
+    return cv2
+
+
 def webp_pixels(data: bytes, im: Image.Image) -> np.ndarray | None:
     """RGB of a WebP whose header Pillow read, through OpenCV's libwebp (first frame, alpha over white), or
     None where OpenCV does not give the picture Pillow would (Pillow then decodes it, or names the fault).
@@ -270,8 +281,7 @@ def webp_pixels(data: bytes, im: Image.Image) -> np.ndarray | None:
     The same pixels as Pillow's for lossy, lossless and alpha WebP (tests/test_decode.py) at ~0.75x the CPU:
     Pillow decodes every WebP through libwebp's animation decoder into RGBA canvases (300 against 233 ms,
     then a 28 against 10 ms conversion, on a 4096x4096 wallpaper)."""
-    import cv2  # the crop stage's OpenCV, already in every worker
-
+    cv2 = opencv()
     try:
         px = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # EXIF orientation left to orient()
     except cv2.error:

@@ -114,6 +114,20 @@ def test_webp_decodes_to_pillows_pixels(astronaut, kind):
     assert (out.width, out.height) == ((560, 700) if kind == "exif_rotated" else (700, 560))
 
 
+def test_a_broken_animated_webp_is_a_decode_error_and_prints_nothing(astronaut, capfd):
+    """OpenCV refuses a damaged frame with a line on stderr; Pillow then names the fault, and the line is
+    not printed (every worker of a run would print one per such image)."""
+    frames = [Image.fromarray(scaled(astronaut, 640, 560)), Image.fromarray(255 - scaled(astronaut, 640, 560))]
+    data = bytearray(encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=50, quality=60))
+    first = data.index(b"ANMF") + 60  # inside the first frame's bitstream
+    data[first:first + 64] = bytes(64)
+    capfd.readouterr()
+    with pytest.raises(Rejected) as e:
+        decode(bytes(data), CFG)
+    assert e.value.outcome == O.DECODE_ERROR
+    assert capfd.readouterr().err == ""
+
+
 def test_animated_gif_gives_first_frame(astronaut, coffee):
     frames = [Image.fromarray(scaled(p, 600, 600)).convert("P") for p in (astronaut, coffee)]
     buf = __import__("io").BytesIO()
