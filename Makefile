@@ -26,6 +26,8 @@ IMAGE ?=
 PROMPT ?= a photo
 GENERATE_ARGS ?=
 PYTEST_ARGS ?=
+# e.g. ENGINE_BENCH_ARGS='--photos ~/Pictures' (your own photos instead of the laion profile), '--server files'
+ENGINE_BENCH_ARGS ?=
 
 .PHONY: help setup system-deps lint test test-quick demo corpus corpus-stop shards precompute train generate bench bench-engine bench-remap bench-dedup bench-dedup-cost bench-scaling bench-train clean
 
@@ -90,7 +92,7 @@ generate: setup  ## make generate IMAGE=photo.jpg PROMPT='a house' [CONTROLNET=c
 bench: bench-remap bench-engine bench-dedup bench-dedup-cost  ## CPU benchmarks against the peers; figures go to bench/RESULTS.md
 
 bench-engine: setup  ## engine vs img2dataset on the loopback corpus (nginx when installed), alternating (~7 min; first run +2.5 min corpus)
-	$(PY) -m bench.engine_bench
+	$(PY) -m bench.engine_bench $(ENGINE_BENCH_ARGS)
 
 bench-remap: setup  ## Numba palette remap vs numpy vs ImageMagick
 	$(PY) -m bench.remap_bench
