@@ -153,6 +153,11 @@ def test_ray_runner_defers_a_first_ctrl_c_to_between_ray_calls():
     with deferred_signals() as stopped:
         assert not stopped()
         os.kill(os.getpid(), signal.SIGINT)
+        # The kernel may hand the signal to another thread of this process (pytest's, a library's): the main
+        # thread then runs the handler at its next check, not before the next line. Wait for it, briefly.
+        deadline = time.monotonic() + 5
+        while not stopped() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert stopped()  # no KeyboardInterrupt: the loop raises it at its next check
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
