@@ -278,7 +278,7 @@ def webp_pixels(data: bytes, im: Image.Image) -> np.ndarray | None:
     """RGB of a WebP whose header Pillow read, through OpenCV's libwebp (first frame, alpha over white), or
     None where OpenCV does not give the picture Pillow would (Pillow then decodes it, or names the fault).
 
-    The same pixels as Pillow's for lossy, lossless and alpha WebP (tests/test_decode.py) at ~0.75x the CPU:
+    The same pixels as Pillow's for lossy, lossless and alpha WebP (tests/test_decode.py) at ~0.65-0.75x the CPU:
     Pillow decodes every WebP through libwebp's animation decoder into RGBA canvases (300 against 233 ms,
     then a 28 against 10 ms conversion, on a 4096x4096 wallpaper)."""
     cv2 = opencv()
