@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	@# Numba compiles the engine's kernels into engine/__pycache__ here, once (~7 s), not in the first run
-	$(PY) -c "import engine.forkwarm"
+	$(PY) -c "import engine.forkwarm" || echo "(not compiled now: the first run compiles them)"
 	touch $(STAMP)
 
 lint: setup  ## ruff
