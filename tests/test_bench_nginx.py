@@ -35,14 +35,24 @@ def test_nginx_serves_the_files_and_stops(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-def test_files_mode_lists_file_urls_the_engine_reads_under_its_local_root(tmp_path):
-    """`--server files`: the URL list names the corpus's files as file:// URLs (what img2dataset's urllib opens),
-    and the engine gets --local-root for them; a real engine run over two of them writes both."""
-    import argparse
+def engine_outcomes(urls, out, engine_args: list[str]) -> dict:
+    """A real engine run (one worker, local runner) over a bench URL list: its stats.json outcomes."""
     import json
     import subprocess
     import sys
     from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "engine", "shards", str(urls), "--output", str(out), "--workers", "1",
+                           "--no-progress", "--runner", "local", *engine_args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((out / "stats.json").read_text())["outcomes"]
+
+
+def test_files_mode_lists_file_urls_the_engine_reads_under_its_local_root(tmp_path):
+    """`--server files`: the URL list names the corpus's files as file:// URLs (what img2dataset's urllib opens),
+    and the engine gets --local-root for them; a real engine run over two of them writes both."""
+    import argparse
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -62,12 +72,7 @@ def test_files_mode_lists_file_urls_the_engine_reads_under_its_local_root(tmp_pa
     listed = pq.read_table(urls).column("URL").to_pylist()
     assert listed == [(folder / "files" / n).resolve().as_uri() for n in ("a.jpg", "b.jpg")]
     assert a.engine_args == ["--local-root", str(folder.resolve())] and a.served_by == "files" and not a.probe
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "engine", "shards", str(urls), "--output", str(tmp_path / "out"),
-                           "--workers", "1", "--no-progress", "--runner", "local", *a.engine_args],
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["outcomes"] == {"ok": 2}
+    assert engine_outcomes(urls, tmp_path / "out", a.engine_args) == {"ok": 2}
 
 
 def test_a_folder_of_photos_becomes_a_corpus_the_engine_reads(tmp_path, monkeypatch):
@@ -75,10 +80,6 @@ def test_a_folder_of_photos_becomes_a_corpus_the_engine_reads(tmp_path, monkeypa
     other files are skipped), copied under plain names, with sizes, captions and the score columns
     img2dataset is asked to keep; a real engine run over the list writes every photo."""
     import argparse
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import numpy as np
     import pyarrow.parquet as pq
@@ -109,9 +110,4 @@ def test_a_folder_of_photos_becomes_a_corpus_the_engine_reads(tmp_path, monkeypa
     a = argparse.Namespace(server="files", engine_args=[], probe=True)
     with engine_bench.serving(folder, a) as srv:
         urls = engine_bench.url_list(folder, srv.base_url, tmp_path / "urls.parquet")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "engine", "shards", str(urls), "--output", str(tmp_path / "out"),
-                           "--workers", "1", "--no-progress", "--runner", "local", *a.engine_args],
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["outcomes"] == {"ok": 3}
+    assert engine_outcomes(urls, tmp_path / "out", a.engine_args) == {"ok": 3}
