@@ -8,6 +8,7 @@ whole command (process and Ray start included), as a user sees it. Figures go to
 section of bench/RESULTS.md, one row per machine (earlier machines' rows are kept).
 
     python -m bench.engine_bench [--n 2000] [--workers N] [--repeat 1]
+    python -m bench.engine_bench --photos DIR      # your own photos (JPEG, PNG, WebP, ...) instead
 """
 
 from __future__ import annotations
@@ -438,9 +439,9 @@ def render(records: dict) -> str:
     lines = [
         "## Engine vs img2dataset (`make bench-engine`)",
         "",
-        "Same URL list from the loopback corpus server (laion profile), run one after the other on the same",
-        "machine; both crop the shorter side to 512 and center-crop 512x512 (JPEG q95), same worker",
-        "processes and downloads in flight. Our engine also writes the palette conditioning map and runs",
+        "Same URL list from the loopback corpus server (laion profile, or `--photos` where a row says so), run one",
+        "after the other on the same machine; both crop the shorter side to 512 and center-crop 512x512 (JPEG q95),",
+        "same worker processes and downloads in flight. Our engine also writes the palette conditioning map and runs",
         "exact + near dedup. Wall time is the whole command (interpreter and Ray start included).",
         "",
         "| machine | images | workers | img2dataset s | img2dataset img/s | engine s | engine img/s |"
