@@ -550,6 +550,11 @@ def peer_version(prefix: list[str]) -> str:
 # ------------------------------------------------------------------------------------ main
 
 
+def default_shard_size(n: int, workers: int) -> int:
+    """Rows per shard unless --shard-size says: four shards per worker, at least 50 rows each."""
+    return max(50, n // (4 * workers))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     cores = os.cpu_count() or 1
@@ -582,9 +587,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached corpus")
     ap.add_argument("--no-save", dest="save", action="store_false", help="print the figures, leave bench/RESULTS.md alone")
     a = ap.parse_args(argv)
-    if a.photos and a.shard_size is None:
-        a.n = sum(1 for p in a.photos.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)  # for the shard size only
-    a.shard_size = a.shard_size or max(50, a.n // (4 * a.workers))
     a.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return a
 
@@ -599,6 +601,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     folder = photo_corpus(a.photos, a.rebuild) if a.photos else cached_corpus(a.n, a.seed, a.rebuild)
     facts = corpus_facts(folder)
+    a.shard_size = a.shard_size or default_shard_size(facts["n"], a.workers)  # --photos: --n counts nothing
     prefix = ensure_img2dataset(a.img2dataset_python, a.peer_wheels) if a.only != "engine" else []
     warm_page_cache(folder)
     runs: dict[str, list[ToolRun]] = {"img2dataset": [], "engine": []}

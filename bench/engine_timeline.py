@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--server", choices=("auto", "nginx", "aiohttp"), default="auto", help="as bench.engine_bench")
     ap.add_argument("engine_args", nargs="*", help="extra engine flags (after --)")
     a = ap.parse_args(argv)
-    a.shard_size = max(50, a.n // (4 * a.workers))  # as bench.engine_bench
+    a.shard_size = EB.default_shard_size(a.n, a.workers)
     folder = EB.cached_corpus(2000, 0)
     a.server_processes = 1
     with EB.serving(folder, a) as server:
