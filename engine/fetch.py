@@ -17,6 +17,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.resolver import DefaultResolver
 
 from . import outcomes as O
@@ -312,9 +313,20 @@ def _classify(exc: BaseException) -> _Failure:
         return _Failure(O.CONNECTION_ERROR, f"TLS: {type(exc).__name__}: {exc}"[:200], not certificate)
     if isinstance(exc, (aiohttp.InvalidURL, UnicodeError, ValueError)):
         return _Failure(O.INVALID_URL, f"{type(exc).__name__}: {exc}"[:200])
+    parse = _cause(exc, HttpProcessingError)
+    if isinstance(exc, aiohttp.ClientResponseError) and parse is not None:
+        # aiohttp's parser refused the response and says "400" (its own code, not the server's status);
+        # a fresh connection sometimes helps, so it is retried like any broken connection.
+        return _Failure(O.CONNECTION_ERROR, f"malformed HTTP response: {_one_line(parse.message)}"[:200], True)
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return _Failure(O.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}"[:200], True)
     return _Failure(O.ERROR, f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _one_line(message: str) -> str:
+    """A parser's multi-line message (what it expected, the bytes, a caret under them) as one line."""
+    parts = [line.strip().rstrip(":") for line in str(message).splitlines()]
+    return ": ".join(part for part in parts if part.strip("^ "))
 
 
 def _backoff(cfg: FetchConfig, attempt: int) -> float:

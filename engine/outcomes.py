@@ -14,7 +14,7 @@ FILTERED_ASPECT = "filtered_aspect"      # parquet WIDTH/HEIGHT beyond --max-asp
 # fetch stage
 HTTP_ERROR = "http_error"                # 4xx/5xx after retries (reason holds the status)
 TIMEOUT = "timeout"                      # connect or total timeout, slow drip included
-CONNECTION_ERROR = "connection_error"    # refused, reset, DNS, TLS (reason "TLS: ..." for certificates)
+CONNECTION_ERROR = "connection_error"    # refused, reset, DNS, TLS (reason "TLS: ..."), unparsable responses
 INCOMPLETE_BODY = "incomplete_body"      # connection closed before Content-Length bytes arrived
 TOO_LARGE = "too_large"                  # body beyond --max-bytes, on the wire or decoded (gzip, deflate)
 REDIRECT_ERROR = "redirect_error"        # loop, too many hops, a non-http(s) or malformed target

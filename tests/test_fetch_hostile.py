@@ -234,6 +234,9 @@ def test_broken_framing_is_a_named_outcome(case):
     data, outcome = FRAMING[case]
     r, _, _ = get(reply(data))
     assert (r.outcome, r.body) == (outcome, None), r.reason
+    assert "\n" not in r.reason, r.reason  # one line in the row's json and the run's summary
+    if outcome == O.CONNECTION_ERROR and data:  # the parser's refusal, named as such: no "400" the server never sent
+        assert r.reason.startswith("malformed HTTP response: ") and "400" not in r.reason, r.reason
 
 
 def test_nul_in_a_header_value_is_refused_or_harmless():
