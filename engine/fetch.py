@@ -305,7 +305,8 @@ def _classify(exc: BaseException) -> _Failure:
         # Content-Length is a body that lied about its size.
         if _caused_by(exc, ConnectionResetError) or "ConnectionResetError" in str(exc):
             return _Failure(O.CONNECTION_ERROR, f"connection reset mid-body: {exc}"[:200], True)
-        return _Failure(O.INCOMPLETE_BODY, f"body cut short: {exc}"[:200], True)
+        short = _cause(exc, HttpProcessingError)  # its message, without aiohttp's "400" around it
+        return _Failure(O.INCOMPLETE_BODY, f"body cut short: {_one_line(short.message) if short else exc}"[:200], True)
     if isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)):
         # Before the ValueError branch: a certificate error is a ValueError too, yet says nothing
         # about the URL. A certificate that fails verification stays failed; other TLS errors may pass.

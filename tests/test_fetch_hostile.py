@@ -245,6 +245,12 @@ def test_nul_in_a_header_value_is_refused_or_harmless():
     assert (r.outcome, r.body) in ((None, b"abc"), (O.CONNECTION_ERROR, None)), r.reason
 
 
+def test_a_body_short_of_its_content_length_says_how_short():
+    r, _, _ = get(reply(response([b"Content-Length: 100"], b"abc")))
+    assert r.outcome == O.INCOMPLETE_BODY and r.reason.startswith("body cut short: "), r.reason
+    assert "received 3 of 100 bytes" in r.reason and "400" not in r.reason, r.reason
+
+
 def test_content_length_shorter_than_the_body_never_yields_more_bytes():
     """The bytes past Content-Length are the next response's (smuggling): never part of this body."""
     r, _, _ = get(reply(response([b"Content-Length: 5"], b"x" * 1000)))
