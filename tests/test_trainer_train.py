@@ -146,6 +146,22 @@ def test_resume_after_a_crash_rewrites_the_log(assets, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(assets, tmp_path, capsys):
+    """`--resume checkpoint-2` of a run that went on to step 6, now to stop at 5: checkpoint-4 and -6 belong to the
+    abandoned run. Left as they were, the retention kept the old checkpoint-6 and deleted this run's checkpoint-4,
+    and a later `--resume latest` continued the old run at 6 under a log that ends at 5."""
+    out = tmp_path / "run"
+    train(config(assets, out, 2, every=2), enable_bar=False)
+    shutil.copytree(out / "checkpoint-2", tmp_path / "kept" / "checkpoint-2")  # the retention will remove it
+    train(config(assets, out, 6, every=2, resume="latest"), enable_bar=False)  # keeps checkpoint-4, checkpoint-6
+    capsys.readouterr()
+    train(config(assets, out, 5, every=2, resume=str(tmp_path / "kept" / "checkpoint-2")), enable_bar=False)
+    assert "set aside 2 newer checkpoint(s)" in capsys.readouterr().out
+    assert [n for n, _ in list_checkpoints(out)] == [4, 5]  # this run's: 4 again, and the last step
+    assert sorted(p.name for p in out.glob("*.superseded*")) == ["checkpoint-4.superseded", "checkpoint-6.superseded"]
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
 def test_a_rerun_removes_what_a_killed_export_left(assets, tmp_path):
     """Found SIGKILLing the CLI at random moments: a kill during the final export left `controlnet.<8 hex>.tmp/`
     (a whole ControlNet: 1.4 GB for SD 1.5) beside controlnet/, and the resume that finished the run kept it, as

@@ -130,6 +130,24 @@ def resolve_resume(resume: str | None, output: Path) -> Path | None:
     return path
 
 
+def set_aside_newer(output: Path, step: int) -> list[Path]:
+    """Rename the complete checkpoints in `output` past `step` to `checkpoint-N.superseded` (then `-2`, ...): a
+    resume from an older checkpoint abandons them, so neither `--resume latest` nor the retention may take them
+    for this run's (the run they came from was cut where the resumed one took over). Renamed, not deleted: the
+    user chose the older step, perhaps by mistake. Returns the new names."""
+    moved = []
+    for n, path in list_checkpoints(output):
+        if n <= step:
+            continue
+        target, k = path.with_name(f"{path.name}.superseded"), 1
+        while target.exists():
+            k += 1
+            target = path.with_name(f"{path.name}.superseded-{k}")
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
 def prune(output: Path, keep: int | None) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, any stale temporary folders, and the temporary
     files and folders of the run's atomic writes (the export, the log, the plots and validation images) left by a

@@ -20,6 +20,7 @@ from trainer.checkpoint import (
     prune,
     resolve_resume,
     save_checkpoint,
+    set_aside_newer,
 )
 from trainer.config import TrainConfig
 from trainer.distributed import World, agree_max, barrier
@@ -66,6 +67,11 @@ class Checkpointer:
         state = load_checkpoint(ckpt, models.controlnet, optimizer, scaler, generator, unet=unet, config=cfg.to_dict())
         if world.main:
             print(f"resumed from {ckpt} at step {state.step}", flush=True)
+            set_aside = set_aside_newer(self.output, state.step)  # none with --resume latest: it took the newest
+            if set_aside:
+                print(f"set aside {len(set_aside)} newer checkpoint(s) of the run this one replaces, kept as "
+                      f"{', '.join(p.name for p in set_aside)} (--resume latest and the retention skip them; delete "
+                      "them when not needed)", flush=True)
         self.last_step = state.step  # saved already: `finish` at this step (a run stopped in its export) keeps it
         return state
 
