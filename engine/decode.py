@@ -159,17 +159,28 @@ def decode_jpeg(data: bytes, cfg: ImageConfig) -> Decoded:
     except OSError as exc:
         raise Rejected(O.DECODE_ERROR, f"jpeg header: {exc}") from None
     if width < 1 or height < 1 or not jpeg_complete(data):
-        raise Rejected(O.DECODE_ERROR, "truncated jpeg (no end-of-image marker)")
+        raise Rejected(O.DECODE_ERROR, TRUNCATED_JPEG)
     orientation = exif_orientation(data)
     upright = (height, width) if orientation >= 5 else (width, height)
     check_size(*upright, cfg)
-    try:
-        rgb = tj_decode(data, jpeg_scale(width, height, cfg.image_size))
-    except OSError as exc:
-        if SCAN_LIMIT in str(exc):  # never to Pillow, which has no scan limit
-            raise Rejected(O.DECODE_ERROR, f"jpeg: {exc}") from None
-        return decode_pillow(data, cfg, "jpeg")  # CMYK / YCCK: libjpeg-turbo cannot make RGB of them
+    rgb = turbo_pixels(data, jpeg_scale(width, height, cfg.image_size))
+    if rgb is None:
+        return decode_pillow(data, cfg, "jpeg")
     return Decoded(orient(rgb, orientation), upright[0], upright[1], "jpeg")
+
+
+TRUNCATED_JPEG = "truncated jpeg (no end-of-image marker)"
+
+
+def turbo_pixels(data: bytes, scale: tuple[int, int]) -> np.ndarray | None:
+    """tj_decode's pixels, or None for the JPEGs libjpeg-turbo cannot make RGB of (CMYK / YCCK: Pillow's);
+    Rejected past the scan limit (never to Pillow, which has none) and for damage."""
+    try:
+        return tj_decode(data, scale)
+    except OSError as exc:
+        if SCAN_LIMIT in str(exc):
+            raise Rejected(O.DECODE_ERROR, f"jpeg: {exc}") from None
+        return None
 
 
 def tj_decode(data: bytes, scale: tuple[int, int]) -> np.ndarray:
@@ -327,14 +338,24 @@ def decode_pillow(data: bytes, cfg: ImageConfig, fmt: str) -> Decoded:
 
 
 def decode_full(data: bytes, max_pixels: int) -> np.ndarray:
-    """Upright RGB at full size under the same policy, without the size rules (the `condition` command)."""
+    """Upright RGB at full size under the same policy, without the size rules (the `condition` command, the
+    preview). A JPEG goes through libjpeg-turbo as in the shards, so a truncated or damaged one is Rejected as
+    there (Pillow fills the missing blocks with gray and says nothing)."""
     try:
         fmt = sniff(data)
         with open_image(data, max_pixels) as im, BUDGET.reserve(im.width * im.height * COST.get(fmt, 1), max_pixels):
-            rgb, orientation = rgb_of(im, fmt, data), orientation_of(im)
+            rgb = full_jpeg(data) if fmt == "jpeg" else None
+            rgb, orientation = rgb if rgb is not None else rgb_of(im, fmt, data), orientation_of(im)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise Rejected(O.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:200]) from None
     return orient(rgb, orientation)
+
+
+def full_jpeg(data: bytes) -> np.ndarray | None:
+    """A JPEG's pixels at 1/1 through libjpeg-turbo with the shards' checks; None where Pillow must decode it."""
+    if not jpeg_complete(data):
+        raise Rejected(O.DECODE_ERROR, TRUNCATED_JPEG)
+    return turbo_pixels(data, (1, 1))
 
 
 def decode(data: bytes, cfg: ImageConfig) -> Decoded:

@@ -20,7 +20,7 @@ from PIL import Image
 from engine import outcomes as O
 from engine.condition import make_conditioner
 from engine.config import EngineConfig
-from engine.decode import Rejected
+from engine.decode import Rejected, decode_full
 from engine.shard import prepare
 
 from .conftest import encode, scaled
@@ -480,6 +480,33 @@ def test_malformed_images_end_with_their_named_outcome(astronaut):
     cases = malformed(scaled(astronaut, 800, 640))
     got = {name: outcome_of(body) for name, (body, _) in cases.items()}
     assert got == {name: outcome for name, (_, outcome) in cases.items()}
+
+
+def test_the_full_size_decode_refuses_the_same_jpegs(astronaut):
+    """`python -m engine condition` and the preview decode at full size (decode_full): the truncated and damaged
+    JPEGs came out of Pillow with their missing blocks gray, a map of half a picture. Now each JPEG case ends as in
+    the shards."""
+    cases = {k: v for k, v in malformed(scaled(astronaut, 800, 640)).items() if k.startswith(("jpeg", "progressive"))}
+    got = {}
+    for name, (body, _) in cases.items():
+        try:
+            got[name] = decode_full(body, CFG.image.max_pixels).shape and "decoded"
+        except Rejected as e:
+            got[name] = e.outcome
+    # Where it differs from the shards, it says so: the pixel limit is checked before libjpeg-turbo's 65500 px, and
+    # Pillow's libjpeg-turbo 3 decodes lossless JPEG at full size (the shards' DCT-scaled path cannot).
+    full_size = {"jpeg_sof_65535x65535": O.DECOMPRESSION_BOMB, "jpeg_lossless": "decoded"}
+    assert got == {name: full_size.get(name, outcome) for name, (_, outcome) in cases.items()}
+
+
+@pytest.mark.parametrize("variant", sorted(JPEG_VARIANTS))
+def test_the_full_size_decode_reads_unusual_jpegs_as_pillow_does(astronaut, coffee, variant):
+    """libjpeg-turbo at 1/1 for decode_full: the same picture as Pillow's for every variant (CMYK/YCCK through
+    Pillow itself)."""
+    body = JPEG_VARIANTS[variant](scaled(astronaut, 803, 641), scaled(coffee, 803, 641))
+    got = decode_full(body, CFG.image.max_pixels)
+    want = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+    assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 2, variant
 
 
 def test_12_bit_and_lossless_jpegs_say_why(astronaut):
