@@ -345,7 +345,9 @@ def decode_full(data: bytes, max_pixels: int) -> np.ndarray:
         fmt = sniff(data)
         with open_image(data, max_pixels) as im, BUDGET.reserve(im.width * im.height * COST.get(fmt, 1), max_pixels):
             rgb = full_jpeg(data) if fmt == "jpeg" else None
-            rgb, orientation = rgb if rgb is not None else rgb_of(im, fmt, data), orientation_of(im)
+            if rgb is None:  # not a JPEG, or one libjpeg-turbo cannot make RGB of
+                rgb = rgb_of(im, fmt, data)
+            orientation = orientation_of(im)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise Rejected(O.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:200]) from None
     return orient(rgb, orientation)
