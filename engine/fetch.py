@@ -23,6 +23,7 @@ from aiohttp.resolver import DefaultResolver
 from . import outcomes as O
 from .config import FetchConfig
 from .netpolicy import Allowed, is_public, refused_host, strip_credentials
+from .storefail import one_line
 
 OPTOUT_DIRECTIVES = {"noai", "noimageai"}
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
@@ -306,7 +307,7 @@ def _classify(exc: BaseException) -> _Failure:
         if _caused_by(exc, ConnectionResetError) or "ConnectionResetError" in str(exc):
             return _Failure(O.CONNECTION_ERROR, f"connection reset mid-body: {exc}"[:200], True)
         short = _cause(exc, HttpProcessingError)  # its message, without aiohttp's "400" around it
-        return _Failure(O.INCOMPLETE_BODY, f"body cut short: {_one_line(short.message) if short else exc}"[:200], True)
+        return _Failure(O.INCOMPLETE_BODY, f"body cut short: {_parser_words(short) if short else exc}"[:200], True)
     if isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)):
         # Before the ValueError branch: a certificate error is a ValueError too, yet says nothing
         # about the URL. A certificate that fails verification stays failed; other TLS errors may pass.
@@ -318,16 +319,15 @@ def _classify(exc: BaseException) -> _Failure:
     if isinstance(exc, aiohttp.ClientResponseError) and parse is not None:
         # aiohttp's parser refused the response and says "400" (its own code, not the server's status);
         # a fresh connection sometimes helps, so it is retried like any broken connection.
-        return _Failure(O.CONNECTION_ERROR, f"malformed HTTP response: {_one_line(parse.message)}"[:200], True)
+        return _Failure(O.CONNECTION_ERROR, f"malformed HTTP response: {_parser_words(parse)}"[:200], True)
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return _Failure(O.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}"[:200], True)
     return _Failure(O.ERROR, f"{type(exc).__name__}: {exc}"[:200])
 
 
-def _one_line(message: str) -> str:
-    """A parser's multi-line message (what it expected, the bytes, a caret under them) as one line."""
-    parts = [line.strip().rstrip(":") for line in str(message).splitlines()]
-    return ": ".join(part for part in parts if part.strip("^ "))
+def _parser_words(err: HttpProcessingError) -> str:
+    """aiohttp's parser message (what it expected, the bytes, a caret under them) on one line, caret dropped."""
+    return one_line(err.message).removesuffix(" ^")
 
 
 def _backoff(cfg: FetchConfig, attempt: int) -> float:
