@@ -12,6 +12,7 @@ import socket
 import ssl
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -232,13 +233,40 @@ async def _read_body(resp: aiohttp.ClientResponse, max_bytes: int) -> tuple[byte
         raise _Failure(O.TOO_LARGE, f"Content-Length {declared} > {max_bytes}")
     decoder = _Decoder(resp.headers.get("Content-Encoding"), max_bytes)
     parts, size = [], 0
-    async for chunk in resp.content.iter_chunked(CHUNK):
-        size += len(chunk)
-        if size > max_bytes:
-            raise _Failure(O.TOO_LARGE, f"body over {max_bytes} bytes")
-        parts.append(decoder.feed(chunk))
+    with _refusal_ends_body(resp):
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise _Failure(O.TOO_LARGE, f"body over {max_bytes} bytes")
+            parts.append(decoder.feed(chunk))
     decoder.finish()
     return b"".join(parts), decoder.undone
+
+
+@contextmanager
+def _refusal_ends_body(resp: aiohttp.ClientResponse):
+    """While the body is read, a parser refusal on its connection ends the read at once.
+
+    aiohttp's C parser, refusing bytes after the body began (a bad chunk size after a good chunk),
+    closes the connection and files the error on the connection, never on the body, so the read
+    waited for --timeout and the row ended as a timeout. When that connection closes, the refusal
+    is passed to the body. One callback per response, removed after, so the read loop pays nothing."""
+    protocol = resp.connection.protocol if resp.connection is not None else None
+    closed = getattr(protocol, "closed", None)
+    if not isinstance(closed, asyncio.Future):
+        yield
+        return
+
+    def forward(_closed: asyncio.Future) -> None:
+        refusal = protocol.exception()
+        if isinstance(refusal, HttpProcessingError) and not resp.content.is_eof():
+            resp.content.set_exception(_Failure(O.CONNECTION_ERROR, _malformed(refusal), True))
+
+    closed.add_done_callback(forward)
+    try:
+        yield
+    finally:
+        closed.remove_done_callback(forward)
 
 
 async def _open(session: aiohttp.ClientSession, url: str, redirected: bool) -> aiohttp.ClientResponse:
@@ -316,13 +344,19 @@ def _classify(exc: BaseException) -> _Failure:
     if isinstance(exc, (aiohttp.InvalidURL, UnicodeError, ValueError)):
         return _Failure(O.INVALID_URL, f"{type(exc).__name__}: {exc}"[:200])
     parse = _cause(exc, HttpProcessingError)
-    if isinstance(exc, aiohttp.ClientResponseError) and parse is not None:
+    if isinstance(exc, (aiohttp.ClientResponseError, HttpProcessingError)) and parse is not None:
         # aiohttp's parser refused the response and says "400" (its own code, not the server's status);
-        # a fresh connection sometimes helps, so it is retried like any broken connection.
-        return _Failure(O.CONNECTION_ERROR, f"malformed HTTP response: {_parser_words(parse)}"[:200], True)
+        # a fresh connection sometimes helps, so it is retried like any broken connection. The pure-Python
+        # parser (no C extension) raises its refusal of a body's framing bare, out of the body read.
+        return _Failure(O.CONNECTION_ERROR, _malformed(parse), True)
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return _Failure(O.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}"[:200], True)
     return _Failure(O.ERROR, f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _malformed(err: HttpProcessingError) -> str:
+    """The reason for a response aiohttp's parser refused."""
+    return f"malformed HTTP response: {_parser_words(err)}"[:200]
 
 
 def _parser_words(err: HttpProcessingError) -> str:

@@ -13,10 +13,11 @@ import zlib
 from collections.abc import Awaitable, Callable
 
 import pytest
+from aiohttp.http_exceptions import TransferEncodingError
 
 from engine import outcomes as O
 from engine.config import FetchConfig
-from engine.fetch import fetch, make_session
+from engine.fetch import _classify, fetch, make_session
 
 from .test_netpolicy import FakeDNS, loopback_one_is_public
 
@@ -243,6 +244,43 @@ def test_nul_in_a_header_value_is_refused_or_harmless():
     """aiohttp 3.14 refuses the response, 3.13 keeps the header: either way a named result."""
     r, _, _ = get(reply(response([b"X-A: a\x00b", b"Content-Length: 3"], b"abc")))
     assert (r.outcome, r.body) in ((None, b"abc"), (O.CONNECTION_ERROR, None)), r.reason
+
+
+def held_open(first: bytes, then: bytes) -> Respond:
+    """A responder that sends `first`, then `then` a moment later, and keeps the connection open."""
+
+    async def respond(writer, stop):
+        writer.write(first)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the client has begun reading the body
+        writer.write(then)
+        await writer.drain()
+        await stop.wait()
+
+    return respond
+
+
+REFUSED_MID_BODY = {  # a good first chunk, then framing the parser refuses, on a connection the server keeps
+    "chunk size not hex": b"zz\r\nabc\r\n0\r\n\r\n",
+    "chunk longer than its size": b"2\r\nabcdef\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_MID_BODY)
+def test_framing_refused_after_the_body_began_ends_the_read(case):
+    """aiohttp's C parser filed this refusal on the connection, not the body: the read waited out the
+    timeout (outcome timeout). It ends at once as the malformed response it is. (The pure-Python parser
+    ends it as connection_error or incomplete_body.)"""
+    r, _, _ = get(held_open(response([CHUNKED], b"3\r\nabc\r\n"), REFUSED_MID_BODY[case]))
+    assert r.body is None and r.outcome in (O.CONNECTION_ERROR, O.INCOMPLETE_BODY), (r.outcome, r.reason)
+    assert r.reason.startswith(("malformed HTTP response: ", "body cut short: ")), r.reason
+
+
+def test_a_bare_parser_refusal_is_a_malformed_response():
+    """Without aiohttp's C extension its parser raises a body's framing error bare, out of the read: named
+    like the C parser's, not an unclassified error."""
+    r = _classify(TransferEncodingError("zz\r"))
+    assert (r.outcome, r.reason, r.retry) == (O.CONNECTION_ERROR, "malformed HTTP response: zz", True)
 
 
 def test_a_body_short_of_its_content_length_says_how_short():
