@@ -252,7 +252,7 @@ def _refusal_ends_body(resp: aiohttp.ClientResponse):
     waited for --timeout and the row ended as a timeout. When that connection closes, the refusal
     is passed to the body. One callback per response, removed after, so the read loop pays nothing."""
     protocol = resp.connection.protocol if resp.connection is not None else None
-    closed = getattr(protocol, "closed", None)
+    closed = getattr(protocol, "closed", None)  # made on first use: from here on, its end must be retrieved
     if not isinstance(closed, asyncio.Future):
         yield
         return
@@ -262,11 +262,20 @@ def _refusal_ends_body(resp: aiohttp.ClientResponse):
         if isinstance(refusal, HttpProcessingError) and not resp.content.is_eof():
             resp.content.set_exception(_Failure(O.CONNECTION_ERROR, _malformed(refusal), True))
 
+    closed.remove_done_callback(_retrieved)  # one per connection, however many responses it carries
+    closed.add_done_callback(_retrieved)
     closed.add_done_callback(forward)
     try:
         yield
     finally:
         closed.remove_done_callback(forward)
+
+
+def _retrieved(closed: asyncio.Future) -> None:
+    """Take a closed connection's error: a reset, during a read (the read names it) or later in the pool
+    (nobody's failure), is not for asyncio to log as "Future exception was never retrieved"."""
+    if not closed.cancelled():
+        closed.exception()
 
 
 async def _open(session: aiohttp.ClientSession, url: str, redirected: bool) -> aiohttp.ClientResponse:
