@@ -388,6 +388,35 @@ def test_a_killed_rank_leaves_one_line_on_the_other(assets, tmp_path):
     assert Path(line.group(2)) == list_checkpoints(out)[-1][1]
 
 
+# Rank 0 never sees its launcher gone: only rank 1 can notice (as when it checks first, the launcher dying between).
+RANK0_BLIND = """
+import os, sys
+import trainer.loop as loop
+if os.environ["RANK"] == "0":
+    loop.StopSignal.launcher_gone = lambda self: False
+from trainer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_launcher_gone_that_rank_1_noticed_is_said_by_rank_0(assets, tmp_path):
+    """Only rank 0 prints, and it printed the reason only when it had noticed the launcher gone itself: when rank 1
+    noticed first, both ranks stopped, saved, without a word of why. The reason is agreed with the stop now."""
+    script, out = tmp_path / "rank0_blind.py", tmp_path / "out"
+    script.write_text(RANK0_BLIND)
+    cmd = torchrun_cmd(assets, out, ["--max-train-steps", "400", "--dataloader-num-workers", "0",
+                                     "--gradient-accumulation-steps", "1"], entry=(str(script),))
+    proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tree = training(proc, out)
+    proc.kill()
+    output = stopped_pair(proc, tree)
+    assert "the torchrun launcher is gone" in output, output[-3000:]
+    assert_both_stopped_saved(output, out)
+
+
 # Rank 0 marks that it is inside init_process_group; rank 1 gets there only once the launcher is gone (a rank still
 # loading when torchrun's launcher was killed). The launcher holds the store they meet at.
 EARLY_KILL = """

@@ -248,9 +248,10 @@ def train_loop(run: Run) -> TrainState:
         run.scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
         st.step += 1
-        # Agreed, like the stop: the rank that notices first may not be rank 0, the one that prints.
-        stop, dropped, orphaned = agree_max(run.world, run.device, run.stop.requested or 0, run.dropped.peak,
-                                            int(run.stop.launcher_gone()))
+        # Agreed, like the stop: the rank that notices first may not be rank 0, the one that prints. Asked first:
+        # noticing it requests the stop, which this step's agreement must carry.
+        orphaned = int(run.stop.launcher_gone())
+        stop, dropped, orphaned = agree_max(run.world, run.device, run.stop.requested or 0, run.dropped.peak, orphaned)
         if orphaned:
             run.log.note("the torchrun launcher is gone: stopping at this step (every rank, checkpoint saved)")
         run.stop.agreed = stop or None  # a signal seen after this (while saving, validating) stops the next step
