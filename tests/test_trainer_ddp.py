@@ -338,11 +338,12 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_with_dataloader_workers(assets, 
     assert_both_stopped_saved(stopped_pair(proc, tree), out)
 
 
-def start_torchrun(assets, out: Path, extra: list[str]) -> subprocess.Popen:
-    """A 2-process torchrun of the tiny model, one optimizer step per batch, output piped (read by stopped_pair)."""
-    return subprocess.Popen(torchrun_cmd(assets, out, [*extra, "--gradient-accumulation-steps", "1"]),
-                            env=os.environ | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def start_torchrun(assets, out: Path, extra: list[str], entry: tuple[str, ...] = ("-m", "trainer")) -> subprocess.Popen:
+    """A 2-process torchrun of the tiny model (or of a wrapper script `entry`), one optimizer step per batch, output
+    piped (read by stopped_pair)."""
+    return subprocess.Popen(torchrun_cmd(assets, out, [*extra, "--gradient-accumulation-steps", "1"], entry=entry),
+                            env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def training(proc: subprocess.Popen, out: Path) -> list[int]:
@@ -406,10 +407,8 @@ def test_a_launcher_gone_that_rank_1_noticed_is_said_by_rank_0(assets, tmp_path)
     noticed first, both ranks stopped, saved, without a word of why. The reason is agreed with the stop now."""
     script, out = tmp_path / "rank0_blind.py", tmp_path / "out"
     script.write_text(RANK0_BLIND)
-    cmd = torchrun_cmd(assets, out, ["--max-train-steps", "400", "--dataloader-num-workers", "0",
-                                     "--gradient-accumulation-steps", "1"], entry=(str(script),))
-    proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_torchrun(assets, out, ["--max-train-steps", "400", "--dataloader-num-workers", "0"],
+                          entry=(str(script),))
     tree = training(proc, out)
     proc.kill()
     output = stopped_pair(proc, tree)
@@ -484,10 +483,7 @@ def test_a_signal_one_rank_sees_after_a_step_stops_both_at_the_next(assets, tmp_
     script = tmp_path / "late_signal.py"
     script.write_text(LATE_SIGNAL)
     out = tmp_path / "out"
-    cmd = torchrun_cmd(assets, out, ["--max-train-steps", "6", "--checkpointing-steps", "2",
-                                     "--gradient-accumulation-steps", "1", "--dataloader-num-workers", "0"],
-                       entry=(str(script),))
-    proc = subprocess.Popen(cmd, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_torchrun(assets, out, ["--max-train-steps", "6", "--checkpointing-steps", "2",
+                                        "--dataloader-num-workers", "0"], entry=(str(script),))
     assert assert_both_stopped_saved(stopped_pair(proc, []), out) == 3
     assert [s for s, _ in list_checkpoints(out)] == [2, 3]
